@@ -1,0 +1,43 @@
+"""M-LSD straight-line detector (mlsd_large_512_fp32.pth), as used by the hough2image app."""
+
+import os
+
+import cv2
+import numpy as np
+import torch
+
+from annotator.mlsd.models.mbv2_mlsd_large import MobileV2_MLSD_Large
+from annotator.mlsd.utils import pred_lines
+from annotator.util import load_weights, weights_path
+
+WEIGHTS_FILE = "mlsd_large_512_fp32.pth"
+WEIGHTS_URL = "https://huggingface.co/lllyasviel/Annotators/resolve/main/mlsd_large_512_fp32.pth"
+
+
+class MLSDdetector:
+    """HWC uint8 RGB -> HxW uint8 map with the detected lines drawn 1 px wide in 255."""
+
+    def __init__(
+        self,
+        device: str | torch.device = "cpu",
+        weights: str | os.PathLike | None = None,
+        random_init: bool = False,
+    ) -> None:
+        self.device = torch.device(device)
+        path = None if random_init else (weights or weights_path(WEIGHTS_FILE, WEIGHTS_URL))
+        self.model = MobileV2_MLSD_Large()
+        if path is not None:
+            self.model.load_state_dict(load_weights(path), strict=True)
+        self.model.to(self.device).eval()
+
+    @torch.no_grad()
+    def __call__(self, image: np.ndarray, thr_v: float, thr_d: float) -> np.ndarray:
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"expected an HxWx3 RGB image, got shape {image.shape}")
+        H, W, _ = image.shape
+        # like the 1.0 app, run at the image's own size (apps pass multiples of 64); the network needs 16
+        input_shape = (max(16, round(H / 16) * 16), max(16, round(W / 16) * 16))
+        out = np.zeros((H, W), dtype=np.uint8)
+        for x0, y0, x1, y1 in pred_lines(image, self.model, input_shape, thr_v, thr_d):
+            cv2.line(out, (int(x0), int(y0)), (int(x1), int(y1)), 255, 1)
+        return out

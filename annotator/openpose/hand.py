@@ -1,0 +1,49 @@
+"""Single-hand keypoints: 21 heatmaps, one peak each inside the strongest blob."""
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from .body import infer_maps
+from .model import handpose_model, load_pose_model
+from .util import npmax
+
+
+def find_hand_peaks(heatmap: np.ndarray, thre: float = 0.05) -> np.ndarray:
+    """(21, 2) integer (x, y) per keypoint; (0, 0) where the smoothed map never passes `thre`.
+
+    The peak is the maximum of the raw map inside the 8-connected blob of the smoothed map, above the
+    threshold, that holds the most raw heat.
+    """
+    peaks = np.zeros((21, 2), dtype=int)
+    for part in range(21):
+        raw = heatmap[:, :, part]
+        smooth = ndimage.gaussian_filter(raw, sigma=3)
+        labels, count = ndimage.label(smooth > thre, structure=np.ones((3, 3)))
+        if count == 0:
+            continue
+        best = 1 + int(np.argmax(ndimage.sum_labels(raw, labels, index=np.arange(1, count + 1))))
+        y, x = npmax(np.where(labels == best, raw, 0))
+        peaks[part] = x, y
+    return peaks
+
+
+class Hand:
+    """The OpenPose hand estimator: `hand_pose_model.pth` from lllyasviel/Annotators."""
+
+    def __init__(
+        self,
+        device: str | torch.device = "cpu",
+        weights: str | os.PathLike | None = None,
+        random_init: bool = False,
+    ):
+        self.model = load_pose_model(handpose_model, "hand_pose_model.pth", device, weights, random_init)
+
+    @torch.no_grad()
+    def __call__(self, oriImg: np.ndarray, scales: Sequence[float] = (0.5, 1.0, 1.5, 2.0)) -> np.ndarray:
+        """BGR uint8 crop around one hand -> (21, 2) keypoints (x, y) in the crop, (0, 0) if missing."""
+        (heatmap,) = infer_maps(self.model, oriImg, scales)
+        return find_hand_peaks(heatmap)

@@ -1,0 +1,250 @@
+"""ControlNet: a trainable copy of the SD UNet encoder, joined to the locked UNet by zero convolutions."""
+
+from dataclasses import dataclass
+from typing import Any
+
+import einops
+import torch
+import torch.nn as nn
+
+from ldm.models.diffusion.ddim import DDIMSampler
+from ldm.models.diffusion.ddpm import LatentDiffusion
+from ldm.modules.diffusionmodules.openaimodel import TimestepEmbedSequential, UNetModel, UNetSpec
+from ldm.modules.diffusionmodules.util import conv_nd, timestep_embedding, zero_module
+from ldm.util import instantiate_from_config, log_txt_as_img
+
+CONTROL_MODES = ("balanced", "prompt", "control")
+
+
+@dataclass
+class ControlUnit:
+    """One control applied while sampling: a control network, its hint, and how strongly and when it acts.
+
+    `mode` follows the A1111 extension's control modes (see docs/controls.md):
+      balanced - every residual times `strength`, on the cond and uncond passes alike;
+      prompt   - "My prompt is more important": residual i of n times strength * 0.825 ** (n - 1 - i),
+                 so deep levels dominate and shallow ones fade; on both passes;
+      control  - "ControlNet is more important": the same soft weights, on the cond pass only, so
+                 classifier-free guidance amplifies the control (the original's guess mode).
+    The unit acts on sampling steps i of N with start <= i / N and (i + 1) / N <= end (as in diffusers).
+    """
+
+    model: nn.Module
+    hint: torch.Tensor
+    strength: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    mode: str = "balanced"
+    global_average_pooling: bool = False
+    scales: list[float] | None = None
+
+    def __post_init__(self):
+        if self.mode not in CONTROL_MODES:
+            raise ValueError(f"control mode must be one of {CONTROL_MODES}, got {self.mode!r}")
+        if not 0.0 <= self.start < self.end <= 1.0:
+            raise ValueError(f"control start/end must satisfy 0 <= start < end <= 1, got {self.start}, {self.end}")
+
+    def level_scales(self, n: int) -> list[float]:
+        if self.scales is not None:
+            return list(self.scales)
+        if self.mode == "balanced":
+            return [self.strength] * n
+        return [self.strength * 0.825 ** float(n - 1 - i) for i in range(n)]
+
+    def active(self, sampling_step: tuple[int, int] | None) -> bool:
+        if sampling_step is None:
+            return True
+        i, n = sampling_step
+        return self.start <= i / n and (i + 1) / n <= self.end
+
+    def residuals(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> list[torch.Tensor]:
+        out = self.model(x=x, hint=self.hint, timesteps=t, context=context)
+        out = [c * scale for c, scale in zip(out, self.level_scales(len(out)))]
+        if self.global_average_pooling:
+            out = [torch.mean(c, dim=(2, 3), keepdim=True) for c in out]
+        return out
+
+
+def unconditional_units(units: list[ControlUnit]) -> list[ControlUnit]:
+    """The units that also act on the unconditional pass (all but "ControlNet is more important")."""
+    return [u for u in units if u.mode != "control"]
+
+
+def sum_residuals(per_unit: list[list[torch.Tensor]]) -> list[torch.Tensor] | None:
+    if not per_unit:
+        return None
+    return [sum(level) for level in zip(*per_unit)]
+
+
+class ControlledUnetModel(UNetModel):
+    """The locked UNet; control residuals are added to the middle output and to the skip connections."""
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None,
+                control: list[torch.Tensor] | None = None, only_mid_control: bool = False,
+                **kwargs) -> torch.Tensor:
+        encoder_trains = any(p.requires_grad for p in self.input_blocks.parameters())
+        # The encoder half is always locked here, so it runs without building a graph unless a mode adds to it.
+        with torch.set_grad_enabled(torch.is_grad_enabled() and encoder_trains):
+            h, emb, hs = self.encode(x, timesteps, context)
+        if control is None:
+            return self.decode(h, emb, context, hs)
+        control = list(control)
+        h = h + control.pop()
+        if not only_mid_control:
+            hs = [skip + residual for skip, residual in zip(hs, control)]
+        return self.decode(h, emb, context, hs)
+
+
+class ControlNet(nn.Module):
+    """Hint encoder + copy of the UNet encoder; returns one zero-conv residual per skip plus the middle."""
+
+    def __init__(self, image_size: int, hint_channels: int, num_heads_upsample: int = -1, **spec):
+        super().__init__()
+        b = UNetSpec(**spec)
+        self.model_channels = b.model_channels
+        self.dims = b.dims
+        self.time_embed = b.time_embed()
+        self.input_hint_block = self.make_hint_block(hint_channels, b.model_channels, b.dims)
+        self.input_blocks, input_block_chans = b.input_blocks()
+        self.zero_convs = nn.ModuleList([self.make_zero_conv(ch) for ch in input_block_chans])
+        self.middle_block = b.middle_block()
+        self.middle_block_out = self.make_zero_conv(b.bottom()[0])
+
+    @staticmethod
+    def make_hint_block(hint_channels: int, model_channels: int, dims: int = 2) -> TimestepEmbedSequential:
+        """Eight 3x3 convs that bring the hint image to latent size (/8) with a zero-initialised output."""
+        layers: list[nn.Module] = []
+        widths = [(hint_channels, 16, 1), (16, 16, 1), (16, 32, 2), (32, 32, 1), (32, 96, 2), (96, 96, 1),
+                  (96, 256, 2)]
+        for c_in, c_out, stride in widths:
+            layers += [conv_nd(dims, c_in, c_out, 3, padding=1, stride=stride), nn.SiLU()]
+        layers.append(zero_module(conv_nd(dims, 256, model_channels, 3, padding=1)))
+        return TimestepEmbedSequential(*layers)
+
+    def make_zero_conv(self, channels: int) -> TimestepEmbedSequential:
+        return TimestepEmbedSequential(zero_module(conv_nd(self.dims, channels, channels, 1, padding=0)))
+
+    def forward(self, x: torch.Tensor, hint: torch.Tensor, timesteps: torch.Tensor,
+                context: torch.Tensor | None, **kwargs) -> list[torch.Tensor]:
+        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(x.dtype))
+        guided_hint = self.input_hint_block(hint, emb, context)
+        outs = []
+        h = x
+        for i, (module, zero_conv) in enumerate(zip(self.input_blocks, self.zero_convs)):
+            h = module(h, emb, context)
+            if i == 0:
+                h = h + guided_hint
+            outs.append(zero_conv(h, emb, context))
+        h = self.middle_block(h, emb, context)
+        outs.append(self.middle_block_out(h, emb, context))
+        return outs
+
+
+class ControlLDM(LatentDiffusion):
+    """LatentDiffusion whose UNet is steered by a ControlNet on a hint image (batch[control_key])."""
+
+    def __init__(self, control_stage_config: Any, control_key: str, only_mid_control: bool,
+                 global_average_pooling: bool = False, sd_locked: bool = True, learning_rate: float = 1e-5,
+                 *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.control_model = instantiate_from_config(control_stage_config)
+        self.control_key = control_key
+        self.only_mid_control = only_mid_control
+        self.global_average_pooling = global_average_pooling
+        self.control_scales = [1.0] * (len(self.control_model.zero_convs) + 1)
+        self.learning_rate = learning_rate
+        self.model.requires_grad_(False)
+        self.sd_locked = sd_locked
+
+    @property
+    def sd_locked(self) -> bool:
+        """When False, the UNet's decoder (output_blocks and out) trains along with the ControlNet."""
+        return self._sd_locked
+
+    @sd_locked.setter
+    def sd_locked(self, locked: bool) -> None:
+        self._sd_locked = bool(locked)
+        unet = self.model.diffusion_model
+        unet.output_blocks.requires_grad_(not locked)
+        unet.out.requires_grad_(not locked)
+
+    @torch.no_grad()
+    def get_input(self, batch: dict, k: str, bs: int | None = None, *args, **kwargs
+                  ) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
+        x, c = super().get_input(batch, self.first_stage_key, *args, bs=bs, **kwargs)
+        control = batch[self.control_key]
+        if bs is not None:
+            control = control[:bs]
+        control = einops.rearrange(control.to(self.device), "b h w c -> b c h w")
+        control = control.to(memory_format=torch.contiguous_format).float()
+        return x, dict(c_crossattn=[c], c_concat=[control])
+
+    def main_unit(self, hint: torch.Tensor) -> ControlUnit:
+        """The model's own ControlNet on cond["c_concat"], weighted by control_scales."""
+        return ControlUnit(self.control_model, hint, scales=self.control_scales,
+                           global_average_pooling=self.global_average_pooling)
+
+    def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: dict,
+                    sampling_step: tuple[int, int] | None = None) -> torch.Tensor:
+        """eps (or v) with control from cond["c_concat"] (the own ControlNet) and cond["control"] (more units).
+
+        Residuals of all units active at this sampling step add up (multi-ControlNet).
+        """
+        cond_txt = torch.cat(cond["c_crossattn"], 1)
+        units = list(cond.get("control") or [])
+        if cond.get("c_concat") is not None:
+            units.insert(0, self.main_unit(torch.cat(cond["c_concat"], 1)))
+        control = sum_residuals([u.residuals(x_noisy, t, cond_txt) for u in units if u.active(sampling_step)])
+        return self.model.diffusion_model(x=x_noisy, timesteps=t, context=cond_txt, control=control,
+                                          only_mid_control=self.only_mid_control)
+
+    @torch.no_grad()
+    def get_unconditional_conditioning(self, N: int) -> torch.Tensor:
+        return self.get_learned_conditioning([""] * N)
+
+    @torch.no_grad()
+    def log_images(self, batch: dict, N: int = 4, n_row: int = 2, sample: bool = False, ddim_steps: int = 50,
+                   ddim_eta: float = 0.0, unconditional_guidance_scale: float = 9.0, **kwargs
+                   ) -> dict[str, torch.Tensor]:
+        """Reconstruction, control, caption and CFG samples for a batch, all in [-1, 1]."""
+        log = {}
+        z, c = self.get_input(batch, self.first_stage_key, bs=N)
+        c_cat, c = c["c_concat"][0][:N], c["c_crossattn"][0][:N]
+        N = min(z.shape[0], N)
+        log["reconstruction"] = self.decode_first_stage(z)
+        log["control"] = c_cat * 2.0 - 1.0
+        log["conditioning"] = log_txt_as_img((c_cat.shape[3], c_cat.shape[2]), batch[self.cond_stage_key][:N],
+                                             size=16)
+        cond = {"c_concat": [c_cat], "c_crossattn": [c]}
+        if sample:
+            samples = self.sample_log(cond=cond, batch_size=N, ddim_steps=ddim_steps, eta=ddim_eta)
+            log["samples"] = self.decode_first_stage(samples)
+        if unconditional_guidance_scale > 1.0:
+            uc_full = {"c_concat": [c_cat], "c_crossattn": [self.get_unconditional_conditioning(N)]}
+            samples_cfg = self.sample_log(cond=cond, batch_size=N, ddim_steps=ddim_steps, eta=ddim_eta,
+                                          unconditional_guidance_scale=unconditional_guidance_scale,
+                                          unconditional_conditioning=uc_full)
+            log[f"samples_cfg_scale_{unconditional_guidance_scale:.2f}"] = self.decode_first_stage(samples_cfg)
+        return log
+
+    @torch.no_grad()
+    def sample_log(self, cond: dict, batch_size: int, ddim_steps: int, eta: float = 0.0, **kwargs) -> torch.Tensor:
+        _, _, h, w = cond["c_concat"][0].shape
+        f = self.vae_scale_factor
+        shape = (self.channels, h // f, w // f)
+        samples, _ = DDIMSampler(self).sample(ddim_steps, batch_size, shape, cond, eta=eta, verbose=False, **kwargs)
+        return samples
+
+    def low_vram_shift(self, is_diffusing: bool) -> None:
+        """Keep only what the current phase needs on the accelerator: UNet+ControlNet, or VAE+text encoder."""
+        if not hasattr(self, "_compute_device"):
+            self._compute_device = next(self.model.parameters()).device
+        if self._compute_device.type == "cpu":
+            return
+        diffusing, encoding = self._compute_device, torch.device("cpu")
+        if not is_diffusing:
+            diffusing, encoding = encoding, diffusing
+        self.model.to(diffusing)
+        self.control_model.to(diffusing)
+        self.first_stage_model.to(encoding)
+        self.cond_stage_model.to(encoding)

@@ -1,0 +1,402 @@
+"""DDPM and LatentDiffusion as LightningModules: the noise schedule, the training loss and the conditioning.
+
+Trimmed to what Stable Diffusion and ControlNet use: eps / v / x0 parameterization, the SD schedules,
+a frozen first stage (VAE) and text encoder, and optional EMA of the diffusion model.
+"""
+
+from contextlib import contextmanager
+from functools import partial
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn as nn
+from einops import rearrange
+from omegaconf import ListConfig
+
+from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule
+from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+from ldm.modules.ema import LitEma
+from ldm.util import default, exists, instantiate_from_config, load_checkpoint_state_dict
+
+
+def disabled_train(self: nn.Module, mode: bool = True) -> nn.Module:
+    """Replacement for .train() that keeps frozen parts in eval mode."""
+    return self
+
+
+class DiffusionWrapper(nn.Module):
+    """Holds the denoiser as `diffusion_model` (hence the `model.diffusion_model.*` keys)."""
+
+    def __init__(self, diff_model_config: Any, conditioning_key: str | None):
+        super().__init__()
+        if conditioning_key not in (None, "concat", "crossattn", "hybrid"):
+            raise ValueError(f"unsupported conditioning_key {conditioning_key!r}")
+        self.diffusion_model = instantiate_from_config(diff_model_config)
+        self.conditioning_key = conditioning_key
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, c_concat: list | None = None,
+                c_crossattn: list | None = None) -> torch.Tensor:
+        if self.conditioning_key is None:
+            return self.diffusion_model(x, t)
+        if self.conditioning_key == "concat":
+            return self.diffusion_model(torch.cat([x, *c_concat], dim=1), t)
+        if self.conditioning_key == "crossattn":
+            return self.diffusion_model(x, t, context=torch.cat(c_crossattn, 1))
+        return self.diffusion_model(torch.cat([x, *c_concat], dim=1), t, context=torch.cat(c_crossattn, 1))
+
+
+class DDPM(pl.LightningModule):
+    """Gaussian diffusion in pixel space (the base of LatentDiffusion)."""
+
+    def __init__(self, unet_config: Any, timesteps: int = 1000, beta_schedule: str = "linear",
+                 loss_type: str = "l2", ckpt_path: str | None = None, ignore_keys: list[str] = (),
+                 load_only_unet: bool = False, monitor: str = "val/loss", use_ema: bool = True,
+                 first_stage_key: str = "image", image_size: int = 256, channels: int = 3,
+                 log_every_t: int = 100, clip_denoised: bool = True, linear_start: float = 1e-4,
+                 linear_end: float = 2e-2, cosine_s: float = 8e-3, given_betas: list | None = None,
+                 original_elbo_weight: float = 0.0, v_posterior: float = 0.0, l_simple_weight: float = 1.0,
+                 conditioning_key: str | None = None, parameterization: str = "eps",
+                 scheduler_config: Any = None, use_positional_encodings: bool = False,
+                 learn_logvar: bool = False, logvar_init: float = 0.0):
+        super().__init__()
+        if parameterization not in ("eps", "x0", "v"):
+            raise ValueError(f"parameterization must be 'eps', 'x0' or 'v', got {parameterization!r}")
+        if loss_type not in ("l1", "l2"):
+            raise ValueError(f"loss_type must be 'l1' or 'l2', got {loss_type!r}")
+        self.parameterization = parameterization
+        self.cond_stage_model = None
+        self.clip_denoised = clip_denoised
+        self.log_every_t = log_every_t
+        self.first_stage_key = first_stage_key
+        self.image_size = image_size
+        self.channels = channels
+        self.use_positional_encodings = use_positional_encodings
+        self.model = DiffusionWrapper(unet_config, conditioning_key)
+        self.use_ema = use_ema
+        if self.use_ema:
+            self.model_ema = LitEma(self.model)
+        self.use_scheduler = scheduler_config is not None
+        if self.use_scheduler:
+            self.scheduler_config = scheduler_config
+        self.v_posterior = v_posterior
+        self.original_elbo_weight = original_elbo_weight
+        self.l_simple_weight = l_simple_weight
+        if monitor is not None:
+            self.monitor = monitor
+        self.loss_type = loss_type
+        self.register_schedule(given_betas=given_betas, beta_schedule=beta_schedule, timesteps=timesteps,
+                               linear_start=linear_start, linear_end=linear_end, cosine_s=cosine_s)
+        self.learn_logvar = learn_logvar
+        logvar = torch.full(fill_value=logvar_init, size=(self.num_timesteps,))
+        if self.learn_logvar:
+            self.logvar = nn.Parameter(logvar, requires_grad=True)
+        else:
+            self.register_buffer("logvar", logvar)
+        if ckpt_path is not None:
+            self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys, only_model=load_only_unet)
+
+    def register_schedule(self, given_betas: list | None = None, beta_schedule: str = "linear",
+                          timesteps: int = 1000, linear_start: float = 1e-4, linear_end: float = 2e-2,
+                          cosine_s: float = 8e-3) -> None:
+        """The 12 persistent schedule buffers of the original, in float32."""
+        if exists(given_betas):
+            betas = np.asarray(given_betas, dtype=np.float64)
+        else:
+            betas = make_beta_schedule(beta_schedule, timesteps, linear_start=linear_start,
+                                       linear_end=linear_end, cosine_s=cosine_s)
+        alphas = 1.0 - betas
+        alphas_cumprod = np.cumprod(alphas, axis=0)
+        alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
+        self.num_timesteps = int(betas.shape[0])
+        self.linear_start = linear_start
+        self.linear_end = linear_end
+        to_torch = partial(torch.tensor, dtype=torch.float32)
+        self.register_buffer("betas", to_torch(betas))
+        self.register_buffer("alphas_cumprod", to_torch(alphas_cumprod))
+        self.register_buffer("alphas_cumprod_prev", to_torch(alphas_cumprod_prev))
+        self.register_buffer("sqrt_alphas_cumprod", to_torch(np.sqrt(alphas_cumprod)))
+        self.register_buffer("sqrt_one_minus_alphas_cumprod", to_torch(np.sqrt(1.0 - alphas_cumprod)))
+        self.register_buffer("log_one_minus_alphas_cumprod", to_torch(np.log(1.0 - alphas_cumprod)))
+        self.register_buffer("sqrt_recip_alphas_cumprod", to_torch(np.sqrt(1.0 / alphas_cumprod)))
+        self.register_buffer("sqrt_recipm1_alphas_cumprod", to_torch(np.sqrt(1.0 / alphas_cumprod - 1)))
+        posterior_variance = ((1 - self.v_posterior) * betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+                              + self.v_posterior * betas)
+        self.register_buffer("posterior_variance", to_torch(posterior_variance))
+        # The variance is 0 at t=0, so its log is clipped.
+        self.register_buffer("posterior_log_variance_clipped",
+                             to_torch(np.log(np.maximum(posterior_variance, 1e-20))))
+        self.register_buffer("posterior_mean_coef1",
+                             to_torch(betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod)))
+        self.register_buffer("posterior_mean_coef2",
+                             to_torch((1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod)))
+        if self.parameterization == "eps":
+            lvlb_weights = self.betas ** 2 / (2 * self.posterior_variance * to_torch(alphas)
+                                              * (1 - self.alphas_cumprod))
+        elif self.parameterization == "x0":
+            lvlb_weights = 0.5 * torch.sqrt(to_torch(alphas_cumprod)) / (2.0 * (1 - to_torch(alphas_cumprod)))
+        else:
+            lvlb_weights = torch.ones_like(self.betas ** 2 / (2 * self.posterior_variance * to_torch(alphas)
+                                                              * (1 - self.alphas_cumprod)))
+        lvlb_weights[0] = lvlb_weights[1]
+        self.register_buffer("lvlb_weights", lvlb_weights, persistent=False)
+
+    @contextmanager
+    def ema_scope(self, context: str | None = None):
+        """Temporarily swap in the EMA weights (no-op without EMA)."""
+        if self.use_ema:
+            self.model_ema.store(self.model.parameters())
+            self.model_ema.copy_to(self.model)
+        try:
+            yield None
+        finally:
+            if self.use_ema:
+                self.model_ema.restore(self.model.parameters())
+
+    def init_from_ckpt(self, path: str, ignore_keys: list[str] = (), only_model: bool = False) -> None:
+        sd = load_checkpoint_state_dict(path)
+        sd = {k: v for k, v in sd.items() if not any(k.startswith(ik) for ik in ignore_keys)}
+        missing, unexpected = (self.model if only_model else self).load_state_dict(sd, strict=False)
+        print(f"Restored from {path} with {len(missing)} missing and {len(unexpected)} unexpected keys")
+
+    def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        noise = default(noise, lambda: torch.randn_like(x_start))
+        return (extract_into_tensor(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
+                + extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * noise)
+
+    def predict_start_from_noise(self, x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return (extract_into_tensor(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
+                - extract_into_tensor(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * noise)
+
+    def predict_start_from_z_and_v(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return (extract_into_tensor(self.sqrt_alphas_cumprod, t, x_t.shape) * x_t
+                - extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape) * v)
+
+    def predict_eps_from_z_and_v(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return (extract_into_tensor(self.sqrt_alphas_cumprod, t, x_t.shape) * v
+                + extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape) * x_t)
+
+    def get_v(self, x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return (extract_into_tensor(self.sqrt_alphas_cumprod, t, x.shape) * noise
+                - extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x.shape) * x)
+
+    def get_loss(self, pred: torch.Tensor, target: torch.Tensor, mean: bool = True) -> torch.Tensor:
+        if self.loss_type == "l1":
+            loss = (target - pred).abs()
+        else:
+            loss = torch.nn.functional.mse_loss(target, pred, reduction="none")
+        return loss.mean() if mean else loss
+
+    def get_target(self, x_start: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.parameterization == "eps":
+            return noise
+        if self.parameterization == "x0":
+            return x_start
+        return self.get_v(x_start, noise, t)
+
+    def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Any = None,
+                    sampling_step: tuple[int, int] | None = None) -> torch.Tensor:
+        """Denoiser output; `sampling_step` (index, total) is given while sampling, for step-dependent models."""
+        return self.model(x_noisy, t)
+
+    def p_losses(self, x_start: torch.Tensor, cond: Any, t: torch.Tensor,
+                 noise: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The simple (MSE) loss, reweighted by logvar, plus the optional VLB term."""
+        noise = default(noise, lambda: torch.randn_like(x_start))
+        x_noisy = self.q_sample(x_start=x_start, t=t, noise=noise)
+        model_output = self.apply_model(x_noisy, t, cond)
+        target = self.get_target(x_start, noise, t)
+        prefix = "train" if self.training else "val"
+        loss_per_sample = self.get_loss(model_output.float(), target.float(), mean=False).mean(dim=[1, 2, 3])
+        loss_dict = {f"{prefix}/loss_simple": loss_per_sample.mean()}
+        logvar_t = self.logvar[t]
+        loss = self.l_simple_weight * (loss_per_sample / torch.exp(logvar_t) + logvar_t).mean()
+        if self.learn_logvar:
+            loss_dict.update({f"{prefix}/loss_gamma": loss, "logvar": self.logvar.data.mean()})
+        loss_vlb = (self.lvlb_weights[t] * loss_per_sample).mean()
+        loss_dict[f"{prefix}/loss_vlb"] = loss_vlb
+        loss = loss + self.original_elbo_weight * loss_vlb
+        loss_dict[f"{prefix}/loss"] = loss
+        return loss, loss_dict
+
+    def get_input(self, batch: dict, k: str) -> torch.Tensor:
+        """Images arrive as BHWC (or BHW) and leave as contiguous float BCHW."""
+        x = batch[k]
+        if x.dim() == 3:
+            x = x[..., None]
+        return rearrange(x, "b h w c -> b c h w").to(memory_format=torch.contiguous_format).float()
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        t = torch.randint(0, self.num_timesteps, (x.shape[0],), device=self.device).long()
+        return self.p_losses(x, None, t, *args, **kwargs)
+
+    def shared_step(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return self(self.get_input(batch, self.first_stage_key))
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss, loss_dict = self.shared_step(batch)
+        self.log_dict(loss_dict, prog_bar=True, logger=True, on_step=True, on_epoch=True,
+                      batch_size=len(batch[self.first_stage_key]))
+        self.log("global_step", float(self.global_step), prog_bar=True, logger=True, on_step=True, on_epoch=False)
+        if self.use_scheduler:
+            self.log("lr_abs", self.optimizers().param_groups[0]["lr"], prog_bar=True, logger=True,
+                     on_step=True, on_epoch=False)
+        return loss
+
+    @torch.no_grad()
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        _, loss_dict = self.shared_step(batch)
+        with self.ema_scope():
+            _, loss_dict_ema = self.shared_step(batch)
+        loss_dict_ema = {key + "_ema": v for key, v in loss_dict_ema.items()}
+        n = len(batch[self.first_stage_key])
+        self.log_dict(loss_dict, prog_bar=False, logger=True, on_step=False, on_epoch=True, batch_size=n)
+        self.log_dict(loss_dict_ema, prog_bar=False, logger=True, on_step=False, on_epoch=True, batch_size=n)
+
+    def on_train_batch_end(self, *args, **kwargs) -> None:
+        if self.use_ema:
+            self.model_ema(self.model)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Exactly the parameters that require grad: requires_grad is the one record of what trains."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.trainable_parameters(), lr=self.learning_rate)
+        if not self.use_scheduler:
+            return opt
+        scheduler = instantiate_from_config(self.scheduler_config)
+        return [opt], [{"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=scheduler.schedule),
+                        "interval": "step", "frequency": 1}]
+
+
+class LatentDiffusion(DDPM):
+    """Diffusion on VAE latents, conditioned on text through cross-attention."""
+
+    def __init__(self, first_stage_config: Any, cond_stage_config: Any, num_timesteps_cond: int | None = None,
+                 cond_stage_key: str = "image", cond_stage_trainable: bool = False, concat_mode: bool = True,
+                 cond_stage_forward: str | None = None, conditioning_key: str | None = None,
+                 scale_factor: float = 1.0, scale_by_std: bool = False, force_null_conditioning: bool = False,
+                 *args, **kwargs):
+        self.force_null_conditioning = force_null_conditioning
+        self.num_timesteps_cond = default(num_timesteps_cond, 1)
+        self.scale_by_std = scale_by_std
+        if self.num_timesteps_cond > kwargs.get("timesteps", 1000):
+            raise ValueError("num_timesteps_cond cannot exceed the number of timesteps")
+        if conditioning_key is None:
+            conditioning_key = "concat" if concat_mode else "crossattn"
+        if cond_stage_config == "__is_unconditional__" and not self.force_null_conditioning:
+            conditioning_key = None
+        ckpt_path = kwargs.pop("ckpt_path", None)
+        ignore_keys = kwargs.pop("ignore_keys", [])
+        super().__init__(*args, conditioning_key=conditioning_key, **kwargs)
+        self.concat_mode = concat_mode
+        self.cond_stage_trainable = cond_stage_trainable
+        self.cond_stage_key = cond_stage_key
+        if not scale_by_std:
+            self.scale_factor = scale_factor
+        else:
+            self.register_buffer("scale_factor", torch.tensor(scale_factor))
+        self.instantiate_first_stage(first_stage_config)
+        self.instantiate_cond_stage(cond_stage_config)
+        self.cond_stage_forward = cond_stage_forward
+        if ckpt_path is not None:
+            self.init_from_ckpt(ckpt_path, ignore_keys)
+
+    def instantiate_first_stage(self, config: Any) -> None:
+        model = instantiate_from_config(config)
+        self.first_stage_model = model.eval()
+        self.first_stage_model.train = disabled_train
+        self.first_stage_model.requires_grad_(False)
+
+    def instantiate_cond_stage(self, config: Any) -> None:
+        if config in ("__is_first_stage__", "__is_unconditional__"):
+            self.cond_stage_model = self.first_stage_model if config == "__is_first_stage__" else None
+            return
+        model = instantiate_from_config(config)
+        if self.cond_stage_trainable:
+            self.cond_stage_model = model
+        else:
+            self.cond_stage_model = model.eval()
+            self.cond_stage_model.train = disabled_train
+            self.cond_stage_model.requires_grad_(False)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """How many pixels one latent covers per side (8 for SD)."""
+        return 2 ** (len(self.first_stage_model.encoder.down) - 1)
+
+    def get_learned_conditioning(self, c: Any) -> Any:
+        if self.cond_stage_forward is None:
+            if hasattr(self.cond_stage_model, "encode") and callable(self.cond_stage_model.encode):
+                c = self.cond_stage_model.encode(c)
+                if isinstance(c, DiagonalGaussianDistribution):
+                    c = c.mode()
+            else:
+                c = self.cond_stage_model(c)
+        else:
+            c = getattr(self.cond_stage_model, self.cond_stage_forward)(c)
+        return c
+
+    def get_first_stage_encoding(self, encoder_posterior: Any) -> torch.Tensor:
+        if isinstance(encoder_posterior, DiagonalGaussianDistribution):
+            z = encoder_posterior.sample()
+        elif isinstance(encoder_posterior, torch.Tensor):
+            z = encoder_posterior
+        else:
+            raise TypeError(f"encoder_posterior of type '{type(encoder_posterior)}' not yet implemented")
+        return self.scale_factor * z
+
+    @torch.no_grad()
+    def encode_first_stage(self, x: torch.Tensor) -> Any:
+        return self.first_stage_model.encode(x)
+
+    @torch.no_grad()
+    def decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
+        return self.first_stage_model.decode(z / self.scale_factor)
+
+    def get_input(self, batch: dict, k: str, return_first_stage_outputs: bool = False,
+                  force_c_encode: bool = False, cond_key: str | None = None, return_original_cond: bool = False,
+                  bs: int | None = None, return_x: bool = False) -> list:
+        """Latents of batch[k] and the encoded conditioning of batch[cond_key]."""
+        x = super().get_input(batch, k)
+        if bs is not None:
+            x = x[:bs]
+        x = x.to(self.device)
+        z = self.get_first_stage_encoding(self.encode_first_stage(x)).detach()
+        c = xc = None
+        if self.model.conditioning_key is not None and not self.force_null_conditioning:
+            cond_key = cond_key or self.cond_stage_key
+            xc = batch[cond_key] if cond_key in ("caption", "coordinates_bbox", "txt") else super().get_input(
+                batch, cond_key).to(self.device)
+            if isinstance(xc, (list, tuple, ListConfig)) and bs is not None:
+                xc = list(xc)[:bs]
+            c = self.get_learned_conditioning(xc) if (not self.cond_stage_trainable or force_c_encode) else xc
+            if bs is not None and isinstance(c, torch.Tensor):
+                c = c[:bs]
+        out = [z, c]
+        if return_first_stage_outputs:
+            out.extend([x, self.decode_first_stage(z)])
+        if return_x:
+            out.append(x)
+        if return_original_cond:
+            out.append(xc)
+        return out
+
+    def shared_step(self, batch: dict, **kwargs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x, c = self.get_input(batch, self.first_stage_key)
+        return self(x, c)
+
+    def forward(self, x: torch.Tensor, c: Any, *args, **kwargs):
+        t = torch.randint(0, self.num_timesteps, (x.shape[0],), device=self.device).long()
+        if self.model.conditioning_key is not None and self.cond_stage_trainable:
+            c = self.get_learned_conditioning(c)
+        return self.p_losses(x, c, t, *args, **kwargs)
+
+    def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Any,
+                    sampling_step: tuple[int, int] | None = None) -> torch.Tensor:
+        if not isinstance(cond, dict):
+            key = "c_concat" if self.model.conditioning_key == "concat" else "c_crossattn"
+            cond = {key: cond if isinstance(cond, list) else [cond]}
+        return self.model(x_noisy, t, **cond)

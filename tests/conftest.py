@@ -1,0 +1,45 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = ROOT / "tests" / "reference"
+sys.path.insert(0, str(ROOT))
+
+
+def reference_keys(name: str) -> dict[str, tuple[int, ...]]:
+    """key -> shape from a reference key list (`key<TAB>shape`, x-separated, `scalar` for 0-d)."""
+    keys = {}
+    for line in (REFERENCE / name).read_text().splitlines():
+        key, shape = line.split("\t")
+        keys[key] = () if shape == "scalar" else tuple(int(s) for s in shape.split("x"))
+    return keys
+
+
+@pytest.fixture
+def tiny_model():
+    from cldm.model import create_model
+    torch.manual_seed(0)
+    model = create_model(ROOT / "models" / "cldm_tiny.yaml")
+    randomize_zero_init(model.model.diffusion_model)
+    return model
+
+
+def randomize_zero_init(module: torch.nn.Module, std: float = 0.05) -> None:
+    """Give the zero-initialised layers of a fresh UNet random weights, so it acts like a trained one."""
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.dim() > 1 and not p.any():
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+def randomize_zero_convs(model, std: float = 0.1) -> None:
+    """Give the zero convs (and the hint block's zero output) non-zero weights so control acts."""
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.control_model.named_parameters():
+            if "zero_convs" in name or "middle_block_out" in name or name.startswith("input_hint_block.14"):
+                p.copy_(torch.randn(p.shape, generator=gen) * std)

@@ -1,0 +1,61 @@
+"""The original configs build models whose state dicts match the published checkpoints key for key."""
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from cldm.model import create_model
+from conftest import REFERENCE, ROOT, reference_keys
+from ldm.util import instantiate_from_config
+
+
+def shapes(module: torch.nn.Module, prefix: str = "") -> dict[str, tuple[int, ...]]:
+    return {prefix + k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+@pytest.mark.parametrize("version", ["v15", "v21"])
+def test_project_config_equals_reference(version):
+    ours = OmegaConf.to_container(OmegaConf.load(ROOT / "models" / f"cldm_{version}.yaml"))
+    ref = OmegaConf.to_container(OmegaConf.load(REFERENCE / f"cldm_{version}.yaml"))
+
+    def check(a, b, path):
+        if isinstance(b, dict):
+            for k in b:
+                assert k in a, f"{path}.{k} missing"
+                check(a[k], b[k], f"{path}.{k}")
+        else:
+            assert a == b, f"{path}: {a!r} != {b!r}"
+
+    check(ours, ref, "")
+
+
+@pytest.mark.parametrize("version", ["v15", "v21"])
+def test_unet_and_controlnet_keys_match_reference(version):
+    cfg = OmegaConf.load(ROOT / "models" / f"cldm_{version}.yaml").model.params
+    ref = reference_keys(f"cldm_{version}.keys.tsv")
+    with torch.device("meta"):
+        unet = instantiate_from_config(cfg.unet_config)
+        control = instantiate_from_config(cfg.control_stage_config)
+    assert shapes(unet, "model.diffusion_model.") == {k: v for k, v in ref.items()
+                                                      if k.startswith("model.diffusion_model.")}
+    assert shapes(control, "control_model.") == {k: v for k, v in ref.items() if k.startswith("control_model.")}
+    if version == "v15":
+        assert sum(p.numel() for p in control.parameters()) == 361_279_120
+        assert sum(p.numel() for p in unet.parameters()) == 859_520_964
+
+
+@pytest.mark.parametrize("version", ["v15", "v21"])
+def test_full_control_ldm_keys_match_reference(version):
+    model = create_model(ROOT / "models" / f"cldm_{version}.yaml", device="meta")
+    ref = reference_keys(f"cldm_{version}.keys.tsv")
+    ours = shapes(model)
+    ref_required = {k: v for k, v in ref.items() if not k.endswith("embeddings.position_ids")}
+    ours_required = {k: v for k, v in ours.items() if not k.endswith("embeddings.position_ids")}
+    assert ours_required == ref_required
+    assert set(ours) <= set(ref)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "models").glob("*.yaml")))
+def test_every_config_builds(name):
+    model = create_model(ROOT / "models" / name, device="meta")
+    assert sum(p.numel() for p in model.parameters()) > 0
