@@ -85,8 +85,12 @@ def load_checkpoint(model: torch.nn.Module, state_dict_or_path: dict | str | os.
     return report
 
 
-def save_state_dict(state_dict: dict[str, torch.Tensor], path: str | os.PathLike, force: bool = False) -> Path:
-    """Write .safetensors or .ckpt/.pth by extension, through a temp file renamed into place."""
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, force: bool = False):
+    """Yield a temp path beside `path`; on success it is renamed onto `path`, on failure removed.
+
+    An existing `path` is refused unless force=True, and is never touched if writing fails.
+    """
     path = Path(path)
     if path.exists() and not force:
         raise FileExistsError(f"{path} already exists; pass force=True (--force) to overwrite it")
@@ -94,14 +98,24 @@ def save_state_dict(state_dict: dict[str, torch.Tensor], path: str | os.PathLike
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the permissions open() would
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_state_dict(state_dict: dict[str, torch.Tensor], path: str | os.PathLike, force: bool = False) -> Path:
+    """Write .safetensors or .ckpt/.pth by extension, through a temp file renamed into place."""
+    path = Path(path)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    with atomic_output(path, force) as tmp:
         if path.suffix == ".safetensors":
             from safetensors.torch import save_file
             save_file(tensors, tmp)
         else:
             torch.save(tensors, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
