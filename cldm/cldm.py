@@ -145,7 +145,7 @@ class ControlLDM(LatentDiffusion):
 
     def __init__(self, control_stage_config: Any, control_key: str, only_mid_control: bool,
                  global_average_pooling: bool = False, sd_locked: bool = True, learning_rate: float = 1e-5,
-                 *args, **kwargs):
+                 drop_prompt_rate: float = 0.0, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.control_model = instantiate_from_config(control_stage_config)
         self.control_key = control_key
@@ -153,6 +153,7 @@ class ControlLDM(LatentDiffusion):
         self.global_average_pooling = global_average_pooling
         self.control_scales = [1.0] * (len(self.control_model.zero_convs) + 1)
         self.learning_rate = learning_rate
+        self.drop_prompt_rate = drop_prompt_rate
         self.model.requires_grad_(False)
         self.sd_locked = sd_locked
 
@@ -168,9 +169,16 @@ class ControlLDM(LatentDiffusion):
         unet.output_blocks.requires_grad_(not locked)
         unet.out.requires_grad_(not locked)
 
+    def drop_prompts(self, prompts: list[str]) -> list[str]:
+        """Replace each prompt by "" with probability drop_prompt_rate (the paper trains with 50%)."""
+        keep = torch.rand(len(prompts)) >= self.drop_prompt_rate
+        return [p if k else "" for p, k in zip(prompts, keep.tolist())]
+
     @torch.no_grad()
     def get_input(self, batch: dict, k: str, bs: int | None = None, *args, **kwargs
                   ) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
+        if self.training and self.drop_prompt_rate > 0:
+            batch = {**batch, self.cond_stage_key: self.drop_prompts(list(batch[self.cond_stage_key]))}
         x, c = super().get_input(batch, self.first_stage_key, *args, bs=bs, **kwargs)
         control = batch[self.control_key]
         if bs is not None:
@@ -197,6 +205,10 @@ class ControlLDM(LatentDiffusion):
         control = sum_residuals([u.residuals(x_noisy, t, cond_txt) for u in units if u.active(sampling_step)])
         return self.model.diffusion_model(x=x_noisy, timesteps=t, context=cond_txt, control=control,
                                           only_mid_control=self.only_mid_control)
+
+    def control_state_dict(self) -> dict[str, torch.Tensor]:
+        """The control weights alone, as `control_model.*` (the layout of the ControlNet 1.1 files)."""
+        return {f"control_model.{k}": v for k, v in self.control_model.state_dict().items()}
 
     @torch.no_grad()
     def get_unconditional_conditioning(self, N: int) -> torch.Tensor:

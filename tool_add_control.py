@@ -1,0 +1,109 @@
+"""Attach a ControlNet to a Stable Diffusion checkpoint; the control copy starts as the UNet's encoder.
+
+    python tool_add_control.py ./models/v1-5-pruned.ckpt ./models/control_sd15_ini.ckpt
+
+`control_model.X` is copied from `model.diffusion_model.X` (time_embed, input_blocks, middle_block); the hint
+block and the zero convs, which the UNet lacks, keep their fresh initialisation (the zero convs are zero).
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from cldm.model import OPTIONAL_KEY_SUFFIXES, create_model, load_state_dict, save_state_dict
+
+ROOT = Path(__file__).resolve().parent
+CONTROL, UNET, EMA = "control_model.", "model.diffusion_model.", "model_ema."
+# What the command line turns into a one-line message and exit code 1 (UnsafeCheckpointError is a ValueError).
+CLI_ERRORS = (FileNotFoundError, FileExistsError, ValueError)
+
+
+def unet_twin(key: str, model_keys: dict | set) -> str | None:
+    """The UNet key a control key is copied from (`control_model.X` -> `model.diffusion_model.X`), if any."""
+    twin = UNET + key.removeprefix(CONTROL)
+    return twin if key.startswith(CONTROL) and twin in model_keys else None
+
+
+def fillable(key: str) -> bool:
+    """Keys a checkpoint may lack: the diffusion schedule buffers (set by the config, e.g. SD1.5 has no
+    `logvar`) and keys known to be optional (`...position_ids`)."""
+    return "." not in key or key.endswith(OPTIONAL_KEY_SUFFIXES)
+
+
+class Fit:
+    """Collects the keys a checkpoint lacks and the shapes that differ, so that one error names them all."""
+
+    def __init__(self, path: str | Path, config: str | Path):
+        self.path, self.config = path, config
+        self.missing: list[str] = []
+        self.mismatched: list[str] = []
+
+    def take(self, state_dict: dict[str, torch.Tensor], key: str, shape: torch.Size) -> torch.Tensor | None:
+        if key not in state_dict:
+            self.missing.append(key)
+        elif state_dict[key].shape != shape:
+            self.mismatched.append(f"{key} {tuple(state_dict[key].shape)} in file vs {tuple(shape)} in model")
+        else:
+            return state_dict[key]
+        return None
+
+    def check(self) -> None:
+        found = (("keys missing", self.missing), ("shapes differ", self.mismatched))
+        problems = [f"{len(items)} {what} ({'; '.join(items[:3])}{'; ...' if len(items) > 3 else ''})"
+                    for what, items in found if items]
+        if problems:
+            raise ValueError(f"{self.path} does not fit {self.config}: {', '.join(problems)}. "
+                             f"Is --config the right one for this checkpoint (SD1.x vs SD2.x)?")
+
+
+def refuse_existing(path: str | Path, force: bool) -> None:
+    """Fail before any slow work when the output exists and --force was not given."""
+    if Path(path).exists() and not force:
+        raise FileExistsError(f"{path} already exists; pass --force to overwrite it")
+
+
+def add_control(sd: dict[str, torch.Tensor], scratch: dict[str, torch.Tensor], fit: Fit
+                ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Every model key from the SD checkpoint, the control copy from its UNet, the rest as initialised."""
+    out, added = {}, []
+    for key, init in scratch.items():
+        source = unet_twin(key, scratch) if key.startswith(CONTROL) else key
+        if source is None or (source not in sd and fillable(key)):
+            out[key] = init
+            added.append(key)
+        elif (weight := fit.take(sd, source, init.shape)) is not None:
+            # The copy gets its own memory: safetensors refuses tensors that share it.
+            out[key] = weight.to(init.dtype, copy=source != key)
+    fit.check()
+    return out, added
+
+
+def main(argv: list[str] | None = None, default_config: str | Path = ROOT / "models" / "cldm_v15.yaml"
+         ) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("input", help="Stable Diffusion checkpoint (.ckpt/.pth/.safetensors)")
+    parser.add_argument("output", help="ControlLDM checkpoint to write (.safetensors, else .ckpt format)")
+    parser.add_argument("--config", default=str(default_config), help="model config (default: %(default)s)")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing output")
+    args = parser.parse_args(argv)
+    try:
+        refuse_existing(args.output, args.force)
+        # The EMA copy (3.4 of v1-5-pruned.ckpt's 7.7 GB) is never used.
+        sd = {k: v for k, v in load_state_dict(args.input).items() if not k.startswith(EMA)}
+        # Built on CPU: the new layers and the schedule buffers an SD checkpoint may lack need real values.
+        scratch = create_model(args.config).state_dict()
+        out, added = add_control(sd, scratch, Fit(args.input, args.config))
+        for key in added:
+            print(f"These weights are newly added: {key}")
+        save_state_dict(out, args.output, force=args.force)
+    except CLI_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"Done: {args.output} ({len(out)} keys, {len(added)} newly added).")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

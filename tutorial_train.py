@@ -1,0 +1,125 @@
+"""Train a ControlNet on Fill50K (or any data set in its format), as in the original tutorial.
+
+    python tool_add_control.py ./models/v1-5-pruned.ckpt ./models/control_sd15_ini.ckpt
+    python tutorial_train.py                      # the original's settings
+    python tutorial_train.py --devices 2 --strategy ddp --precision bf16-mixed --drop_prompt_rate 0.5
+
+Writes image_log/ (ImageLogger grids), checkpoints/ (Lightning checkpoints every --checkpoint_every
+steps and at the end, last.ckpt kept; continue with --resume checkpoints/last.ckpt) and a control-only
+export (`control_model.*` in safetensors, like the ControlNet 1.1 files) under --output_dir.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from torch.utils.data import DataLoader
+
+import share  # noqa: F401  (quiet logs; sliced attention when config.save_memory)
+from cldm.logger import ImageLogger
+from cldm.model import create_model, load_checkpoint, save_state_dict
+from tutorial_dataset import MyDataset
+
+
+def str2bool(value: str) -> bool:
+    if value.lower() in ("true", "1", "yes"):
+        return True
+    if value.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
+
+
+def devices_arg(value: str) -> str | int | list[int]:
+    if value == "auto":
+        return value
+    if "," in value:
+        return [int(v) for v in value.split(",") if v]
+    return int(value)
+
+
+def parse_args(argv: list[str] | None, config: str, resume_path: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=config, help="model YAML (default %(default)s)")
+    p.add_argument("--resume_path", default=resume_path,
+                   help="initial weights made by tool_add_control.py (default %(default)s); 'none' starts "
+                        "from the config's random weights")
+    p.add_argument("--resume", default=None, help="Lightning checkpoint to continue from, e.g. checkpoints/last.ckpt")
+    p.add_argument("--data_root", default="./training/fill50k")
+    p.add_argument("--image_size", type=int, default=None, help="resize data to this size (default: as stored)")
+    p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--learning_rate", type=float, default=1e-5)
+    p.add_argument("--sd_locked", type=str2bool, default=True)
+    p.add_argument("--only_mid_control", type=str2bool, default=False)
+    p.add_argument("--drop_prompt_rate", type=float, default=0.0,
+                   help="probability of training on an empty prompt (the paper uses 0.5; the original code 0)")
+    p.add_argument("--max_steps", type=int, default=-1, help="-1: until max_epochs (Lightning's default 1000)")
+    p.add_argument("--accumulate_grad_batches", type=int, default=1)
+    p.add_argument("--precision", default="32", help="32, 16-mixed, bf16-mixed, ...")
+    p.add_argument("--logger_freq", type=int, default=300, help="ImageLogger: every N global steps")
+    p.add_argument("--sample_steps", type=int, default=50, help="DDIM steps of the logged samples")
+    p.add_argument("--num_workers", type=int, default=0)
+    p.add_argument("--accelerator", default="auto")
+    p.add_argument("--devices", type=devices_arg, default="auto", help="auto, a count, or a list like 0,1")
+    p.add_argument("--strategy", default="auto", help="auto, ddp, deepspeed_stage_2, fsdp, ...")
+    p.add_argument("--checkpoint_every", type=int, default=1000, help="save a checkpoint every N global steps")
+    p.add_argument("--output_dir", default=".", help="where image_log/, checkpoints/ and lightning_logs/ go")
+    p.add_argument("--export", default=None,
+                   help="control-only safetensors written at the end (default OUTPUT_DIR/control_model.safetensors)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--force", action="store_true", help="overwrite an existing export")
+    return p.parse_args(argv)
+
+
+def build_model(args: argparse.Namespace) -> pl.LightningModule:
+    """The model of --config with the initial weights of --resume_path (skipped when resuming)."""
+    model = create_model(args.config).cpu()
+    if args.resume is None and args.resume_path.lower() != "none":
+        if not Path(args.resume_path).is_file():
+            sys.exit(f"Initial checkpoint not found: {args.resume_path}\nMake it from an SD checkpoint first, e.g.\n"
+                     f"  python tool_add_control.py ./models/v1-5-pruned.ckpt {args.resume_path}")
+        load_checkpoint(model, args.resume_path, strict=True)
+    model.learning_rate = args.learning_rate
+    model.sd_locked = args.sd_locked
+    model.only_mid_control = args.only_mid_control
+    model.drop_prompt_rate = args.drop_prompt_rate
+    return model
+
+
+def main(argv: list[str] | None = None, config: str = "./models/cldm_v15.yaml",
+         resume_path: str = "./models/control_sd15_ini.ckpt") -> pl.Trainer:
+    args = parse_args(argv, config, resume_path)
+    output_dir = Path(args.output_dir)
+    export = Path(args.export) if args.export else output_dir / "control_model.safetensors"
+    if export.exists() and not args.force:
+        sys.exit(f"{export} already exists; pass --force to overwrite it, or choose another --export")
+    if args.seed is not None:
+        pl.seed_everything(args.seed, workers=True)
+
+    model = build_model(args)
+    dataset = MyDataset(args.data_root, size=args.image_size)
+    dataloader = DataLoader(dataset, num_workers=args.num_workers, batch_size=args.batch_size, shuffle=True,
+                            persistent_workers=args.num_workers > 0)
+    image_logger = ImageLogger(batch_frequency=args.logger_freq, log_images_kwargs={"ddim_steps": args.sample_steps})
+    checkpoints = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="step-{step:06d}",
+                                  every_n_train_steps=args.checkpoint_every, save_top_k=1, save_last=True,
+                                  auto_insert_metric_name=False)
+    trainer = pl.Trainer(accelerator=args.accelerator, devices=args.devices, strategy=args.strategy,
+                         precision=args.precision, max_steps=args.max_steps,
+                         accumulate_grad_batches=args.accumulate_grad_batches, callbacks=[image_logger, checkpoints],
+                         logger=[TensorBoardLogger(output_dir), CSVLogger(output_dir)], default_root_dir=output_dir)
+
+    trainer.fit(model, dataloader, ckpt_path=args.resume, weights_only=True)
+
+    trainer.save_checkpoint(output_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    if trainer.is_global_zero:
+        save_state_dict(model.control_state_dict(), export, force=args.force)
+        print(f"Control-only weights: {export}\nCheckpoints: {output_dir / 'checkpoints'}\n"
+              f"Image grids: {output_dir / 'image_log' / 'train'}\nLosses: {trainer.loggers[1].log_dir}/metrics.csv")
+    return trainer
+
+
+if __name__ == "__main__":
+    main()

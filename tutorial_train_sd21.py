@@ -1,0 +1,10 @@
+"""Train a ControlNet on SD 2.1: tutorial_train.py with the SD 2.1 config and initial checkpoint.
+
+    python tool_add_control_sd21.py ./models/v2-1_512-ema-pruned.ckpt ./models/control_sd21_ini.ckpt
+    python tutorial_train_sd21.py
+"""
+
+from tutorial_train import main
+
+if __name__ == "__main__":
+    main(config="./models/cldm_v21.yaml", resume_path="./models/control_sd21_ini.ckpt")
