@@ -59,6 +59,7 @@ def parse_args(argv: list[str] | None, config: str, resume_path: str) -> argpars
     p.add_argument("--accumulate_grad_batches", type=int, default=1)
     p.add_argument("--precision", default="32", help="32, 16-mixed, bf16-mixed, ...")
     p.add_argument("--logger_freq", type=int, default=300, help="ImageLogger: every N global steps")
+    p.add_argument("--log_every_n_steps", type=int, default=50, help="how often losses go to the loggers")
     p.add_argument("--sample_steps", type=int, default=50, help="DDIM steps of the logged samples")
     p.add_argument("--num_workers", type=int, default=0)
     p.add_argument("--accelerator", default="auto")
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None, config: str = "./models/cldm_v15.yaml",
                                   every_n_train_steps=args.checkpoint_every, save_top_k=1, save_last=True,
                                   auto_insert_metric_name=False)
     trainer = pl.Trainer(accelerator=args.accelerator, devices=args.devices, strategy=args.strategy,
-                         precision=args.precision, max_steps=args.max_steps,
+                         precision=args.precision, max_steps=args.max_steps, log_every_n_steps=args.log_every_n_steps,
                          accumulate_grad_batches=args.accumulate_grad_batches, callbacks=[image_logger, checkpoints],
                          logger=[TensorBoardLogger(output_dir), CSVLogger(output_dir)], default_root_dir=output_dir)
 

@@ -169,6 +169,16 @@ class ControlLDM(LatentDiffusion):
         unet.output_blocks.requires_grad_(not locked)
         unet.out.requires_grad_(not locked)
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["control_training"] = {"sd_locked": self.sd_locked, "only_mid_control": self.only_mid_control}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # The optimizer state only fits the same trainable set, so a changed mode must be caught here.
+        saved = checkpoint.get("control_training", {})
+        if "sd_locked" in saved and saved["sd_locked"] != self.sd_locked:
+            raise ValueError(f"The checkpoint was trained with sd_locked={saved['sd_locked']}, this run has "
+                             f"sd_locked={self.sd_locked}: resume with --sd_locked {saved['sd_locked']}")
+
     def drop_prompts(self, prompts: list[str]) -> list[str]:
         """Replace each prompt by "" with probability drop_prompt_rate (the paper trains with 50%)."""
         keep = torch.rand(len(prompts)) >= self.drop_prompt_rate

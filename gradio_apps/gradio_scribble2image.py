@@ -1,0 +1,18 @@
+"""Control Stable Diffusion with scribbles, dark lines on light paper (models/control_sd15_scribble.pth)."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, when run as a script
+
+from gradio_apps.app_builder import ControlApp, dark_strokes, invert, main  # noqa: E402
+
+APP = ControlApp(
+    title="Control Stable Diffusion with Scribble Maps",
+    checkpoint="control_sd15_scribble.pth",
+    detect=dark_strokes,
+    preview=invert,
+)
+
+if __name__ == "__main__":
+    main(APP)
