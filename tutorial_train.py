@@ -75,13 +75,23 @@ def parse_args(argv: list[str] | None, config: str, resume_path: str) -> argpars
 
 
 def build_model(args: argparse.Namespace) -> pl.LightningModule:
-    """The model of --config with the initial weights of --resume_path (skipped when resuming)."""
+    """The model of --config with the initial weights of --resume_path (skipped when resuming).
+
+    Every weight must come from the file except those the mode initialises itself (model.fresh_prefixes).
+    """
     model = create_model(args.config).cpu()
     if args.resume is None and args.resume_path.lower() != "none":
         if not Path(args.resume_path).is_file():
             sys.exit(f"Initial checkpoint not found: {args.resume_path}\nMake it from an SD checkpoint first, e.g.\n"
                      f"  python tool_add_control.py ./models/v1-5-pruned.ckpt {args.resume_path}")
-        load_checkpoint(model, args.resume_path, strict=True)
+        report = load_checkpoint(model, args.resume_path)
+        missing = [k for k in report.missing if not k.startswith(model.fresh_prefixes)]
+        if missing:
+            sys.exit(f"{args.resume_path} lacks {len(missing)} weights of {args.config}, e.g. {missing[:3]}.\n"
+                     f"For a full ControlNet, make the initial checkpoint with tool_add_control.py.")
+        if report.unexpected:
+            print(f"Ignoring {len(report.unexpected)} keys of {args.resume_path} the model does not use, "
+                  f"e.g. {report.unexpected[:3]}")
     model.learning_rate = args.learning_rate
     model.sd_locked = args.sd_locked
     model.only_mid_control = args.only_mid_control

@@ -143,6 +143,10 @@ class ControlNet(nn.Module):
 class ControlLDM(LatentDiffusion):
     """LatentDiffusion whose UNet is steered by a ControlNet on a hint image (batch[control_key])."""
 
+    # Key prefixes this mode initialises itself, so an initial checkpoint may lack them. The full
+    # ControlNet has none: its copy must come from tool_add_control.py, as in the original.
+    fresh_prefixes: tuple[str, ...] = ()
+
     def __init__(self, control_stage_config: Any, control_key: str, only_mid_control: bool,
                  global_average_pooling: bool = False, sd_locked: bool = True, learning_rate: float = 1e-5,
                  drop_prompt_rate: float = 0.0, *args, **kwargs):
