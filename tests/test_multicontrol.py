@@ -1,0 +1,115 @@
+"""Per-control strength, start/end windows, control modes and several ControlNets at once."""
+
+import pytest
+import torch
+
+from cldm.cldm import ControlUnit, unconditional_units
+from conftest import randomize_zero_convs
+from ldm.models.diffusion.ddim import DDIMSampler
+from ldm.util import instantiate_from_config
+
+
+class StepRecorder(torch.nn.Module):
+    """Wraps a control network and records the timesteps it was called at."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+        self.calls = []
+
+    def forward(self, **kwargs):
+        self.calls.append(int(kwargs["timesteps"][0]))
+        return self.net(**kwargs)
+
+
+def second_controlnet(model):
+    cfg = model_config().control_stage_config
+    torch.manual_seed(5)
+    net = instantiate_from_config(cfg)
+    for name, p in net.named_parameters():
+        if not p.any():
+            with torch.no_grad():
+                p.normal_(0, 0.1)
+    return net
+
+
+def model_config():
+    from omegaconf import OmegaConf
+
+    from conftest import ROOT
+    return OmegaConf.load(ROOT / "models" / "cldm_tiny.yaml").model.params
+
+
+def inputs(model, n=2):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 4, 4, 4, generator=g)
+    t = torch.tensor([50, 700])[:n]
+    text = model.get_learned_conditioning(["a red circle", "a blue circle"][:n])
+    hints = torch.rand(n, 3, 32, 32, generator=g), torch.rand(n, 3, 32, 32, generator=g)
+    return x, t, text, hints
+
+
+def test_two_controls_add_up(tiny_model):
+    randomize_zero_convs(tiny_model)
+    other = second_controlnet(tiny_model)
+    x, t, text, (h1, h2) = inputs(tiny_model)
+    a = ControlUnit(tiny_model.control_model, h1, strength=0.7)
+    b = ControlUnit(other, h2, strength=1.3)
+    unet = tiny_model.model.diffusion_model
+    with torch.no_grad():
+        both = tiny_model.apply_model(x, t, {"c_crossattn": [text], "control": [a, b]})
+        ra, rb = a.residuals(x, t, text), b.residuals(x, t, text)
+        expected = unet(x, t, context=text, control=[p + q for p, q in zip(ra, rb)])
+        only_a = tiny_model.apply_model(x, t, {"c_crossattn": [text], "control": [a]})
+    torch.testing.assert_close(both, expected, rtol=0, atol=1e-6)
+    assert (both - only_a).abs().max() > 1e-4
+
+
+def test_strength_scales_residuals_linearly(tiny_model):
+    randomize_zero_convs(tiny_model)
+    x, t, text, (h1, _) = inputs(tiny_model)
+    with torch.no_grad():
+        one = ControlUnit(tiny_model.control_model, h1, strength=1.0).residuals(x, t, text)
+        two = ControlUnit(tiny_model.control_model, h1, strength=2.0).residuals(x, t, text)
+    for r1, r2 in zip(one, two):
+        torch.testing.assert_close(r2, 2 * r1)
+
+
+def test_main_control_matches_an_equivalent_unit(tiny_model):
+    randomize_zero_convs(tiny_model)
+    x, t, text, (h1, _) = inputs(tiny_model)
+    tiny_model.control_scales = [0.5] * len(tiny_model.control_scales)
+    with torch.no_grad():
+        main = tiny_model.apply_model(x, t, {"c_crossattn": [text], "c_concat": [h1]})
+        unit = tiny_model.apply_model(x, t, {"c_crossattn": [text],
+                                             "control": [ControlUnit(tiny_model.control_model, h1, strength=0.5)]})
+    torch.testing.assert_close(main, unit, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("start,end,active", [(0.0, 1.0, range(10)), (0.2, 0.5, [2, 3, 4]), (0.0, 0.3, [0, 1, 2]),
+                                              (0.75, 1.0, [8, 9])])
+def test_start_end_window_switches_control_at_the_right_steps(tiny_model, start, end, active):
+    randomize_zero_convs(tiny_model)
+    _, _, text, (h1, _) = inputs(tiny_model, 1)
+    spy = StepRecorder(tiny_model.control_model)
+    unit = ControlUnit(spy, h1, start=start, end=end)
+    sampler = DDIMSampler(tiny_model)
+    sampler.sample(10, 1, (4, 4, 4), {"c_crossattn": [text], "control": [unit]}, verbose=False)
+    schedule = list(reversed(sampler.ddim_timesteps.tolist()))
+    assert spy.calls == [schedule[i] for i in active]
+
+
+def test_control_modes_and_validation(tiny_model):
+    hint = torch.rand(1, 3, 32, 32)
+    balanced = ControlUnit(tiny_model.control_model, hint, strength=0.8)
+    prompt = ControlUnit(tiny_model.control_model, hint, strength=0.8, mode="prompt")
+    control = ControlUnit(tiny_model.control_model, hint, strength=0.8, mode="control")
+    assert balanced.level_scales(13) == [0.8] * 13
+    assert prompt.level_scales(13)[-1] == pytest.approx(0.8)
+    assert prompt.level_scales(13)[0] == pytest.approx(0.8 * 0.825 ** 12)
+    assert control.level_scales(13) == prompt.level_scales(13)
+    assert unconditional_units([balanced, prompt, control]) == [balanced, prompt]
+    with pytest.raises(ValueError, match="mode"):
+        ControlUnit(tiny_model.control_model, hint, mode="loud")
+    with pytest.raises(ValueError, match="start"):
+        ControlUnit(tiny_model.control_model, hint, start=0.6, end=0.4)
