@@ -23,6 +23,7 @@ import torch
 from omegaconf import OmegaConf
 
 from cldm.cldm import ControlNet
+from cldm.diffusers_names import diffusers_module_names, rename_module
 from cldm.model import atomic_output, load_state_dict, save_state_dict
 from ldm.modules.diffusionmodules.openaimodel import UNetSpec
 from ldm.util import load_checkpoint_state_dict
@@ -37,8 +38,6 @@ WEIGHTS_CANDIDATES = (WEIGHTS_NAME, "diffusion_pytorch_model.fp16.safetensors", 
 # The diffusers release whose ControlNetModel layout this mapping was checked against.
 DIFFUSERS_VERSION = "0.42.1"
 # ResBlock submodules -> their diffusers ResnetBlock2D names.
-RESNET_RENAMES = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
-                  "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
 # ControlNet.make_hint_block: 8 convs at even indices of input_hint_block, SiLUs between them.
 HINT_CONVS = 8
 # config.json fields that change nothing our model computes: fp16 attention upcasting (ours runs SDPA at the
@@ -139,51 +138,16 @@ def diffusers_config(spec: UNetSpec, hint_channels: int, hint_widths: list[int],
     }
 
 
-def module_table(spec: UNetSpec) -> dict[str, str]:
-    """Original module path -> diffusers module path, for every module that holds weights."""
-    hint = [f"input_hint_block.{2 * n}" for n in range(HINT_CONVS)]
-    table = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
-             "input_blocks.0.0": "conv_in", hint[0]: "controlnet_cond_embedding.conv_in",
-             hint[-1]: "controlnet_cond_embedding.conv_out", "middle_block.1": "mid_block.attentions.0",
-             "middle_block_out.0": "controlnet_mid_block"}
-    table |= {name: f"controlnet_cond_embedding.blocks.{n}" for n, name in enumerate(hint[1:-1])}
-    resnets = {"middle_block.0": "mid_block.resnets.0", "middle_block.2": "mid_block.resnets.1"}
-    block = 1  # input_blocks.0 is conv_in
-    for level, n_res in enumerate(spec.num_res_blocks):
-        for j in range(n_res):
-            resnets[f"input_blocks.{block}.0"] = f"down_blocks.{level}.resnets.{j}"
-            if spec.has_attention(2 ** level, level, j):
-                table[f"input_blocks.{block}.1"] = f"down_blocks.{level}.attentions.{j}"
-            block += 1
-        if level < len(spec.channel_mult) - 1:
-            table[f"input_blocks.{block}.0.op"] = f"down_blocks.{level}.downsamplers.0.conv"
-            block += 1
-    table |= {f"zero_convs.{i}.0": f"controlnet_down_blocks.{i}" for i in range(block)}
-    for old, new in resnets.items():
-        table |= {f"{old}.{a}": f"{new}.{b}" for a, b in RESNET_RENAMES.items()}
-    return table
-
-
-def rename(key: str, table: dict[str, str]) -> str | None:
-    """Rename the longest module path of `key` found in `table`; the rest (`transformer_blocks...`) stays."""
-    parts = key.split(".")
-    for n in range(len(parts) - 1, 0, -1):
-        head = ".".join(parts[:n])
-        if head in table:
-            return ".".join([table[head], *parts[n:]])
-    return None
-
-
 def build_mapping(config_path: str | os.PathLike = DEFAULT_CONFIG) -> Mapping:
     """The full key mapping and config.json for the ControlNet of a ControlLDM YAML."""
     params, pooled = read_control_config(config_path)
     spec = unet_spec(params)
     # Built on the meta device only for its key names and shapes: no memory, no init time.
     with torch.device("meta"):
-        shapes = {k: tuple(v.shape) for k, v in ControlNet(**params).state_dict().items()}
-    table = module_table(spec)
-    keys = {k: rename(k, table) for k in shapes}
-    unmapped = [k for k, v in keys.items() if v is None]
+        net = ControlNet(**params)
+    shapes = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    keys = {k: rename_module(k, diffusers_module_names(net)) for k in shapes}
+    unmapped = [k for k, v in keys.items() if v == k]
     if unmapped:
         raise ValueError(f"No diffusers name for {len(unmapped)} keys of {config_path}, e.g. {unmapped[:5]}")
     # The widths set by conv_in and the stride-2 convs: diffusers' conditioning_embedding_out_channels.

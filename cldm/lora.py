@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from cldm.cldm import ControlLDM, ControlNet
+from cldm.diffusers_names import diffusers_module_names, rename_module
 from cldm.model import LoadReport, load_checkpoint
-from ldm.modules.diffusionmodules.openaimodel import Downsample
 from ldm.util import load_checkpoint_state_dict
 
 # The parts of the ControlNet that copy the UNet: they take the UNet's tensors and carry the offsets.
@@ -25,10 +25,6 @@ SHARED_PREFIXES = ("time_embed.", "input_blocks.", "middle_block.")
 MARKER = "lora_controlnet"
 CONTROL_PREFIX = "control_model."
 # ResBlock layers -> diffusers ResnetBlock2D names (ControlLoRA v2 files are named after diffusers' modules).
-RESNET_LAYERS = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
-                 "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
-
-
 class LoRAOffset(nn.Module):
     """A frozen layer's weight W and bias b plus a trainable offset: W + scale * up @ down.
 
@@ -234,48 +230,6 @@ class LoRAControlNet(ControlNet):
         self._take_overrides(weights)
         shared = set(self.shared_names) - self.overrides
         return load_checkpoint(self, {k: v for k, v in weights.items() if k not in shared})
-
-
-def diffusers_module_names(net: ControlNet) -> dict[str, str]:
-    """ldm module path -> diffusers ControlNetModel module path, for every module of `net` holding weights.
-
-    The mapping of tool_convert_diffusers (a tool, which cldm does not import); a test keeps the two equal.
-    """
-    names = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
-             "input_blocks.0.0": "conv_in", "middle_block.1": "mid_block.attentions.0",
-             "middle_block_out.0": "controlnet_mid_block"}
-    resnets = {"middle_block.0": "mid_block.resnets.0", "middle_block.2": "mid_block.resnets.1"}
-    level = index = 0
-    for i, block in enumerate(net.input_blocks):
-        if i == 0:
-            continue
-        if isinstance(block[0], Downsample):
-            names[f"input_blocks.{i}.0.op"] = f"down_blocks.{level}.downsamplers.0.conv"
-            level, index = level + 1, 0
-            continue
-        resnets[f"input_blocks.{i}.0"] = f"down_blocks.{level}.resnets.{index}"
-        if len(block) > 1:
-            names[f"input_blocks.{i}.1"] = f"down_blocks.{level}.attentions.{index}"
-        index += 1
-    for old, new in resnets.items():
-        names |= {f"{old}.{a}": f"{new}.{b}" for a, b in RESNET_LAYERS.items()}
-    convs = [i for i, m in enumerate(net.input_hint_block) if isinstance(m, nn.Conv2d)]
-    names[f"input_hint_block.{convs[0]}"] = "controlnet_cond_embedding.conv_in"
-    names[f"input_hint_block.{convs[-1]}"] = "controlnet_cond_embedding.conv_out"
-    names |= {f"input_hint_block.{c}": f"controlnet_cond_embedding.blocks.{n}"
-              for n, c in enumerate(convs[1:-1])}
-    names |= {f"zero_convs.{i}.0": f"controlnet_down_blocks.{i}" for i in range(len(net.zero_convs))}
-    return names
-
-
-def rename_module(key: str, table: Mapping[str, str]) -> str:
-    """Rename the longest module path of `key` found in `table`; keys it does not know stay as they are."""
-    parts = key.split(".")
-    for n in range(len(parts) - 1, 0, -1):
-        head = ".".join(parts[:n])
-        if head in table:
-            return ".".join([table[head], *parts[n:]])
-    return key
 
 
 def to_ldm_names(state_dict: Mapping[str, torch.Tensor], net: LoRAControlNet) -> dict[str, torch.Tensor]:

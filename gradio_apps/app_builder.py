@@ -396,6 +396,9 @@ def require_checkpoint(path: Path) -> None:
          "give them with --ckpt together with --base <a Stable Diffusion 1.5 checkpoint>.")
 
 
+BASE_PREFIXES = ("model.", "first_stage_model.", "cond_stage_model.")
+
+
 def load_model(args: argparse.Namespace, default_checkpoint: str, device: torch.device) -> torch.nn.Module:
     """The ControlLDM of --config with --base and --ckpt (or random weights), in eval mode on `device`."""
     config_path = Path(args.config)
@@ -412,12 +415,16 @@ def load_model(args: argparse.Namespace, default_checkpoint: str, device: torch.
     if args.random_weights:
         print("--random-weights: model and detectors have random weights; for tests and demos only.")
     else:
-        # a base checkpoint fills the UNet, VAE and text encoder; the control-only file then the ControlNet
-        steps = ([(base, ("model.", "first_stage_model.", "cond_stage_model.")), (ckpt, ("control_model.",))]
-                 if base is not None else [(ckpt, None)])
-        for path, prefixes in steps:
+        # a base checkpoint fills the UNet, VAE and text encoder; the control-only file then the control
+        # (in the mode's own layout: ControlNet 1.1, control-lora or LLLite)
+        if base is not None:
+            steps = [(base, lambda path: load_checkpoint(model, path, prefixes=BASE_PREFIXES)),
+                     (ckpt, model.load_control)]
+        else:
+            steps = [(ckpt, lambda path: load_checkpoint(model, path))]
+        for path, load in steps:
             try:
-                report = load_checkpoint(model, path, prefixes=prefixes)
+                report = load(path)
             except Exception as err:  # unreadable, unsafe or mismatched: say why and stop
                 fail(f"Could not load {path}: {err}")
             if report.missing:
