@@ -3,6 +3,9 @@
     python tool_add_control.py ./models/v1-5-pruned.ckpt ./models/control_sd15_ini.ckpt
     python tutorial_train.py                      # the original's settings
     python tutorial_train.py --devices 2 --strategy ddp --precision bf16-mixed --drop_prompt_rate 0.5
+    python tool_cache_latents.py --ckpt ./models/control_sd15_ini.ckpt --out ./training/fill50k_cache
+    python tutorial_train.py --cached_latents ./training/fill50k_cache --precision bf16-mixed \
+        --gradient_checkpointing False                  # fast; benchmarks/RESULTS.md has the low-memory recipes
 
 Writes image_log/ (ImageLogger grids), checkpoints/ (Lightning checkpoints every --checkpoint_every
 steps and at the end, last.ckpt kept; continue with --resume checkpoints/last.ckpt) and a control-only
@@ -10,10 +13,12 @@ export (`control_model.*` in safetensors, like the ControlNet 1.1 files) under -
 """
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from torch.utils.data import DataLoader
@@ -21,7 +26,11 @@ from torch.utils.data import DataLoader
 import share  # noqa: F401  (quiet logs; sliced attention when config.save_memory)
 from cldm.logger import ImageLogger
 from cldm.model import create_model, load_checkpoint, save_state_dict
-from tutorial_dataset import MyDataset
+from ldm.models.diffusion.ddpm import OPTIMIZERS
+from ldm.modules.diffusionmodules.openaimodel import set_gradient_checkpointing
+from tutorial_dataset import CachedDataset, MyDataset
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def str2bool(value: str) -> bool:
@@ -47,7 +56,8 @@ def parse_args(argv: list[str] | None, config: str, resume_path: str) -> argpars
                    help="initial weights made by tool_add_control.py (default %(default)s); 'none' starts "
                         "from the config's random weights")
     p.add_argument("--resume", default=None, help="Lightning checkpoint to continue from, e.g. checkpoints/last.ckpt")
-    p.add_argument("--data_root", default="./training/fill50k")
+    p.add_argument("--data_root", default=None,
+                   help="data folder (default ./training/fill50k, or the one a --cached_latents cache records)")
     p.add_argument("--image_size", type=int, default=None, help="resize data to this size (default: as stored)")
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--learning_rate", type=float, default=1e-5)
@@ -71,6 +81,17 @@ def parse_args(argv: list[str] | None, config: str, resume_path: str) -> argpars
                    help="control-only safetensors written at the end (default OUTPUT_DIR/control_model.safetensors)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--force", action="store_true", help="overwrite an existing export")
+    fast = p.add_argument_group("speed and memory (figures in benchmarks/RESULTS.md)")
+    fast.add_argument("--cached_latents", default=None, metavar="DIR",
+                      help="train from a tool_cache_latents.py cache: the VAE and text encoder do not run")
+    fast.add_argument("--gradient_checkpointing", type=str2bool, default=None,
+                      help="recompute activations in backward (use_checkpoint): less memory, slower steps "
+                           "(default: as the config says)")
+    fast.add_argument("--channels_last", action="store_true", help="NHWC memory format for the convolutions")
+    fast.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES,
+                      help="torch.compile the UNet and the control network, optionally naming a mode")
+    fast.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS,
+                      help="adamw (fused kernel where the device has one) or adamw8bit (needs bitsandbytes)")
     return p.parse_args(argv)
 
 
@@ -96,7 +117,23 @@ def build_model(args: argparse.Namespace) -> pl.LightningModule:
     model.sd_locked = args.sd_locked
     model.only_mid_control = args.only_mid_control
     model.drop_prompt_rate = args.drop_prompt_rate
+    model.optimizer_name = args.optimizer
+    if args.gradient_checkpointing is not None:
+        set_gradient_checkpointing(model, args.gradient_checkpointing)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if args.compile:
+        model.compile_denoiser(mode=args.compile)
     return model
+
+
+def build_dataset(args: argparse.Namespace) -> MyDataset:
+    if args.cached_latents is None:
+        return MyDataset(args.data_root or "./training/fill50k", size=args.image_size)
+    dataset = CachedDataset(args.cached_latents, data_root=args.data_root)
+    if args.image_size not in (None, dataset.size):
+        sys.exit(f"{args.cached_latents} was cached at image size {dataset.size}, not {args.image_size}")
+    return dataset
 
 
 def main(argv: list[str] | None = None, config: str = "./models/cldm_v15.yaml",
@@ -109,8 +146,10 @@ def main(argv: list[str] | None = None, config: str = "./models/cldm_v15.yaml",
     if args.seed is not None:
         pl.seed_everything(args.seed, workers=True)
 
+    if args.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
+        sys.exit("--optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes")
     model = build_model(args)
-    dataset = MyDataset(args.data_root, size=args.image_size)
+    dataset = build_dataset(args)
     dataloader = DataLoader(dataset, num_workers=args.num_workers, batch_size=args.batch_size, shuffle=True,
                             persistent_workers=args.num_workers > 0)
     image_logger = ImageLogger(batch_frequency=args.logger_freq, log_images_kwargs={"ddim_steps": args.sample_steps})

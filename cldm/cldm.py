@@ -1,5 +1,6 @@
 """ControlNet: a trainable copy of the SD UNet encoder, joined to the locked UNet by zero convolutions."""
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -7,6 +8,7 @@ import einops
 import torch
 import torch.nn as nn
 
+from cldm.model import LoadReport, load_checkpoint
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.modules.diffusionmodules.openaimodel import TimestepEmbedSequential, UNetModel, UNetSpec
@@ -57,17 +59,55 @@ class ControlUnit:
         i, n = sampling_step
         return self.start <= i / n and (i + 1) / n <= self.end
 
+    @property
+    def acts_inside(self) -> bool:
+        """Whether the control acts within the UNet's layers (LLLite: `model.hook_into`) instead of adding
+        residuals to its skip connections."""
+        return hasattr(self.model, "hook_into")
+
+    @property
+    def multiplier(self) -> float:
+        """The one weight of a control acting inside: the deepest level's scale, the strength in every mode."""
+        return self.level_scales(1)[-1]
+
     def residuals(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> list[torch.Tensor]:
-        out = self.model(x=x, hint=self.hint, timesteps=t, context=context)
+        reuse = isinstance(self.model, ControlNet) and not torch.is_grad_enabled()
+        guided_hint = encoded_hint(self.model, self.hint) if reuse else None
+        out = self.model(x=x, hint=self.hint, timesteps=t, context=context, guided_hint=guided_hint)
         out = [c * scale for c, scale in zip(out, self.level_scales(len(out)))]
         if self.global_average_pooling:
             out = [torch.mean(c, dim=(2, 3), keepdim=True) for c in out]
         return out
 
 
+def encoded_hint(model: "ControlNet", hint: torch.Tensor) -> torch.Tensor:
+    """model.input_hint_block(hint), computed once per hint while sampling (no grad).
+
+    The hint block sees the hint alone, not x, t or the text, so its output repeats over the sampling steps
+    and both guidance passes. The output for the last hint tensor is kept and reused while that tensor, the
+    block's weights and the autocast state stay unchanged.
+    """
+    device = hint.device.type
+    weights = list(model.input_hint_block.parameters())
+    key = (0 if hint.is_inference() else hint._version, torch.is_autocast_enabled(device),
+           torch.get_autocast_dtype(device), weights[0].dtype, weights[0].device, *(p._version for p in weights))
+    cached = getattr(model, "_hint_cache", None)
+    if cached is not None and cached[0] is hint and cached[1] == key:
+        return cached[2]
+    out = model.input_hint_block(hint.to(weights[0].dtype), None, None)
+    model._hint_cache = (hint, key, out)
+    return out
+
+
 def unconditional_units(units: list[ControlUnit]) -> list[ControlUnit]:
     """The units that also act on the unconditional pass (all but "ControlNet is more important")."""
     return [u for u in units if u.mode != "control"]
+
+
+def cat_one(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """torch.cat on dim 1, returning a single tensor itself: the same hint object every step lets
+    encoded_hint reuse its encoding."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, 1)
 
 
 def sum_residuals(per_unit: list[list[torch.Tensor]]) -> list[torch.Tensor] | None:
@@ -81,8 +121,14 @@ class ControlledUnetModel(UNetModel):
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None,
                 control: list[torch.Tensor] | None = None, only_mid_control: bool = False,
-                **kwargs) -> torch.Tensor:
-        encoder_trains = any(p.requires_grad for p in self.input_blocks.parameters())
+                inside: list[ControlUnit] | None = None, **kwargs) -> torch.Tensor:
+        # Units acting within the layers are read by their hooks during this forward and again when gradient
+        # checkpointing re-runs a block in backward, so they stay set until the next forward.
+        self.inside_units = list(inside or ())
+        for unit in self.inside_units:
+            unit.model.hook_into(self)
+        encoder_trains = any(p.requires_grad for p in self.input_blocks.parameters()) or any(
+            p.requires_grad for unit in self.inside_units for p in unit.model.parameters())
         # The encoder half is always locked here, so it runs without building a graph unless a mode adds to it.
         with torch.set_grad_enabled(torch.is_grad_enabled() and encoder_trains):
             h, emb, hs = self.encode(x, timesteps, context)
@@ -125,9 +171,12 @@ class ControlNet(nn.Module):
         return TimestepEmbedSequential(zero_module(conv_nd(self.dims, channels, channels, 1, padding=0)))
 
     def forward(self, x: torch.Tensor, hint: torch.Tensor, timesteps: torch.Tensor,
-                context: torch.Tensor | None, **kwargs) -> list[torch.Tensor]:
+                context: torch.Tensor | None, guided_hint: torch.Tensor | None = None,
+                **kwargs) -> list[torch.Tensor]:
+        """`guided_hint`: the input_hint_block output for `hint` when already known (see encoded_hint)."""
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(x.dtype))
-        guided_hint = self.input_hint_block(hint, emb, context)
+        if guided_hint is None:
+            guided_hint = self.input_hint_block(hint.to(x.dtype), emb, context)
         outs = []
         h = x
         for i, (module, zero_conv) in enumerate(zip(self.input_blocks, self.zero_convs)):
@@ -149,17 +198,39 @@ class ControlLDM(LatentDiffusion):
 
     def __init__(self, control_stage_config: Any, control_key: str, only_mid_control: bool,
                  global_average_pooling: bool = False, sd_locked: bool = True, learning_rate: float = 1e-5,
-                 drop_prompt_rate: float = 0.0, *args, **kwargs):
+                 drop_prompt_rate: float = 0.0, lr_multipliers: dict[str, float] | None = None, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.control_model = instantiate_from_config(control_stage_config)
+        self.control_model = self.make_control_model(control_stage_config)
         self.control_key = control_key
         self.only_mid_control = only_mid_control
         self.global_average_pooling = global_average_pooling
-        self.control_scales = [1.0] * (len(self.control_model.zero_convs) + 1)
+        self.control_scales = [1.0] * self.num_control_scales()
         self.learning_rate = learning_rate
         self.drop_prompt_rate = drop_prompt_rate
+        # parameter-name prefix -> multiplier of learning_rate, e.g. {"control_model.zero_convs.": 10}
+        self.lr_multipliers = dict(lr_multipliers or {})
         self.model.requires_grad_(False)
         self.sd_locked = sd_locked
+
+    def make_control_model(self, control_stage_config: Any) -> nn.Module:
+        """The mode's control network; built after the UNet, so a mode may build it on the UNet."""
+        return instantiate_from_config(control_stage_config)
+
+    def make_optimizer(self, params: list) -> torch.optim.Optimizer:
+        """DDPM's optimizer; a parameter under a prefix of lr_multipliers gets learning_rate times its value."""
+        if not self.lr_multipliers:
+            return super().make_optimizer(params)
+        names = {id(p): name for name, p in self.named_parameters()}
+        groups: dict[float, list] = {}
+        for p in params:
+            scale = next((m for prefix, m in self.lr_multipliers.items() if names[id(p)].startswith(prefix)), 1.0)
+            groups.setdefault(scale, []).append(p)
+        return super().make_optimizer([{"params": ps, "lr": self.learning_rate * scale}
+                                       for scale, ps in groups.items()])
+
+    def num_control_scales(self) -> int:
+        """One scale per residual: 12 zero convs and the middle block on SD."""
+        return len(self.control_model.zero_convs) + 1
 
     @property
     def sd_locked(self) -> bool:
@@ -185,14 +256,25 @@ class ControlLDM(LatentDiffusion):
 
     def drop_prompts(self, prompts: list[str]) -> list[str]:
         """Replace each prompt by "" with probability drop_prompt_rate (the paper trains with 50%)."""
-        keep = torch.rand(len(prompts)) >= self.drop_prompt_rate
-        return [p if k else "" for p, k in zip(prompts, keep.tolist())]
+        return self.drop_prompt_batch({self.cond_stage_key: prompts})[self.cond_stage_key]
+
+    def drop_prompt_batch(self, batch: dict) -> dict:
+        """The batch with its prompts dropped (see drop_prompts); a cached text embedding (`txt_emb`) gets the
+        cached empty prompt's (`txt_emb_empty`) in the same places, from the same random draw."""
+        key, emb_key = self.cond_stage_key, f"{self.cond_stage_key}_emb"
+        keep = torch.rand(len(batch[key])) >= self.drop_prompt_rate
+        out = {**batch, key: [p if k else "" for p, k in zip(batch[key], keep.tolist())]}
+        if emb_key in batch:
+            emb = batch[emb_key]
+            mask = keep.to(emb.device).view(-1, *([1] * (emb.dim() - 1)))
+            out[emb_key] = torch.where(mask, emb, batch[f"{emb_key}_empty"])
+        return out
 
     @torch.no_grad()
     def get_input(self, batch: dict, k: str, bs: int | None = None, *args, **kwargs
                   ) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
         if self.training and self.drop_prompt_rate > 0:
-            batch = {**batch, self.cond_stage_key: self.drop_prompts(list(batch[self.cond_stage_key]))}
+            batch = self.drop_prompt_batch(batch)
         x, c = super().get_input(batch, self.first_stage_key, *args, bs=bs, **kwargs)
         control = batch[self.control_key]
         if bs is not None:
@@ -210,15 +292,33 @@ class ControlLDM(LatentDiffusion):
                     sampling_step: tuple[int, int] | None = None) -> torch.Tensor:
         """eps (or v) with control from cond["c_concat"] (the own ControlNet) and cond["control"] (more units).
 
-        Residuals of all units active at this sampling step add up (multi-ControlNet).
+        Residuals of all units active at this sampling step add up (multi-ControlNet); units that act
+        inside the UNet (LLLite) act in the same forward.
         """
-        cond_txt = torch.cat(cond["c_crossattn"], 1)
+        # The networks run in their weights' dtype (a bf16 / fp16 copy for inference); eps comes back in x's.
+        dtype = self.model.diffusion_model.dtype
+        x, cond_txt = x_noisy.to(dtype), cat_one(cond["c_crossattn"]).to(dtype)
         units = list(cond.get("control") or [])
         if cond.get("c_concat") is not None:
-            units.insert(0, self.main_unit(torch.cat(cond["c_concat"], 1)))
-        control = sum_residuals([u.residuals(x_noisy, t, cond_txt) for u in units if u.active(sampling_step)])
-        return self.model.diffusion_model(x=x_noisy, timesteps=t, context=cond_txt, control=control,
-                                          only_mid_control=self.only_mid_control)
+            units.insert(0, self.main_unit(cat_one(cond["c_concat"])))
+        units = [u for u in units if u.active(sampling_step)]
+        control = sum_residuals([u.residuals(x, t, cond_txt) for u in units if not u.acts_inside])
+        eps = self.model.diffusion_model(x=x, timesteps=t, context=cond_txt, control=control,
+                                         only_mid_control=self.only_mid_control,
+                                         inside=[u for u in units if u.acts_inside])
+        return eps.to(x_noisy.dtype)
+
+    def compile_denoiser(self, **kwargs) -> None:
+        """torch.compile the UNet and the control network in place; kwargs go to torch.compile."""
+        super().compile_denoiser(**kwargs)
+        self.control_model.compile(**kwargs)
+
+    def load_control(self, state_dict_or_path: dict | str | os.PathLike) -> LoadReport:
+        """Load a control-only file (the ControlNet 1.1 layout) over the base weights already in the model.
+
+        Modes with their own file layouts (LoRA-offset, LLLite) override this.
+        """
+        return load_checkpoint(self, state_dict_or_path, prefixes=("control_model.",))
 
     def control_state_dict(self) -> dict[str, torch.Tensor]:
         """The control weights alone, as `control_model.*` (the layout of the ControlNet 1.1 files)."""

@@ -1,9 +1,12 @@
-"""DDIM sampling with classifier-free guidance; cond and uncond run as separate passes.
+"""DDIM sampling with classifier-free guidance; cond and uncond run as one batch when they can.
 
-Separate passes let the unconditional side carry different conditioning (for ControlNet's guess mode:
-no control at all), at the cost of batching. Timesteps are uniform: exactly `S` of them, for any S
-from 1 to the number of training steps (the original produced S+1 timesteps, and an index past the
-schedule, whenever T/S left no remainder room, e.g. S = 3, 9, 27, 36, 37).
+They share one doubled batch when both conditionings have the same structure and shapes (the usual case);
+otherwise they run as separate passes, so the unconditional side may carry different conditioning (for
+ControlNet's guess mode: no control at all) or per-pass objects such as control units.
+
+Timesteps are uniform: exactly `S` of them, for any S from 1 to the number of training steps (the original
+produced S+1 timesteps, and an index past the schedule, whenever T/S left no remainder room, e.g. S = 3, 9,
+27, 36, 37).
 """
 
 from typing import Any, Callable
@@ -23,11 +26,44 @@ def uniform_timesteps(num_ddim_steps: int, num_ddpm_steps: int) -> np.ndarray:
     return steps + offset
 
 
-class DDIMSampler:
-    """DDIM over a LatentDiffusion-like model (needs apply_model, alphas_cumprod, parameterization)."""
+class Unbatchable(Exception):
+    """Raised inside batch_conditionings where the two structures differ."""
 
-    def __init__(self, model: Any, schedule: str = "linear", **kwargs):
+
+def batch_conditionings(c: Any, uc: Any) -> Any:
+    """c and uc concatenated along the batch (c first), or None where their structures differ.
+
+    Tensors of equal shape concatenate; dicts with the same keys, and lists or tuples of the same length,
+    recurse; None pairs only with None. Anything else (e.g. control units holding their own hints) cannot batch.
+    """
+    try:
+        return concat_structures(c, uc)
+    except Unbatchable:
+        return None
+
+
+def concat_structures(c: Any, uc: Any) -> Any:
+    if c is None and uc is None:
+        return None
+    if torch.is_tensor(c) and torch.is_tensor(uc) and c.shape == uc.shape:
+        return torch.cat([c, uc])
+    if isinstance(c, dict) and isinstance(uc, dict) and c.keys() == uc.keys():
+        return {k: concat_structures(c[k], uc[k]) for k in c}
+    if isinstance(c, (list, tuple)) and isinstance(uc, (list, tuple)) and len(c) == len(uc):
+        return [concat_structures(a, b) for a, b in zip(c, uc)]
+    raise Unbatchable
+
+
+class DDIMSampler:
+    """DDIM over a LatentDiffusion-like model (needs apply_model, alphas_cumprod, parameterization).
+
+    `batch_guidance=False` always runs cond and uncond as separate passes: half the peak memory of a step.
+    """
+
+    def __init__(self, model: Any, schedule: str = "linear", batch_guidance: bool = True, **kwargs):
         self.model = model
+        self.batch_guidance = batch_guidance
+        self._batched = None
         self.ddpm_num_timesteps = model.num_timesteps
         self.schedule = schedule
 
@@ -76,16 +112,30 @@ class DDIMSampler:
             if index % log_every_t == 0 or index == total - 1:
                 intermediates["x_inter"].append(img)
                 intermediates["pred_x0"].append(pred_x0)
+        self._batched = None  # the conditionings of this call are not kept alive
         return img, intermediates
 
     def model_output(self, x: torch.Tensor, t: torch.Tensor, c: Any, uc: Any, scale: float,
                      sampling_step: tuple[int, int]) -> torch.Tensor:
         """The guided prediction: uncond + scale * (cond - uncond), or cond alone when scale is 1."""
-        out_c = self.model.apply_model(x, t, c, sampling_step=sampling_step)
         if uc is None or scale == 1.0:
-            return out_c
-        out_uc = self.model.apply_model(x, t, uc, sampling_step=sampling_step)
+            return self.model.apply_model(x, t, c, sampling_step=sampling_step)
+        both = self.batched(c, uc) if self.batch_guidance else None
+        if both is not None:
+            out_c, out_uc = self.model.apply_model(torch.cat([x, x]), torch.cat([t, t]), both,
+                                                   sampling_step=sampling_step).chunk(2)
+        else:
+            out_c = self.model.apply_model(x, t, c, sampling_step=sampling_step)
+            out_uc = self.model.apply_model(x, t, uc, sampling_step=sampling_step)
         return out_uc + scale * (out_c - out_uc)
+
+    def batched(self, c: Any, uc: Any) -> Any:
+        """batch_conditionings(c, uc), built once per pair: the same tensors every step let models reuse
+        work that depends on the conditioning alone (e.g. cldm.cldm.encoded_hint)."""
+        cached = self._batched
+        if cached is None or cached[0] is not c or cached[1] is not uc:
+            self._batched = cached = (c, uc, batch_conditionings(c, uc))
+        return cached[2]
 
     @torch.no_grad()
     def p_sample_ddim(self, x: torch.Tensor, c: Any, t: torch.Tensor, index: int, temperature: float = 1.0,

@@ -20,6 +20,12 @@ from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
 from ldm.util import default, exists, instantiate_from_config, load_checkpoint_state_dict
 
+# Optimizers DDPM.make_optimizer builds (its `optimizer_name`), and the devices with a fused AdamW kernel.
+OPTIMIZERS = ("adamw", "adamw8bit")
+FUSED_ADAMW_DEVICES = ("cuda", "cpu")
+# Batch keys of a latent cache (tool_cache_latents.py): the VAE posterior's mean and standard deviation.
+CACHED_MEAN, CACHED_STD = "mean", "std"
+
 
 def disabled_train(self: nn.Module, mode: bool = True) -> nn.Module:
     """Replacement for .train() that keeps frozen parts in eval mode."""
@@ -49,6 +55,8 @@ class DiffusionWrapper(nn.Module):
 
 class DDPM(pl.LightningModule):
     """Gaussian diffusion in pixel space (the base of LatentDiffusion)."""
+
+    optimizer_name = "adamw"  # one of OPTIMIZERS; tutorial_train's --optimizer
 
     def __init__(self, unet_config: Any, timesteps: int = 1000, beta_schedule: str = "linear",
                  loss_type: str = "l2", ckpt_path: str | None = None, ignore_keys: list[str] = (),
@@ -234,10 +242,14 @@ class DDPM(pl.LightningModule):
     def shared_step(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return self(self.get_input(batch, self.first_stage_key))
 
+    def samples_in(self, batch: dict) -> int:
+        """Samples in a batch of images or of cached latents."""
+        return len(batch[CACHED_MEAN] if CACHED_MEAN in batch else batch[self.first_stage_key])
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, loss_dict = self.shared_step(batch)
         self.log_dict(loss_dict, prog_bar=True, logger=True, on_step=True, on_epoch=True,
-                      batch_size=len(batch[self.first_stage_key]))
+                      batch_size=self.samples_in(batch))
         self.log("global_step", float(self.global_step), prog_bar=True, logger=True, on_step=True, on_epoch=False)
         if self.use_scheduler:
             self.log("lr_abs", self.optimizers().param_groups[0]["lr"], prog_bar=True, logger=True,
@@ -250,7 +262,7 @@ class DDPM(pl.LightningModule):
         with self.ema_scope():
             _, loss_dict_ema = self.shared_step(batch)
         loss_dict_ema = {key + "_ema": v for key, v in loss_dict_ema.items()}
-        n = len(batch[self.first_stage_key])
+        n = self.samples_in(batch)
         self.log_dict(loss_dict, prog_bar=False, logger=True, on_step=False, on_epoch=True, batch_size=n)
         self.log_dict(loss_dict_ema, prog_bar=False, logger=True, on_step=False, on_epoch=True, batch_size=n)
 
@@ -258,12 +270,34 @@ class DDPM(pl.LightningModule):
         if self.use_ema:
             self.model_ema(self.model)
 
+    def compile_denoiser(self, **kwargs) -> None:
+        """torch.compile the denoising network in place (state-dict keys unchanged); kwargs go to torch.compile."""
+        self.model.diffusion_model.compile(**kwargs)
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Exactly the parameters that require grad: requires_grad is the one record of what trains."""
         return [p for p in self.parameters() if p.requires_grad]
 
+    def make_optimizer(self, params: list) -> torch.optim.Optimizer:
+        """The optimizer of `self.optimizer_name` over `params` (tensors or param groups) at self.learning_rate.
+
+        "adamw" takes torch's fused kernel when every parameter is on a device that has it (several times
+        faster than the per-tensor loop); "adamw8bit" keeps the moments in 8 bits (bitsandbytes).
+        """
+        if self.optimizer_name == "adamw8bit":
+            try:
+                import bitsandbytes as bnb
+            except ImportError as err:
+                raise ImportError("optimizer 'adamw8bit' needs bitsandbytes: pip install bitsandbytes") from err
+            return bnb.optim.AdamW8bit(params, lr=self.learning_rate)
+        if self.optimizer_name != "adamw":
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer_name!r}")
+        tensors = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
+        fused = bool(tensors) and all(p.device.type in FUSED_ADAMW_DEVICES for p in tensors)
+        return torch.optim.AdamW(params, lr=self.learning_rate, fused=fused)
+
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.trainable_parameters(), lr=self.learning_rate)
+        opt = self.make_optimizer(self.trainable_parameters())
         if not self.use_scheduler:
             return opt
         scheduler = instantiate_from_config(self.scheduler_config)
@@ -348,6 +382,11 @@ class LatentDiffusion(DDPM):
             raise TypeError(f"encoder_posterior of type '{type(encoder_posterior)}' not yet implemented")
         return self.scale_factor * z
 
+    def cached_first_stage_encoding(self, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        """Scaled latents drawn from a cached posterior, with the RNG use of DiagonalGaussianDistribution.sample."""
+        noise = torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)
+        return self.scale_factor * (mean + std * noise)
+
     @torch.no_grad()
     def encode_first_stage(self, x: torch.Tensor) -> Any:
         return self.first_stage_model.encode(x)
@@ -359,12 +398,20 @@ class LatentDiffusion(DDPM):
     def get_input(self, batch: dict, k: str, return_first_stage_outputs: bool = False,
                   force_c_encode: bool = False, cond_key: str | None = None, return_original_cond: bool = False,
                   bs: int | None = None, return_x: bool = False) -> list:
-        """Latents of batch[k] and the encoded conditioning of batch[cond_key]."""
-        x = super().get_input(batch, k)
-        if bs is not None:
-            x = x[:bs]
-        x = x.to(self.device)
-        z = self.get_first_stage_encoding(self.encode_first_stage(x)).detach()
+        """Latents of batch[k] and the encoded conditioning of batch[cond_key].
+
+        Batches read from a latent cache (tool_cache_latents.py) carry the VAE posterior as `mean` and `std`
+        and the text embedding as `{cond_key}_emb`; these replace the frozen VAE and text encoder, and the
+        latents are drawn from the cached posterior exactly as from the online one.
+        """
+        cached = CACHED_MEAN in batch
+        if cached:
+            mean, std = (batch[key][:bs].to(self.device).float() for key in (CACHED_MEAN, CACHED_STD))
+            z = self.cached_first_stage_encoding(mean, std)
+        if not cached or return_first_stage_outputs or return_x:
+            x = super().get_input(batch, k)[:bs].to(self.device)
+        if not cached:
+            z = self.get_first_stage_encoding(self.encode_first_stage(x)).detach()
         c = xc = None
         if self.model.conditioning_key is not None and not self.force_null_conditioning:
             cond_key = cond_key or self.cond_stage_key
@@ -372,7 +419,10 @@ class LatentDiffusion(DDPM):
                 batch, cond_key).to(self.device)
             if isinstance(xc, (list, tuple, ListConfig)) and bs is not None:
                 xc = list(xc)[:bs]
-            c = self.get_learned_conditioning(xc) if (not self.cond_stage_trainable or force_c_encode) else xc
+            if f"{cond_key}_emb" in batch and not self.cond_stage_trainable:
+                c = batch[f"{cond_key}_emb"].to(self.device)
+            else:
+                c = self.get_learned_conditioning(xc) if (not self.cond_stage_trainable or force_c_encode) else xc
             if bs is not None and isinstance(c, torch.Tensor):
                 c = c[:bs]
         out = [z, c]

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ldm.modules.attention import SpatialTransformer
+from ldm.modules.attention import BasicTransformerBlock, SpatialTransformer
 from ldm.modules.diffusionmodules.util import (
     avg_pool_nd,
     checkpoint,
@@ -267,6 +267,11 @@ class UNetModel(nn.Module):
         self.out = nn.Sequential(normalization(ch), nn.SiLU(),
                                  zero_module(conv_nd(dims, model_channels, out_channels, 3, padding=1)))
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the weights (float32, or a half-precision copy made for inference)."""
+        return self.time_embed[0].weight.dtype
+
     def encode(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None
                ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """Down path and middle: returns the middle output, the time embedding and the skip features."""
@@ -288,3 +293,12 @@ class UNetModel(nn.Module):
                 **kwargs) -> torch.Tensor:
         h, emb, hs = self.encode(x, timesteps, context)
         return self.decode(h, emb, context, hs)
+
+
+def set_gradient_checkpointing(module: nn.Module, enabled: bool) -> None:
+    """Switch `use_checkpoint` of every ResBlock and transformer block under `module` (UNet, ControlNet, ...)."""
+    for m in module.modules():
+        if isinstance(m, ResBlock):
+            m.use_checkpoint = enabled
+        elif isinstance(m, BasicTransformerBlock):
+            m.checkpoint = enabled

@@ -1,0 +1,203 @@
+"""Sampling speed: DDIM with classifier-free guidance and the VAE decode, ours against diffusers, one process.
+
+    python benchmarks/bench_sample.py                                  # tiny config, 128 px, batch 1
+    python benchmarks/bench_sample.py --config models/cldm_v15.yaml --resolution 512 --precision bf16 \
+        --compile reduce-overhead --device cuda
+    python benchmarks/bench_sample.py --smoke                          # seconds; what the tests run
+
+Ours: DDIMSampler.sample with unconditional_guidance_scale, then decode_first_stage. diffusers: the loop of
+StableDiffusionControlNetPipeline (latents doubled for guidance, ControlNet residuals into the UNet,
+DDIMScheduler.step) on the same weights, noise and text embeddings, then AutoencoderKL.decode. Prompts are
+encoded once, outside the timing, for both. The final latents of the two sides are compared.
+it/s counts guided denoising steps (one step = the conditional and the unconditional prediction).
+Precision: fp32; bf16-mixed / 16-mixed (autocast over float32 weights, as in training); bf16 / fp16 (UNet and
+ControlNet weights converted, as inference pipelines load them; the VAE decodes under autocast).
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from diffusers import DDIMScheduler
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import (  # noqa: E402
+    ABLATIONS,
+    PRECISIONS,
+    TINY,
+    Peer,
+    Precision,
+    alternate,
+    apply_speed_options,
+    build_ours,
+    build_peer,
+    median_ratio,
+    peer_eps,
+    sync,
+    timed,
+    without,
+    write_table,
+)
+from cldm.hack import enable_sliced_attention  # noqa: E402
+from ldm.models.diffusion.ddim import DDIMSampler  # noqa: E402
+
+# --precision values that convert the UNet and ControlNet weights (inference), and their dtype.
+HALF_WEIGHTS = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Inputs:
+    """One noise, hint and prompt pair for both sides."""
+
+    def __init__(self, model: torch.nn.Module, batch: int, resolution: int, device: torch.device):
+        gen = torch.Generator().manual_seed(0)
+        f = model.vae_scale_factor
+        self.shape = (model.channels, resolution // f, resolution // f)
+        self.noise = torch.randn(batch, *self.shape, generator=gen).to(device)
+        self.hint = torch.rand(batch, 3, resolution, resolution, generator=gen).to(device)
+        with torch.no_grad():
+            self.cond = model.get_learned_conditioning(["a red circle on a white background"] * batch)
+            self.uncond = model.get_learned_conditioning([""] * batch)
+
+
+@torch.no_grad()
+def our_denoise(model: torch.nn.Module, sampler: DDIMSampler, x: Inputs, steps: int, scale: float) -> torch.Tensor:
+    cond = {"c_concat": [x.hint], "c_crossattn": [x.cond]}
+    uncond = {"c_concat": [x.hint], "c_crossattn": [x.uncond]}
+    samples, _ = sampler.sample(steps, len(x.noise), x.shape, cond, verbose=False, x_T=x.noise,
+                                unconditional_guidance_scale=scale, unconditional_conditioning=uncond)
+    return samples
+
+
+@torch.no_grad()
+def peer_denoise(peer: Peer, scheduler: DDIMScheduler, x: Inputs, steps: int, scale: float) -> torch.Tensor:
+    """StableDiffusionControlNetPipeline's denoising loop (eta 0)."""
+    scheduler.set_timesteps(steps, device=x.noise.device)
+    latents = x.noise * scheduler.init_noise_sigma
+    dtype = peer.unet.dtype
+    context = torch.cat([x.uncond, x.cond]).to(dtype)
+    hint = torch.cat([x.hint, x.hint]).to(dtype)
+    for t in scheduler.timesteps:
+        latent_in = scheduler.scale_model_input(torch.cat([latents, latents]), t).to(dtype)
+        eps_uncond, eps_cond = peer_eps(peer, latent_in, t, context, hint).float().chunk(2)
+        latents = scheduler.step(eps_uncond + scale * (eps_cond - eps_uncond), t, latents).prev_sample
+    return latents
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(TINY))
+    p.add_argument("--resolution", type=int, default=128)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--ddim_steps", type=int, default=20)
+    p.add_argument("--scale", type=float, default=9.0, help="classifier-free guidance scale")
+    p.add_argument("--precision", default="fp32", choices=[*PRECISIONS, *HALF_WEIGHTS],
+                   help="autocast over float32 weights (as in training), or bf16 / fp16 weights")
+    p.add_argument("--compile", nargs="?", const="default", default=None,
+                   help="torch.compile both sides' UNet and ControlNet; 'reduce-overhead' adds CUDA graphs")
+    p.add_argument("--channels_last", action="store_true")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--rounds", type=int, default=3, help="timed images per side, alternating")
+    p.add_argument("--warmup", type=int, default=1, help="untimed images per side first (compilation happens here)")
+    p.add_argument("--peer", default="diffusers", choices=["diffusers", "none"])
+    p.add_argument("--sliced_attention", type=int, default=None, metavar="N",
+                   help="our side attends N queries at a time (config.save_memory's switch; process-wide)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                   help="cpu: CPU seconds of the process, for a loaded machine (with --threads 1)")
+    p.add_argument("--table", default=None, help="append the markdown table to this file")
+    p.add_argument("--without", nargs="+", default=[], choices=ABLATIONS,
+                   help="also time our sampler with these changes undone, as more sides of the same run")
+    p.add_argument("--smoke", action="store_true", help="tiny config, 32 px, 2 DDIM steps (for tests)")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.config, args.resolution, args.ddim_steps, args.rounds, args.warmup = str(TINY), 32, 2, 1, 0
+    return args
+
+
+def run(args: argparse.Namespace, model: torch.nn.Module, peer: Peer | None) -> dict:
+    """The benchmark on built models: {side: {it_per_s, s_per_image, decode_s}, ratio, max_latent_diff, rows}."""
+    device = torch.device(args.device)
+    model.eval()
+    if peer is not None:
+        peer.controlnet.eval()
+    x = Inputs(model, args.batch, args.resolution, device)
+    apply_speed_options(model, peer, args.channels_last, args.compile)
+    half = HALF_WEIGHTS.get(args.precision)
+    if half is not None:
+        for net in (model.model, model.control_model, *((peer.unet, peer.controlnet) if peer else ())):
+            net.to(half)
+    # Half weights run as they are; the VAE (float32) decodes under autocast to the same dtype.
+    precision = Precision("bf16-mixed" if half == torch.bfloat16 else "16-mixed" if half else args.precision, device)
+    denoise_precision = Precision("fp32" if half else args.precision, device)
+    sampler = DDIMSampler(model)
+    steps, scale = args.ddim_steps, args.scale
+
+    def image(denoise, decode) -> tuple[torch.Tensor, torch.Tensor]:
+        with denoise_precision.autocast():
+            latents = denoise()
+        with precision.autocast(), torch.no_grad():
+            return latents, decode(latents)
+
+    sides = {"ours": (lambda: our_denoise(model, sampler, x, steps, scale), model.decode_first_stage)}
+    for change in args.without:
+        sides[f"ours without {change}"] = (without(change, sides["ours"][0]), model.decode_first_stage)
+    if peer is not None:
+        scheduler = DDIMScheduler(num_train_timesteps=model.num_timesteps, beta_start=model.linear_start,
+                                  beta_end=model.linear_end, beta_schedule="scaled_linear", clip_sample=False,
+                                  set_alpha_to_one=False, steps_offset=1)
+        sides["diffusers"] = (lambda: peer_denoise(peer, scheduler, x, steps, scale),
+                              lambda z: peer.vae.decode(z / peer.scale_factor).sample)
+    latents = {}
+    for name, (denoise, decode) in sides.items():
+        for _ in range(args.warmup):
+            image(denoise, decode)
+        latents[name] = image(denoise, decode)[0].float()
+    sync(device)
+    times = alternate({name: lambda d=denoise: image(d, lambda z: z) for name, (denoise, _) in sides.items()},
+                      1, args.rounds, device, args.clock)
+    result = {"max_latent_diff": (latents["ours"] - latents["diffusers"]).abs().max().item() if peer else None}
+    for name, per_image in times.items():
+        with precision.autocast(), torch.no_grad():
+            decode_s = timed(lambda d=sides[name][1]: d(latents[name]), 1, device, args.clock)
+        denoise_s = sum(per_image) / len(per_image)
+        result[name] = {"it_per_s": steps / denoise_s, "s_per_image": (denoise_s + decode_s) / args.batch,
+                        "decode_s": decode_s}
+    theirs = result.get("diffusers")
+    if theirs is not None:
+        print(f"max |final latents ours - diffusers| = {result['max_latent_diff']:.2e}")
+    setting, result["rows"] = (f"{Path(args.config).stem} {args.resolution}px b{args.batch} {args.precision} "
+                               f"DDIM {steps} CFG {scale:g}{' channels_last' if args.channels_last else ''}"
+                               f"{f' compile={args.compile}' if args.compile else ''}"
+                               f"{f' sliced_attention={args.sliced_attention}' if args.sliced_attention else ''}"), []
+    for name in [n for n in sides if n != "diffusers"]:
+        ours, label = result[name], setting + name[len("ours"):]
+        if theirs is not None:
+            ours["ratio"] = median_ratio(times[name], times["diffusers"])
+        result["rows"] += [
+            ("sample it/s", label, f"{ours['it_per_s']:.3g}", f"{theirs['it_per_s']:.3g}" if theirs else "-",
+             f"{ours['ratio']:.2f}x" if theirs else "-"),
+            ("s/image (+decode)", label, f"{ours['s_per_image']:.3g}",
+             f"{theirs['s_per_image']:.3g}" if theirs else "-",
+             f"{theirs['s_per_image'] / ours['s_per_image']:.2f}x" if theirs else "-")]
+    result["ratio"] = result["ours"].get("ratio")
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Build both sides, run, print (and append) the table; returns run()'s result."""
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.sliced_attention:
+        enable_sliced_attention(args.sliced_attention)
+    device = torch.device(args.device)
+    model = build_ours(args.config, device)
+    peer = build_peer(model, args.config, args.resolution, device) if args.peer == "diffusers" else None
+    result = run(args, model, peer)
+    write_table(result["rows"], f"bench_sample: {' '.join(argv if argv is not None else sys.argv[1:])}", args.table)
+    return result
+
+
+if __name__ == "__main__":
+    main()

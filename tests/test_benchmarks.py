@@ -1,0 +1,51 @@
+"""The benchmarks in smoke mode (tiny config, a step or two, diffusers as the peer), so they cannot rot."""
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from benchmarks import bench_sample, bench_train, gpu_suite  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # One thread: two would wait on each other on a loaded 2-core machine; torch's setting is restored after.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_bench_train_compares_the_same_function_and_memory(tmp_path):
+    table = tmp_path / "table.md"
+    result = bench_train.main(["--smoke", "--device", "cpu", "--cached", "--table", str(table)])
+    assert result["max_eps_diff"] <= 1e-5
+    ours, theirs = result["ours"], result["diffusers"]
+    for side in (ours, theirs):
+        assert side["samples_per_s"] > 0 and side["memory"] > side["static"] > 0
+    assert ours["static"] == pytest.approx(theirs["static"], rel=0.02)  # same weights and optimizer state
+    assert "| train samples/s | cldm_tiny 32px b1 fp32 cached |" in table.read_text()
+
+
+def test_bench_train_with_speed_and_memory_options():
+    result = bench_train.main(["--smoke", "--device", "cpu", "--precision", "bf16-mixed",
+                               "--gradient_checkpointing", "--channels_last"])
+    assert result["ratio"] > 0 and result["ours"]["memory"] > 0
+
+
+@pytest.mark.parametrize("precision, tolerance", [("fp32", 1e-4), ("bf16", 0.1)])
+def test_bench_sample_gives_the_same_latents(precision, tolerance):
+    result = bench_sample.main(["--smoke", "--device", "cpu", "--precision", precision])
+    assert result["max_latent_diff"] <= tolerance
+    assert result["ours"]["it_per_s"] > 0 and result["diffusers"]["s_per_image"] > 0
+
+
+def test_gpu_suite_stages_run(tmp_path):
+    table = tmp_path / "gpu.md"
+    rows = gpu_suite.main(["--smoke", "--table", str(table)])
+    metrics = [r[0] for r in rows]
+    assert "failed" not in [r[1] for r in rows], rows
+    assert metrics.count("train samples/s") == 3 and metrics.count("sample it/s") == 3  # ours, and 2 ablations
+    assert metrics[-2:] == ["train samples/s at max batch", "train peak memory at max batch"]
+    assert "b2 bf16-mixed cached, each side alone" in table.read_text()

@@ -1,0 +1,183 @@
+"""The offline demo: `demo.py --fast` end to end, the fidelity metrics on cases with known answers, the base."""
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+import tool_eval_control as ev
+from cldm.model import create_model, load_checkpoint
+from conftest import ROOT, randomize_zero_convs
+from tool_make_fill50k import render, sample_circle
+
+DEMO_CONFIG = ROOT / "models" / "cldm_demo.yaml"
+BASE = ROOT / "models" / "demo_base" / "demo_base.safetensors"
+
+
+def circle(seed: int = 0, size: int = 64) -> dict:
+    return sample_circle(np.random.default_rng([seed, 0]), size)
+
+
+def test_demo_fast_writes_report_and_metrics(tmp_path):
+    import demo
+    out = tmp_path / "demo_out"
+    metrics = demo.main(["--fast", "--out", str(out), "--threads", "1"])
+    for name in ("report.html", "metrics.json", "samples.png", "eval.json", "control_demo_ini.safetensors"):
+        assert (out / name).is_file(), name
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["goal"] == metrics["goal"] and set(saved["goal"]) >= {"reached", "fill_iou_control", "ratio"}
+    assert {"fill_iou", "fill_color_acc", "fill_floor_iou", "canny_f1", "ssim"} <= set(saved["eval"]["metrics"])
+    assert [c.split()[1] for c in saved["commands"]] == ["tool_make_fill50k.py", "tool_make_fill50k.py",
+                                                         "tool_add_control.py", "tutorial_train.py",
+                                                         "tool_eval_control.py"]
+    assert len(saved["loss_curve"]) == 3
+    assert list((out / "train" / "image_log" / "train").glob("samples_cfg_scale_*_gs-000003_*.png"))
+    assert "data:image/png;base64," in (out / "report.html").read_text()
+    with pytest.raises(SystemExit, match="--force"):
+        demo.main(["--fast", "--out", str(out)])
+
+
+def test_iou_and_edge_f1_known_answers():
+    a = np.zeros((32, 32), bool)
+    a[4:12, 4:12] = True
+    b = np.zeros_like(a)
+    b[20:28, 20:28] = True
+    assert ev.iou(a, a) == 1.0 and ev.iou(a, b) == 0.0 and ev.iou(b & a, b & a) == 1.0
+    half = a.copy()
+    half[4:8] = False
+    assert ev.iou(a, half) == 0.5
+    edges = cv2.Canny(np.kron(a, np.ones((2, 2), bool)).astype(np.uint8) * 255, 100, 200) > 0
+    far = np.roll(edges, 20, axis=(0, 1))
+    assert ev.edge_f1(edges, edges) == 1.0
+    assert ev.edge_f1(edges, far) == 0.0
+    assert ev.edge_f1(edges, np.roll(edges, 1, axis=0), tolerance=2) == 1.0
+    assert ev.edge_f1(edges, np.zeros_like(edges)) == 0.0
+
+
+def test_fill_metric_known_answers():
+    c = circle()
+    hint, target = render(c, 64)
+    scores = ev.score_fill(target, hint, target)
+    assert scores["fill_iou"] == 1.0 and scores["fill_color_acc"] == 1.0
+    disc = np.all(target == c["color"], axis=-1)
+    assert scores["fill_floor_iou"] == pytest.approx(disc.mean())
+    background_only = np.broadcast_to(np.array(c["background"], np.uint8), target.shape).copy()
+    empty = ev.score_fill(target, hint, background_only)
+    assert empty["fill_iou"] == 0.0 and empty["fill_color_acc"] == 0.0
+    # the same disc moved off its target: no overlap
+    moved = background_only.copy()
+    cv2.circle(moved, (2, 2), 1, c["color"], -1)
+    assert ev.score_fill(target, hint, moved)["fill_iou"] == 0.0
+    # the fill colour is judged on the region: a disc in place but in the wrong colour fails
+    wrong = target.copy()
+    wrong[disc] = (np.array(c["color"]) + np.array(c["background"])) // 2
+    assert ev.score_fill(target, hint, wrong)["fill_color_acc"] == 0.0
+
+
+def test_disc_fit_and_canny_and_ssim_known_answers():
+    _, target = render(circle(3), 64)
+    region = ev.fill_region(target, np.array(circle(3)["color"]), np.array(circle(3)["background"]))
+    assert ev.disc_fit_iou(region) > 0.9
+    square = np.zeros((64, 64), bool)
+    square[10:50, 30:34] = True
+    assert ev.disc_fit_iou(square) < 0.5 and ev.disc_fit_iou(np.zeros_like(square)) == 0.0
+    hint = np.repeat(ev.canny(target)[..., None], 3, axis=2)
+    assert ev.score_canny(target, hint, target)["canny_f1"] == 1.0
+    gray = ev.gray(target)
+    assert ev.ssim(gray, gray) == pytest.approx(1.0, abs=1e-3)
+    assert ev.ssim(gray, 255 - gray) < 0.5
+
+
+def test_summary_is_paired():
+    scores = {"control": {"m": np.array([0.5, 0.7, 0.9])}, "no_control": {"m": np.array([0.4, 0.6, 0.8])}}
+    s = ev.summarize(scores)["m"]
+    assert s["control"]["mean"] == pytest.approx(0.7) and s["no_control"]["mean"] == pytest.approx(0.6)
+    assert s["paired_diff"]["mean"] == pytest.approx(0.1) and s["paired_diff"]["ci95"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_generate_is_seeded_per_sample_and_scale_zero_equals_no_control(tiny_model):
+    randomize_zero_convs(tiny_model)
+    prompts = ["red circle with blue background", "blue circle with red background"]
+    hints = torch.rand(2, 3, 32, 32)
+    together = ev.generate(tiny_model, prompts, hints, [5, 6], ddim_steps=2)
+    alone = ev.generate(tiny_model, prompts[1:], hints[1:], [6], ddim_steps=2)
+    # the same noise, whatever the batch; float rounding of batched kernels may move a pixel by one level
+    assert np.abs(together[1].astype(int) - alone[0]).max() <= 1
+    without = ev.generate(tiny_model, prompts, None, [5, 6], ddim_steps=2)
+    assert not np.array_equal(together, without)
+    tiny_model.control_scales = [0.0] * len(tiny_model.control_scales)
+    assert np.array_equal(ev.generate(tiny_model, prompts, hints, [5, 6], ddim_steps=2), without)
+
+
+def test_lr_multipliers_group_the_trainable_parameters(tiny_model):
+    tiny_model.learning_rate = 1e-4
+    tiny_model.lr_multipliers = {"control_model.zero_convs.": 10.0, "control_model.input_hint_block.": 10.0}
+    opt = tiny_model.configure_optimizers()
+    by_lr = {g["lr"]: {id(p) for p in g["params"]} for g in opt.param_groups}
+    boosted = {id(p) for n, p in tiny_model.named_parameters()
+               if n.startswith(("control_model.zero_convs.", "control_model.input_hint_block."))}
+    assert set(by_lr) == {1e-4, 1e-3} and by_lr[1e-3] == boosted
+    assert set().union(*by_lr.values()) == set(map(id, tiny_model.trainable_parameters()))
+
+
+def test_shipped_base_fits_the_demo_config_and_is_small():
+    assert BASE.stat().st_size < 20 * 2 ** 20
+    model = create_model(DEMO_CONFIG)
+    report = load_checkpoint(model, BASE, strict=True, prefixes=("first_stage_model.", "cond_stage_model.",
+                                                                  "model.diffusion_model."))
+    assert report.ok
+    assert 0.1 < float(model.scale_factor) < 10  # set from the latents, not the config's placeholder 1.0
+    assert json.loads((BASE.with_suffix(".json")).read_text())["check"][0]["good_enough"]
+
+
+def test_train_tiny_base_runs_end_to_end(tmp_path):
+    import tool_train_tiny_base
+    out = tmp_path / "base.safetensors"
+    report = tool_train_tiny_base.main(["--out", str(out), "--device", "cpu", "--pool", "8", "--budget_s", "1",
+                                        "--vae_steps", "2", "--steps", "2", "--vae_batch", "2", "--batch", "2",
+                                        "--check_n", "2", "--check_steps", "1"])
+    assert out.is_file() and out.with_suffix(".json").is_file()
+    assert report["vae"]["steps"] <= 2 and report["unet"]["steps"] <= 2
+    assert set(report["check"][0]) >= {"pass_rate", "disc_iou_mean", "color_acc", "good_enough"}
+    with pytest.raises(SystemExit, match="--force"):
+        tool_train_tiny_base.main(["--out", str(out), "--device", "cpu"])
+
+
+def test_depth_and_seg_are_skipped_without_their_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv("CONTROLNET_ANNOTATOR_CKPTS", str(tmp_path))
+    scorers = ev.Scorers(["fill", "depth", "seg"])
+    assert set(scorers.skipped) == {"depth", "seg"} and list(scorers.functions) == ["fill"]
+    assert all("weights" in why for why in scorers.skipped.values())
+
+
+def test_depth_rmse_and_seg_miou_known_answers(monkeypatch):
+    import annotator.midas
+    import annotator.uniformer
+    classes = np.zeros((16, 16), np.int64)
+    classes[:, 8:] = 5
+
+    class FakeMidas:
+        def __init__(self, device):
+            pass
+
+        def __call__(self, image):
+            return np.full(image.shape[:2], 255, np.uint8), None
+
+    class FakeSegmenter:
+        def __init__(self, device):
+            pass
+
+        def segment(self, image):
+            return classes
+
+    monkeypatch.setattr(annotator.midas, "MidasDetector", FakeMidas)
+    monkeypatch.setattr(annotator.uniformer, "UniformerDetector", FakeSegmenter)
+    image = np.zeros((16, 16, 3), np.uint8)
+    depth = ev.Scorers(["depth"])
+    assert depth(image, np.full_like(image, 255), image)["depth_rmse"] == 0.0
+    assert depth(image, np.zeros_like(image), image)["depth_rmse"] == 1.0
+    seg = ev.Scorers(["seg"])
+    assert seg(image, annotator.uniformer.colorize(classes), image)["seg_miou"] == 1.0
+    assert seg(image, annotator.uniformer.colorize(5 - classes), image)["seg_miou"] == 0.0

@@ -1,0 +1,110 @@
+"""Speed options change speed and memory only: batched guidance, hint reuse, bf16 GroupNorm, checkpointing, AdamW."""
+
+import importlib.util
+
+import pytest
+import torch
+
+from conftest import ROOT, randomize_zero_convs
+from ldm.models.diffusion.ddim import DDIMSampler, batch_conditionings
+from ldm.modules.diffusionmodules.openaimodel import ResBlock, set_gradient_checkpointing
+from ldm.modules.diffusionmodules.util import GroupNorm32
+
+
+def conditioning(model, n=2):
+    gen = torch.Generator().manual_seed(5)
+    hint = torch.rand(n, 3, 32, 32, generator=gen)
+    cond = {"c_concat": [hint], "c_crossattn": [model.get_learned_conditioning(["a red circle"] * n)]}
+    uncond = {"c_concat": [hint], "c_crossattn": [model.get_learned_conditioning([""] * n)]}
+    return cond, uncond
+
+
+def test_batched_guidance_matches_separate_passes(tiny_model):
+    randomize_zero_convs(tiny_model)
+    cond, uncond = conditioning(tiny_model)
+    x_T = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    out = {}
+    for batched in (True, False):
+        calls = []
+        handle = tiny_model.model.diffusion_model.register_forward_hook(lambda m, a, k, o: calls.append(len(o)),
+                                                                         with_kwargs=True)
+        out[batched], _ = DDIMSampler(tiny_model, batch_guidance=batched).sample(
+            4, 2, (4, 4, 4), cond, x_T=x_T, verbose=False, unconditional_guidance_scale=7.5,
+            unconditional_conditioning=uncond)
+        handle.remove()
+        assert calls == ([4] * 4 if batched else [2] * 8)
+    assert (out[True] - out[False]).abs().max() <= 1e-4 * out[False].abs().max()
+    assert batch_conditionings({"c_concat": None, "c_crossattn": [uncond["c_crossattn"][0]]}, cond) is None
+
+
+def test_hint_encoding_is_reused_only_while_sampling_the_same_hint(tiny_model):
+    randomize_zero_convs(tiny_model)
+    cond, _ = conditioning(tiny_model)
+    x, t = torch.randn(2, 4, 4, 4), torch.tensor([3, 900])
+    runs = []
+    tiny_model.control_model.input_hint_block.register_forward_hook(lambda *a: runs.append(1))
+    with torch.no_grad():
+        first = tiny_model.apply_model(x, t, cond)
+        again = tiny_model.apply_model(x, t, cond)
+    assert len(runs) == 1 and torch.equal(first, again)
+    with torch.no_grad():
+        tiny_model.control_model.input_hint_block[14].weight.mul_(2.0)  # new weights: a new encoding
+        changed = tiny_model.apply_model(x, t, cond)
+        cond["c_concat"][0].mul_(0.5)  # the hint changed in place: a new encoding
+        tiny_model.apply_model(x, t, cond)
+    assert len(runs) == 3 and not torch.allclose(first, changed)
+    tiny_model.apply_model(x, t, cond)  # with grad (training), never from the cache
+    assert len(runs) == 4
+
+
+def test_groupnorm_keeps_bf16_and_computes_fp16_in_fp32():
+    norm = GroupNorm32(32, 64)
+    torch.nn.init.normal_(norm.weight)
+    x = torch.randn(2, 64, 8, 8) * 3 + 1
+    ref = norm(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = norm(x.bfloat16())
+    assert bf16.dtype == torch.bfloat16 and torch.allclose(bf16.float(), ref, rtol=2e-2, atol=2e-2)
+    half = norm(x.half())
+    assert half.dtype == torch.float16 and torch.allclose(half.float(), ref, atol=5e-3)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_model):
+    randomize_zero_convs(tiny_model)
+    tiny_model.train()
+    cond, _ = conditioning(tiny_model)
+    x, t = torch.randn(2, 4, 4, 4), torch.tensor([3, 900])
+    grads = {}
+    for flag in (False, True):
+        set_gradient_checkpointing(tiny_model, flag)
+        assert all(m.use_checkpoint == flag for m in tiny_model.modules() if isinstance(m, ResBlock))
+        tiny_model.apply_model(x, t, cond).square().mean().backward()
+        grads[flag] = [p.grad.clone() for p in tiny_model.trainable_parameters()]
+        tiny_model.zero_grad(set_to_none=True)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[False], grads[True]))
+
+
+def test_optimizer_choice(tiny_model, tmp_path):
+    trained = tiny_model.trainable_parameters()
+    assert trained and all(n.startswith("control_model.") for n, p in tiny_model.named_parameters() if p.requires_grad)
+    assert tiny_model.make_optimizer(trained).defaults["fused"]  # parameters on the CPU: fused kernel
+    tiny_model.optimizer_name = "sgd"
+    with pytest.raises(ValueError, match="adamw8bit"):
+        tiny_model.make_optimizer(trained)
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        pytest.skip("bitsandbytes is installed: nothing to refuse")
+    tiny_model.optimizer_name = "adamw8bit"
+    with pytest.raises(ImportError, match="pip install bitsandbytes"):
+        tiny_model.make_optimizer(trained)
+    from tutorial_train import main
+    with pytest.raises(SystemExit, match="pip install bitsandbytes"):
+        main(["--config", str(ROOT / "models" / "cldm_tiny.yaml"), "--resume_path", "none",
+              "--optimizer", "adamw8bit", "--output_dir", str(tmp_path)])
+
+
+def test_compile_keeps_the_checkpoint_keys(tiny_model):
+    keys = list(tiny_model.state_dict())
+    tiny_model.compile_denoiser(mode="reduce-overhead")  # lazy: nothing compiles until a forward
+    assert list(tiny_model.state_dict()) == keys
+    assert tiny_model.model.diffusion_model._compiled_call_impl is not None
+    assert tiny_model.control_model._compiled_call_impl is not None
