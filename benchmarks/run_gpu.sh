@@ -4,8 +4,9 @@
 #
 #   bash benchmarks/run_gpu.sh [TABLE.md] [gpu_suite options, e.g. --stages train sample]
 #
-# TABLE.md defaults to $OUT/gpu_results.md when $OUT is set, else benchmarks/gpu_results.md. About 3 to 4
-# minutes on an H100, most of it torch.compile in the last stage.
+# TABLE.md defaults to $OUT/gpu_results.md when $OUT is set, else benchmarks/gpu_results.md. Meant to take
+# under 4 minutes on an H100, most of it torch.compile in the last stage (not yet run on one); the time of
+# each stage is printed, and --stages runs a subset.
 #
 # Needs python3 (or $PYTHON) with a CUDA build of torch. Only if our imports fail does it install packages:
 # from the wheels in $WHEELS (default .whl/) when there are any, for machines without a network, else with
@@ -23,7 +24,9 @@ if [ "${1:-}" = "--fetch-wheels" ]; then
     exec "$PY" -m pip download --no-deps --only-binary=:all: -d "${2:-.whl}" $pins ftfy wcwidth
 fi
 
-table=${1:-${OUT:+$OUT/gpu_results.md}}
+table=
+if [ $# -gt 0 ] && [ "${1#--}" = "$1" ]; then table=$1; shift; fi
+table=${table:-${OUT:+$OUT/gpu_results.md}}
 table=${table:-benchmarks/gpu_results.md}
 imports='import torch, omegaconf, open_clip, diffusers, pytorch_lightning, einops, cv2, safetensors'
 if ! "$PY" -c "$imports" 2>/dev/null; then
@@ -41,4 +44,4 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 "$PY" -c 'import torch, diffusers; print("torch", torch.__version__, "diffusers", diffusers.__version__)'
 
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
-"$PY" benchmarks/gpu_suite.py --table "$table" "${@:2}"
+"$PY" benchmarks/gpu_suite.py --table "$table" "$@"
