@@ -32,17 +32,14 @@ from benchmarks.common import (  # noqa: E402
     ablation,
     alternate,
     apply_speed_options,
-    build_ours,
-    build_peer,
+    bench_main,
     max_eps_difference,
     median_ratio,
     mib,
     peer_eps,
     tensor_bytes,
     without,
-    write_table,
 )
-from cldm.hack import enable_sliced_attention  # noqa: E402
 from tool_cache_latents import encode_images, encode_prompts  # noqa: E402
 
 
@@ -205,17 +202,7 @@ def run(args: argparse.Namespace, model: torch.nn.Module, peer: Peer | None) -> 
 
 def main(argv: list[str] | None = None) -> dict:
     """Build both sides, run, print (and append) the table; returns run()'s result."""
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.sliced_attention:
-        enable_sliced_attention(args.sliced_attention)
-    device = torch.device(args.device)
-    model = build_ours(args.config, device)
-    peer = build_peer(model, args.config, args.resolution, device) if args.peer == "diffusers" else None
-    result = run(args, model, peer)
-    write_table(result["rows"], f"bench_train: {' '.join(argv if argv is not None else sys.argv[1:])}", args.table)
-    return result
+    return bench_main("bench_train", parse_args(argv), run, argv)
 
 
 if __name__ == "__main__":

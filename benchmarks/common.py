@@ -317,3 +317,19 @@ def write_table(rows: list[tuple[str, str, str, str, str]], title: str, path: st
         with open(path, "a" if append else "w") as f:
             f.write(text + "\n")
     return text
+
+
+def bench_main(name: str, args, run, argv: list[str] | None) -> dict:
+    """The shared driver of the benchmarks: threads and attention slicing as asked, build ours and the
+    peer, run(args, model, peer), print (and append) the table."""
+    from cldm.hack import enable_sliced_attention
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.sliced_attention:
+        enable_sliced_attention(args.sliced_attention)
+    device = torch.device(args.device)
+    model = build_ours(args.config, device)
+    peer = build_peer(model, args.config, args.resolution, device) if args.peer == "diffusers" else None
+    result = run(args, model, peer)
+    write_table(result["rows"], f"{name}: {' '.join(argv if argv is not None else sys.argv[1:])}", args.table)
+    return result
