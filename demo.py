@@ -59,14 +59,24 @@ FAST = Settings(n_train=16, n_eval=4, steps=3, batch_size=2, learning_rate=1e-4,
 
 
 def pick_threads() -> int:
-    """Torch threads = cores not busy with other processes (at least 1).
+    """Torch threads = cores not busy with other processes (at least 1), from the 1-minute load average.
 
-    Intra-op threads that share a core with another busy process stall each other: on 2 cores with one
-    other job running, 2 threads trained 11x slower than 1 (issue 6), while on idle cores 2 beat 1.
+    Intra-op threads that share a core with a busy process stall each other. Measured on 2 cores (seconds
+    per training step): with other jobs running, 1 thread 0.28-0.32 and 2 threads 0.45-3.95; idle, 1 thread
+    0.33-0.35 and 2 threads 0.22-0.25.
     """
     cores = os.cpu_count() or 1
     busy = int(os.getloadavg()[0] + 0.5) if hasattr(os, "getloadavg") else 0
     return max(1, min(cores, cores - busy))
+
+
+def cpu_name() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else platform.processor() or platform.machine()
 
 
 def command(tool: str, argv: list[str]) -> str:
@@ -149,7 +159,8 @@ def write_report(out: Path, metrics: dict, summary: dict, curve: list[tuple[int,
                         for p in grids)
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>ControlNet demo</title>
 <style>body{{font-family:sans-serif;max-width:960px;margin:2em auto}}td,th{{padding:2px 10px;text-align:right}}
-td:first-child{{text-align:left}}pre{{background:#f4f4f4;padding:8px;overflow-x:auto}}</style></head><body>
+td:first-child{{text-align:left}}figure img{{width:512px;image-rendering:pixelated}}
+pre{{background:#f4f4f4;padding:8px;overflow-x:auto}}</style></head><body>
 <h1>ControlNet demo: Fill50K at 64x64, trained on the CPU</h1>
 <p>Goal ({html.escape(g["target"])}): <b>{verdict}</b>. Held-out fill IoU {g["fill_iou_control"]:.3f} with control,
 {g["fill_iou_no_control"]:.3f} without ({g["ratio"]:.1f}x); paired difference over the same seeds
@@ -213,8 +224,9 @@ def main(argv: list[str] | None = None) -> dict:
     t = time.monotonic()
     for name, n, seed in (("train", settings.n_train, 0), ("val", settings.n_eval, 1)):
         argv_ = ["--out", str(data / name), "--n", str(n), "--size", "64", "--seed", str(seed), "--force"]
+        # tool_make_fill50k's main reads sys.argv, so its function runs with the same arguments
         run_tool("tool_make_fill50k.py", argv_, commands,
-                 lambda a, n=n, seed=seed, name=name: make_fill50k(data / name, n, 64, seed, force=True))
+                 lambda _, n=n, seed=seed, name=name: make_fill50k(data / name, n, 64, seed, force=True))
     seconds["data"] = time.monotonic() - t
 
     t = time.monotonic()
@@ -248,14 +260,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     grids = last_grids(train_dir / "image_log" / "train")
     metrics = {"goal": goal(summary), "eval": summary, "settings": asdict(settings), "threads": threads,
-               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+               "machine": f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}",
                "seconds": {k: round(v, 1) for k, v in seconds.items()}, "commands": commands,
                "loss_curve": curve}
     report = write_report(out, metrics, summary, curve, sheet, grids)
     write_text(out / "metrics.json", json.dumps(metrics, indent=1))
     g = metrics["goal"]
     print(f"\nHeld-out fill IoU: {g['fill_iou_control']:.3f} with control, {g['fill_iou_no_control']:.3f} without "
-          f"({g['ratio']:.1f}x); goal ({g['target']}) {'reached' if g['reached'] else 'NOT reached'}.")
+          f"({g['ratio']:.1f}x); goal ({g['target']}) {'reached' if g['reached'] else 'NOT reached'}"
+          f"{' (a smoke run: its few steps are not meant to train the control)' if args.fast else ''}.")
     print(f"Done in {seconds['total'] / 60:.1f} minutes. Report: {report}\nMetrics: {out / 'metrics.json'}\n"
           f"Image grids: {train_dir / 'image_log' / 'train'}")
     return metrics

@@ -181,3 +181,11 @@ def test_depth_rmse_and_seg_miou_known_answers(monkeypatch):
     seg = ev.Scorers(["seg"])
     assert seg(image, annotator.uniformer.colorize(classes), image)["seg_miou"] == 1.0
     assert seg(image, annotator.uniformer.colorize(5 - classes), image)["seg_miou"] == 0.0
+
+
+def test_threads_are_the_idle_cores(monkeypatch):
+    import demo
+    monkeypatch.setattr(demo.os, "cpu_count", lambda: 2)
+    for load, threads in ((0.1, 2), (0.7, 1), (1.2, 1), (5.0, 1)):
+        monkeypatch.setattr(demo.os, "getloadavg", lambda load=load: (load, load, load))
+        assert demo.pick_threads() == threads
