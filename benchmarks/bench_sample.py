@@ -28,6 +28,7 @@ from benchmarks.common import (  # noqa: E402
     TINY,
     Peer,
     Precision,
+    add_run_args,
     alternate,
     apply_speed_options,
     bench_main,
@@ -96,13 +97,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--rounds", type=int, default=3, help="timed images per side, alternating")
     p.add_argument("--warmup", type=int, default=1, help="untimed images per side first (compilation happens here)")
-    p.add_argument("--peer", default="diffusers", choices=["diffusers", "none"])
-    p.add_argument("--sliced_attention", type=int, default=None, metavar="N",
-                   help="our side attends N queries at a time (config.save_memory's switch; process-wide)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
-                   help="cpu: CPU seconds of the process, for a loaded machine (with --threads 1)")
-    p.add_argument("--table", default=None, help="append the markdown table to this file")
+    add_run_args(p)
     p.add_argument("--without", nargs="+", default=[], choices=ABLATIONS,
                    help="also time our sampler with these changes undone, as more sides of the same run")
     p.add_argument("--smoke", action="store_true", help="tiny config, 32 px, 2 DDIM steps (for tests)")

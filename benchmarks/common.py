@@ -333,3 +333,14 @@ def bench_main(name: str, args, run, argv: list[str] | None) -> dict:
     result = run(args, model, peer)
     write_table(result["rows"], f"{name}: {' '.join(argv if argv is not None else sys.argv[1:])}", args.table)
     return result
+
+
+def add_run_args(p) -> None:
+    """The options bench_train and bench_sample share: the peer, threads, clock, slicing and the table."""
+    p.add_argument("--peer", default="diffusers", choices=["diffusers", "none"])
+    p.add_argument("--sliced_attention", type=int, default=None, metavar="N",
+                   help="our side attends N queries at a time (config.save_memory's switch; process-wide)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                   help="cpu: CPU seconds of the process, for a loaded machine (with --threads 1)")
+    p.add_argument("--table", default=None, help="append the markdown table to this file")
