@@ -1,6 +1,6 @@
 """Precompute the VAE posterior and the text embeddings of a data set, so training skips the frozen encoders.
 
-    python tool_cache_latents.py --config ./models/cldm_v15.yaml --ckpt ./models/control_sd15_ini.ckpt \
+    python tool_cache_latents.py --config ./models/cldm_v15.yaml --ckpt ./models/control_sd15_ini.ckpt \\
         --data_root ./training/fill50k --out ./training/fill50k_cache
     python tutorial_train.py --cached_latents ./training/fill50k_cache
 

@@ -5,7 +5,7 @@
 
 The shipped weights took 5 minutes on one GPU, in two runs (models/demo_base/MODEL_CARD.md has the commands):
     python tool_train_tiny_base.py --out run1.safetensors --device cuda --budget_s 220 --bf16
-    python tool_train_tiny_base.py --resume run1.safetensors --out demo_base.safetensors --device cuda \
+    python tool_train_tiny_base.py --resume run1.safetensors --out demo_base.safetensors --device cuda \\
         --budget_s 80 --batch 2048 --lr 1e-3 --warmup 100 --ema_decay 0.998
 
 Data: Fill50K circles rendered in memory with tool_make_fill50k (seed --seed, disjoint from the demo's sets).

@@ -1,7 +1,7 @@
 r"""Transfer a ControlNet trained on a base SD model onto a community model of the same family.
 
-    python tool_transfer_control.py --control ./models/control_sd15_openpose.pth \
-        --base ./models/v1-5-pruned.ckpt --target ./models/anything-v3.safetensors \
+    python tool_transfer_control.py --control ./models/control_sd15_openpose.pth \\
+        --base ./models/v1-5-pruned.ckpt --target ./models/anything-v3.safetensors \\
         --out ./models/control_any3_openpose.ckpt
 
 The control copy of the UNet encoder moves by the community model's offset from the base

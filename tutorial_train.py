@@ -4,7 +4,7 @@
     python tutorial_train.py                      # the original's settings
     python tutorial_train.py --devices 2 --strategy ddp --precision bf16-mixed --drop_prompt_rate 0.5
     python tool_cache_latents.py --ckpt ./models/control_sd15_ini.ckpt --out ./training/fill50k_cache
-    python tutorial_train.py --cached_latents ./training/fill50k_cache --precision bf16-mixed \
+    python tutorial_train.py --cached_latents ./training/fill50k_cache --precision bf16-mixed \\
         --gradient_checkpointing False                  # fast; benchmarks/RESULTS.md has the low-memory recipes
 
 Writes image_log/ (ImageLogger grids), checkpoints/ (Lightning checkpoints every --checkpoint_every

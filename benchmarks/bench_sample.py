@@ -1,7 +1,7 @@
 """Sampling speed: DDIM with classifier-free guidance and the VAE decode, ours against diffusers, one process.
 
     python benchmarks/bench_sample.py                                  # tiny config, 128 px, batch 1
-    python benchmarks/bench_sample.py --config models/cldm_v15.yaml --resolution 512 --precision bf16 \
+    python benchmarks/bench_sample.py --config models/cldm_v15.yaml --resolution 512 --precision bf16 \\
         --compile reduce-overhead --device cuda
     python benchmarks/bench_sample.py --smoke                          # seconds; what the tests run
 
@@ -114,16 +114,24 @@ def run(args: argparse.Namespace, model: torch.nn.Module, peer: Peer | None) -> 
     if peer is not None:
         peer.controlnet.eval()
     x = Inputs(model, args.batch, args.resolution, device)
-    apply_speed_options(model, peer, args.channels_last, args.compile)
+    sampler, steps, scale = DDIMSampler(model), args.ddim_steps, args.scale
+    sides = {"ours": (lambda: our_denoise(model, sampler, x, steps, scale), model.decode_first_stage)}
+    if peer is not None:
+        scheduler = DDIMScheduler(num_train_timesteps=model.num_timesteps, beta_start=model.linear_start,
+                                  beta_end=model.linear_end, beta_schedule="scaled_linear", clip_sample=False,
+                                  set_alpha_to_one=False, steps_offset=1)
+        sides["diffusers"] = (lambda: peer_denoise(peer, scheduler, x, steps, scale),
+                              lambda z: peer.vae.decode(z / peer.scale_factor).sample)
     half = HALF_WEIGHTS.get(args.precision)
+    # With half weights, each side's own float32 result first: how far rounding alone moves each side.
+    fp32_latents = {name: denoise().float() for name, (denoise, _) in sides.items()} if half else {}
+    apply_speed_options(model, peer, args.channels_last, args.compile)
     if half is not None:
         for net in (model.model, model.control_model, *((peer.unet, peer.controlnet) if peer else ())):
             net.to(half)
     # Half weights run as they are; the VAE (float32) decodes under autocast to the same dtype.
     precision = Precision("bf16-mixed" if half == torch.bfloat16 else "16-mixed" if half else args.precision, device)
     denoise_precision = Precision("fp32" if half else args.precision, device)
-    sampler = DDIMSampler(model)
-    steps, scale = args.ddim_steps, args.scale
 
     def image(denoise, decode) -> tuple[torch.Tensor, torch.Tensor]:
         with denoise_precision.autocast():
@@ -131,15 +139,8 @@ def run(args: argparse.Namespace, model: torch.nn.Module, peer: Peer | None) -> 
         with precision.autocast(), torch.no_grad():
             return latents, decode(latents)
 
-    sides = {"ours": (lambda: our_denoise(model, sampler, x, steps, scale), model.decode_first_stage)}
     for change in args.without:
         sides[f"ours without {change}"] = (without(change, sides["ours"][0]), model.decode_first_stage)
-    if peer is not None:
-        scheduler = DDIMScheduler(num_train_timesteps=model.num_timesteps, beta_start=model.linear_start,
-                                  beta_end=model.linear_end, beta_schedule="scaled_linear", clip_sample=False,
-                                  set_alpha_to_one=False, steps_offset=1)
-        sides["diffusers"] = (lambda: peer_denoise(peer, scheduler, x, steps, scale),
-                              lambda z: peer.vae.decode(z / peer.scale_factor).sample)
     latents = {}
     for name, (denoise, decode) in sides.items():
         for _ in range(args.warmup):
@@ -158,6 +159,11 @@ def run(args: argparse.Namespace, model: torch.nn.Module, peer: Peer | None) -> 
     theirs = result.get("diffusers")
     if theirs is not None:
         print(f"max |final latents ours - diffusers| = {result['max_latent_diff']:.2e}")
+    result["drift"] = {name: (latents[name] - ref).abs().max().item() for name, ref in fp32_latents.items()}
+    if fp32_latents:
+        print(f"max |final latents {args.precision} - float32|: "
+              + ", ".join(f"{name} {d:.3g}" for name, d in result["drift"].items())
+              + f" (latents up to {fp32_latents['ours'].abs().max().item():.3g})")
     setting, result["rows"] = (f"{Path(args.config).stem} {args.resolution}px b{args.batch} {args.precision} "
                                f"DDIM {steps} CFG {scale:g}{' channels_last' if args.channels_last else ''}"
                                f"{f' compile={args.compile}' if args.compile else ''}"
@@ -172,6 +178,13 @@ def run(args: argparse.Namespace, model: torch.nn.Module, peer: Peer | None) -> 
             ("s/image (+decode)", label, f"{ours['s_per_image']:.3g}",
              f"{theirs['s_per_image']:.3g}" if theirs else "-",
              f"{theirs['s_per_image'] / ours['s_per_image']:.2f}x" if theirs else "-")]
+    if fp32_latents:
+        drift = result["drift"]
+        result["rows"] += [
+            ("final latents: max abs diff to own fp32", setting, f"{drift['ours']:.3g}",
+             f"{drift['diffusers']:.3g}" if theirs else "-", "-"),
+            ("final latents: max abs diff ours to diffusers", setting,
+             f"{result['max_latent_diff']:.3g}" if theirs else "-", "-", "-")]
     result["ratio"] = result["ours"].get("ratio")
     return result
 

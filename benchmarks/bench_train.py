@@ -1,7 +1,7 @@
 """Training-step throughput and peak memory: our ControlLDM against diffusers on the same weights, one process.
 
     python benchmarks/bench_train.py                                   # tiny config, 128 px, CPU or GPU
-    python benchmarks/bench_train.py --config models/cldm_v15.yaml --resolution 512 --batch 4 \
+    python benchmarks/bench_train.py --config models/cldm_v15.yaml --resolution 512 --batch 4 \\
         --precision bf16-mixed --cached --device cuda
     python benchmarks/bench_train.py --smoke                           # seconds; what the tests run
 
@@ -41,6 +41,7 @@ from benchmarks.common import (  # noqa: E402
     tensor_bytes,
     without,
 )
+from ldm.models.diffusion.ddpm import OPTIMIZERS  # noqa: E402
 from tool_cache_latents import encode_images, encode_prompts  # noqa: E402
 
 
@@ -97,6 +98,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="torch.compile both sides' UNet and ControlNet (optionally a mode)")
     p.add_argument("--channels_last", action="store_true")
     p.add_argument("--cached", action="store_true", help="cached latents and text embeddings (no VAE/text encoder)")
+    p.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS,
+                   help="both sides' optimizer: AdamW (fused where the device has it) or bitsandbytes' AdamW8bit")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--steps", type=int, default=5, help="timed steps per side per round")
     p.add_argument("--rounds", type=int, default=3)
@@ -153,7 +156,8 @@ def step_memory(step, holders: list[torch.nn.Module], optimizer: torch.optim.Opt
 
 def setting_name(args: argparse.Namespace) -> str:
     return (f"{Path(args.config).stem} {args.resolution}px b{args.batch} {args.precision}"
-            f"{' cached' if args.cached else ''}{' ckpt' if args.gradient_checkpointing else ''}"
+            f"{' cached' if args.cached else ''}{f' {args.optimizer}' if args.optimizer != 'adamw' else ''}"
+            f"{' ckpt' if args.gradient_checkpointing else ''}"
             f"{' channels_last' if args.channels_last else ''}{f' compile={args.compile}' if args.compile else ''}"
             f"{f' sliced_attention={args.sliced_attention}' if args.sliced_attention else ''}")
 
@@ -161,6 +165,7 @@ def setting_name(args: argparse.Namespace) -> str:
 def run(args: argparse.Namespace, model: torch.nn.Module, peer: Peer | None) -> dict:
     """The benchmark on built models: {side: {samples_per_s, memory, static}, ratio, max_eps_diff, rows}."""
     device = torch.device(args.device)
+    model.optimizer_name = args.optimizer  # make_optimizer builds both sides' optimizers
     result = {"max_eps_diff": check_same_function(model, peer, args.resolution, device)}
     batch = make_batch(model, args.batch, args.resolution, device, args.cached)
     apply_speed_options(model, peer, args.channels_last, args.compile, args.gradient_checkpointing)

@@ -1,6 +1,6 @@
 """Speed options change speed and memory only: batched guidance, hint reuse, bf16 GroupNorm, checkpointing, AdamW."""
 
-import importlib.util
+import sys
 
 import pytest
 import torch
@@ -84,15 +84,14 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_model):
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[False], grads[True]))
 
 
-def test_optimizer_choice(tiny_model, tmp_path):
+def test_optimizer_choice(tiny_model, tmp_path, monkeypatch):
     trained = tiny_model.trainable_parameters()
     assert trained and all(n.startswith("control_model.") for n, p in tiny_model.named_parameters() if p.requires_grad)
     assert tiny_model.make_optimizer(trained).defaults["fused"]  # parameters on the CPU: fused kernel
     tiny_model.optimizer_name = "sgd"
     with pytest.raises(ValueError, match="adamw8bit"):
         tiny_model.make_optimizer(trained)
-    if importlib.util.find_spec("bitsandbytes") is not None:
-        pytest.skip("bitsandbytes is installed: nothing to refuse")
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as on a machine without it
     tiny_model.optimizer_name = "adamw8bit"
     with pytest.raises(ImportError, match="pip install bitsandbytes"):
         tiny_model.make_optimizer(trained)
@@ -100,6 +99,31 @@ def test_optimizer_choice(tiny_model, tmp_path):
     with pytest.raises(SystemExit, match="pip install bitsandbytes"):
         main(["--config", str(ROOT / "models" / "cldm_tiny.yaml"), "--resume_path", "none",
               "--optimizer", "adamw8bit", "--output_dir", str(tmp_path)])
+
+
+def test_adamw8bit_trains_and_resumes(tmp_path):
+    bnb = pytest.importorskip("bitsandbytes")
+    from tool_make_fill50k import make_fill50k
+    from tutorial_train import main
+    data = make_fill50k(tmp_path / "fill50k", n=8, size=32, seed=0)
+    args = ["--config", str(ROOT / "models" / "cldm_tiny.yaml"), "--resume_path", "none", "--data_root", str(data),
+            "--batch_size", "4", "--output_dir", str(tmp_path / "run"), "--accelerator", "cpu", "--devices", "1",
+            "--logger_freq", "100", "--optimizer", "adamw8bit", "--learning_rate", "1e-3", "--seed", "0"]
+    trainer = main([*args, "--max_steps", "4"])
+    optimizer = trainer.optimizers[0]
+    assert isinstance(optimizer, bnb.optim.AdamW8bit)
+    moments = {p.numel(): s["state1"].dtype for p, s in optimizer.state.items()}
+    # bitsandbytes keeps the moments of tensors of 4096+ elements in 8 bits, the small ones in float32
+    assert {d for n, d in moments.items() if n >= 4096} == {torch.uint8}
+    assert {d for n, d in moments.items() if n < 4096} == {torch.float32}
+    before = {k: v.clone() for k, v in trainer.lightning_module.control_model.state_dict().items()}
+
+    resumed = main([*args, "--max_steps", "6", "--force", "--resume", str(tmp_path / "run/checkpoints/last.ckpt")])
+    assert resumed.global_step == 6
+    restored = resumed.optimizers[0].state
+    assert sorted(int(s["step"]) for s in restored.values()) == [6] * len(restored)
+    after = resumed.lightning_module.control_model.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
 def test_compile_keeps_the_checkpoint_keys(tiny_model):
