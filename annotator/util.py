@@ -1,11 +1,13 @@
 """Image helpers and weight loading shared by every detector."""
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
+import torch.nn as nn
 
 CKPTS_ENV = "CONTROLNET_ANNOTATOR_CKPTS"
 annotator_ckpts_path = str(Path(__file__).resolve().parent / "ckpts")
@@ -46,6 +48,35 @@ def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     return state
+
+
+def load_network(
+    build: Callable[[], nn.Module],
+    device: str | torch.device,
+    weights: str | os.PathLike | None,
+    random_init: bool,
+    filename: str,
+    source: str,
+    rename: Callable[[nn.Module, dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+) -> nn.Module:
+    """A detector network in eval mode on `device`: `build()` filled strictly with `weights` (default: `filename`
+    in the ckpts folder, else a MissingWeightsError naming `source`), or left random with `random_init` (tests).
+    `rename` maps a published file's keys to the network's."""
+    if random_init:
+        model = build()
+    else:
+        state = load_weights(weights or weights_path(filename, source))
+        # built on meta and filled by assignment: no time spent on an init the weights overwrite
+        with torch.device("meta"):
+            model = build()
+        model.load_state_dict(rename(model, state) if rename else state, strict=True, assign=True)
+    return model.to(device, torch.float32).eval()
+
+
+def check_rgb(image: np.ndarray) -> None:
+    """Refuse anything but an HxWx3 uint8 image, naming what came instead."""
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected an HxWx3 uint8 RGB image, got {image.dtype} {image.shape}")
 
 
 def HWC3(x: np.ndarray) -> np.ndarray:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from annotator.util import load_weights, weights_path
+from annotator.util import check_rgb, load_network
 
 WEIGHTS_FILE = "ControlNetHED.pth"
 WEIGHTS_URL = "https://huggingface.co/lllyasviel/Annotators/resolve/main/ControlNetHED.pth"
@@ -93,16 +93,11 @@ class HEDdetector:
         random_init: bool = False,
     ) -> None:
         self.device = torch.device(device)
-        path = None if random_init else (weights or weights_path(WEIGHTS_FILE, WEIGHTS_URL))
-        self.model = ControlNetHED_Apache2()
-        if path is not None:
-            self.model.load_state_dict(load_weights(path), strict=True)
-        self.model.to(self.device).eval()
+        self.model = load_network(ControlNetHED_Apache2, self.device, weights, random_init, WEIGHTS_FILE, WEIGHTS_URL)
 
     @torch.no_grad()
     def __call__(self, image: np.ndarray, safe: bool = False) -> np.ndarray:
-        if image.ndim != 3 or image.shape[2] != 3:
-            raise ValueError(f"expected an HxWx3 RGB image, got shape {image.shape}")
+        check_rgb(image)
         H, W, _ = image.shape
         x = torch.from_numpy(np.ascontiguousarray(image)).to(self.device, torch.float32)
         x = rearrange(x, "h w c -> 1 c h w")

@@ -9,7 +9,7 @@ import torch
 from einops import rearrange
 
 from annotator.midas.dpt_depth import DPTDepthModel
-from annotator.util import load_weights, weights_path
+from annotator.util import check_rgb, load_network
 
 WEIGHTS_FILE = "dpt_hybrid-midas-501f0c75.pt"
 WEIGHTS_URL = f"https://huggingface.co/lllyasviel/ControlNet/resolve/main/annotator/ckpts/{WEIGHTS_FILE}"
@@ -49,21 +49,12 @@ class MidasDetector:
         random_init: bool = False,
     ) -> None:
         self.device = torch.device(device)
-        if random_init:
-            self.model = DPTDepthModel()
-        else:
-            state = load_weights(weights or weights_path(WEIGHTS_FILE, WEIGHTS_URL))
-            # build on meta and take the loaded tensors: skips a ~10 s random init the weights overwrite
-            with torch.device("meta"):
-                self.model = DPTDepthModel()
-            self.model.load_state_dict(state, strict=True, assign=True)
-        self.model.to(self.device, torch.float32).eval()
+        self.model = load_network(DPTDepthModel, self.device, weights, random_init, WEIGHTS_FILE, WEIGHTS_URL)
 
     @torch.no_grad()
     def depth(self, image: np.ndarray) -> np.ndarray:
         """HxW float32 relative inverse depth, computed at the image's size rounded to a multiple of 32."""
-        if image.ndim != 3 or image.shape[2] != 3:
-            raise ValueError(f"expected an HxWx3 RGB image, got shape {image.shape}")
+        check_rgb(image)
         H, W, _ = image.shape
         # like the 1.0 annotator, no resize to 384: apps pass multiples of 64, which go in unchanged
         h, w = (max(MULTIPLE, round(s / MULTIPLE) * MULTIPLE) for s in (H, W))

@@ -8,7 +8,7 @@ import torch
 
 from annotator.mlsd.models.mbv2_mlsd_large import MobileV2_MLSD_Large
 from annotator.mlsd.utils import pred_lines
-from annotator.util import load_weights, weights_path
+from annotator.util import check_rgb, load_network
 
 WEIGHTS_FILE = "mlsd_large_512_fp32.pth"
 WEIGHTS_URL = "https://huggingface.co/lllyasviel/Annotators/resolve/main/mlsd_large_512_fp32.pth"
@@ -24,16 +24,11 @@ class MLSDdetector:
         random_init: bool = False,
     ) -> None:
         self.device = torch.device(device)
-        path = None if random_init else (weights or weights_path(WEIGHTS_FILE, WEIGHTS_URL))
-        self.model = MobileV2_MLSD_Large()
-        if path is not None:
-            self.model.load_state_dict(load_weights(path), strict=True)
-        self.model.to(self.device).eval()
+        self.model = load_network(MobileV2_MLSD_Large, self.device, weights, random_init, WEIGHTS_FILE, WEIGHTS_URL)
 
     @torch.no_grad()
     def __call__(self, image: np.ndarray, thr_v: float, thr_d: float) -> np.ndarray:
-        if image.ndim != 3 or image.shape[2] != 3:
-            raise ValueError(f"expected an HxWx3 RGB image, got shape {image.shape}")
+        check_rgb(image)
         H, W, _ = image.shape
         # like the 1.0 app, run at the image's own size (apps pass multiples of 64); the network needs 16
         input_shape = (max(16, round(H / 16) * 16), max(16, round(W / 16) * 16))

@@ -8,7 +8,9 @@ import numpy as np
 import torch
 from scipy.ndimage import gaussian_filter
 
-from .model import bodypose_model, load_pose_model
+from annotator.util import load_network
+
+from .model import WEIGHTS_SOURCE, bodypose_model, remap_flat_keys
 from .util import LIMB_SEQ, padRightDownCorner
 
 # PAF channel pair (x, y) of each limb in LIMB_SEQ: the original's mapIdx, which counts the 19
@@ -182,7 +184,9 @@ class Body:
         weights: str | os.PathLike | None = None,
         random_init: bool = False,
     ):
-        self.model = load_pose_model(bodypose_model, "body_pose_model.pth", device, weights, random_init)
+        filename = "body_pose_model.pth"
+        self.model = load_network(bodypose_model, device, weights, random_init, filename, WEIGHTS_SOURCE + filename,
+                                  remap_flat_keys)
 
     @torch.no_grad()
     def __call__(self, oriImg: np.ndarray, scales: Sequence[float] = (0.5,)) -> tuple[np.ndarray, np.ndarray]:

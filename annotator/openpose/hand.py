@@ -7,8 +7,10 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from annotator.util import load_network
+
 from .body import infer_maps
-from .model import handpose_model, load_pose_model
+from .model import WEIGHTS_SOURCE, handpose_model, remap_flat_keys
 from .util import npmax
 
 
@@ -40,7 +42,9 @@ class Hand:
         weights: str | os.PathLike | None = None,
         random_init: bool = False,
     ):
-        self.model = load_pose_model(handpose_model, "hand_pose_model.pth", device, weights, random_init)
+        filename = "hand_pose_model.pth"
+        self.model = load_network(handpose_model, device, weights, random_init, filename, WEIGHTS_SOURCE + filename,
+                                  remap_flat_keys)
 
     @torch.no_grad()
     def __call__(self, oriImg: np.ndarray, scales: Sequence[float] = (0.5, 1.0, 1.5, 2.0)) -> np.ndarray:

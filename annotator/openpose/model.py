@@ -1,12 +1,9 @@
 """OpenPose body (COCO-18, PAFs) and hand networks with pytorch-openpose's layer names."""
 
-import os
 from collections import OrderedDict
 
 import torch
 from torch import nn
-
-from annotator.util import load_weights, weights_path
 
 WEIGHTS_SOURCE = "https://huggingface.co/lllyasviel/Annotators/resolve/main/"
 
@@ -105,24 +102,3 @@ def remap_flat_keys(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[st
     """
     full_names = {key.split(".", 1)[1]: key for key in model.state_dict()}
     return {full_names.get(key, key): value for key, value in state.items()}
-
-
-def load_pose_model(
-    model_cls: type[nn.Module],
-    filename: str,
-    device: str | torch.device,
-    weights: str | os.PathLike | None,
-    random_init: bool,
-) -> nn.Module:
-    """Build `model_cls` in eval mode on `device`, with weights from `weights` or annotator/ckpts."""
-    if random_init:
-        model = model_cls()
-    else:
-        state = load_weights(
-            weights if weights is not None else weights_path(filename, WEIGHTS_SOURCE + filename)
-        )
-        # Built on meta and filled by assignment: no time spent on an init the weights overwrite.
-        with torch.device("meta"):
-            model = model_cls()
-        model.load_state_dict(remap_flat_keys(model, state), strict=True, assign=True)
-    return model.to(device).eval()

@@ -34,7 +34,7 @@ from einops import rearrange
 
 from annotator.uniformer.palette import ADE20K_PALETTE, colorize
 from annotator.uniformer.upernet import UperNetUniFormer, resize
-from annotator.util import load_weights, weights_path
+from annotator.util import check_rgb, load_network
 
 __all__ = ["ADE20K_PALETTE", "UniformerDetector", "colorize", "logits_to_classes", "rescale_size"]
 
@@ -73,19 +73,14 @@ class UniformerDetector:
     ) -> None:
         self.device = torch.device(device)
         self.short_side = short_side
-        path = None if random_init else (weights or weights_path(WEIGHTS_FILE, WEIGHTS_URL))
-        self.model = UperNetUniFormer()
-        if path is not None:
-            self.model.load_state_dict(load_weights(path), strict=True)
-        self.model.to(self.device).eval()
+        self.model = load_network(UperNetUniFormer, self.device, weights, random_init, WEIGHTS_FILE, WEIGHTS_URL)
         self.mean = torch.tensor(MEAN, device=self.device)
         self.std = torch.tensor(STD, device=self.device)
 
     @torch.no_grad()
     def segment(self, image: np.ndarray) -> np.ndarray:
         """HWC uint8 RGB -> HxW int64 ADE20K class ids."""
-        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-            raise ValueError(f"expected an HxWx3 uint8 RGB image, got {image.dtype} {image.shape}")
+        check_rgb(image)
         H, W, _ = image.shape
         h, w = rescale_size(H, W, self.short_side, 4 * self.short_side)
         x = torch.from_numpy(cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR))
