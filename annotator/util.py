@@ -50,27 +50,36 @@ def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_network(
-    build: Callable[[], nn.Module],
-    device: str | torch.device,
-    weights: str | os.PathLike | None,
-    random_init: bool,
-    filename: str,
-    source: str,
-    rename: Callable[[nn.Module, dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
-) -> nn.Module:
-    """A detector network in eval mode on `device`: `build()` filled strictly with `weights` (default: `filename`
-    in the ckpts folder, else a MissingWeightsError naming `source`), or left random with `random_init` (tests).
-    `rename` maps a published file's keys to the network's."""
-    if random_init:
-        model = build()
-    else:
-        state = load_weights(weights or weights_path(filename, source))
-        # built on meta and filled by assignment: no time spent on an init the weights overwrite
-        with torch.device("meta"):
-            model = build()
-        model.load_state_dict(rename(model, state) if rename else state, strict=True, assign=True)
-    return model.to(device, torch.float32).eval()
+class NetworkDetector:
+    """Base of the detectors that run one network: the network's class, its weight file and where to get it.
+
+    The weights come from `weights`, else `weights_file` in the ckpts folder (a MissingWeightsError names
+    `weights_url` when it is not there), and load strictly; `random_init` keeps random weights (tests).
+    """
+
+    network: Callable[[], nn.Module]
+    weights_file: str
+    weights_url: str
+    rename: Callable[[nn.Module, dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None  # file -> ours
+
+    def __init__(
+        self,
+        device: str | torch.device = "cpu",
+        weights: str | os.PathLike | None = None,
+        random_init: bool = False,
+    ) -> None:
+        self.device = torch.device(device)
+        cls = type(self)
+        if random_init:
+            self.model = cls.network()
+        else:
+            state = load_weights(weights or weights_path(cls.weights_file, cls.weights_url))
+            # built on meta and filled by assignment: no time spent on an init the weights overwrite
+            with torch.device("meta"):
+                self.model = cls.network()
+            self.model.load_state_dict(cls.rename(self.model, state) if cls.rename else state, strict=True,
+                                       assign=True)
+        self.model.to(self.device, torch.float32).eval()
 
 
 def check_rgb(image: np.ndarray) -> None:

@@ -5,7 +5,6 @@ The network takes RGB in 0..255; each of its five VGG stages emits a one-channel
 """
 
 import itertools
-import os
 
 import cv2
 import numpy as np
@@ -14,7 +13,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from annotator.util import check_rgb, load_network
+from annotator.util import NetworkDetector, check_rgb
 
 WEIGHTS_FILE = "ControlNetHED.pth"
 WEIGHTS_URL = "https://huggingface.co/lllyasviel/Annotators/resolve/main/ControlNetHED.pth"
@@ -83,17 +82,10 @@ def nms(x: np.ndarray, t: float, s: float) -> np.ndarray:
     return z
 
 
-class HEDdetector:
+class HEDdetector(NetworkDetector):
     """HWC uint8 RGB -> HxW uint8 soft edge map (255 = edge)."""
 
-    def __init__(
-        self,
-        device: str | torch.device = "cpu",
-        weights: str | os.PathLike | None = None,
-        random_init: bool = False,
-    ) -> None:
-        self.device = torch.device(device)
-        self.model = load_network(ControlNetHED_Apache2, self.device, weights, random_init, WEIGHTS_FILE, WEIGHTS_URL)
+    network, weights_file, weights_url = ControlNetHED_Apache2, WEIGHTS_FILE, WEIGHTS_URL
 
     @torch.no_grad()
     def __call__(self, image: np.ndarray, safe: bool = False) -> np.ndarray:

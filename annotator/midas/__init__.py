@@ -1,7 +1,6 @@
 """MiDaS depth (DPT-Hybrid) and the normal map derived from it, as ControlNet 1.0's depth and normal apps
 use them."""
 
-import os
 
 import cv2
 import numpy as np
@@ -9,7 +8,7 @@ import torch
 from einops import rearrange
 
 from annotator.midas.dpt_depth import DPTDepthModel
-from annotator.util import check_rgb, load_network
+from annotator.util import NetworkDetector, check_rgb
 
 WEIGHTS_FILE = "dpt_hybrid-midas-501f0c75.pt"
 WEIGHTS_URL = f"https://huggingface.co/lllyasviel/ControlNet/resolve/main/annotator/ckpts/{WEIGHTS_FILE}"
@@ -39,17 +38,10 @@ def normal_from_depth(depth: np.ndarray, a: float = np.pi * 2.0, bg_th: float = 
     return (normal * 127.5 + 127.5).clip(0, 255).astype(np.uint8)
 
 
-class MidasDetector:
+class MidasDetector(NetworkDetector):
     """HWC uint8 RGB -> (HxW uint8 depth, 255 = near; HxWx3 uint8 normal map)."""
 
-    def __init__(
-        self,
-        device: str | torch.device = "cpu",
-        weights: str | os.PathLike | None = None,
-        random_init: bool = False,
-    ) -> None:
-        self.device = torch.device(device)
-        self.model = load_network(DPTDepthModel, self.device, weights, random_init, WEIGHTS_FILE, WEIGHTS_URL)
+    network, weights_file, weights_url = DPTDepthModel, WEIGHTS_FILE, WEIGHTS_URL
 
     @torch.no_grad()
     def depth(self, image: np.ndarray) -> np.ndarray:

@@ -1,6 +1,5 @@
 """M-LSD straight-line detector (mlsd_large_512_fp32.pth), as used by the hough2image app."""
 
-import os
 
 import cv2
 import numpy as np
@@ -8,23 +7,16 @@ import torch
 
 from annotator.mlsd.models.mbv2_mlsd_large import MobileV2_MLSD_Large
 from annotator.mlsd.utils import pred_lines
-from annotator.util import check_rgb, load_network
+from annotator.util import NetworkDetector, check_rgb
 
 WEIGHTS_FILE = "mlsd_large_512_fp32.pth"
 WEIGHTS_URL = "https://huggingface.co/lllyasviel/Annotators/resolve/main/mlsd_large_512_fp32.pth"
 
 
-class MLSDdetector:
+class MLSDdetector(NetworkDetector):
     """HWC uint8 RGB -> HxW uint8 map with the detected lines drawn 1 px wide in 255."""
 
-    def __init__(
-        self,
-        device: str | torch.device = "cpu",
-        weights: str | os.PathLike | None = None,
-        random_init: bool = False,
-    ) -> None:
-        self.device = torch.device(device)
-        self.model = load_network(MobileV2_MLSD_Large, self.device, weights, random_init, WEIGHTS_FILE, WEIGHTS_URL)
+    network, weights_file, weights_url = MobileV2_MLSD_Large, WEIGHTS_FILE, WEIGHTS_URL
 
     @torch.no_grad()
     def __call__(self, image: np.ndarray, thr_v: float, thr_d: float) -> np.ndarray:

@@ -1,6 +1,5 @@
 """Multi-person body pose: heatmaps and part affinity fields, then greedy limb assembly."""
 
-import os
 from collections.abc import Sequence
 
 import cv2
@@ -8,7 +7,7 @@ import numpy as np
 import torch
 from scipy.ndimage import gaussian_filter
 
-from annotator.util import load_network
+from annotator.util import NetworkDetector
 
 from .model import WEIGHTS_SOURCE, bodypose_model, remap_flat_keys
 from .util import LIMB_SEQ, padRightDownCorner
@@ -175,18 +174,11 @@ def decode_body(
     return candidate, assemble_people(connections, candidate)
 
 
-class Body:
+class Body(NetworkDetector):
     """The OpenPose body estimator: `body_pose_model.pth` from lllyasviel/Annotators."""
 
-    def __init__(
-        self,
-        device: str | torch.device = "cpu",
-        weights: str | os.PathLike | None = None,
-        random_init: bool = False,
-    ):
-        filename = "body_pose_model.pth"
-        self.model = load_network(bodypose_model, device, weights, random_init, filename, WEIGHTS_SOURCE + filename,
-                                  remap_flat_keys)
+    network, weights_file, weights_url = bodypose_model, "body_pose_model.pth", WEIGHTS_SOURCE + "body_pose_model.pth"
+    rename = remap_flat_keys  # the published files name layers without their block prefix
 
     @torch.no_grad()
     def __call__(self, oriImg: np.ndarray, scales: Sequence[float] = (0.5,)) -> tuple[np.ndarray, np.ndarray]:

@@ -1,13 +1,12 @@
 """Single-hand keypoints: 21 heatmaps, one peak each inside the strongest blob."""
 
-import os
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 from scipy import ndimage
 
-from annotator.util import load_network
+from annotator.util import NetworkDetector
 
 from .body import infer_maps
 from .model import WEIGHTS_SOURCE, handpose_model, remap_flat_keys
@@ -33,18 +32,11 @@ def find_hand_peaks(heatmap: np.ndarray, thre: float = 0.05) -> np.ndarray:
     return peaks
 
 
-class Hand:
+class Hand(NetworkDetector):
     """The OpenPose hand estimator: `hand_pose_model.pth` from lllyasviel/Annotators."""
 
-    def __init__(
-        self,
-        device: str | torch.device = "cpu",
-        weights: str | os.PathLike | None = None,
-        random_init: bool = False,
-    ):
-        filename = "hand_pose_model.pth"
-        self.model = load_network(handpose_model, device, weights, random_init, filename, WEIGHTS_SOURCE + filename,
-                                  remap_flat_keys)
+    network, weights_file, weights_url = handpose_model, "hand_pose_model.pth", WEIGHTS_SOURCE + "hand_pose_model.pth"
+    rename = remap_flat_keys  # the published files name layers without their block prefix
 
     @torch.no_grad()
     def __call__(self, oriImg: np.ndarray, scales: Sequence[float] = (0.5, 1.0, 1.5, 2.0)) -> np.ndarray:

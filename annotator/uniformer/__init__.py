@@ -34,7 +34,7 @@ from einops import rearrange
 
 from annotator.uniformer.palette import ADE20K_PALETTE, colorize
 from annotator.uniformer.upernet import UperNetUniFormer, resize
-from annotator.util import check_rgb, load_network
+from annotator.util import NetworkDetector, check_rgb
 
 __all__ = ["ADE20K_PALETTE", "UniformerDetector", "colorize", "logits_to_classes", "rescale_size"]
 
@@ -61,8 +61,10 @@ def logits_to_classes(
     return logits.argmax(dim=1)[0].cpu().numpy()
 
 
-class UniformerDetector:
+class UniformerDetector(NetworkDetector):
     """HWC uint8 RGB -> HxWx3 uint8 map of ADE20K classes in their palette colours."""
+
+    network, weights_file, weights_url = UperNetUniFormer, WEIGHTS_FILE, WEIGHTS_URL
 
     def __init__(
         self,
@@ -71,9 +73,8 @@ class UniformerDetector:
         random_init: bool = False,
         short_side: int = 512,
     ) -> None:
-        self.device = torch.device(device)
+        super().__init__(device, weights, random_init)
         self.short_side = short_side
-        self.model = load_network(UperNetUniFormer, self.device, weights, random_init, WEIGHTS_FILE, WEIGHTS_URL)
         self.mean = torch.tensor(MEAN, device=self.device)
         self.std = torch.tensor(STD, device=self.device)
 
