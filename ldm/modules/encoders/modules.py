@@ -17,6 +17,12 @@ class AbstractEncoder(nn.Module):
     def encode(self, x):
         return self(x)
 
+    def freeze(self) -> None:
+        """Eval mode and no gradients: the text encoder stays as published while the control trains."""
+        self.eval()
+        for p in self.parameters():
+            p.requires_grad = False
+
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(1.702 * x)
@@ -131,11 +137,6 @@ class FrozenCLIPEmbedder(AbstractEncoder):
         if freeze:
             self.freeze()
 
-    def freeze(self) -> None:
-        self.eval()
-        for p in self.parameters():
-            p.requires_grad = False
-
     def tokenize(self, text: str | list[str]) -> torch.Tensor:
         """SD1.x tokens: truncated keeping end-of-text last, padded with end-of-text (open_clip pads 0)."""
         tokens = self.tokenizer(text)
@@ -155,9 +156,6 @@ class FrozenCLIPEmbedder(AbstractEncoder):
             first_eot = (tokens == self.tokenizer.eot_token_id).int().argmax(dim=1)
             return z[torch.arange(len(z), device=z.device), first_eot, None]
         return z
-
-    def encode(self, text: str | list[str]) -> torch.Tensor:
-        return self(text)
 
 
 # The visual tower is deleted right after construction, so build the smallest one open_clip allows.
@@ -194,11 +192,6 @@ class FrozenOpenCLIPEmbedder(AbstractEncoder):
         if freeze:
             self.freeze()
 
-    def freeze(self) -> None:
-        self.eval()
-        for p in self.parameters():
-            p.requires_grad = False
-
     def forward(self, text: str | list[str]) -> torch.Tensor:
         tokens = self.tokenizer(text).to(self.model.positional_embedding.device)
         x = self.model.token_embedding(tokens) + self.model.positional_embedding
@@ -208,6 +201,3 @@ class FrozenOpenCLIPEmbedder(AbstractEncoder):
         for block in blocks[: len(blocks) - self.layer_idx]:
             x = block(x, attn_mask=mask)  # open_clip 3.x blocks are batch-first: no permute to (L, N, D)
         return self.model.ln_final(x)
-
-    def encode(self, text: str | list[str]) -> torch.Tensor:
-        return self(text)
