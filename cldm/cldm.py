@@ -127,10 +127,12 @@ class ControlledUnetModel(UNetModel):
         self.inside_units = list(inside or ())
         for unit in self.inside_units:
             unit.model.hook_into(self)
-        encoder_trains = any(p.requires_grad for p in self.input_blocks.parameters()) or any(
-            p.requires_grad for unit in self.inside_units for p in unit.model.parameters())
-        # The encoder half is always locked here, so it runs without building a graph unless a mode adds to it.
-        with torch.set_grad_enabled(torch.is_grad_enabled() and encoder_trains):
+        # The encoder half is always locked here, so it runs without building a graph unless a mode adds to it;
+        # the parameter scan runs only while gradients are recorded (not at every sampling step).
+        encoder_trains = torch.is_grad_enabled() and (
+            any(p.requires_grad for p in self.input_blocks.parameters())
+            or any(p.requires_grad for unit in self.inside_units for p in unit.model.parameters()))
+        with torch.set_grad_enabled(encoder_trains):
             h, emb, hs = self.encode(x, timesteps, context)
         if control is None:
             return self.decode(h, emb, context, hs)
