@@ -15,6 +15,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 import unittest.mock
 from dataclasses import dataclass
@@ -328,6 +329,8 @@ def bench_main(name: str, args, run, argv: list[str] | None) -> dict:
     if args.sliced_attention:
         enable_sliced_attention(args.sliced_attention)
     device = torch.device(args.device)
+    if args.model_channels:
+        args.config = str(narrowed_config(args.config, args.model_channels))
     model = build_ours(args.config, device)
     peer = build_peer(model, args.config, args.resolution, device) if args.peer == "diffusers" else None
     result = run(args, model, peer)
@@ -335,9 +338,28 @@ def bench_main(name: str, args, run, argv: list[str] | None) -> dict:
     return result
 
 
+def narrowed_config(config: str | Path, model_channels: int) -> Path:
+    """A copy of `config` (in a temporary folder) whose UNet and ControlNet have `model_channels` channels.
+
+    SD1.5's structure at a tenth of its width keeps every layer and kernel launch but makes each one cheap:
+    on a CPU it stands in for the regime of eager GPU sampling at batch 1, where the host's per-layer work,
+    not the arithmetic, sets the pace.
+    """
+    from omegaconf import OmegaConf
+    cfg = OmegaConf.load(config)
+    for key in ("unet_config", "control_stage_config"):
+        cfg.model.params[key].params.model_channels = model_channels
+    out = Path(tempfile.mkdtemp(prefix="bench_config_")) / f"{Path(config).stem}_ch{model_channels}.yaml"
+    OmegaConf.save(cfg, out)
+    return out
+
+
 def add_run_args(p) -> None:
-    """The options bench_train and bench_sample share: the peer, threads, clock, slicing and the table."""
+    """The options bench_train and bench_sample share: the peer, threads, clock, slicing, width and the table."""
     p.add_argument("--peer", default="diffusers", choices=["diffusers", "none"])
+    p.add_argument("--model_channels", type=int, default=None, metavar="N",
+                   help="build the config with N base channels (e.g. 32 for SD1.5's layers at a tenth of the "
+                        "width: the host-bound regime of eager GPU sampling, on a CPU)")
     p.add_argument("--sliced_attention", type=int, default=None, metavar="N",
                    help="our side attends N queries at a time (config.save_memory's switch; process-wide)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")

@@ -55,3 +55,15 @@ def test_gpu_suite_stages_run(tmp_path):
     assert metrics.count("train samples/s") == 3 and metrics.count("sample it/s") == 3  # ours, and 2 ablations
     assert metrics[-2:] == ["train samples/s at max batch", "train peak memory at max batch"]
     assert "b2 bf16-mixed cached, each side alone" in table.read_text()
+
+
+def test_narrowed_config_keeps_the_layers():
+    from benchmarks.common import TINY, narrowed_config
+    from cldm.model import create_model
+    wide, narrow = create_model(TINY, device="meta"), create_model(narrowed_config(TINY, 64), device="meta")
+    assert [n for n, _ in wide.named_modules()] == [n for n, _ in narrow.named_modules()]
+    assert narrow.control_model.input_blocks[0][0].out_channels == 64
+    assert narrow.model.diffusion_model.input_blocks[0][0].out_channels == 64
+    result = bench_sample.main(["--smoke", "--device", "cpu", "--model_channels", "64"])
+    assert result["max_latent_diff"] <= 1e-4 and "cldm_tiny_ch64 32px" in result["rows"][0][1]
+
