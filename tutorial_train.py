@@ -26,11 +26,9 @@ from torch.utils.data import DataLoader
 import share  # noqa: F401  (quiet logs; sliced attention when config.save_memory)
 from cldm.logger import ImageLogger
 from cldm.model import create_model, load_checkpoint, save_state_dict
-from ldm.models.diffusion.ddpm import OPTIMIZERS
+from ldm.models.diffusion.ddpm import COMPILE_MODES, OPTIMIZERS
 from ldm.modules.diffusionmodules.openaimodel import set_gradient_checkpointing
 from tutorial_dataset import CachedDataset, MyDataset
-
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def str2bool(value: str) -> bool:

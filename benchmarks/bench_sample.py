@@ -127,7 +127,8 @@ def run(args: argparse.Namespace, model: torch.nn.Module, peer: Peer | None) -> 
     fp32_latents = {name: denoise().float() for name, (denoise, _) in sides.items()} if half else {}
     apply_speed_options(model, peer, args.channels_last, args.compile)
     if half is not None:
-        for net in (model.model, model.control_model, *((peer.unet, peer.controlnet) if peer else ())):
+        model.set_denoiser_dtype(half)
+        for net in (peer.unet, peer.controlnet) if peer else ():
             net.to(half)
     # Half weights run as they are; the VAE (float32) decodes under autocast to the same dtype.
     precision = Precision("bf16-mixed" if half == torch.bfloat16 else "16-mixed" if half else args.precision, device)

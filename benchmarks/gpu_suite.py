@@ -12,6 +12,8 @@ file is rewritten after every stage, so a run cut short keeps what it measured):
   max_batch  the largest batch of --max_batches at which our step fits with only our model on the GPU;
              each side alone on the GPU at that batch: samples/s and peak memory
   compiled   sampling again with torch.compile(mode="reduce-overhead") (CUDA graphs) on both sides
+  train_compiled  (not run unless named) training as in `train`, both sides under torch.compile: minutes of
+             compiling per side, so it is a stage of its own
 Models are built once. Before each stage both sides get back float32 weights and the same initial
 ControlNet weights, so they always compute the same function.
 """
@@ -29,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import bench_sample, bench_train  # noqa: E402
 from benchmarks.common import TINY, Precision, build_ours, build_peer, mib, timed, write_table  # noqa: E402
 
-STAGES = ("train", "sample", "max_batch", "compiled")
+STAGES = ("train", "sample", "max_batch", "compiled", "train_compiled")
+DEFAULT_STAGES = STAGES[:4]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -37,7 +40,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--config", default="models/cldm_v15.yaml")
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--device", default="cuda")
-    p.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
+    p.add_argument("--stages", nargs="+", default=list(DEFAULT_STAGES), choices=STAGES)
     p.add_argument("--max_batches", type=int, nargs="+", default=[8, 16, 24, 32, 48, 64],
                    help="batch sizes tried in order by the max_batch stage")
     p.add_argument("--table", default=None, help="write the markdown table to this file")
@@ -46,7 +49,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.smoke:
         args.config, args.resolution, args.device = str(TINY), 32, "cpu"
-        args.stages, args.max_batches = [s for s in args.stages if s != "compiled"], [1, 2]
+        args.stages, args.max_batches = [s for s in args.stages if "compiled" not in s], [1, 2]
     return args
 
 
@@ -135,7 +138,9 @@ def main(argv: list[str] | None = None) -> list[tuple]:
             "sample": lambda: bench_sample.run(bench_sample.parse_args(common + sample + ablate_sample), model,
                                                peer)["rows"],
             "compiled": lambda: bench_sample.run(bench_sample.parse_args(
-                common + sample + ["--compile", "reduce-overhead", "--warmup", "2"]), model, peer)["rows"]}
+                common + sample + ["--compile", "reduce-overhead", "--warmup", "2"]), model, peer)["rows"],
+            "train_compiled": lambda: bench_train.run(bench_train.parse_args(common + train + ["--compile"]), model,
+                                                      peer)["rows"]}
     rows, title = [], f"gpu_suite: {' '.join(argv if argv is not None else sys.argv[1:])}"
     for stage in args.stages:
         for net in (model.model, model.control_model, peer.unet, peer.controlnet):

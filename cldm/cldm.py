@@ -315,6 +315,11 @@ class ControlLDM(LatentDiffusion):
         super().compile_denoiser(**kwargs)
         self.control_model.compile(**kwargs)
 
+    def set_denoiser_dtype(self, dtype: torch.dtype) -> None:
+        """The UNet and the control network in `dtype` (inference); the VAE and text encoder stay float32."""
+        super().set_denoiser_dtype(dtype)
+        self.control_model.to(dtype)
+
     def load_control(self, state_dict_or_path: dict | str | os.PathLike) -> LoadReport:
         """Load a control-only file (the ControlNet 1.1 layout) over the base weights already in the model.
 

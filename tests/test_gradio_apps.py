@@ -24,6 +24,7 @@ from PIL import Image
 
 from annotator.hed import HEDdetector
 from annotator.util import CKPTS_ENV, HWC3, resize_image
+from conftest import randomize_zero_convs
 from gradio_apps import app_builder
 from gradio_apps.app_builder import A_PROMPT, N_PROMPT, Detectors, Pipeline
 
@@ -109,6 +110,30 @@ def test_pipeline_guess_mode_scales_and_sizes(tiny_model):
     pipeline.process(picture(70, 40), "", "", "", 1, 64, 1, False, 0.7, 1.0, -1, 0.0,
                      low_threshold=100, high_threshold=200)
     assert tiny_model.control_scales == [0.7] * levels
+
+
+def test_precision_and_compile_options(tiny_model):
+    randomize_zero_convs(tiny_model)
+    gen = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 4, 8, 8, generator=gen), torch.tensor([10, 900])
+    cond = {"c_concat": [torch.rand(2, 3, 64, 64, generator=gen)],
+            "c_crossattn": [tiny_model.get_learned_conditioning(["a house", "a tree"])]}
+    with torch.no_grad():
+        eps32 = tiny_model.apply_model(x, t, cond)
+        app_builder.speed_up(tiny_model, "bf16", None)
+        eps16 = tiny_model.apply_model(x, t, cond)
+    assert {p.dtype for p in tiny_model.model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in tiny_model.control_model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in tiny_model.first_stage_model.parameters()} == {torch.float32}
+    assert eps16.dtype == torch.float32 and (eps16 - eps32).abs().max() < 0.05 * eps32.abs().max()
+    app = importlib.import_module("gradio_apps.gradio_canny2image").APP
+    out = Pipeline(app, tiny_model, Detectors("cpu", random_init=True)).process(
+        picture(64, 64), "a house", A_PROMPT, N_PROMPT, 1, 64, 2, False, 1.0, 9.0, 3, 0.0,
+        low_threshold=100, high_threshold=200)
+    assert [o.shape for o in out] == [(64, 64, 3)] * 2
+    app_builder.speed_up(tiny_model, "fp32", "reduce-overhead")  # lazy: compiles at the first image
+    assert tiny_model.model.diffusion_model._compiled_call_impl is not None
+    assert tiny_model.control_model._compiled_call_impl is not None
 
 
 def test_missing_detector_weights_is_a_message(tmp_path, monkeypatch):

@@ -23,6 +23,8 @@ from ldm.util import default, exists, instantiate_from_config, load_checkpoint_s
 # Optimizers DDPM.make_optimizer builds (its `optimizer_name`), and the devices with a fused AdamW kernel.
 OPTIMIZERS = ("adamw", "adamw8bit")
 FUSED_ADAMW_DEVICES = ("cuda", "cpu")
+# torch.compile modes that compile_denoiser accepts from the command lines.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # Batch keys of a latent cache (tool_cache_latents.py): the VAE posterior's mean and standard deviation.
 CACHED_MEAN, CACHED_STD = "mean", "std"
 
@@ -273,6 +275,11 @@ class DDPM(pl.LightningModule):
     def compile_denoiser(self, **kwargs) -> None:
         """torch.compile the denoising network in place (state-dict keys unchanged); kwargs go to torch.compile."""
         self.model.diffusion_model.compile(**kwargs)
+
+    def set_denoiser_dtype(self, dtype: torch.dtype) -> None:
+        """Convert the denoising network's weights, for inference in bf16 / fp16 (half the memory and time on
+        GPUs); the VAE, the text encoder and the noise schedule stay float32, and so do the sampler's latents."""
+        self.model.to(dtype)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Exactly the parameters that require grad: requires_grad is the one record of what trains."""
