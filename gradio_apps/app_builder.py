@@ -472,8 +472,8 @@ def main(app: ControlApp, argv: Sequence[str] | None = None) -> None:
                         help="the original's save_memory: text encoder and VAE leave the GPU while sampling, "
                              "and attention is sliced")
     parser.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
-                        help="weights of the UNet and ControlNet: fp32 (as the original), or fp16 / bf16 for about "
-                             "half the memory and time on a GPU; the VAE and text encoder stay fp32")
+                        help="weights of the UNet and ControlNet: fp32 (as the original), or fp16 / bf16 (half their "
+                             "memory, for GPUs; slower on most CPUs); the VAE and text encoder stay fp32")
     parser.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES,
                         help="torch.compile the UNet and ControlNet (the first image of each size compiles; "
                              "'reduce-overhead' adds CUDA graphs)")
