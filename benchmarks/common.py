@@ -77,7 +77,7 @@ class Peer:
         return [self.unet, self.controlnet, self.vae, self.text_encoder]
 
 
-def build_peer(model: nn.Module, config: str | Path, resolution: int, device: torch.device) -> Peer:
+def build_peer(model: nn.Module, config: str | Path, device: torch.device) -> Peer:
     """diffusers' UNet, ControlNet and VAE loaded (strictly) with `model`'s weights."""
     import diffusers
     from diffusers.loaders import single_file_utils as convert
@@ -88,13 +88,13 @@ def build_peer(model: nn.Module, config: str | Path, resolution: int, device: to
     original = OmegaConf.to_container(OmegaConf.load(config), resolve=True)
     sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     with torch.device(device):
-        unet_config = convert.create_unet_diffusers_config_from_ldm(original, sd, image_size=resolution)
+        unet_config = convert.create_unet_diffusers_config_from_ldm(original, sd)
         unet = diffusers.UNet2DConditionModel(**unet_config)
         unet.load_state_dict(convert.convert_ldm_unet_checkpoint(sd, unet_config))
         mapping = tool_convert_diffusers.build_mapping(config)
         controlnet = diffusers.ControlNetModel.from_config(mapping.config)
         controlnet.load_state_dict(tool_convert_diffusers.to_diffusers(sd, mapping))
-        vae_config = convert.create_vae_diffusers_config_from_ldm(original, sd, image_size=resolution)
+        vae_config = convert.create_vae_diffusers_config_from_ldm(original, sd)
         vae = diffusers.AutoencoderKL(**vae_config)
         vae.load_state_dict(convert.convert_ldm_vae_checkpoint(sd, vae_config))
     unet.requires_grad_(False)
@@ -332,7 +332,7 @@ def bench_main(name: str, args, run, argv: list[str] | None) -> dict:
     if args.model_channels:
         args.config = str(narrowed_config(args.config, args.model_channels))
     model = build_ours(args.config, device)
-    peer = build_peer(model, args.config, args.resolution, device) if args.peer == "diffusers" else None
+    peer = build_peer(model, args.config, device) if args.peer == "diffusers" else None
     result = run(args, model, peer)
     write_table(result["rows"], f"{name}: {' '.join(argv if argv is not None else sys.argv[1:])}", args.table)
     return result

@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> list[tuple]:
     device = torch.device(args.device)
     start = time.perf_counter()
     model = build_ours(args.config, device)
-    peer = build_peer(model, args.config, args.resolution, device)
+    peer = build_peer(model, args.config, device)
     print(f"built both sides in {time.perf_counter() - start:.0f} s")
     initial = {"ours": {k: v.detach().to("cpu", copy=True) for k, v in model.control_model.state_dict().items()},
                "diffusers": {k: v.detach().to("cpu", copy=True) for k, v in peer.controlnet.state_dict().items()}}
