@@ -8,9 +8,11 @@ from ldm.modules.attention import CrossAttention
 
 def disable_verbosity() -> None:
     """Silence library chatter that buries training and app output."""
-    for name in ("open_clip", "timm", "httpx", "gradio"):
+    for name in ("open_clip", "timm", "httpx", "gradio", "bitsandbytes"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    # the frozen VAE and text encoder stay in eval mode on purpose (DDPM's disabled_train)
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
     print("logging improved.")
 
 
