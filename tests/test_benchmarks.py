@@ -3,20 +3,10 @@
 import math
 
 import pytest
-import torch
 
 pytest.importorskip("diffusers")
 
 from benchmarks import bench_sample, bench_train, gpu_suite  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # One thread: two would wait on each other on a loaded 2-core machine; torch's setting is restored after.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_bench_train_compares_the_same_function_and_memory(tmp_path):

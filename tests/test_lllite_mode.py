@@ -38,14 +38,6 @@ def randomize_lllite(net: torch.nn.Module, seed: int = 4, std: float = 0.2) -> N
             p.copy_(torch.randn(p.shape, generator=gen) * std)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors: a second thread gains nothing and, on a busy machine, costs many times over."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture
 def lllite_model():

@@ -30,14 +30,6 @@ TINY = ROOT / "models" / "cldm_tiny.yaml"
 TINY_LORA = ROOT / "models" / "cldm_tiny_lora.yaml"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one thread is faster than two fighting over a busy machine's cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def lora_model(seed: int = 0):
     """The tiny LoRA-mode model on a UNet with no zero-initialised layers (as a trained one)."""
