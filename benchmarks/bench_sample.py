@@ -32,6 +32,7 @@ from benchmarks.common import (  # noqa: E402
     alternate,
     apply_speed_options,
     bench_main,
+    comparison_row,
     median_ratio,
     peer_eps,
     sync,
@@ -157,8 +158,8 @@ def run(args: argparse.Namespace, model: torch.nn.Module, peer: Peer | None) -> 
         denoise_s = sum(per_image) / len(per_image)
         result[name] = {"it_per_s": steps / denoise_s, "s_per_image": (denoise_s + decode_s) / args.batch,
                         "decode_s": decode_s}
-    theirs = result.get("diffusers")
-    if theirs is not None:
+    theirs = result.get("diffusers", {})
+    if theirs:
         print(f"max |final latents ours - diffusers| = {result['max_latent_diff']:.2e}")
     result["drift"] = {name: (latents[name] - ref).abs().max().item() for name, ref in fp32_latents.items()}
     if fp32_latents:
@@ -169,23 +170,22 @@ def run(args: argparse.Namespace, model: torch.nn.Module, peer: Peer | None) -> 
                                f"DDIM {steps} CFG {scale:g}{' channels_last' if args.channels_last else ''}"
                                f"{f' compile={args.compile}' if args.compile else ''}"
                                f"{f' sliced_attention={args.sliced_attention}' if args.sliced_attention else ''}"), []
+    three_digits = "{:.3g}".format
     for name in [n for n in sides if n != "diffusers"]:
         ours, label = result[name], setting + name[len("ours"):]
-        if theirs is not None:
+        if theirs:
             ours["ratio"] = median_ratio(times[name], times["diffusers"])
         result["rows"] += [
-            ("sample it/s", label, f"{ours['it_per_s']:.3g}", f"{theirs['it_per_s']:.3g}" if theirs else "-",
-             f"{ours['ratio']:.2f}x" if theirs else "-"),
-            ("s/image (+decode)", label, f"{ours['s_per_image']:.3g}",
-             f"{theirs['s_per_image']:.3g}" if theirs else "-",
-             f"{theirs['s_per_image'] / ours['s_per_image']:.2f}x" if theirs else "-")]
+            comparison_row("sample it/s", label, three_digits, ours["it_per_s"], theirs.get("it_per_s"),
+                           ours.get("ratio")),
+            comparison_row("s/image (+decode)", label, three_digits, ours["s_per_image"], theirs.get("s_per_image"),
+                           theirs["s_per_image"] / ours["s_per_image"] if theirs else None)]
     if fp32_latents:
-        drift = result["drift"]
         result["rows"] += [
-            ("final latents: max abs diff to own fp32", setting, f"{drift['ours']:.3g}",
-             f"{drift['diffusers']:.3g}" if theirs else "-", "-"),
-            ("final latents: max abs diff ours to diffusers", setting,
-             f"{result['max_latent_diff']:.3g}" if theirs else "-", "-", "-")]
+            comparison_row("final latents: max abs diff to own fp32", setting, three_digits,
+                           result["drift"]["ours"], result["drift"].get("diffusers")),
+            comparison_row("final latents: max abs diff ours to diffusers", setting, three_digits,
+                           result["max_latent_diff"], None)]
     result["ratio"] = result["ours"].get("ratio")
     return result
 

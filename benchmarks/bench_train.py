@@ -34,6 +34,7 @@ from benchmarks.common import (  # noqa: E402
     alternate,
     apply_speed_options,
     bench_main,
+    comparison_row,
     max_eps_difference,
     median_ratio,
     mib,
@@ -184,18 +185,18 @@ def run(args: argparse.Namespace, model: torch.nn.Module, peer: Peer | None) -> 
     times = alternate({name: side[0] for name, side in sides.items()}, args.steps, args.rounds, device, args.clock)
     for name, per_step in times.items():
         result[name]["samples_per_s"] = args.batch * len(per_step) / sum(per_step)
-    theirs = result.get("diffusers")
+    theirs = result.get("diffusers", {})
     setting, result["rows"] = setting_name(args), []
     for name in [n for n in sides if n != "diffusers"]:
         ours = result[name]
         label = setting + name[len("ours"):]
-        if theirs is not None:
+        if theirs:
             ours["ratio"] = median_ratio(times[name], times["diffusers"])
         result["rows"] += [
-            ("train samples/s", label, f"{ours['samples_per_s']:.3g}",
-             f"{theirs['samples_per_s']:.3g}" if theirs else "-", f"{ours['ratio']:.2f}x" if theirs else "-"),
-            ("train peak memory", label, mib(ours["memory"]), mib(theirs["memory"]) if theirs else "-",
-             f"{ours['memory'] / theirs['memory']:.2f}x" if theirs else "-")]
+            comparison_row("train samples/s", label, "{:.3g}".format, ours["samples_per_s"],
+                           theirs.get("samples_per_s"), ours.get("ratio")),
+            comparison_row("train peak memory", label, mib, ours["memory"], theirs.get("memory"),
+                           ours["memory"] / theirs["memory"] if theirs else None)]
     result["ratio"] = result["ours"].get("ratio")
     return result
 

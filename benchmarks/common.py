@@ -306,6 +306,14 @@ def mib(n: float) -> str:
     return f"{n / 2 ** 20:,.0f} MiB"
 
 
+def comparison_row(metric: str, setting: str, fmt, ours: float | None, theirs: float | None,
+                   ratio: float | None = None) -> tuple[str, str, str, str, str]:
+    """One table row (metric, setting, ours, diffusers, ratio); a missing figure prints as "-"."""
+    def text(value):
+        return "-" if value is None else fmt(value)
+    return metric, setting, text(ours), text(theirs), "-" if ratio is None else f"{ratio:.2f}x"
+
+
 def write_table(rows: list[tuple[str, str, str, str, str]], title: str, path: str | None,
                 append: bool = True) -> str:
     """A markdown table (metric, setting, ours, diffusers, ratio), printed and appended to (or written as) `path`."""
