@@ -8,6 +8,7 @@ block and the zero convs, which the UNet lacks, keep their fresh initialisation 
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -17,7 +18,20 @@ from cldm.model import OPTIONAL_KEY_SUFFIXES, create_model, load_state_dict, sav
 ROOT = Path(__file__).resolve().parent
 CONTROL, UNET, EMA = "control_model.", "model.diffusion_model.", "model_ema."
 # What the command line turns into a one-line message and exit code 1 (UnsafeCheckpointError is a ValueError).
+# What a tool's user can cause and fix (a missing input, an existing output, a checkpoint that does not fit):
+# reported in one line, without a traceback.
 CLI_ERRORS = (FileNotFoundError, FileExistsError, ValueError)
+
+
+def run_tool(body: Callable[[], str]) -> int:
+    """Exit status of a tool's body: 0 after printing what it reports, 1 after one line for a CLI_ERRORS error."""
+    try:
+        done = body()
+    except CLI_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(done)
+    return 0
 
 
 def unet_twin(key: str, model_keys: dict | set) -> str | None:
@@ -88,7 +102,8 @@ def main(argv: list[str] | None = None, default_config: str | Path = ROOT / "mod
     parser.add_argument("--config", default=str(default_config), help="model config (default: %(default)s)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing output")
     args = parser.parse_args(argv)
-    try:
+
+    def convert() -> str:
         refuse_existing(args.output, args.force)
         # The EMA copy (3.4 of v1-5-pruned.ckpt's 7.7 GB) is never used.
         sd = {k: v for k, v in load_state_dict(args.input).items() if not k.startswith(EMA)}
@@ -98,11 +113,9 @@ def main(argv: list[str] | None = None, default_config: str | Path = ROOT / "mod
         for key in added:
             print(f"These weights are newly added: {key}")
         save_state_dict(out, args.output, force=args.force)
-    except CLI_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(f"Done: {args.output} ({len(out)} keys, {len(added)} newly added).")
-    return 0
+        return f"Done: {args.output} ({len(out)} keys, {len(added)} newly added)."
+
+    return run_tool(convert)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import sys
 import torch
 
 from cldm.model import create_model, load_state_dict, save_state_dict
-from tool_add_control import CLI_ERRORS, CONTROL, EMA, ROOT, UNET, Fit, fillable, refuse_existing, unet_twin
+from tool_add_control import CONTROL, EMA, ROOT, UNET, Fit, fillable, refuse_existing, run_tool, unet_twin
 
 
 def transfer_control(control: dict[str, torch.Tensor], base: dict[str, torch.Tensor],
@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="ControlLDM config (default: %(default)s)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing output")
     args = parser.parse_args(argv)
-    try:
+
+    def transfer() -> str:
         refuse_existing(args.out, args.force)
         # Only what is used is kept: a 1.0 control file and v1-5-pruned.ckpt hold 5.7 and 7.7 GB.
         control = {k: v for k, v in load_state_dict(args.control).items() if k.startswith(CONTROL)}
@@ -69,11 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         fits = tuple(Fit(p, args.config) for p in (args.control, args.base, args.target))
         out = transfer_control(control, base, target, scratch, fits)
         save_state_dict(out, args.out, force=args.force)
-    except CLI_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(f"Done: {args.out} ({len(out)} keys).")
-    return 0
+        return f"Done: {args.out} ({len(out)} keys)."
+
+    return run_tool(transfer)
 
 
 if __name__ == "__main__":
