@@ -11,5 +11,5 @@ if ! command -v chromium >/dev/null 2>&1; then
     fi
 fi
 python3 -m venv .venv
-.venv/bin/pip install -q --disable-pip-version-check -r requirements.txt
+.venv/bin/pip install -q --disable-pip-version-check -r requirements-test.txt
 exec .venv/bin/python -m pytest -q "$@"

@@ -4,8 +4,6 @@ import math
 
 import pytest
 
-pytest.importorskip("diffusers")
-
 from benchmarks import bench_sample, bench_train, gpu_suite  # noqa: E402
 
 

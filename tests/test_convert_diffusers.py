@@ -2,6 +2,7 @@
 
 import json
 
+import diffusers
 import pytest
 import torch
 
@@ -9,8 +10,6 @@ import tool_convert_diffusers as tool
 from cldm.model import create_model, load_checkpoint, save_state_dict
 from conftest import ROOT
 from ldm.util import load_checkpoint_state_dict
-
-diffusers = pytest.importorskip("diffusers")
 
 TINY_CONFIGS = ["cldm_tiny.yaml", "cldm_tiny_v21.yaml"]
 

@@ -102,7 +102,8 @@ def test_optimizer_choice(tiny_model, tmp_path, monkeypatch):
 
 
 def test_adamw8bit_trains_and_resumes(tmp_path):
-    bnb = pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+
     from tool_make_fill50k import make_fill50k
     from tutorial_train import main
     data = make_fill50k(tmp_path / "fill50k", n=8, size=32, seed=0)
