@@ -19,16 +19,20 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from open_clip.tokenizer import SimpleTokenizer
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
-from torch.utils.data import DataLoader
+from torch.utils.data import Dataset
 
 import share  # noqa: F401  (quiet logs; sliced attention when config.save_memory)
+from cldm.data import FORMATS, BadSampleError, PairedImageDataset, Resize, open_dataset
+from cldm.data.images import RESIZE_MODES
+from cldm.data.loading import SkippedSamples, TrainData, report_captions, sample_error_message
 from cldm.logger import ImageLogger
 from cldm.model import create_model, load_checkpoint, save_state_dict
 from ldm.models.diffusion.ddpm import COMPILE_MODES, OPTIMIZERS
 from ldm.modules.diffusionmodules.openaimodel import set_gradient_checkpointing
-from tutorial_dataset import CachedDataset, MyDataset
+from tutorial_dataset import CachedDataset
 
 
 def str2bool(value: str) -> bool:
@@ -55,8 +59,11 @@ def parse_args(argv: list[str] | None, config: str, resume_path: str) -> argpars
                         "from the config's random weights")
     p.add_argument("--resume", default=None, help="Lightning checkpoint to continue from, e.g. checkpoints/last.ckpt")
     p.add_argument("--data_root", default=None,
-                   help="data folder (default ./training/fill50k, or the one a --cached_latents cache records)")
-    p.add_argument("--image_size", type=int, default=None, help="resize data to this size (default: as stored)")
+                   help="data folder or shard URI (default ./training/fill50k, or the one a --cached_latents cache "
+                        "records)")
+    p.add_argument("--image_size", type=int, default=None,
+                   help="stretch images to this square size, ignoring their aspect ratio (the original's sizing; "
+                        "see --resolution)")
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--learning_rate", type=float, default=1e-5)
     p.add_argument("--sd_locked", type=str2bool, default=True)
@@ -79,6 +86,25 @@ def parse_args(argv: list[str] | None, config: str, resume_path: str) -> argpars
                    help="control-only safetensors written at the end (default OUTPUT_DIR/control_model.safetensors)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--force", action="store_true", help="overwrite an existing export")
+    data = p.add_argument_group("data (docs/data.md)")
+    data.add_argument("--data_format", choices=FORMATS, default=None,
+                      help="reader of --data_root (default: told by the files it holds)")
+    data.add_argument("--resolution", type=int, default=None,
+                      help="bring images of any size to this resolution with --resize (default: as stored)")
+    data.add_argument("--resize", choices=RESIZE_MODES, default="center_crop",
+                      help="with --resolution: short side to N then a centre or random N x N crop, a stretch to "
+                           "N x N, or aspect-ratio buckets of about N*N pixels (default %(default)s)")
+    data.add_argument("--conditioning_data_dir", default=None, help="kohya format: the folder of hint images")
+    data.add_argument("--caption_extension", default=".txt", help="kohya format: caption files' extension")
+    data.add_argument("--image_column", default="image", help="hf format: the target image column")
+    data.add_argument("--conditioning_image_column", default="conditioning_image", help="hf format: the hint column")
+    data.add_argument("--caption_column", default="text", help="hf format: the caption column")
+    data.add_argument("--split", default="train", help="hf format: the split to train on")
+    data.add_argument("--allow_outside_root", action="store_true",
+                      help="fill50k format: read prompt.json entries that are absolute or contain '..'")
+    data.add_argument("--skip_bad_samples", action="store_true",
+                      help="log, count and skip unreadable or misfit samples instead of stopping")
+    data.add_argument("--num_nodes", type=int, default=1, help="machines in the run (launch: docs/data.md)")
     fast = p.add_argument_group("speed and memory (figures in benchmarks/RESULTS.md)")
     fast.add_argument("--cached_latents", default=None, metavar="DIR",
                       help="train from a tool_cache_latents.py cache: the VAE and text encoder do not run")
@@ -125,13 +151,32 @@ def build_model(args: argparse.Namespace) -> pl.LightningModule:
     return model
 
 
-def build_dataset(args: argparse.Namespace) -> MyDataset:
+def build_dataset(args: argparse.Namespace) -> Dataset:
+    """The reader of --data_root (any format), or the latent cache's with --cached_latents."""
     if args.cached_latents is None:
-        return MyDataset(args.data_root or "./training/fill50k", size=args.image_size)
+        if args.image_size is not None and args.resolution is not None:
+            sys.exit("give --image_size (stretch) or --resolution (with --resize), not both")
+        resize = Resize(args.image_size, "stretch") if args.image_size is not None else \
+            Resize(args.resolution, args.resize)
+        return open_dataset(args.data_root or "./training/fill50k", args.data_format, resize,
+                            conditioning_data_dir=args.conditioning_data_dir,
+                            caption_extension=args.caption_extension, image_column=args.image_column,
+                            conditioning_image_column=args.conditioning_image_column,
+                            caption_column=args.caption_column, split=args.split,
+                            allow_outside_root=args.allow_outside_root, skip_bad=args.skip_bad_samples,
+                            seed=args.seed or 0)
     dataset = CachedDataset(args.cached_latents, data_root=args.data_root)
     if args.image_size not in (None, dataset.size):
         sys.exit(f"{args.cached_latents} was cached at image size {dataset.size}, not {args.image_size}")
     return dataset
+
+
+def report_captions_for(model: pl.LightningModule, dataset: Dataset) -> None:
+    """Empty captions and captions longer than the model's tokenizer reads, named by file (a log warning)."""
+    tokenizer = model.cond_stage_model.tokenizer
+    if isinstance(dataset, PairedImageDataset) and isinstance(tokenizer, SimpleTokenizer):
+        # the context holds start and end tokens besides the caption's
+        report_captions(dataset, lambda c: len(tokenizer.encode(c)), tokenizer.context_length - 2)
 
 
 def main(argv: list[str] | None = None, config: str = "./models/cldm_v15.yaml",
@@ -147,19 +192,27 @@ def main(argv: list[str] | None = None, config: str = "./models/cldm_v15.yaml",
     if args.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
         sys.exit("--optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes")
     model = build_model(args)
-    dataset = build_dataset(args)
-    dataloader = DataLoader(dataset, num_workers=args.num_workers, batch_size=args.batch_size, shuffle=True,
-                            persistent_workers=args.num_workers > 0)
+    try:
+        dataset = build_dataset(args)
+    except (ValueError, OSError) as err:  # BadSampleError is a ValueError
+        sys.exit(f"error: {err}")
+    report_captions_for(model, dataset)
+    data = TrainData(dataset, args.batch_size, args.num_workers, seed=args.seed or 0, skip_bad=args.skip_bad_samples)
+    skipped = SkippedSamples()
     image_logger = ImageLogger(batch_frequency=args.logger_freq, log_images_kwargs={"ddim_steps": args.sample_steps})
     checkpoints = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="step-{step:06d}",
                                   every_n_train_steps=args.checkpoint_every, save_top_k=1, save_last=True,
                                   auto_insert_metric_name=False)
     trainer = pl.Trainer(accelerator=args.accelerator, devices=args.devices, strategy=args.strategy,
                          precision=args.precision, max_steps=args.max_steps, log_every_n_steps=args.log_every_n_steps,
-                         accumulate_grad_batches=args.accumulate_grad_batches, callbacks=[image_logger, checkpoints],
+                         accumulate_grad_batches=args.accumulate_grad_batches, num_nodes=args.num_nodes,
+                         callbacks=[image_logger, checkpoints, skipped], use_distributed_sampler=False,
                          logger=[TensorBoardLogger(output_dir), CSVLogger(output_dir)], default_root_dir=output_dir)
 
-    trainer.fit(model, dataloader, ckpt_path=args.resume, weights_only=True)
+    try:
+        trainer.fit(model, datamodule=data, ckpt_path=args.resume, weights_only=True)
+    except BadSampleError as err:
+        sys.exit(f"error: {sample_error_message(err)}")
 
     trainer.save_checkpoint(output_dir / "checkpoints" / "last.ckpt", weights_only=False)
     if trainer.is_global_zero:

@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
+from cldm.data.images import BadSampleError
 from conftest import ROOT
 from tool_make_fill50k import COLORS, MIN_CONTRAST, make_fill50k, sample_circle
 from tutorial_dataset import MyDataset
@@ -133,9 +134,9 @@ def test_dataset_errors_name_the_file(data, tmp_path):
     (broken / "target" / "2.png").unlink()
     (broken / "source" / "4.png").write_bytes(b"not a png")
     dataset = MyDataset(broken)
-    with pytest.raises(FileNotFoundError, match=rf"{re.escape(str(broken / 'target' / '2.png'))}.*line 3"):
+    with pytest.raises(BadSampleError, match=rf"{re.escape(str(broken / 'target' / '2.png'))} not found.*line 3"):
         dataset[2]
-    with pytest.raises(OSError, match=rf"{re.escape(str(broken / 'source' / '4.png'))}.*line 5"):
+    with pytest.raises(BadSampleError, match=rf"{re.escape(str(broken / 'source' / '4.png'))}.*line 5.*not a readab"):
         dataset[4]
 
     lines[3] = '{"source": "source/3.png",'

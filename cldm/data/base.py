@@ -1,0 +1,80 @@
+"""What every reader shares: a sample is a target image, a hint image and a caption, stored encoded; the base
+decodes them, brings them to the training size with one `Resize` and returns the training item."""
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from cldm.data.images import BadSampleError, Resize, decode, stored_size, to_item
+
+
+@dataclass(frozen=True)
+class EncodedSample:
+    """One sample as stored: the target's and the hint's file bytes, the caption, and names for messages."""
+
+    target: bytes
+    hint: bytes
+    caption: str
+    target_name: str
+    hint_name: str
+
+
+class PairedImageDataset(Dataset, ABC):
+    """A reader: item i is dict(jpg=target HxWx3 float32 in [-1, 1], txt=caption, hint=HxWx3 float32 in [0, 1]).
+
+    Subclasses say how many samples there are (`__len__`), how to read one as stored (`encoded`) and where its
+    caption comes from (`caption_source`, for reports). With `resize.resolution` None all targets must share
+    the first one's size; a sample of another size is refused with advice.
+    """
+
+    def __init__(self, resize: Resize | None = None) -> None:
+        self.resize = resize or Resize()
+        self._reference: tuple[tuple[int, int], str] | None = None
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    @abstractmethod
+    def encoded(self, idx: int) -> EncodedSample:
+        """Sample idx as stored; BadSampleError naming the file when it cannot be read."""
+
+    @abstractmethod
+    def caption_source(self, idx: int) -> str:
+        """Where sample idx's caption comes from (a file, an index line, a row), for caption reports."""
+
+    @abstractmethod
+    def caption(self, idx: int) -> str:
+        """Sample idx's caption, without reading its images."""
+
+    def target_size(self, idx: int) -> tuple[int, int]:
+        """(width, height) of sample idx's target as decoded, from its header."""
+        sample = self.encoded(idx)
+        return stored_size(sample.target, sample.target_name)
+
+    def sizes(self) -> list[tuple[int, int]]:
+        """Every target's (width, height), for aspect-ratio buckets."""
+        return [self.target_size(i) for i in range(len(self))]
+
+    def __getitem__(self, idx: int) -> dict:
+        sample = self.encoded(idx)
+        target = decode(sample.target, sample.target_name)
+        hint = decode(sample.hint, sample.hint_name)
+        # numbers from torch's generator, which Lightning seeds per worker (seed_everything(workers=True))
+        rng = np.random.default_rng(int(torch.randint(2**62, ())))
+        target, hint = self.resize(target, hint, rng, (sample.target_name, sample.hint_name))
+        if self.resize.resolution is None:
+            self._check_common_size(target, sample.target_name)
+        return to_item(target, hint, sample.caption)
+
+    def _check_common_size(self, target: np.ndarray, name: str) -> None:
+        if self._reference is None:
+            first = self.encoded(0)
+            self._reference = stored_size(first.target, first.target_name), first.target_name
+        (w, h), first_name = self._reference
+        if target.shape[:2] != (h, w):
+            raise BadSampleError(
+                f"{name} is {target.shape[1]}x{target.shape[0]}, but {first_name} is {w}x{h}: the images of a "
+                "batch must share one size; pass --resolution N to resize and crop them all to N x N (or "
+                "--image_size N to stretch them)")

@@ -1,0 +1,115 @@
+"""A local Hugging Face data set, in any of the three forms people keep one: a `save_to_disk` folder, a folder
+of parquet files, or an imagefolder (images plus metadata.jsonl / metadata.csv).
+
+Columns default to those of diffusers' ControlNet training script: `image` (the target), `conditioning_image`
+(the hint) and `text` (the caption). In an imagefolder, metadata columns named `file_name` and
+`conditioning_image_file_name` become the `image` and `conditioning_image` columns. An image column may hold
+images (the datasets `Image` feature) or file paths relative to the data root.
+"""
+import logging
+from pathlib import Path
+
+from cldm.data.base import EncodedSample, PairedImageDataset
+from cldm.data.images import BadSampleError, Resize
+
+log = logging.getLogger(__name__)
+
+DEFAULT_COLUMNS = {"image_column": "image", "conditioning_image_column": "conditioning_image",
+                   "caption_column": "text"}
+
+
+def hf_layout(root: Path) -> str | None:
+    """'disk', 'parquet' or 'imagefolder' for a folder in one of those forms, else None."""
+    if (root / "dataset_dict.json").is_file() or (root / "state.json").is_file():
+        return "disk"
+    if any(root.glob("*.parquet")) or any(root.glob("*/*.parquet")):
+        return "parquet"
+    if any((root / name).is_file() for name in ("metadata.jsonl", "metadata.csv")):
+        return "imagefolder"
+    return None
+
+
+def load_split(root: Path, split: str, cache_dir: str | None = None):
+    """The `split` of the data set at `root` as a datasets.Dataset (image columns not decoded)."""
+    import datasets
+
+    layout = hf_layout(root)
+    if layout is None:
+        raise FileNotFoundError(f"{root} is not a Hugging Face data set: expected a save_to_disk folder "
+                                "(dataset_dict.json or state.json), parquet files, or metadata.jsonl / metadata.csv")
+    if layout == "disk":
+        loaded = datasets.load_from_disk(str(root))
+    elif layout == "parquet":
+        files = sorted(map(str, root.glob("*.parquet"))) or sorted(map(str, root.glob("*/*.parquet")))
+        by_split: dict[str, list[str]] = {}
+        for file in files:  # train-00000-of-00002.parquet, data/train-*.parquet, or one unnamed split
+            name = Path(file).stem.split("-")[0]
+            by_split.setdefault(name if name in ("train", "validation", "test") else "train", []).append(file)
+        loaded = datasets.load_dataset("parquet", data_files=by_split, cache_dir=cache_dir)
+    else:
+        loaded = datasets.load_dataset("imagefolder", data_dir=str(root), cache_dir=cache_dir)
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise ValueError(f"{root} has no split {split!r} (it has {', '.join(loaded)}); choose one with --split")
+        loaded = loaded[split]
+    return loaded
+
+
+class HFDataset(PairedImageDataset):
+    """Rows of a local Hugging Face data set: `image_column` the target, `conditioning_image_column` the hint,
+    `caption_column` the caption."""
+
+    def __init__(self, root: str | Path, resize: Resize | None = None, split: str = "train",
+                 image_column: str = "image", conditioning_image_column: str = "conditioning_image",
+                 caption_column: str = "text", cache_dir: str | None = None) -> None:
+        import datasets
+
+        super().__init__(resize)
+        self.root = Path(root)
+        table = load_split(self.root, split, cache_dir)
+        columns = {"--image_column": image_column, "--conditioning_image_column": conditioning_image_column,
+                   "--caption_column": caption_column}
+        missing = [f"{option} {name!r}" for option, name in columns.items() if name not in table.column_names]
+        if missing:
+            raise ValueError(f"{self.root}: no column {', '.join(missing)}; its columns are "
+                             f"{', '.join(table.column_names)} (name them with the options)")
+        self.image_column, self.hint_column, self.caption_column = image_column, conditioning_image_column, \
+            caption_column
+        for column in (image_column, conditioning_image_column):
+            if isinstance(table.features[column], datasets.Image):
+                table = table.cast_column(column, datasets.Image(decode=False))  # we decode (EXIF, 16-bit, ...)
+        self.table = table
+        self.captions = table[caption_column]
+        bad = [i for i, c in enumerate(self.captions) if not isinstance(c, str)]
+        if bad:
+            raise ValueError(f"{self.root}: column {caption_column!r} row {bad[0]} is not text "
+                             f"({type(self.captions[bad[0]]).__name__}); {len(bad)} such rows")
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def _image_bytes(self, value: object, column: str, idx: int) -> tuple[bytes, str]:
+        where = f"{self.root} row {idx} column {column!r}"
+        if isinstance(value, dict):  # the Image feature: {"bytes": ..., "path": ...}
+            if value.get("bytes"):
+                return value["bytes"], f"{where} ({value.get('path') or 'embedded'})"
+            value = value.get("path")
+        if isinstance(value, str) and value:
+            path = Path(value) if Path(value).is_absolute() else self.root / value
+            try:
+                return path.read_bytes(), f"{path} ({where})"
+            except OSError as err:
+                raise BadSampleError(f"{path} ({where}) cannot be read: {err.strerror}") from None
+        raise BadSampleError(f"{where}: expected an image or a file path, got {type(value).__name__}")
+
+    def encoded(self, idx: int) -> EncodedSample:
+        row = self.table[idx]
+        target, target_name = self._image_bytes(row[self.image_column], self.image_column, idx)
+        hint, hint_name = self._image_bytes(row[self.hint_column], self.hint_column, idx)
+        return EncodedSample(target, hint, self.captions[idx], target_name, hint_name)
+
+    def caption(self, idx: int) -> str:
+        return self.captions[idx]
+
+    def caption_source(self, idx: int) -> str:
+        return f"{self.root} row {idx} column {self.caption_column!r}"

@@ -1,0 +1,173 @@
+"""Images of any file and any size into the training item: one decoder for every reader, and one transform that
+the target and its hint always share.
+
+Decoding (PIL): EXIF orientation applied; grayscale repeated to RGB; 16-bit scaled to 8; alpha composited on
+white (as annotator.util.HWC3 does for hints). Sizing (`Resize`): images as stored, stretched to a square,
+resized and centre- or randomly cropped to a square, or to the nearest aspect-ratio bucket of about the same
+area. The hint is first brought to its target's size (it must have the same aspect ratio), then both get the
+same resize and the same crop, so hint pixels stay aligned with the target's.
+"""
+import io
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+RESIZE_MODES = ("center_crop", "random_crop", "stretch", "buckets")
+BUCKET_STEP = 64  # bucket sides are multiples of this (the VAE's 8 times the UNet's 8), as kohya's
+MAX_BUCKET_RATIO = 4.0  # the most elongated bucket, long side over short side
+ASPECT_TOLERANCE = 0.02  # hint and target aspect ratios may differ by this fraction (rounding of sizes)
+EXIF_ORIENTATION = 0x0112
+_TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+
+class BadSampleError(ValueError):
+    """A sample that cannot be read or used; the message names the file (and index line) and what is wrong."""
+
+
+def decode(source: str | Path | bytes | Image.Image, name: str | None = None) -> np.ndarray:
+    """uint8 HxWx3 RGB from a file, encoded bytes or a PIL image; BadSampleError naming `name` if unreadable."""
+    name = name or str(source if not isinstance(source, (bytes, Image.Image)) else "image")
+    try:
+        if isinstance(source, Image.Image):
+            image = source
+        else:
+            image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+        image.load()
+        return to_rgb(image)
+    except FileNotFoundError:
+        raise BadSampleError(f"{name} not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise BadSampleError(f"{name} is not a readable image ({err})") from None
+
+
+def to_rgb(image: Image.Image) -> np.ndarray:
+    """uint8 HxWx3 RGB of any PIL image, upright as its EXIF orientation says."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # 16-bit grayscale (PIL gives 16-bit PNGs as "I" or "I;16"): scale 0..65535 to 0..255
+        gray = np.asarray(image, dtype=np.float64) / 257.0
+        return np.repeat(np.round(gray).clip(0, 255).astype(np.uint8)[:, :, None], 3, axis=2)
+    if image.mode == "F":
+        gray = np.asarray(image, dtype=np.float64)
+        gray = gray * 255.0 if gray.max(initial=0.0) <= 1.0 else gray
+        return np.repeat(np.round(gray).clip(0, 255).astype(np.uint8)[:, :, None], 3, axis=2)
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = np.asarray(image.convert("RGBA"), dtype=np.float32)
+        alpha = rgba[:, :, 3:] / 255.0
+        return np.round(rgba[:, :, :3] * alpha + 255.0 * (1.0 - alpha)).clip(0, 255).astype(np.uint8)
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def stored_size(source: str | Path | bytes, name: str | None = None) -> tuple[int, int]:
+    """(width, height) as `decode` will return the image, read from the header only."""
+    name = name or str(source if not isinstance(source, bytes) else "image")
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+            w, h = image.size
+            return (h, w) if image.getexif().get(EXIF_ORIENTATION) in _TRANSPOSED else (w, h)
+    except FileNotFoundError:
+        raise BadSampleError(f"{name} not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise BadSampleError(f"{name} is not a readable image ({err})") from None
+
+
+def bucket_sizes(resolution: int, step: int = BUCKET_STEP, max_ratio: float = MAX_BUCKET_RATIO
+                 ) -> list[tuple[int, int]]:
+    """(width, height) buckets of at most resolution² pixels, sides multiples of `step`, from 1:max_ratio to
+    max_ratio:1: for each width the tallest height that fits the area (kohya's scheme)."""
+    area, buckets = resolution * resolution, set()
+    for w in range(step, int(resolution * math.sqrt(max_ratio)) + 1, step):
+        h = min(area // w // step * step, int(resolution * math.sqrt(max_ratio)) // step * step)
+        if h >= step and max(w, h) / min(w, h) <= max_ratio:
+            buckets.update({(w, h), (h, w)})
+    return sorted(buckets)
+
+
+def nearest_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket whose aspect ratio is nearest (in log ratio) to that of `size` = (width, height)."""
+    ratio = math.log(size[0] / size[1])
+    return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - ratio), -b[0] * b[1]))
+
+
+@dataclass(frozen=True)
+class Resize:
+    """How every image pair is brought to the training size.
+
+    `resolution` None keeps images as stored (then all must share one size); otherwise `mode` says how:
+    center_crop / random_crop: the short side scaled to `resolution`, then a resolution² crop;
+    stretch: scaled to resolution² ignoring the aspect ratio (the original `--image_size`);
+    buckets: scaled to cover the nearest of `bucket_sizes(resolution)` and centre-cropped to it.
+    """
+
+    resolution: int | None = None
+    mode: str = "center_crop"
+
+    def __post_init__(self) -> None:
+        if self.mode not in RESIZE_MODES:
+            raise ValueError(f"resize mode must be one of {', '.join(RESIZE_MODES)}, got {self.mode!r}")
+        if self.resolution is not None and self.resolution < 8:
+            raise ValueError(f"resolution must be at least 8 pixels, got {self.resolution}")
+
+    @property
+    def buckets(self) -> list[tuple[int, int]]:
+        return bucket_sizes(self.resolution) if self.mode == "buckets" and self.resolution else []
+
+    def output_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        """(width, height) of the result for an input of `size`."""
+        if self.resolution is None:
+            return size
+        if self.mode == "buckets":
+            return nearest_bucket(size, self.buckets)
+        return self.resolution, self.resolution
+
+    def __call__(self, target: np.ndarray, hint: np.ndarray, rng: np.random.Generator | None = None,
+                 names: tuple[str, str] = ("target", "hint")) -> tuple[np.ndarray, np.ndarray]:
+        """The pair resized and cropped alike; `names` (target's, hint's) for the error of a misfit hint."""
+        hint = fit_hint(hint, target.shape[:2], names)
+        if self.resolution is None:
+            return target, hint
+        h, w = target.shape[:2]
+        out_w, out_h = self.output_size((w, h))
+        if self.mode == "stretch":
+            return resize(target, out_w, out_h), resize(hint, out_w, out_h)
+        scale = max(out_w / w, out_h / h)  # cover the output, then crop the excess
+        scaled_w, scaled_h = max(out_w, round(w * scale)), max(out_h, round(h * scale))
+        if self.mode == "random_crop":
+            rng = rng or np.random.default_rng()
+            x, y = int(rng.integers(scaled_w - out_w + 1)), int(rng.integers(scaled_h - out_h + 1))
+        else:
+            x, y = (scaled_w - out_w) // 2, (scaled_h - out_h) // 2
+        return tuple(resize(image, scaled_w, scaled_h)[y:y + out_h, x:x + out_w] for image in (target, hint))
+
+
+def fit_hint(hint: np.ndarray, target_hw: tuple[int, int], names: tuple[str, str]) -> np.ndarray:
+    """The hint at its target's size (as kohya's conditioning images are); refused if its aspect ratio differs,
+    since such a hint cannot be aligned with the target."""
+    if hint.shape[:2] == target_hw:
+        return hint
+    (th, tw), (hh, hw) = target_hw, hint.shape[:2]
+    if abs(math.log((hw / hh) / (tw / th))) > ASPECT_TOLERANCE:
+        raise BadSampleError(f"{names[1]} is {hw}x{hh} but its target {names[0]} is {tw}x{th}: a hint must show "
+                             "the same view as its target (the same aspect ratio)")
+    return resize(hint, tw, th)
+
+
+def resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Area averaging to shrink, bicubic to enlarge (OpenCV's advice for each)."""
+    if image.shape[1] == width and image.shape[0] == height:
+        return image
+    shrink = width * height < image.shape[0] * image.shape[1]
+    return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC)
+
+
+def to_item(target: np.ndarray, hint: np.ndarray, prompt: str) -> dict:
+    """The training item: jpg = target as float32 HWC in [-1, 1], hint as float32 HWC in [0, 1], txt."""
+    return dict(jpg=target.astype(np.float32) / 127.5 - 1.0, txt=prompt, hint=hint.astype(np.float32) / 255.0)

@@ -1,0 +1,207 @@
+"""From a reader to Lightning's training loop: the data module (sharding across nodes, ranks and workers),
+aspect-ratio bucket batches, skipping bad samples with a count, and the caption report.
+
+Sharding is explicit rather than Lightning's sampler injection (the Trainer runs with
+use_distributed_sampler=False): map-style readers get a DistributedSampler, buckets a batch sampler that deals
+whole batches to ranks, and streams shard themselves (litdata), their position kept in Lightning's checkpoints
+by litdata's StreamingDataLoader.
+"""
+import logging
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from litdata import StreamingDataLoader, StreamingDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from cldm.data.base import PairedImageDataset
+from cldm.data.images import BadSampleError
+
+log = logging.getLogger(__name__)
+
+MAX_CONSECUTIVE_BAD = 32  # a skipping reader gives up after this many bad samples in a row: the data is broken
+SKIPPED_KEY = "skipped"  # per item: bad samples passed over before it (summed in training, logged at the end)
+
+
+class SkipBadSamples(Dataset):
+    """A reader whose bad samples (BadSampleError) are logged, counted and replaced by the next good one of the
+    same group (the same bucket, so a batch keeps one size)."""
+
+    def __init__(self, dataset: PairedImageDataset, groups: list[int] | None = None) -> None:
+        self.dataset, self.groups = dataset, groups
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, idx: int) -> dict:
+        skipped, j = 0, idx
+        while True:
+            try:
+                return {**self.dataset[j], SKIPPED_KEY: skipped}
+            except BadSampleError as err:
+                skipped += 1
+                log.warning("skipped bad sample %d: %s", j, err)
+                if skipped >= min(MAX_CONSECUTIVE_BAD, len(self.dataset)):
+                    raise BadSampleError(f"{skipped} bad samples in a row (the last: {err}); the data set looks "
+                                         "broken, not just a few files") from None
+                j = self._next(j)
+
+    def _next(self, j: int) -> int:
+        n = len(self.dataset)
+        for step in range(1, n):
+            k = (j + step) % n
+            if self.groups is None or self.groups[k] == self.groups[j]:
+                return k
+        return j
+
+
+class EpochCounter:
+    """The epoch Lightning sets on `batch_sampler.sampler` (set_epoch) each epoch, read by BucketBatchSampler."""
+
+    def __init__(self) -> None:
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+
+class BucketBatchSampler:
+    """Batches drawn from one aspect-ratio bucket each, shuffled per epoch by (seed, epoch), dealt to ranks in
+    turn; every rank gets the same number of batches (the few left over are dropped, a new order each epoch)."""
+
+    def __init__(self, groups: list[int], batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 valid: list[bool] | None = None) -> None:
+        self.groups, self.batch_size, self.rank, self.world_size, self.seed = groups, batch_size, rank, world_size, seed
+        self.valid = valid
+        self.sampler = EpochCounter()
+
+    def _all_batches(self) -> list[list[int]]:
+        rng = np.random.default_rng([self.seed, self.sampler.epoch])
+        pending: dict[int, list[int]] = {}
+        batches = []
+        for idx in rng.permutation(len(self.groups)).tolist():
+            if self.valid is not None and not self.valid[idx]:
+                continue
+            bucket = pending.setdefault(self.groups[idx], [])
+            bucket.append(idx)
+            if len(bucket) == self.batch_size:
+                batches.append(bucket.copy())
+                bucket.clear()
+        batches += [b for b in pending.values() if b]  # partial batches, one per bucket
+        return [batches[i] for i in rng.permutation(len(batches))]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = self._all_batches()
+        per_rank = len(batches) // self.world_size
+        yield from batches[self.rank:per_rank * self.world_size:self.world_size]
+
+    def __len__(self) -> int:
+        return len(self._all_batches()) // self.world_size
+
+
+class TrainData(pl.LightningDataModule):
+    """The training loader of a reader, built once the Trainer knows this process's rank and world size."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, num_workers: int = 0, seed: int = 0,
+                 skip_bad: bool = False) -> None:
+        super().__init__()
+        self.dataset, self.batch_size, self.num_workers, self.seed = dataset, batch_size, num_workers, seed
+        self.skip_bad = skip_bad
+
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = self.trainer  # set by Lightning when the module is given to Trainer.fit
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world = self._rank_world()
+        workers = dict(num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        if isinstance(self.dataset, StreamingDataset):
+            return StreamingDataLoader(self.dataset, batch_size=self.batch_size, num_workers=self.num_workers)
+        groups, valid = None, None
+        if getattr(self.dataset, "resize", None) is not None and self.dataset.resize.mode == "buckets" \
+                and self.dataset.resize.resolution is not None:
+            groups, valid = self._bucket_groups()
+        dataset = SkipBadSamples(self.dataset, groups) if self.skip_bad else self.dataset
+        if groups is not None:
+            batches = BucketBatchSampler(groups, self.batch_size, rank, world, self.seed, valid)
+            return DataLoader(dataset, batch_sampler=batches, **workers)
+        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, **workers)
+
+    def _bucket_groups(self) -> tuple[list[int], list[bool]]:
+        """Each sample's bucket (an index into resize.buckets) from its header; unreadable ones are refused,
+        or left out when skipping."""
+        buckets = self.dataset.resize.buckets
+        position = {b: i for i, b in enumerate(buckets)}
+        groups, valid = [], []
+        for i in range(len(self.dataset)):
+            try:
+                groups.append(position[self.dataset.resize.output_size(self.dataset.target_size(i))])
+                valid.append(True)
+            except BadSampleError as err:
+                if not self.skip_bad:
+                    raise
+                log.warning("skipped bad sample %d: %s", i, err)
+                groups.append(-1)
+                valid.append(False)
+        counts = np.bincount([g for g in groups if g >= 0], minlength=len(buckets))
+        log.info("aspect-ratio buckets: %s", ", ".join(f"{w}x{h}: {n}" for (w, h), n in zip(buckets, counts) if n))
+        return groups, valid
+
+
+class SkippedSamples(pl.Callback):
+    """Sums the bad samples skipped in training (the SKIPPED_KEY of each batch) over steps and ranks; logs the
+    running count as data/skipped_samples and the total at the end."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.total = 0
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        if isinstance(batch, dict) and SKIPPED_KEY in batch:
+            self.count += int(torch.as_tensor(batch[SKIPPED_KEY]).sum())
+            pl_module.log("data/skipped_samples", float(self.count), on_step=True, on_epoch=False, reduce_fx="sum",
+                          sync_dist=False)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.total = int(trainer.strategy.reduce(torch.tensor(float(self.count), device=pl_module.device),
+                                                 reduce_op="sum"))
+        if trainer.is_global_zero:
+            log.warning("skipped %d bad samples in training (--skip_bad_samples); each is named above", self.total)
+
+
+def report_captions(dataset: PairedImageDataset, count_tokens: Callable[[str], int] | None = None,
+                    max_tokens: int | None = None, shown: int = 10) -> dict[str, int]:
+    """Log captions that are empty or longer than the text encoder reads, by where they come from; returns the
+    counts. (Captions that are not UTF-8 are refused when the reader opens them.)"""
+    empty, long = [], []
+    lengths: dict[str, int] = {}
+    for i in range(len(dataset)):
+        caption = dataset.caption(i)
+        if not caption.strip():
+            empty.append(i)
+        elif count_tokens is not None and max_tokens is not None:
+            if caption not in lengths:
+                lengths[caption] = count_tokens(caption)
+            if lengths[caption] > max_tokens:
+                long.append(i)
+    for i in empty[:shown]:
+        log.warning("empty caption: %s", dataset.caption_source(i))
+    for i in long[:shown]:
+        log.warning("caption of %d tokens, the text encoder reads %d (the rest is cut): %s",
+                    lengths[dataset.caption(i)], max_tokens, dataset.caption_source(i))
+    for kind, found in (("empty captions", empty), ("captions too long", long)):
+        if len(found) > shown:
+            log.warning("%d more %s not listed", len(found) - shown, kind)
+    return {"empty": len(empty), "too_long": len(long)}
+
+
+def sample_error_message(err: BadSampleError) -> str:
+    """The reader's own message of a BadSampleError, also when a DataLoader worker raised it (the loader
+    re-raises it in the main process with the worker's traceback as its text, the message on the last line)."""
+    text = str(err).strip()
+    last = text.splitlines()[-1] if text else text
+    prefix = f"{BadSampleError.__module__}.{BadSampleError.__qualname__}: "
+    return last[len(prefix):] if last.startswith(prefix) else text

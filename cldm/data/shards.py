@@ -1,0 +1,101 @@
+"""Streaming shards with LitData: `write_shards` turns any reader into chunk files plus an index.json
+(litdata.optimize); `ShardDataset` streams them (litdata.StreamingDataset) from a local folder or an
+object-store URI (s3://, gs://, azure://), split across nodes, ranks and workers, with its position saved in
+Lightning checkpoints through litdata.StreamingDataLoader.
+
+A sample is stored as written by its reader, not re-encoded: {"target": file bytes, "hint": file bytes,
+"txt": caption, "key": the sample's name}. Resizing happens when reading, with the same `Resize` as the other
+readers (aspect-ratio buckets need a map-style reader, since a stream cannot group by size ahead).
+"""
+import logging
+import os
+import shutil
+import tempfile
+from functools import partial
+from pathlib import Path
+
+from litdata import StreamingDataset, optimize
+
+from cldm.data.base import PairedImageDataset
+from cldm.data.images import BadSampleError, Resize, decode, fit_hint, to_item
+
+log = logging.getLogger(__name__)
+
+SHARD_INDEX = "index.json"
+DEFAULT_CHUNK_BYTES = "64MB"
+
+
+def _record(reader: PairedImageDataset, idx: int) -> dict | None:
+    """Sample idx of `reader` as a shard record, checked to decode and fit; None (left out) when bad."""
+    try:
+        sample = reader.encoded(idx)
+        fit_hint(decode(sample.hint, sample.hint_name), decode(sample.target, sample.target_name).shape[:2],
+                 (sample.target_name, sample.hint_name))
+    except BadSampleError as err:
+        log.warning("left out of the shards: %s", err)
+        return None
+    return {"target": sample.target, "hint": sample.hint, "txt": sample.caption, "key": sample.target_name}
+
+
+def _emit(reader: PairedImageDataset, idx: int):
+    record = _record(reader, idx)
+    if record is not None:
+        yield record
+
+
+def write_shards(reader: PairedImageDataset, out: str | Path, num_workers: int = 1,
+                 chunk_bytes: str = DEFAULT_CHUNK_BYTES, force: bool = False) -> Path:
+    """Write every readable sample of `reader` as LitData shards in `out` and return it.
+
+    Written into a temporary folder beside `out` and renamed at the end, so `out` holds either no shards or
+    complete ones; an existing `out` is replaced only with `force`.
+    """
+    out = Path(out)
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} already exists; pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        optimize(fn=partial(_emit, reader), inputs=list(range(len(reader))), output_dir=str(tmp),
+                 chunk_bytes=chunk_bytes, num_workers=max(1, num_workers), mode="overwrite", verbose=False,
+                 start_method="fork" if os.name == "posix" else None)
+        if not (tmp / SHARD_INDEX).is_file():
+            raise BadSampleError(f"no sample of {len(reader)} could be read, so no shards were written")
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out
+
+
+def is_shard_uri(root: str) -> bool:
+    """Whether `root` names an object store (s3://bucket/path and the like) rather than a local folder."""
+    return "://" in str(root)
+
+
+class ShardDataset(StreamingDataset):
+    """Training items streamed from `write_shards` output: dict(jpg, txt, hint) as every reader gives.
+
+    `shuffle` reorders chunks and the items within them each epoch (seeded by `seed`); under several ranks
+    each gets its own part, every sample once per epoch (drop_last evens the ranks out).
+    """
+
+    def __init__(self, input_dir: str | Path, resize: Resize | None = None, shuffle: bool = True, seed: int = 0,
+                 cache_dir: str | None = None, **options) -> None:
+        if not is_shard_uri(str(input_dir)) and not (Path(input_dir) / SHARD_INDEX).is_file():
+            raise FileNotFoundError(f"{Path(input_dir) / SHARD_INDEX} not found: write shards with "
+                                    f"`python tool_make_dataset.py ... --format shards --out {input_dir}`")
+        super().__init__(str(input_dir), cache_dir=cache_dir, shuffle=shuffle, seed=seed, **options)
+        self.resize = resize or Resize()
+
+    def __getitem__(self, index) -> dict:
+        record = super().__getitem__(index)
+        target, hint = decode(record["target"], record["key"]), decode(record["hint"], f"hint of {record['key']}")
+        target, hint = self.resize(target, hint, None, (record["key"], f"hint of {record['key']}"))
+        return to_item(target, hint, record["txt"])
