@@ -19,6 +19,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -82,7 +83,9 @@ COLORS: list[tuple[str, tuple[int, int, int]]] = [
 ]
 MIN_CONTRAST = 100.0  # least RGB distance between fill and background, so the circle is always visible
 MIN_SIZE = 16
-PNG_PARAMS = [cv2.IMWRITE_PNG_COMPRESSION, 6]  # zlib's default: less than half the bytes of OpenCV's level 1
+PNG_PARAMS = [cv2.IMWRITE_PNG_COMPRESSION, 6]
+SET_ENTRIES = ("prompt.json", "source", "target", "meta.jsonl")  # prompt.json first: its absence marks no set
+STAGING_PREFIX = ".fill50k-"  # hidden folders of a run in progress inside the output folder  # zlib's default: less than half the bytes of OpenCV's level 1
 
 _RGB = np.array([rgb for _, rgb in COLORS], dtype=np.float64)
 # For each fill colour, the background colours far enough from it.
@@ -149,8 +152,9 @@ def make_fill50k(out: str | Path, n: int = 50000, size: int = 512, seed: int = 0
                  workers: int = 1) -> Path:
     """Write n samples in Fill50K's layout under `out` and return its path.
 
-    A non-empty `out` is refused unless `force`; with `force`, files of the same names are overwritten and
-    nothing else is touched. prompt.json is written last and atomically, so its presence marks a complete set.
+    A non-empty `out` is refused unless `force`. The new set is written into a hidden folder inside `out` and
+    swapped in at the end (prompt.json last), so an interrupted run leaves the old set, or no prompt.json,
+    never an index that names images of another set. Files of `out` that are not part of a set are kept.
     """
     out = Path(out)
     if n < 1:
@@ -159,22 +163,41 @@ def make_fill50k(out: str | Path, n: int = 50000, size: int = 512, seed: int = 0
         raise ValueError(f"size must be at least {MIN_SIZE}, got {size}")
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"{out} exists and is not a folder")
+    for stale in out.glob(f"{STAGING_PREFIX}*") if out.is_dir() else ():
+        shutil.rmtree(stale)  # left by a run that was killed
     if out.is_dir() and any(out.iterdir()) and not force:
-        raise FileExistsError(f"{out} is not empty; pass --force to write into it "
-                              "(files of the same names are overwritten, nothing else is touched)")
-    for folder in ("source", "target"):
-        (out / folder).mkdir(parents=True, exist_ok=True)
-
-    jobs = [(out, seed, i, size) for i in range(n)]
-    step = max(1, n // 10)
-    records = []
-    for done, record in enumerate(_records(jobs, workers), 1):
-        records.append(record)
-        if done % step == 0 or done == n:
-            print(f"{done}/{n} samples", flush=True)
-    _write_lines_atomic(out / "meta.jsonl", [meta for _, meta in records])
-    _write_lines_atomic(out / "prompt.json", [prompt for prompt, _ in records])
+        raise FileExistsError(f"{out} is not empty; pass --force to replace the data set in it "
+                              "(other files are kept)")
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out, prefix=STAGING_PREFIX))
+    try:
+        for folder in ("source", "target"):
+            (staging / folder).mkdir()
+        jobs = [(staging, seed, i, size) for i in range(n)]
+        step = max(1, n // 10)
+        records = []
+        for done, record in enumerate(_records(jobs, workers), 1):
+            records.append(record)
+            if done % step == 0 or done == n:
+                print(f"{done}/{n} samples", flush=True)
+        _write_lines_atomic(staging / "meta.jsonl", [meta for _, meta in records])
+        _write_lines_atomic(staging / "prompt.json", [prompt for prompt, _ in records])
+        _swap_in(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+def _swap_in(staging: Path, out: Path) -> None:
+    """Replace the set in `out` by the one in `staging`: the old index leaves first and the new one comes last."""
+    trash = Path(tempfile.mkdtemp(dir=out, prefix=STAGING_PREFIX))
+    for name in SET_ENTRIES:
+        if (out / name).exists():
+            os.replace(out / name, trash / name)
+        if name != "prompt.json":
+            os.replace(staging / name, out / name)
+    os.replace(staging / "prompt.json", out / "prompt.json")
+    shutil.rmtree(trash)
 
 
 def _records(jobs: list[tuple[Path, int, int, int]], workers: int):
@@ -192,7 +215,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=50000, help="number of samples (default: %(default)s)")
     parser.add_argument("--size", type=int, default=512, help="image side in pixels (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    parser.add_argument("--force", action="store_true", help="write into a non-empty output folder")
+    parser.add_argument("--force", action="store_true",
+                        help="replace the data set in a non-empty output folder (written beside it, then swapped in)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="processes writing PNGs (default: all CPUs, %(default)s)")
     args = parser.parse_args()

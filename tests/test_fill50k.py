@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
-from cldm.data.images import BadSampleError
+from cldm.data.images import BadSampleError, Resize
 from conftest import ROOT
 from tool_make_fill50k import COLORS, MIN_CONTRAST, make_fill50k, sample_circle
 from tutorial_dataset import MyDataset
@@ -165,3 +165,98 @@ def test_tutorial_dataset_test_script(data, monkeypatch, capsys):
     runpy.run_path(str(ROOT / "tutorial_dataset_test.py"), run_name="__main__")
     assert capsys.readouterr().out.splitlines() == [
         str(N), records(data)[0]["prompt"], f"({SIZE}, {SIZE}, 3)", f"({SIZE}, {SIZE}, 3)"]
+
+
+def replace_line(root, line_no, new: bytes):
+    lines = (root / "prompt.json").read_bytes().splitlines()
+    lines[line_no - 1] = new
+    (root / "prompt.json").write_bytes(b"\n".join(lines) + b"\n")
+
+
+LINE_2 = b'{"source": "source/1.png", "target": "target/1.png", "prompt": %s}'
+
+
+@pytest.mark.parametrize("line, message", [
+    (LINE_2 % b'"caf\xe9"',
+     r"line 2: not UTF-8 \(byte 0xe9 at column 68\)"),
+    (LINE_2 % b'7', r'line 2: "prompt" must be a string, got a number'),
+    (LINE_2 % b'null', r'line 2: "prompt" must be a string, got null'),
+    (LINE_2 % b'["a"]', r'line 2: "prompt" must be a string, got a list'),
+    (b'{"source": 1, "target": "target/1.png", "prompt": "a"}', r'line 2: "source" must be a string, got a number'),
+])
+def test_index_errors_name_file_and_line(data, tmp_path, line, message):
+    root = shutil.copytree(data, tmp_path / "d")
+    replace_line(root, 2, line)
+    with pytest.raises(ValueError, match=re.escape(str(root / "prompt.json")) + ", " + message):
+        MyDataset(root)
+
+
+def test_training_names_a_non_utf8_index_in_one_line(data, tmp_path):
+    root = shutil.copytree(data, tmp_path / "d")
+    replace_line(root, 3, b'{"source": "source/2.png", "target": "target/2.png", "prompt": "\xff"}')
+    run = subprocess.run([sys.executable, str(ROOT / "tutorial_train.py"), "--config",
+                          str(ROOT / "models" / "cldm_tiny.yaml"), "--resume_path", "none", "--data_root",
+                          str(root), "--output_dir", str(tmp_path / "out"),
+                          "--accelerator", "cpu", "--max_steps", "1"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1
+    assert run.stderr.strip().splitlines()[-1] == \
+        f"error: {root / 'prompt.json'}, line 3: not UTF-8 (byte 0xff at column 65); save the index as UTF-8"
+    assert "Traceback" not in run.stderr
+
+
+def test_size_mismatches_named_with_advice(data, tmp_path):
+    root = shutil.copytree(data, tmp_path / "d")
+    cv2.imwrite(str(root / "source" / "1.png"), np.zeros((SIZE, SIZE // 2, 3), np.uint8))  # another aspect ratio
+    cv2.imwrite(str(root / "source" / "2.png"), np.zeros((SIZE // 2, SIZE // 2, 3), np.uint8))  # same, smaller
+    for folder in ("source", "target"):  # a whole sample of another size
+        cv2.imwrite(str(root / folder / "3.png"), np.zeros((48, 48, 3), np.uint8))
+    dataset = MyDataset(root)
+    with pytest.raises(BadSampleError, match=rf"source/1.png \(named on line 2 .*\) is {SIZE // 2}x{SIZE} but its "
+                                             rf"target .*target/1.png .* is {SIZE}x{SIZE}"):
+        dataset[1]
+    assert dataset[2]["hint"].shape == (SIZE, SIZE, 3)  # resized to its target's size
+    with pytest.raises(BadSampleError, match=rf"target/3.png \(named on line 4 .*\) is 48x48, but .*target/0.png "
+                                             rf".* is {SIZE}x{SIZE}: .*--resolution N"):
+        dataset[3]
+    assert MyDataset(root, resize=Resize(32))[3]["jpg"].shape == (32, 32, 3)
+
+
+def test_paths_outside_the_root_need_an_option(data, tmp_path, caplog):
+    root = shutil.copytree(data, tmp_path / "d")
+    shutil.copy(root / "source" / "0.png", tmp_path / "outside.png")
+    replace_line(root, 1, json.dumps({"source": "../outside.png", "target": "target/0.png", "prompt": "p"}).encode())
+    replace_line(root, 2, json.dumps({"source": str(tmp_path / "outside.png"), "target": "target/1.png",
+                                      "prompt": "p"}).encode())
+    with pytest.raises(ValueError, match=r"line 1: source '\.\./outside\.png' points outside the data root .*"
+                                         r"--allow_outside_root"):
+        MyDataset(root)
+    with caplog.at_level("WARNING"):
+        dataset = MyDataset(root, allow_outside_root=True)
+    assert "2 entries read images outside" in caplog.text
+    np.testing.assert_array_equal(dataset[0]["hint"], dataset[1]["hint"])
+
+
+def test_interrupted_force_leaves_the_old_set(tmp_path, monkeypatch):
+    import tool_make_fill50k
+    out = make_fill50k(tmp_path / "out", n=6, size=32, seed=0)
+    (out / "keep.txt").write_text("mine")
+    before = all_files(out)
+    write_sample = tool_make_fill50k._write_sample
+
+    def interrupted(job):
+        if job[2] == 3:
+            raise KeyboardInterrupt
+        return write_sample(job)
+
+    monkeypatch.setattr(tool_make_fill50k, "_write_sample", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        make_fill50k(out, n=6, size=32, seed=1, force=True)
+    assert all_files(out) == before  # the old set, whole, and nothing left of the new one
+
+    (out / ".fill50k-killed").mkdir()  # what a kill -9 would leave behind
+    monkeypatch.undo()
+    make_fill50k(out, n=4, size=32, seed=1, force=True)
+    after = all_files(out)
+    assert after["keep.txt"] == b"mine" and not (out / ".fill50k-killed").exists()
+    assert sorted(k for k in after if k.startswith("source/")) == [f"source/{i}.png" for i in range(4)]
+    assert after == {**all_files(make_fill50k(tmp_path / "fresh", n=4, size=32, seed=1)), "keep.txt": b"mine"}
