@@ -83,9 +83,9 @@ COLORS: list[tuple[str, tuple[int, int, int]]] = [
 ]
 MIN_CONTRAST = 100.0  # least RGB distance between fill and background, so the circle is always visible
 MIN_SIZE = 16
-PNG_PARAMS = [cv2.IMWRITE_PNG_COMPRESSION, 6]
+PNG_PARAMS = [cv2.IMWRITE_PNG_COMPRESSION, 6]  # zlib's default: less than half the bytes of OpenCV's level 1
 SET_ENTRIES = ("prompt.json", "source", "target", "meta.jsonl")  # prompt.json first: its absence marks no set
-STAGING_PREFIX = ".fill50k-"  # hidden folders of a run in progress inside the output folder  # zlib's default: less than half the bytes of OpenCV's level 1
+STAGING_PREFIX = ".fill50k-"  # hidden folders of a run in progress inside the output folder
 
 _RGB = np.array([rgb for _, rgb in COLORS], dtype=np.float64)
 # For each fill colour, the background colours far enough from it.
