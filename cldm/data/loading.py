@@ -12,11 +12,12 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from litdata import StreamingDataLoader, StreamingDataset
+from litdata import StreamingDataLoader
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from cldm.data.base import PairedImageDataset
 from cldm.data.images import BadSampleError
+from cldm.data.shards import ShardDataset
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +117,9 @@ class TrainData(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()
         workers = dict(num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
-        if isinstance(self.dataset, StreamingDataset):
-            return StreamingDataLoader(self.dataset, batch_size=self.batch_size, num_workers=self.num_workers)
+        if isinstance(self.dataset, ShardDataset):
+            return StreamingDataLoader(self.dataset.for_this_process(), batch_size=self.batch_size,
+                                       num_workers=self.num_workers)
         groups, valid = None, None
         if getattr(self.dataset, "resize", None) is not None and self.dataset.resize.mode == "buckets" \
                 and self.dataset.resize.resolution is not None:

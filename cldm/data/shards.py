@@ -93,6 +93,13 @@ class ShardDataset(StreamingDataset):
                                     f"`python tool_make_dataset.py ... --format shards --out {input_dir}`")
         super().__init__(str(input_dir), cache_dir=cache_dir, shuffle=shuffle, seed=seed, **options)
         self.resize = resize or Resize()
+        self._arguments = dict(input_dir=input_dir, resize=resize, shuffle=shuffle, seed=seed, cache_dir=cache_dir,
+                               **options)
+
+    def for_this_process(self) -> "ShardDataset":
+        """The same stream built anew: LitData fixes a stream's split across ranks when it is built, so the
+        training loader builds it after the process group is up."""
+        return ShardDataset(**self._arguments)
 
     def __getitem__(self, index) -> dict:
         record = super().__getitem__(index)
