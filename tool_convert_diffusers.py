@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from cldm.cldm import ControlNet
 from cldm.diffusers_names import diffusers_module_names, rename_module
@@ -54,8 +54,28 @@ class Mapping:
     config: dict
 
 
-def read_control_config(config_path: str | os.PathLike) -> tuple[dict, bool]:
-    """control_stage_config params of a ControlLDM YAML, and whether its residuals are average-pooled."""
+@dataclass
+class ControlConfig:
+    """What the conversion reads from a ControlLDM YAML."""
+
+    params: dict  # control_stage_config params
+    pooled: bool  # global_average_pooling of the residuals
+    size_embed_dim: int | None  # width of each size number's embedding in the vector y (SDXL), else None
+
+
+def size_embedding_width(params: DictConfig) -> int | None:
+    """outdim of the conditioner's size embedders (diffusers' addition_time_embed_dim), None without them."""
+    models = params.get("conditioner_config", {}).get("params", {}).get("emb_models", [])
+    widths = {m.params.outdim for m in models if m.target.endswith(".ConcatTimestepEmbedderND")}
+    if len(widths) > 1:
+        raise ValueError(f"the size embedders have different widths {sorted(widths)}; diffusers' text_time "
+                         "embedding has one addition_time_embed_dim")
+    return widths.pop() if widths else None
+
+
+def read_control_config(config_path: str | os.PathLike) -> ControlConfig:
+    """control_stage_config params of a ControlLDM YAML, whether its residuals are average-pooled, and the
+    width of its size embeddings."""
     config_path = Path(config_path)
     if not config_path.is_file():
         raise FileNotFoundError(f"Model config not found: {config_path}")
@@ -66,7 +86,8 @@ def read_control_config(config_path: str | os.PathLike) -> tuple[dict, bool]:
     if control.target != "cldm.cldm.ControlNet":
         raise ValueError(f"{config_path}: control model {control.target} has no diffusers ControlNetModel "
                          "equivalent; only cldm.cldm.ControlNet converts")
-    return OmegaConf.to_container(control.params), bool(params.get("global_average_pooling", False))
+    return ControlConfig(OmegaConf.to_container(control.params), bool(params.get("global_average_pooling", False)),
+                         size_embedding_width(params))
 
 
 def unet_spec(params: dict) -> UNetSpec:
@@ -95,17 +116,27 @@ def heads_per_level(spec: UNetSpec) -> list[int]:
     return [spec.model_channels * mult // spec.num_head_channels for mult in spec.channel_mult]
 
 
-def diffusers_config(spec: UNetSpec, hint_channels: int, hint_widths: list[int], pooled: bool) -> dict:
-    """config.json of the equivalent ControlNetModel, with every argument its __init__ takes."""
+def diffusers_config(spec: UNetSpec, hint_channels: int, hint_widths: list[int], pooled: bool,
+                     size_embed_dim: int | None = None) -> dict:
+    """config.json of the equivalent ControlNetModel, with every argument its __init__ takes.
+
+    A vector-conditioned ControlNet (SDXL) maps to diffusers' "text_time" addition embedding: the vector y is
+    the pooled text followed by the size numbers' embeddings, which diffusers builds from `text_embeds` and
+    `time_ids` with `add_time_proj` of width addition_time_embed_dim.
+    """
     attention = [2 ** level in spec.attention_resolutions for level in range(len(spec.channel_mult))]
     depths = list(spec.transformer_depth)
+    vector = spec.num_classes == "sequential"
+    if vector and size_embed_dim is None:
+        raise ValueError("a vector-conditioned ControlNet needs the config's size embedders "
+                         "(conditioner_config ConcatTimestepEmbedderND) for diffusers' addition_time_embed_dim")
     return {
         "_class_name": "ControlNetModel",
         "_diffusers_version": DIFFUSERS_VERSION,
         "act_fn": "silu",
-        "addition_embed_type": None,
+        "addition_embed_type": "text_time" if vector else None,
         "addition_embed_type_num_heads": 64,
-        "addition_time_embed_dim": None,
+        "addition_time_embed_dim": size_embed_dim if vector else None,
         # diffusers' historical name: with num_heads (SD1.x) it holds the head count, not the head width.
         "attention_head_dim": spec.num_heads if spec.num_head_channels == -1 else heads_per_level(spec),
         "block_out_channels": [spec.model_channels * mult for mult in spec.channel_mult],
@@ -130,7 +161,7 @@ def diffusers_config(spec: UNetSpec, hint_channels: int, hint_widths: list[int],
         "num_attention_heads": None,
         "num_class_embeds": None,
         "only_cross_attention": False,
-        "projection_class_embeddings_input_dim": None,
+        "projection_class_embeddings_input_dim": spec.adm_in_channels if vector else None,
         "resnet_time_scale_shift": "default",
         "transformer_layers_per_block": depths[0] if len(set(depths)) == 1 else depths,
         "upcast_attention": False,
@@ -140,7 +171,8 @@ def diffusers_config(spec: UNetSpec, hint_channels: int, hint_widths: list[int],
 
 def build_mapping(config_path: str | os.PathLike = DEFAULT_CONFIG) -> Mapping:
     """The full key mapping and config.json for the ControlNet of a ControlLDM YAML."""
-    params, pooled = read_control_config(config_path)
+    control = read_control_config(config_path)
+    params = control.params
     spec = unet_spec(params)
     # Built on the meta device only for its key names and shapes: no memory, no init time.
     with torch.device("meta"):
@@ -152,7 +184,7 @@ def build_mapping(config_path: str | os.PathLike = DEFAULT_CONFIG) -> Mapping:
         raise ValueError(f"No diffusers name for {len(unmapped)} keys of {config_path}, e.g. {unmapped[:5]}")
     # The widths set by conv_in and the stride-2 convs: diffusers' conditioning_embedding_out_channels.
     hint_widths = [shapes[f"input_hint_block.{2 * n}.weight"][0] for n in range(0, HINT_CONVS - 1, 2)]
-    config = diffusers_config(spec, params["hint_channels"], hint_widths, pooled)
+    config = diffusers_config(spec, params["hint_channels"], hint_widths, control.pooled, control.size_embed_dim)
     return Mapping(keys, shapes, config)
 
 

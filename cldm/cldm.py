@@ -11,8 +11,13 @@ import torch.nn as nn
 from cldm.model import LoadReport, load_checkpoint
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.ddpm import LatentDiffusion
-from ldm.modules.diffusionmodules.openaimodel import TimestepEmbedSequential, UNetModel, UNetSpec
-from ldm.modules.diffusionmodules.util import conv_nd, timestep_embedding, zero_module
+from ldm.modules.diffusionmodules.openaimodel import (
+    TimestepEmbedSequential,
+    UNetModel,
+    UNetSpec,
+    embed_time_and_vector,
+)
+from ldm.modules.diffusionmodules.util import conv_nd, zero_module
 from ldm.util import instantiate_from_config, log_txt_as_img
 
 CONTROL_MODES = ("balanced", "prompt", "control")
@@ -70,10 +75,11 @@ class ControlUnit:
         """The one weight of a control acting inside: the deepest level's scale, the strength in every mode."""
         return self.level_scales(1)[-1]
 
-    def residuals(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> list[torch.Tensor]:
+    def residuals(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                  y: torch.Tensor | None = None) -> list[torch.Tensor]:
         reuse = isinstance(self.model, ControlNet) and not torch.is_grad_enabled()
         guided_hint = encoded_hint(self.model, self.hint) if reuse else None
-        out = self.model(x=x, hint=self.hint, timesteps=t, context=context, guided_hint=guided_hint)
+        out = self.model(x=x, hint=self.hint, timesteps=t, context=context, guided_hint=guided_hint, y=y)
         out = [c * scale for c, scale in zip(out, self.level_scales(len(out)))]
         if self.global_average_pooling:
             out = [torch.mean(c, dim=(2, 3), keepdim=True) for c in out]
@@ -121,7 +127,8 @@ class ControlledUnetModel(UNetModel):
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None,
                 control: list[torch.Tensor] | None = None, only_mid_control: bool = False,
-                inside: list[ControlUnit] | None = None, **kwargs) -> torch.Tensor:
+                inside: list[ControlUnit] | None = None, y: torch.Tensor | None = None,
+                **kwargs) -> torch.Tensor:
         # Units acting within the layers are read by their hooks during this forward and again when gradient
         # checkpointing re-runs a block in backward, so they stay set until the next forward.
         self.inside_units = list(inside or ())
@@ -133,7 +140,7 @@ class ControlledUnetModel(UNetModel):
             any(p.requires_grad for p in self.input_blocks.parameters())
             or any(p.requires_grad for unit in self.inside_units for p in unit.model.parameters()))
         with torch.set_grad_enabled(encoder_trains):
-            h, emb, hs = self.encode(x, timesteps, context)
+            h, emb, hs = self.encode(x, timesteps, context, y)
         if control is None:
             return self.decode(h, emb, context, hs)
         control = list(control)
@@ -152,6 +159,7 @@ class ControlNet(nn.Module):
         self.model_channels = b.model_channels
         self.dims = b.dims
         self.time_embed = b.time_embed()
+        self.label_emb = b.label_emb()
         self.input_hint_block = self.make_hint_block(hint_channels, b.model_channels, b.dims)
         self.input_blocks, input_block_chans = b.input_blocks()
         self.zero_convs = nn.ModuleList([self.make_zero_conv(ch) for ch in input_block_chans])
@@ -174,9 +182,10 @@ class ControlNet(nn.Module):
 
     def forward(self, x: torch.Tensor, hint: torch.Tensor, timesteps: torch.Tensor,
                 context: torch.Tensor | None, guided_hint: torch.Tensor | None = None,
-                **kwargs) -> list[torch.Tensor]:
-        """`guided_hint`: the input_hint_block output for `hint` when already known (see encoded_hint)."""
-        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(x.dtype))
+                y: torch.Tensor | None = None, **kwargs) -> list[torch.Tensor]:
+        """`guided_hint`: the input_hint_block output for `hint` when already known (see encoded_hint);
+        `y`: the vector the UNet gets too (SDXL)."""
+        emb = embed_time_and_vector(self, x, timesteps, y)
         if guided_hint is None:
             guided_hint = self.input_hint_block(hint.to(x.dtype), emb, context)
         outs = []
@@ -261,15 +270,17 @@ class ControlLDM(LatentDiffusion):
         return self.drop_prompt_batch({self.cond_stage_key: prompts})[self.cond_stage_key]
 
     def drop_prompt_batch(self, batch: dict) -> dict:
-        """The batch with its prompts dropped (see drop_prompts); a cached text embedding (`txt_emb`) gets the
-        cached empty prompt's (`txt_emb_empty`) in the same places, from the same random draw."""
-        key, emb_key = self.cond_stage_key, f"{self.cond_stage_key}_emb"
+        """The batch with its prompts dropped (see drop_prompts); cached text encodings (`txt_emb`, and SDXL's
+        `txt_pooled`) get the cached empty prompt's (`txt_emb_empty`, ...) in the same places, from the same
+        random draw."""
+        key = self.cond_stage_key
         keep = torch.rand(len(batch[key])) >= self.drop_prompt_rate
         out = {**batch, key: [p if k else "" for p, k in zip(batch[key], keep.tolist())]}
-        if emb_key in batch:
-            emb = batch[emb_key]
-            mask = keep.to(emb.device).view(-1, *([1] * (emb.dim() - 1)))
-            out[emb_key] = torch.where(mask, emb, batch[f"{emb_key}_empty"])
+        for emb_key in (f"{key}_emb", f"{key}_pooled"):
+            if emb_key in batch:
+                emb = batch[emb_key]
+                mask = keep.to(emb.device).view(-1, *([1] * (emb.dim() - 1)))
+                out[emb_key] = torch.where(mask, emb, batch[f"{emb_key}_empty"])
         return out
 
     @torch.no_grad()
@@ -283,7 +294,8 @@ class ControlLDM(LatentDiffusion):
             control = control[:bs]
         control = einops.rearrange(control.to(self.device), "b h w c -> b c h w")
         control = control.to(memory_format=torch.contiguous_format).float()
-        return x, dict(c_crossattn=[c], c_concat=[control])
+        text = c if isinstance(c, dict) else dict(c_crossattn=[c])  # a dict from a vector-conditioned base
+        return x, dict(**text, c_concat=[control])
 
     def main_unit(self, hint: torch.Tensor) -> ControlUnit:
         """The model's own ControlNet on cond["c_concat"], weighted by control_scales."""
@@ -300,14 +312,16 @@ class ControlLDM(LatentDiffusion):
         # The networks run in their weights' dtype (a bf16 / fp16 copy for inference); eps comes back in x's.
         dtype = self.model.diffusion_model.dtype
         x, cond_txt = x_noisy.to(dtype), cat_one(cond["c_crossattn"]).to(dtype)
+        # The vector of vector-conditioned bases (SDXL), under the original ldm's key; UNet and ControlNet share it.
+        y = cond.get("c_adm")
         units = list(cond.get("control") or [])
         if cond.get("c_concat") is not None:
             units.insert(0, self.main_unit(cat_one(cond["c_concat"])))
         units = [u for u in units if u.active(sampling_step)]
-        control = sum_residuals([u.residuals(x, t, cond_txt) for u in units if not u.acts_inside])
+        control = sum_residuals([u.residuals(x, t, cond_txt, y) for u in units if not u.acts_inside])
         eps = self.model.diffusion_model(x=x, timesteps=t, context=cond_txt, control=control,
                                          only_mid_control=self.only_mid_control,
-                                         inside=[u for u in units if u.acts_inside])
+                                         inside=[u for u in units if u.acts_inside], y=y)
         return eps.to(x_noisy.dtype)
 
     def compile_denoiser(self, **kwargs) -> None:
@@ -341,19 +355,18 @@ class ControlLDM(LatentDiffusion):
                    ) -> dict[str, torch.Tensor]:
         """Reconstruction, control, caption and CFG samples for a batch, all in [-1, 1]."""
         log = {}
-        z, c = self.get_input(batch, self.first_stage_key, bs=N)
-        c_cat, c = c["c_concat"][0][:N], c["c_crossattn"][0][:N]
+        z, cond = self.get_input(batch, self.first_stage_key, bs=N)
+        c_cat = cond["c_concat"][0][:N]
         N = min(z.shape[0], N)
         log["reconstruction"] = self.decode_first_stage(z)
         log["control"] = c_cat * 2.0 - 1.0
         log["conditioning"] = log_txt_as_img((c_cat.shape[3], c_cat.shape[2]), batch[self.cond_stage_key][:N],
                                              size=16)
-        cond = {"c_concat": [c_cat], "c_crossattn": [c]}
         if sample:
             samples = self.sample_log(cond=cond, batch_size=N, ddim_steps=ddim_steps, eta=ddim_eta)
             log["samples"] = self.decode_first_stage(samples)
         if unconditional_guidance_scale > 1.0:
-            uc_full = {"c_concat": [c_cat], "c_crossattn": [self.get_unconditional_conditioning(N)]}
+            uc_full = {**self.text_conditioning([""] * N, tuple(c_cat.shape[2:])), "c_concat": [c_cat]}
             samples_cfg = self.sample_log(cond=cond, batch_size=N, ddim_steps=ddim_steps, eta=ddim_eta,
                                           unconditional_guidance_scale=unconditional_guidance_scale,
                                           unconditional_conditioning=uc_full)
@@ -380,4 +393,4 @@ class ControlLDM(LatentDiffusion):
         self.model.to(diffusing)
         self.control_model.to(diffusing)
         self.first_stage_model.to(encoding)
-        self.cond_stage_model.to(encoding)
+        self.conditioning_model.to(encoding)

@@ -19,6 +19,8 @@ def diffusers_module_names(net: ControlNet) -> dict[str, str]:
     names = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
              "input_blocks.0.0": "conv_in", "middle_block.1": "mid_block.attentions.0",
              "middle_block_out.0": "controlnet_mid_block"}
+    if net.label_emb is not None:  # SDXL's vector embedding: diffusers' text_time add_embedding
+        names |= {"label_emb.0.0": "add_embedding.linear_1", "label_emb.0.2": "add_embedding.linear_2"}
     resnets = {"middle_block.0": "mid_block.resnets.0", "middle_block.2": "mid_block.resnets.1"}
     level = index = 0
     for i, block in enumerate(net.input_blocks):

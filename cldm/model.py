@@ -11,8 +11,9 @@ from omegaconf import OmegaConf
 
 from ldm.util import instantiate_from_config, load_checkpoint_state_dict
 
-# Keys that may be present or absent in published checkpoints without meaning anything is wrong.
-OPTIONAL_KEY_SUFFIXES = ("embeddings.position_ids",)
+# Keys that may be present or absent in published checkpoints without meaning anything is wrong: HF CLIP's
+# constant position ids, and the noise levels sgm stores for SDXL (ours follow from the config's schedule).
+OPTIONAL_KEY_SUFFIXES = ("embeddings.position_ids", "denoiser.sigmas")
 
 
 def get_state_dict(d: dict) -> dict:

@@ -18,6 +18,7 @@ from omegaconf import ListConfig
 from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
+from ldm.modules.encoders.conditioner import size_conditions
 from ldm.util import default, exists, instantiate_from_config, load_checkpoint_state_dict
 
 # Optimizers DDPM.make_optimizer builds (its `optimizer_name`), and the devices with a fused AdamW kernel.
@@ -34,18 +35,28 @@ def disabled_train(self: nn.Module, mode: bool = True) -> nn.Module:
     return self
 
 
+# How the wrapper feeds the conditioning to the denoiser, as in the original ldm; "crossattn-adm" adds the
+# vector `c_adm` as the UNet's y (SDXL's pooled text and size embeddings).
+CONDITIONING_KEYS = (None, "concat", "crossattn", "hybrid", "crossattn-adm")
+
+
 class DiffusionWrapper(nn.Module):
     """Holds the denoiser as `diffusion_model` (hence the `model.diffusion_model.*` keys)."""
 
     def __init__(self, diff_model_config: Any, conditioning_key: str | None):
         super().__init__()
-        if conditioning_key not in (None, "concat", "crossattn", "hybrid"):
-            raise ValueError(f"unsupported conditioning_key {conditioning_key!r}")
+        if conditioning_key not in CONDITIONING_KEYS:
+            raise ValueError(f"unsupported conditioning_key {conditioning_key!r}; expected one of {CONDITIONING_KEYS}")
         self.diffusion_model = instantiate_from_config(diff_model_config)
         self.conditioning_key = conditioning_key
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, c_concat: list | None = None,
-                c_crossattn: list | None = None) -> torch.Tensor:
+                c_crossattn: list | None = None, c_adm: torch.Tensor | None = None) -> torch.Tensor:
+        if self.conditioning_key == "crossattn-adm":
+            return self.diffusion_model(x, t, context=torch.cat(c_crossattn, 1), y=c_adm)
+        if c_adm is not None:
+            raise ValueError(f"c_adm (a vector conditioning) given to a model with conditioning_key "
+                             f"{self.conditioning_key!r}; only 'crossattn-adm' uses it")
         if self.conditioning_key is None:
             return self.diffusion_model(x, t)
         if self.conditioning_key == "concat":
@@ -69,8 +80,11 @@ class DDPM(pl.LightningModule):
                  original_elbo_weight: float = 0.0, v_posterior: float = 0.0, l_simple_weight: float = 1.0,
                  conditioning_key: str | None = None, parameterization: str = "eps",
                  scheduler_config: Any = None, use_positional_encodings: bool = False,
-                 learn_logvar: bool = False, logvar_init: float = 0.0):
+                 learn_logvar: bool = False, logvar_init: float = 0.0, persistent_schedule: bool = True):
+        """`persistent_schedule`: whether the schedule buffers (and logvar) are saved in checkpoints, as the
+        original ldm does; sgm-layout models (SDXL) leave them out, as sgm does: they follow from the config."""
         super().__init__()
+        self.persistent_schedule = persistent_schedule
         if parameterization not in ("eps", "x0", "v"):
             raise ValueError(f"parameterization must be 'eps', 'x0' or 'v', got {parameterization!r}")
         if loss_type not in ("l1", "l2"):
@@ -103,14 +117,14 @@ class DDPM(pl.LightningModule):
         if self.learn_logvar:
             self.logvar = nn.Parameter(logvar, requires_grad=True)
         else:
-            self.register_buffer("logvar", logvar)
+            self.register_buffer("logvar", logvar, persistent=persistent_schedule)
         if ckpt_path is not None:
             self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys, only_model=load_only_unet)
 
     def register_schedule(self, given_betas: list | None = None, beta_schedule: str = "linear",
                           timesteps: int = 1000, linear_start: float = 1e-4, linear_end: float = 2e-2,
                           cosine_s: float = 8e-3) -> None:
-        """The 12 persistent schedule buffers of the original, in float32."""
+        """The 12 schedule buffers of the original, in float32."""
         if exists(given_betas):
             betas = np.asarray(given_betas, dtype=np.float64)
         else:
@@ -123,24 +137,23 @@ class DDPM(pl.LightningModule):
         self.linear_start = linear_start
         self.linear_end = linear_end
         to_torch = partial(torch.tensor, dtype=torch.float32)
-        self.register_buffer("betas", to_torch(betas))
-        self.register_buffer("alphas_cumprod", to_torch(alphas_cumprod))
-        self.register_buffer("alphas_cumprod_prev", to_torch(alphas_cumprod_prev))
-        self.register_buffer("sqrt_alphas_cumprod", to_torch(np.sqrt(alphas_cumprod)))
-        self.register_buffer("sqrt_one_minus_alphas_cumprod", to_torch(np.sqrt(1.0 - alphas_cumprod)))
-        self.register_buffer("log_one_minus_alphas_cumprod", to_torch(np.log(1.0 - alphas_cumprod)))
-        self.register_buffer("sqrt_recip_alphas_cumprod", to_torch(np.sqrt(1.0 / alphas_cumprod)))
-        self.register_buffer("sqrt_recipm1_alphas_cumprod", to_torch(np.sqrt(1.0 / alphas_cumprod - 1)))
+        register = partial(self.register_buffer, persistent=self.persistent_schedule)
+        register("betas", to_torch(betas))
+        register("alphas_cumprod", to_torch(alphas_cumprod))
+        register("alphas_cumprod_prev", to_torch(alphas_cumprod_prev))
+        register("sqrt_alphas_cumprod", to_torch(np.sqrt(alphas_cumprod)))
+        register("sqrt_one_minus_alphas_cumprod", to_torch(np.sqrt(1.0 - alphas_cumprod)))
+        register("log_one_minus_alphas_cumprod", to_torch(np.log(1.0 - alphas_cumprod)))
+        register("sqrt_recip_alphas_cumprod", to_torch(np.sqrt(1.0 / alphas_cumprod)))
+        register("sqrt_recipm1_alphas_cumprod", to_torch(np.sqrt(1.0 / alphas_cumprod - 1)))
         posterior_variance = ((1 - self.v_posterior) * betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
                               + self.v_posterior * betas)
-        self.register_buffer("posterior_variance", to_torch(posterior_variance))
+        register("posterior_variance", to_torch(posterior_variance))
         # The variance is 0 at t=0, so its log is clipped.
-        self.register_buffer("posterior_log_variance_clipped",
-                             to_torch(np.log(np.maximum(posterior_variance, 1e-20))))
-        self.register_buffer("posterior_mean_coef1",
-                             to_torch(betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod)))
-        self.register_buffer("posterior_mean_coef2",
-                             to_torch((1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod)))
+        register("posterior_log_variance_clipped", to_torch(np.log(np.maximum(posterior_variance, 1e-20))))
+        register("posterior_mean_coef1", to_torch(betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod)))
+        register("posterior_mean_coef2",
+                 to_torch((1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod)))
         if self.parameterization == "eps":
             lvlb_weights = self.betas ** 2 / (2 * self.posterior_variance * to_torch(alphas)
                                               * (1 - self.alphas_cumprod))
@@ -315,11 +328,15 @@ class DDPM(pl.LightningModule):
 class LatentDiffusion(DDPM):
     """Diffusion on VAE latents, conditioned on text through cross-attention."""
 
-    def __init__(self, first_stage_config: Any, cond_stage_config: Any, num_timesteps_cond: int | None = None,
+    def __init__(self, first_stage_config: Any, cond_stage_config: Any = None, num_timesteps_cond: int | None = None,
                  cond_stage_key: str = "image", cond_stage_trainable: bool = False, concat_mode: bool = True,
                  cond_stage_forward: str | None = None, conditioning_key: str | None = None,
                  scale_factor: float = 1.0, scale_by_std: bool = False, force_null_conditioning: bool = False,
-                 *args, **kwargs):
+                 conditioner_config: Any = None, *args, **kwargs):
+        """`cond_stage_config` (SD1.x/2.x: a text encoder, `cond_stage_model.*`) or `conditioner_config`
+        (SDXL: sgm's conditioner of several embedders, `conditioner.*`, with conditioning_key crossattn-adm)."""
+        if (cond_stage_config is None) == (conditioner_config is None):
+            raise ValueError("give exactly one of cond_stage_config (SD1.x/2.x) and conditioner_config (SDXL)")
         self.force_null_conditioning = force_null_conditioning
         self.num_timesteps_cond = default(num_timesteps_cond, 1)
         self.scale_by_std = scale_by_std
@@ -329,8 +346,12 @@ class LatentDiffusion(DDPM):
             conditioning_key = "concat" if concat_mode else "crossattn"
         if cond_stage_config == "__is_unconditional__" and not self.force_null_conditioning:
             conditioning_key = None
+        if (conditioner_config is not None) != (conditioning_key == "crossattn-adm"):
+            raise ValueError("conditioning_key crossattn-adm and conditioner_config go together: the vector y "
+                             f"comes from the conditioner (got conditioning_key {conditioning_key!r})")
         ckpt_path = kwargs.pop("ckpt_path", None)
         ignore_keys = kwargs.pop("ignore_keys", [])
+        kwargs.setdefault("persistent_schedule", conditioner_config is None)
         super().__init__(*args, conditioning_key=conditioning_key, **kwargs)
         self.concat_mode = concat_mode
         self.cond_stage_trainable = cond_stage_trainable
@@ -340,7 +361,10 @@ class LatentDiffusion(DDPM):
         else:
             self.register_buffer("scale_factor", torch.tensor(scale_factor))
         self.instantiate_first_stage(first_stage_config)
-        self.instantiate_cond_stage(cond_stage_config)
+        if conditioner_config is not None:
+            self.conditioner = self.frozen_or_trainable(instantiate_from_config(conditioner_config))
+        else:
+            self.instantiate_cond_stage(cond_stage_config)
         self.cond_stage_forward = cond_stage_forward
         if ckpt_path is not None:
             self.init_from_ckpt(ckpt_path, ignore_keys)
@@ -355,13 +379,25 @@ class LatentDiffusion(DDPM):
         if config in ("__is_first_stage__", "__is_unconditional__"):
             self.cond_stage_model = self.first_stage_model if config == "__is_first_stage__" else None
             return
-        model = instantiate_from_config(config)
+        self.cond_stage_model = self.frozen_or_trainable(instantiate_from_config(config))
+
+    def frozen_or_trainable(self, model: nn.Module) -> nn.Module:
+        """The conditioning encoder as is when cond_stage_trainable, else frozen in eval mode."""
         if self.cond_stage_trainable:
-            self.cond_stage_model = model
-        else:
-            self.cond_stage_model = model.eval()
-            self.cond_stage_model.train = disabled_train
-            self.cond_stage_model.requires_grad_(False)
+            return model
+        model = model.eval()
+        model.train = disabled_train
+        return model.requires_grad_(False)
+
+    @property
+    def conditioning_model(self) -> nn.Module | None:
+        """The conditioning encoder: `conditioner` (SDXL layout) or `cond_stage_model` (SD1.x/2.x layout)."""
+        return self.conditioner if self.vector_conditioned else self.cond_stage_model
+
+    @property
+    def vector_conditioned(self) -> bool:
+        """Whether the UNet also takes a vector y (`c_adm`) from the conditioner (SDXL)."""
+        return self.model.conditioning_key == "crossattn-adm"
 
     @property
     def vae_scale_factor(self) -> int:
@@ -369,16 +405,32 @@ class LatentDiffusion(DDPM):
         return 2 ** (len(self.first_stage_model.encoder.down) - 1)
 
     def get_learned_conditioning(self, c: Any) -> Any:
+        model = self.conditioning_model
         if self.cond_stage_forward is None:
-            if hasattr(self.cond_stage_model, "encode") and callable(self.cond_stage_model.encode):
-                c = self.cond_stage_model.encode(c)
+            if hasattr(model, "encode") and callable(model.encode):
+                c = model.encode(c)
                 if isinstance(c, DiagonalGaussianDistribution):
                     c = c.mode()
             else:
-                c = self.cond_stage_model(c)
+                c = model(c)
         else:
-            c = getattr(self.cond_stage_model, self.cond_stage_forward)(c)
+            c = getattr(model, self.cond_stage_forward)(c)
         return c
+
+    def text_conditioning(self, prompts: list[str], image_size: tuple[int, int], **size_kwargs) -> dict[str, Any]:
+        """The conditioning entries of a cond dict for `prompts` and images of `image_size` (h, w):
+        `c_crossattn`, plus `c_adm` (the vector y) for a vector-conditioned model, whose size conditioning
+        (`original_size`, `crop`, `target_size`, see conditioner.size_conditions) defaults to the image size."""
+        if not self.vector_conditioned:
+            return {"c_crossattn": [self.get_learned_conditioning(list(prompts))]}
+        batch = {self.conditioner.text_key: list(prompts),
+                 **size_conditions(len(prompts), image_size, device=self.device, **size_kwargs)}
+        return self.vector_cond(self.get_learned_conditioning(batch))
+
+    @staticmethod
+    def vector_cond(out: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """A conditioner's {"crossattn", "vector"} as cond-dict entries (the original ldm's crossattn-adm keys)."""
+        return {"c_crossattn": [out["crossattn"]], "c_adm": out["vector"]}
 
     def get_first_stage_encoding(self, encoder_posterior: Any) -> torch.Tensor:
         if isinstance(encoder_posterior, DiagonalGaussianDistribution):
@@ -426,7 +478,9 @@ class LatentDiffusion(DDPM):
                 batch, cond_key).to(self.device)
             if isinstance(xc, (list, tuple, ListConfig)) and bs is not None:
                 xc = list(xc)[:bs]
-            if f"{cond_key}_emb" in batch and not self.cond_stage_trainable:
+            if self.vector_conditioned:
+                c = self.vector_cond(self.batch_conditioning(batch, cond_key, xc, z.shape[0], z.shape[-2:]))
+            elif f"{cond_key}_emb" in batch and not self.cond_stage_trainable:
                 c = batch[f"{cond_key}_emb"].to(self.device)
             else:
                 c = self.get_learned_conditioning(xc) if (not self.cond_stage_trainable or force_c_encode) else xc
@@ -440,6 +494,21 @@ class LatentDiffusion(DDPM):
         if return_original_cond:
             out.append(xc)
         return out
+
+    def batch_conditioning(self, batch: dict, cond_key: str, prompts: list[str], n: int,
+                           latent_size: torch.Size) -> dict[str, torch.Tensor]:
+        """The conditioner's output for the first n samples of a batch: the text from its cache
+        (`{cond_key}_emb` and `{cond_key}_pooled`) or encoded now; the size entries the batch carries, else
+        those of its images (original = target = image size, crop (0, 0))."""
+        f = self.vae_scale_factor
+        defaults = size_conditions(n, (latent_size[0] * f, latent_size[1] * f), device=self.device)
+        sizes = {k: batch[k][:n].to(self.device) if k in batch else v for k, v in defaults.items()}
+        cached = [f"{cond_key}_emb", f"{cond_key}_pooled"]
+        if all(k in batch for k in cached):
+            crossattn, text_vector = (batch[k][:n].to(self.device) for k in cached)
+        else:
+            crossattn, text_vector = self.conditioner.encode_text(prompts)
+        return self.conditioner.assemble(crossattn, text_vector, sizes)
 
     def shared_step(self, batch: dict, **kwargs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x, c = self.get_input(batch, self.first_stage_key)

@@ -155,6 +155,10 @@ class UNetSpec:
     num_attention_blocks: Sequence[int] | None = None
     disable_middle_self_attn: bool = False
     use_linear_in_transformer: bool = False
+    # Vector conditioning (SDXL): "sequential" adds label_emb(y), an MLP of y (adm_in_channels wide), to the
+    # timestep embedding; y is the conditioner's `vector` (pooled text + size embeddings).
+    num_classes: str | None = None
+    adm_in_channels: int | None = None
     use_fp16: bool = False  # accepted for config compatibility; precision is chosen by Lightning
 
     def __post_init__(self):
@@ -166,6 +170,11 @@ class UNetSpec:
             raise ValueError("context_dim is required: the SpatialTransformer cross-attends to the text")
         if self.num_heads == -1 and self.num_head_channels == -1:
             raise ValueError("set either num_heads or num_head_channels")
+        if self.num_classes not in (None, "sequential"):
+            raise ValueError(f"num_classes must be 'sequential' (vector conditioning, as SDXL) or unset, got "
+                             f"{self.num_classes!r}: class-label embeddings are not implemented")
+        if self.num_classes == "sequential" and not self.adm_in_channels:
+            raise ValueError("num_classes: sequential needs adm_in_channels (the width of the vector y)")
         if isinstance(self.num_res_blocks, int):
             self.num_res_blocks = [self.num_res_blocks] * levels
         if isinstance(self.transformer_depth, int):
@@ -202,6 +211,16 @@ class UNetSpec:
     def time_embed(self) -> nn.Sequential:
         return nn.Sequential(linear(self.model_channels, self.time_embed_dim), nn.SiLU(),
                              linear(self.time_embed_dim, self.time_embed_dim))
+
+    def label_emb(self) -> nn.Sequential | None:
+        """The embedding of the vector y added to the timestep embedding, or None without vector conditioning.
+
+        Nested in a second Sequential as in the original, hence the keys `label_emb.0.0.*` and `label_emb.0.2.*`.
+        """
+        if self.num_classes is None:
+            return None
+        return nn.Sequential(nn.Sequential(linear(self.adm_in_channels, self.time_embed_dim), nn.SiLU(),
+                                           linear(self.time_embed_dim, self.time_embed_dim)))
 
     def input_blocks(self) -> tuple[nn.ModuleList, list[int]]:
         """The down path, plus the channel count of every block's output (the skip connections)."""
@@ -247,10 +266,11 @@ class UNetModel(nn.Module):
         self.out_channels = out_channels
         channel_mult, dims, conv_resample = b.channel_mult, b.dims, b.conv_resample
         self.time_embed = b.time_embed()
+        self.label_emb = b.label_emb()
         self.input_blocks, input_block_chans = b.input_blocks()
         self.middle_block = b.middle_block()
-        if num_heads_upsample != -1:
-            b.num_heads = num_heads_upsample
+        # num_heads_upsample is accepted for config compatibility: the original gives it only to its old-style
+        # AttentionBlock, so its SpatialTransformers (the only attention here) keep num_heads in the up path too.
         ch, ds, _ = b.bottom()
         self.output_blocks = nn.ModuleList([])
         for level, mult in list(enumerate(channel_mult))[::-1]:
@@ -272,10 +292,10 @@ class UNetModel(nn.Module):
         """The dtype of the weights (float32, or a half-precision copy made for inference)."""
         return self.time_embed[0].weight.dtype
 
-    def encode(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None
-               ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    def encode(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None,
+               y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """Down path and middle: returns the middle output, the time embedding and the skip features."""
-        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(x.dtype))
+        emb = embed_time_and_vector(self, x, timesteps, y)
         hs, h = [], x
         for module in self.input_blocks:
             h = module(h, emb, context)
@@ -290,9 +310,27 @@ class UNetModel(nn.Module):
         return self.out(h)
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None,
-                **kwargs) -> torch.Tensor:
-        h, emb, hs = self.encode(x, timesteps, context)
+                y: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        h, emb, hs = self.encode(x, timesteps, context, y)
         return self.decode(h, emb, context, hs)
+
+
+def embed_time_and_vector(net: nn.Module, x: torch.Tensor, timesteps: torch.Tensor,
+                          y: torch.Tensor | None) -> torch.Tensor:
+    """time_embed(timestep features), plus label_emb(y) for a vector-conditioned net (UNet or ControlNet alike).
+
+    A vector-conditioned net refuses to run without y and a plain one refuses a y: either would silently
+    compute another function than the checkpoint was trained for.
+    """
+    emb = net.time_embed(timestep_embedding(timesteps, net.model_channels).to(x.dtype))
+    if net.label_emb is None:
+        if y is not None:
+            raise ValueError("this network has no vector conditioning (num_classes unset) but got y")
+        return emb
+    if y is None:
+        raise ValueError("this network is vector-conditioned (num_classes: sequential, e.g. SDXL) and needs y: "
+                         "the conditioner's `vector` (cond['c_adm'])")
+    return emb + net.label_emb(y.to(emb.dtype))
 
 
 def set_gradient_checkpointing(module: nn.Module, enabled: bool) -> None:

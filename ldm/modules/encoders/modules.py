@@ -158,6 +158,12 @@ class FrozenCLIPEmbedder(AbstractEncoder):
         return z
 
 
+def causal_mask(length: int, device: torch.device) -> torch.Tensor:
+    """open_clip's additive causal mask; built per call, not taken from the non-persistent attn_mask buffer
+    that a meta-device build leaves empty."""
+    return torch.full((length, length), float("-inf"), device=device).triu_(1)
+
+
 # The visual tower is deleted right after construction, so build the smallest one open_clip allows.
 _TINY_VISION = dict(image_size=1, patch_size=1, width=8, head_width=8, layers=1)
 
@@ -192,12 +198,48 @@ class FrozenOpenCLIPEmbedder(AbstractEncoder):
         if freeze:
             self.freeze()
 
-    def forward(self, text: str | list[str]) -> torch.Tensor:
-        tokens = self.tokenizer(text).to(self.model.positional_embedding.device)
+    def tokens(self, text: str | list[str]) -> torch.Tensor:
+        """open_clip's tokens (padded with 0), on the device of the parameters."""
+        return self.tokenizer(text).to(self.model.positional_embedding.device)
+
+    def run_blocks(self, tokens: torch.Tensor, n_blocks: int) -> torch.Tensor:
+        """The token features after the first `n_blocks` transformer blocks (no final norm)."""
         x = self.model.token_embedding(tokens) + self.model.positional_embedding
-        # built here, not taken from the non-persistent attn_mask buffer that a meta-device build leaves empty
-        mask = torch.full((x.shape[1], x.shape[1]), float("-inf"), device=x.device).triu_(1)
-        blocks = self.model.transformer.resblocks
-        for block in blocks[: len(blocks) - self.layer_idx]:
+        mask = causal_mask(x.shape[1], x.device)
+        for block in self.model.transformer.resblocks[:n_blocks]:
             x = block(x, attn_mask=mask)  # open_clip 3.x blocks are batch-first: no permute to (L, N, D)
-        return self.model.ln_final(x)
+        return x
+
+    def forward(self, text: str | list[str]) -> torch.Tensor:
+        n_blocks = len(self.model.transformer.resblocks) - self.layer_idx
+        return self.model.ln_final(self.run_blocks(self.tokens(text), n_blocks))
+
+
+class FrozenOpenCLIPEmbedder2(FrozenOpenCLIPEmbedder):
+    """SDXL's second text encoder (OpenCLIP ViT-bigG-14 text tower), as Stability's sgm builds it (`legacy: False`).
+
+    The features of `layer` without ln_final (penultimate: the input of the last block) for cross-attention
+    and, with `always_return_pooled`, the pooled text feature as well: ln_final of the last block's output at
+    the end-of-text token (the largest token id), times `text_projection`.
+    """
+
+    def __init__(self, arch: str = "ViT-bigG-14", version: str = "laion2b_s39b_b160k", device=None,
+                 max_length: int = 77, freeze: bool = True, layer: str = "penultimate",
+                 always_return_pooled: bool = False, legacy: bool = False, **sizes):
+        if legacy:
+            raise ValueError("FrozenOpenCLIPEmbedder2 implements sgm's legacy: False; for the SD2.x encoder "
+                             "(final norm on the chosen layer) use FrozenOpenCLIPEmbedder")
+        super().__init__(arch, version, device, max_length, freeze, layer, **sizes)
+        self.always_return_pooled = always_return_pooled
+
+    def forward(self, text: str | list[str]) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        tokens = self.tokens(text)
+        blocks = self.model.transformer.resblocks
+        penultimate = self.run_blocks(tokens, len(blocks) - 1)
+        last = blocks[-1](penultimate, attn_mask=causal_mask(tokens.shape[1], tokens.device))
+        z = penultimate if self.layer == "penultimate" else last
+        if not self.always_return_pooled:
+            return z
+        eot = tokens.argmax(dim=-1)
+        pooled = self.model.ln_final(last)[torch.arange(len(tokens), device=tokens.device), eot]
+        return z, pooled @ self.model.text_projection

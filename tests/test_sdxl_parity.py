@@ -1,0 +1,188 @@
+"""The tiny SDXL-structured model computes what diffusers' SDXL computes on the same weights.
+
+diffusers' side: StableDiffusionXLPipeline.encode_prompt over transformers' CLIP text models (tokenizers built
+from open_clip's bundled vocabulary, so nothing is downloaded), UNet2DConditionModel with the "text_time"
+addition embedding (the UNet converted by diffusers' own LDM converter), and ControlNetModel converted by
+tool_convert_diffusers.
+"""
+
+import json
+
+import diffusers
+import pytest
+import torch
+import transformers
+from diffusers.loaders import single_file_utils as convert
+from omegaconf import OmegaConf
+from open_clip.tokenizer import SimpleTokenizer
+
+import tool_convert_diffusers
+from cldm.model import create_model, save_state_dict
+from conftest import ROOT, randomize_zero_convs, randomize_zero_init
+
+TINY_XL = ROOT / "models" / "cldm_tiny_xl.yaml"
+BOS, EOT = 49406, 49407
+SIZE = (64, 64)
+PROMPTS = ["a photograph of an astronaut riding a horse", "a red circle on a white background"]
+NEGATIVE = ["blurry, low quality", "a cat"]
+
+
+def hf_tokenizers(folder) -> tuple:
+    """transformers' CLIPTokenizer on open_clip's vocabulary: SDXL's tokenizer (pads with <|endoftext|>) and
+    tokenizer_2 (pads with "!", token 0)."""
+    bpe = SimpleTokenizer()
+    names = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
+    (folder / "vocab.json").write_text(json.dumps({names.get(k, k): v for k, v in bpe.encoder.items()}))
+    merges = sorted(bpe.bpe_ranks, key=bpe.bpe_ranks.get)
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    files = (str(folder / "vocab.json"), str(folder / "merges.txt"))
+    return (transformers.CLIPTokenizer(*files, model_max_length=77),
+            transformers.CLIPTokenizer(*files, model_max_length=77, pad_token="!"))
+
+
+def hf_text_encoders(model) -> tuple:
+    """transformers' CLIPTextModel and CLIPTextModelWithProjection holding the tiny conditioner's weights."""
+    clip_l, big_g = model.conditioner.embedders[:2]
+    text_l = clip_l.transformer.text_model
+    config_l = transformers.CLIPTextConfig(
+        vocab_size=49408, hidden_size=text_l.embeddings.token_embedding.weight.shape[1], intermediate_size=128,
+        num_hidden_layers=len(text_l.encoder.layers), num_attention_heads=2, max_position_embeddings=77,
+        hidden_act="quick_gelu", bos_token_id=BOS, eos_token_id=EOT)
+    encoder_l = transformers.CLIPTextModel(config_l).eval()
+    sd = {k.removeprefix("text_model."): v for k, v in clip_l.transformer.state_dict().items()}
+    encoder_l.load_state_dict(sd if "embeddings.token_embedding.weight" in encoder_l.state_dict()
+                              else clip_l.transformer.state_dict(), strict=True)
+    width, projection = big_g.model.text_projection.shape
+    config_g = transformers.CLIPTextConfig(
+        vocab_size=49408, hidden_size=width, intermediate_size=4 * width, projection_dim=projection,
+        num_hidden_layers=len(big_g.model.transformer.resblocks), num_attention_heads=2,
+        max_position_embeddings=77, hidden_act="gelu", bos_token_id=BOS, eos_token_id=EOT)
+    encoder_g = transformers.CLIPTextModelWithProjection(config_g).eval()
+    sd = convert.convert_open_clip_checkpoint(
+        encoder_g, {f"m.{k}": v for k, v in big_g.model.state_dict().items()}, prefix="m.")
+    missing, unexpected = encoder_g.load_state_dict(sd, strict=False)
+    assert not unexpected and all(k.endswith("position_ids") for k in missing), (missing, unexpected)
+    return encoder_l, encoder_g
+
+
+def diffusers_unet(model) -> diffusers.UNet2DConditionModel:
+    """diffusers' LDM converter on our UNet; its config guesses SDXL's text_time embedding from a 2048/1280
+    context width, so at toy widths the addition embedding is set as the SDXL converter sets it."""
+    original = OmegaConf.to_container(OmegaConf.load(TINY_XL), resolve=True)
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    config = convert.create_unet_diffusers_config_from_ldm(original, sd)
+    outdim = original["model"]["params"]["conditioner_config"]["params"]["emb_models"][2]["params"]["outdim"]
+    config.update(class_embed_type=None, addition_embed_type="text_time", addition_time_embed_dim=outdim)
+    unet = diffusers.UNet2DConditionModel(**config).eval()
+    unet.load_state_dict(convert.convert_ldm_unet_checkpoint(sd, config), strict=True)
+    return unet
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    torch.manual_seed(0)
+    model = create_model(TINY_XL).eval()
+    randomize_zero_init(model.model.diffusion_model)
+    randomize_zero_init(model.control_model)  # its ResBlocks' and transformers' zero-initialised outputs
+    randomize_zero_convs(model)
+    unet = diffusers_unet(model)
+    tokenizer, tokenizer_2 = hf_tokenizers(tmp_path_factory.mktemp("tokenizer"))
+    encoder_l, encoder_g = hf_text_encoders(model)
+    pipe = diffusers.StableDiffusionXLPipeline(
+        vae=None, text_encoder=encoder_l, text_encoder_2=encoder_g, tokenizer=tokenizer, tokenizer_2=tokenizer_2,
+        unet=unet, scheduler=diffusers.EulerDiscreteScheduler())
+    return model, pipe
+
+
+def their_conditioning(pipe, prompts, negative=None, original=SIZE, crop=(0, 0), target=SIZE):
+    with torch.no_grad():
+        c, uc, pooled, uc_pooled = pipe.encode_prompt(prompts, device="cpu", num_images_per_prompt=1,
+                                                      do_classifier_free_guidance=True, negative_prompt=negative)
+    time_ids = pipe._get_add_time_ids(original, crop, target, dtype=torch.float32,
+                                      text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
+    return c, uc, pooled, uc_pooled, time_ids.repeat(len(prompts), 1)
+
+
+@pytest.mark.parametrize("zero_empty_prompt", [True, False])
+def test_text_conditioning_matches_diffusers_encode_prompt(tiny, zero_empty_prompt):
+    model, pipe = tiny
+    pooled_width = pipe.text_encoder_2.config.projection_dim
+    model.conditioner.zero_empty_prompt = zero_empty_prompt
+    pipe.register_to_config(force_zeros_for_empty_prompt=zero_empty_prompt)
+    try:
+        c, uc, pooled, uc_pooled, _ = their_conditioning(pipe, PROMPTS)
+        with torch.no_grad():
+            ours = model.text_conditioning(PROMPTS, SIZE)
+            ours_uc = model.text_conditioning([""] * len(PROMPTS), SIZE)
+        torch.testing.assert_close(ours["c_crossattn"][0], c, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ours["c_adm"][:, :pooled_width], pooled, atol=1e-5, rtol=1e-5)
+        # no negative prompt: zeros (Stability's sampler, diffusers' default) or the encoded "" (option off)
+        torch.testing.assert_close(ours_uc["c_crossattn"][0], uc, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ours_uc["c_adm"][:, :pooled_width], uc_pooled, atol=1e-5, rtol=1e-5)
+        assert (uc == 0).all() == zero_empty_prompt and (ours_uc["c_adm"][:, :pooled_width] == 0).all() == (
+            zero_empty_prompt)
+        # a negative prompt is encoded, as diffusers does
+        _, uc, _, uc_pooled, _ = their_conditioning(pipe, PROMPTS, NEGATIVE)
+        with torch.no_grad():
+            ours_uc = model.text_conditioning(NEGATIVE, SIZE)
+        torch.testing.assert_close(ours_uc["c_crossattn"][0], uc, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ours_uc["c_adm"][:, :pooled_width], uc_pooled, atol=1e-5, rtol=1e-5)
+    finally:
+        model.conditioner.zero_empty_prompt = True
+
+
+def test_size_embedding_equals_diffusers_add_time_proj(tiny):
+    model, pipe = tiny
+    pooled_width = pipe.text_encoder_2.config.projection_dim
+    original, crop, target = (96, 80), (8, 16), (64, 48)
+    *_, time_ids = their_conditioning(pipe, PROMPTS, original=original, crop=crop, target=target)
+    with torch.no_grad():
+        ours = model.text_conditioning(PROMPTS, (64, 48), original_size=original, crop=crop)["c_adm"]
+        theirs = pipe.unet.add_time_proj(time_ids.flatten()).reshape(len(PROMPTS), -1)
+    assert ours.shape == (2, pooled_width + theirs.shape[1])
+    torch.testing.assert_close(ours[:, pooled_width:], theirs, atol=1e-6, rtol=1e-6)
+
+
+def test_unet_eps_with_vector_conditioning_matches_diffusers(tiny):
+    model, pipe = tiny
+    c, _, pooled, _, time_ids = their_conditioning(pipe, PROMPTS, original=(96, 80), crop=(8, 16))
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 4, 8, 8, generator=gen)
+    t = torch.tensor([10, 700])
+    with torch.no_grad():
+        cond = model.text_conditioning(PROMPTS, SIZE, original_size=(96, 80), crop=(8, 16))
+        ours = model.apply_model(x, t, cond)
+        theirs = pipe.unet(x, t, encoder_hidden_states=c,
+                           added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+        other_size = model.apply_model(x, t, model.text_conditioning(PROMPTS, SIZE))
+    assert ours.abs().max() > 1e-2
+    assert (ours - theirs).abs().max().item() <= 1e-5 * ours.abs().max().item() + 1e-6
+    assert not torch.allclose(ours, other_size, atol=1e-4)  # the size conditioning reaches the UNet
+
+
+def test_controlnet_xl_residuals_match_diffusers_through_our_conversion(tiny, tmp_path):
+    model, pipe = tiny
+    save_state_dict(model.state_dict(), tmp_path / "full.safetensors")
+    tool_convert_diffusers.main(["to-diffusers", str(tmp_path / "full.safetensors"), str(tmp_path / "cn"),
+                                 "--config", str(TINY_XL)])
+    net, info = diffusers.ControlNetModel.from_pretrained(tmp_path / "cn", output_loading_info=True)
+    assert not any(info.values()), info
+    assert "add_embedding.linear_1.weight" in net.state_dict()
+    c, _, pooled, _, time_ids = their_conditioning(pipe, PROMPTS, original=(96, 80), crop=(8, 16))
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 4, 8, 8, generator=gen)
+    t = torch.tensor([10, 700])
+    hint = torch.rand(2, 3, 64, 64, generator=gen)
+    with torch.no_grad():
+        cond = model.text_conditioning(PROMPTS, SIZE, original_size=(96, 80), crop=(8, 16))
+        ours = model.control_model(x=x, hint=hint, timesteps=t, context=cond["c_crossattn"][0], y=cond["c_adm"])
+        down, mid = net.eval()(x, t, encoder_hidden_states=c, controlnet_cond=hint, return_dict=False,
+                               added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids})
+    assert len(ours) == len(down) + 1 == 10
+    with torch.no_grad():
+        without_sizes = model.control_model(x=x, hint=hint, timesteps=t, context=cond["c_crossattn"][0],
+                                            y=model.text_conditioning(PROMPTS, SIZE)["c_adm"])
+    assert not torch.allclose(ours[-1], without_sizes[-1], atol=1e-4)  # y reaches the ControlNet
+    for i, (a, b) in enumerate(zip(ours, [*down, mid])):
+        assert a.abs().max() > 1e-3, f"residual {i} is zero"
+        assert (a - b).abs().max().item() <= 1e-5, f"residual {i} differs by {(a - b).abs().max().item()}"
