@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from open_clip.tokenizer import SimpleTokenizer
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from torch.utils.data import Dataset
@@ -32,6 +31,7 @@ from cldm.logger import ImageLogger
 from cldm.model import create_model, load_checkpoint, save_state_dict
 from ldm.models.diffusion.ddpm import COMPILE_MODES, OPTIMIZERS
 from ldm.modules.diffusionmodules.openaimodel import set_gradient_checkpointing
+from ldm.modules.encoders.modules import FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder
 from tutorial_dataset import CachedDataset
 
 
@@ -172,11 +172,15 @@ def build_dataset(args: argparse.Namespace) -> Dataset:
 
 
 def report_captions_for(model: pl.LightningModule, dataset: Dataset) -> None:
-    """Empty captions and captions longer than the model's tokenizer reads, named by file (a log warning)."""
-    tokenizer = model.cond_stage_model.tokenizer
-    if isinstance(dataset, PairedImageDataset) and isinstance(tokenizer, SimpleTokenizer):
-        # the context holds start and end tokens besides the caption's
+    """Empty captions, and captions longer than a CLIP text encoder reads, named by file (a log warning)."""
+    if not isinstance(dataset, PairedImageDataset):
+        return
+    encoder = model.cond_stage_model
+    if isinstance(encoder, (FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder)):
+        tokenizer = encoder.tokenizer  # the context holds start and end tokens besides the caption's
         report_captions(dataset, lambda c: len(tokenizer.encode(c)), tokenizer.context_length - 2)
+    else:
+        report_captions(dataset)
 
 
 def main(argv: list[str] | None = None, config: str = "./models/cldm_v15.yaml",
