@@ -1,8 +1,11 @@
 """Attach a ControlNet to a Stable Diffusion checkpoint; the control copy starts as the UNet's encoder.
 
     python tool_add_control.py ./models/v1-5-pruned.ckpt ./models/control_sd15_ini.ckpt
+    python tool_add_control.py ./models/sd_xl_base_1.0.safetensors ./models/control_sdxl_ini.safetensors \\
+        --config ./models/cldm_xl.yaml
 
-`control_model.X` is copied from `model.diffusion_model.X` (time_embed, input_blocks, middle_block); the hint
+`control_model.X` is copied from `model.diffusion_model.X` (time_embed, SDXL's label_emb, input_blocks,
+middle_block); the hint
 block and the zero convs, which the UNet lacks, keep their fresh initialisation (the zero convs are zero).
 """
 
@@ -12,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 from cldm.model import OPTIONAL_KEY_SUFFIXES, create_model, load_state_dict, save_state_dict
 
@@ -78,18 +82,34 @@ def refuse_existing(path: str | Path, force: bool) -> None:
         raise FileExistsError(f"{path} already exists; pass --force to overwrite it")
 
 
+def initial_state(config: str | Path) -> dict[str, torch.Tensor]:
+    """Every key of the config's model at its initial value, without the whole model in memory: the model is
+    built on the meta device, then its control network and its schedule again on the CPU. The base's tensors
+    stay meta placeholders, as their values come from the SD checkpoint (SDXL: 5 GB here instead of 19)."""
+    model = create_model(config, device="meta")
+    with torch.device("cpu"):
+        model.init_schedule()
+        control = model.make_control_model(OmegaConf.load(config).model.params.control_stage_config)
+    return model.state_dict() | {CONTROL + k: v for k, v in control.state_dict().items()}
+
+
 def add_control(sd: dict[str, torch.Tensor], scratch: dict[str, torch.Tensor], fit: Fit
                 ) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Every model key from the SD checkpoint, the control copy from its UNet, the rest as initialised."""
+    """Every model key from the SD checkpoint, the control copy from its UNet, the rest as initialised.
+
+    Tensors from the checkpoint keep its dtype (sd_xl_base_1.0 is float16: 7 GB, not 14 in float32).
+    """
     out, added = {}, []
     for key, init in scratch.items():
         source = unet_twin(key, scratch) if key.startswith(CONTROL) else key
         if source is None or (source not in sd and fillable(key)):
+            if init.is_meta:
+                raise ValueError(f"{key} is neither in {fit.path} nor initialised by {fit.config}")
             out[key] = init
             added.append(key)
         elif (weight := fit.take(sd, source, init.shape)) is not None:
             # The copy gets its own memory: safetensors refuses tensors that share it.
-            out[key] = weight.to(init.dtype, copy=source != key)
+            out[key] = weight.clone() if source != key else weight
     fit.check()
     return out, added
 
@@ -107,8 +127,7 @@ def main(argv: list[str] | None = None, default_config: str | Path = ROOT / "mod
         refuse_existing(args.output, args.force)
         # The EMA copy (3.4 of v1-5-pruned.ckpt's 7.7 GB) is never used.
         sd = {k: v for k, v in load_state_dict(args.input).items() if not k.startswith(EMA)}
-        # Built on CPU: the new layers and the schedule buffers an SD checkpoint may lack need real values.
-        scratch = create_model(args.config).state_dict()
+        scratch = initial_state(args.config)
         out, added = add_control(sd, scratch, Fit(args.input, args.config))
         for key in added:
             print(f"These weights are newly added: {key}")

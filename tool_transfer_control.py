@@ -3,6 +3,7 @@ r"""Transfer a ControlNet trained on a base SD model onto a community model of t
     python tool_transfer_control.py --control ./models/control_sd15_openpose.pth \\
         --base ./models/v1-5-pruned.ckpt --target ./models/anything-v3.safetensors \\
         --out ./models/control_any3_openpose.ckpt
+    (SDXL: add --config ./models/cldm_xl.yaml, with sd_xl_base_1.0.safetensors as --base)
 
 The control copy of the UNet encoder moves by the community model's offset from the base
 (UNET = model.diffusion_model):
@@ -19,8 +20,19 @@ import sys
 
 import torch
 
-from cldm.model import create_model, load_state_dict, save_state_dict
-from tool_add_control import CONTROL, EMA, ROOT, UNET, Fit, fillable, refuse_existing, run_tool, unet_twin
+from cldm.model import load_state_dict, save_state_dict
+from tool_add_control import (
+    CONTROL,
+    EMA,
+    ROOT,
+    UNET,
+    Fit,
+    fillable,
+    initial_state,
+    refuse_existing,
+    run_tool,
+    unet_twin,
+)
 
 
 def transfer_control(control: dict[str, torch.Tensor], base: dict[str, torch.Tensor],
@@ -66,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         control = {k: v for k, v in load_state_dict(args.control).items() if k.startswith(CONTROL)}
         base = {k: v for k, v in load_state_dict(args.base).items() if k.startswith(UNET)}
         target = {k: v for k, v in load_state_dict(args.target).items() if not k.startswith(EMA)}
-        scratch = create_model(args.config).state_dict()
+        scratch = initial_state(args.config)
         fits = tuple(Fit(p, args.config) for p in (args.control, args.base, args.target))
         out = transfer_control(control, base, target, scratch, fits)
         save_state_dict(out, args.out, force=args.force)

@@ -110,16 +110,23 @@ class DDPM(pl.LightningModule):
         if monitor is not None:
             self.monitor = monitor
         self.loss_type = loss_type
-        self.register_schedule(given_betas=given_betas, beta_schedule=beta_schedule, timesteps=timesteps,
-                               linear_start=linear_start, linear_end=linear_end, cosine_s=cosine_s)
+        self.schedule_config = dict(given_betas=given_betas, beta_schedule=beta_schedule, timesteps=timesteps,
+                                    linear_start=linear_start, linear_end=linear_end, cosine_s=cosine_s)
         self.learn_logvar = learn_logvar
-        logvar = torch.full(fill_value=logvar_init, size=(self.num_timesteps,))
+        self.logvar_init = logvar_init
+        self.init_schedule()
+        if ckpt_path is not None:
+            self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys, only_model=load_only_unet)
+
+    def init_schedule(self) -> None:
+        """The schedule buffers and logvar at their initial values, from the config, on the current default
+        device (a model built on the meta device gets real ones this way, as tool_add_control needs)."""
+        self.register_schedule(**self.schedule_config)
+        logvar = torch.full(fill_value=self.logvar_init, size=(self.num_timesteps,))
         if self.learn_logvar:
             self.logvar = nn.Parameter(logvar, requires_grad=True)
         else:
-            self.register_buffer("logvar", logvar, persistent=persistent_schedule)
-        if ckpt_path is not None:
-            self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys, only_model=load_only_unet)
+            self.register_buffer("logvar", logvar, persistent=self.persistent_schedule)
 
     def register_schedule(self, given_betas: list | None = None, beta_schedule: str = "linear",
                           timesteps: int = 1000, linear_start: float = 1e-4, linear_end: float = 2e-2,

@@ -1,0 +1,126 @@
+"""ControlNet-XL on the tiny SDXL config: the same y reaches UNet and ControlNet, step-0 identity, what trains,
+control units, and a tutorial_train run with checkpoint and resume."""
+
+import pytest
+import torch
+
+from cldm.cldm import ControlUnit
+from cldm.model import create_model, load_checkpoint, load_state_dict
+from conftest import ROOT, randomize_zero_convs, randomize_zero_init
+from tool_make_fill50k import make_fill50k
+
+TINY_XL = ROOT / "models" / "cldm_tiny_xl.yaml"
+
+
+def make_batch(n: int = 2, size: int = 64, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"jpg": torch.rand(n, size, size, 3, generator=g) * 2 - 1, "hint": torch.rand(n, size, size, 3, generator=g),
+            "txt": ["red circle with blue background", "green circle with white background"][:n]}
+
+
+@pytest.fixture
+def tiny_xl():
+    """The tiny SDXL ControlLDM as tool_add_control makes it: a UNet with all weights non-zero (as trained) and
+    the ControlNet's copy of its encoder, zero convs at zero."""
+    torch.manual_seed(0)
+    model = create_model(TINY_XL)
+    randomize_zero_init(model.model.diffusion_model)
+    copy = model.control_model.load_state_dict(model.model.diffusion_model.state_dict(), strict=False)
+    assert not copy.unexpected_keys or all(k.startswith(("output_blocks.", "out.")) for k in copy.unexpected_keys)
+    return model
+
+
+def noisy(model, batch, seed=3):
+    x, cond = model.get_input(batch, model.first_stage_key)
+    torch.manual_seed(seed)
+    return torch.randn_like(x), torch.tensor([10, 500]), cond
+
+
+def test_get_input_gives_the_vector_and_the_size_conditioning(tiny_xl):
+    batch = make_batch()
+    _, cond = tiny_xl.get_input(batch, "jpg")
+    assert set(cond) == {"c_crossattn", "c_adm", "c_concat"}
+    assert cond["c_crossattn"][0].shape == (2, 77, 64) and cond["c_adm"].shape == (2, 64)
+    # no size keys in the batch: original = target = the image's (h, w), crop (0, 0), as text_conditioning gives
+    expected = tiny_xl.text_conditioning(batch["txt"], (64, 64))
+    torch.testing.assert_close(cond["c_adm"], expected["c_adm"])
+    torch.testing.assert_close(cond["c_crossattn"][0], expected["c_crossattn"][0])
+    # size keys a data set provides are used
+    sized = {**batch, "original_size_as_tuple": torch.tensor([[512.0, 384.0]] * 2),
+             "crop_coords_top_left": torch.tensor([[16.0, 0.0]] * 2)}
+    _, cond_sized = tiny_xl.get_input(sized, "jpg")
+    expected = tiny_xl.text_conditioning(batch["txt"], (64, 64), original_size=(512, 384), crop=(16, 0))
+    torch.testing.assert_close(cond_sized["c_adm"], expected["c_adm"])
+    assert not torch.allclose(cond_sized["c_adm"], cond["c_adm"])
+    # dropped prompts ("") are zeros under zero_empty_prompt, text part of the vector included
+    _, dropped = tiny_xl.get_input({**batch, "txt": ["", batch["txt"][1]]}, "jpg")
+    assert not dropped["c_crossattn"][0][0].any() and not dropped["c_adm"][0, :16].any()
+    assert dropped["c_adm"][0, 16:].any() and dropped["c_crossattn"][0][1].any()
+
+
+def test_fresh_controlnet_xl_is_exact_identity_and_y_reaches_both_nets(tiny_xl):
+    x, t, cond = noisy(tiny_xl, make_batch())
+    unet = tiny_xl.model.diffusion_model
+    with torch.no_grad():
+        plain = unet(x, t, context=cond["c_crossattn"][0], y=cond["c_adm"])
+        assert torch.equal(tiny_xl.apply_model(x, t, cond), plain)
+        randomize_zero_convs(tiny_xl)
+        controlled = tiny_xl.apply_model(x, t, cond)
+        residuals = tiny_xl.control_model(x=x, hint=cond["c_concat"][0], timesteps=t,
+                                          context=cond["c_crossattn"][0], y=cond["c_adm"])
+        assert torch.equal(controlled, unet(x, t, context=cond["c_crossattn"][0], y=cond["c_adm"],
+                                            control=residuals))
+        assert (controlled - plain).abs().max() > 1e-3
+        # the vector changes the ControlNet's residuals, not only the UNet's eps
+        other = tiny_xl.control_model(x=x, hint=cond["c_concat"][0], timesteps=t,
+                                      context=cond["c_crossattn"][0], y=cond["c_adm"] + 1)
+        assert not torch.allclose(other[-1], residuals[-1])
+
+
+def test_control_units_strength_and_guess_mode_on_sdxl(tiny_xl):
+    randomize_zero_convs(tiny_xl)
+    x, t, cond = noisy(tiny_xl, make_batch())
+    hint = cond.pop("c_concat")[0]
+    with torch.no_grad():
+        plain = tiny_xl.apply_model(x, t, cond)
+        full = tiny_xl.apply_model(x, t, {**cond, "control": [ControlUnit(tiny_xl.control_model, hint)]})
+        off = tiny_xl.apply_model(x, t, {**cond, "control": [ControlUnit(tiny_xl.control_model, hint, 0.0)]})
+        soft = tiny_xl.apply_model(x, t, {**cond, "control": [ControlUnit(tiny_xl.control_model, hint,
+                                                                           mode="control")]})
+    assert torch.equal(off, plain) and (full - plain).abs().max() > 1e-3
+    assert (soft - full).abs().max() > 1e-5  # 10 residuals weighted 0.825 ** (9 - i)
+
+
+@pytest.mark.parametrize("sd_locked", [True, False])
+def test_gradients_reach_only_the_trainable_set(tiny_xl, sd_locked):
+    randomize_zero_convs(tiny_xl)
+    tiny_xl.sd_locked = sd_locked
+    loss, _ = tiny_xl.shared_step(make_batch())
+    loss.backward()
+    with_grad = {n for n, p in tiny_xl.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    trainable = {n for n, p in tiny_xl.named_parameters() if p.requires_grad}
+    assert with_grad <= trainable
+    assert any(n.startswith("control_model.label_emb.") for n in with_grad)
+    assert all(n.startswith("control_model.") for n in trainable) == sd_locked
+    assert not any(n.startswith(("conditioner.", "first_stage_model.", "model.diffusion_model.input_blocks",
+                                 "model.diffusion_model.label_emb")) for n in trainable)
+
+
+def test_tutorial_train_checkpoint_and_resume_on_tiny_sdxl(tmp_path):
+    from tutorial_train import main
+    data = make_fill50k(tmp_path / "fill50k", n=4, size=64, seed=0)
+    out = tmp_path / "run"
+    common = ["--config", str(TINY_XL), "--resume_path", "none", "--data_root", str(data), "--batch_size", "2",
+              "--output_dir", str(out), "--sample_steps", "2", "--accelerator", "cpu", "--devices", "1",
+              "--drop_prompt_rate", "0.5", "--seed", "0"]
+    trainer = main([*common, "--max_steps", "2", "--logger_freq", "2", "--checkpoint_every", "2"])
+    assert trainer.global_step == 2
+    logged = {p.name.split("_gs-")[0] for p in (out / "image_log" / "train").iterdir()}
+    assert {"reconstruction", "control", "samples_cfg_scale_9.00"} <= logged
+    last = out / "checkpoints" / "last.ckpt"
+    saved = load_state_dict(last)
+    assert "betas" not in saved  # the sgm layout: the schedule comes from the config
+    resumed = main([*common, "--max_steps", "3", "--resume", str(last), "--force", "--logger_freq", "100"])
+    assert resumed.global_step == 3
+    fresh = create_model(TINY_XL)
+    assert load_checkpoint(fresh, out / "control_model.safetensors", prefixes=("control_model.",)).ok

@@ -1,0 +1,14 @@
+"""Attach a ControlNet-XL to an SDXL checkpoint (tool_add_control.py with the SDXL config).
+
+    python tool_add_control_sdxl.py ./models/sd_xl_base_1.0.safetensors ./models/control_sdxl_ini.safetensors
+
+The input is Stability's file (stabilityai/stable-diffusion-xl-base-1.0, `sd_xl_base_1.0.safetensors`, float16);
+the output keeps its dtype, so the ControlNet copy starts in float16 too (training loads it into float32).
+"""
+
+import sys
+
+from tool_add_control import ROOT, main
+
+if __name__ == "__main__":
+    sys.exit(main(default_config=ROOT / "models" / "cldm_xl.yaml"))
