@@ -320,3 +320,10 @@ def test_training_stops_on_a_bad_sample_or_skips_it(tmp_path):
     assert trainer.global_step == 4
     skipped = [cb for cb in trainer.callbacks if type(cb).__name__ == "SkippedSamples"][0]
     assert skipped.total == 2  # the bad sample came up once in each of the two epochs
+
+
+def test_bench_data_smoke():
+    from benchmarks import bench_data
+    rows = bench_data.main(["--smoke"])
+    assert {r["reader"] for r in rows} == set(bench_data.READERS)
+    assert all(r["samples_per_s"] > 0 and r["workers_needed"] >= 1 for r in rows)
