@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from cldm import cli
 from cldm.model import atomic_output
 
 ROOT = Path(__file__).resolve().parent
@@ -207,9 +208,11 @@ def main(argv: list[str] | None = None) -> dict:
         settings = Settings(**{**asdict(settings), "steps": args.steps})
     out = Path(args.out)
     if (out / "metrics.json").exists() and not args.force:
-        sys.exit(f"{out} holds the results of an earlier run; pass --force to replace them, or choose --out")
+        raise FileExistsError(f"{out} holds the results of an earlier run; pass --force to replace them, "
+                              "or choose --out")
     if not BASE.is_file():
-        sys.exit(f"{BASE} not found: it ships with the repository (or rebuild it with tool_train_tiny_base.py)")
+        raise FileNotFoundError(f"{BASE} not found: it ships with the repository (or rebuild it with "
+                                "tool_train_tiny_base.py)")
     threads = args.threads or pick_threads()
     torch.set_num_threads(threads)
     print(f"ControlNet demo ({'fast' if args.fast else 'full'}): {settings}; {threads} torch thread(s)", flush=True)
@@ -230,10 +233,8 @@ def main(argv: list[str] | None = None) -> dict:
     seconds["data"] = time.monotonic() - t
 
     t = time.monotonic()
-    rc = run_tool("tool_add_control.py", [str(BASE), str(ini), "--config", str(CONFIG), "--force"], commands,
-                  tool_add_control.main)
-    if rc != 0:
-        sys.exit("tool_add_control.py failed")
+    run_tool("tool_add_control.py", [str(BASE), str(ini), "--config", str(CONFIG), "--force"], commands,
+             tool_add_control.main)
     seconds["add_control"] = time.monotonic() - t
 
     t = time.monotonic()
@@ -275,4 +276,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run_tool(main))

@@ -10,87 +10,19 @@ block and the zero convs, which the UNet lacks, keep their fresh initialisation 
 """
 
 import argparse
+import logging
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
-from cldm.model import OPTIONAL_KEY_SUFFIXES, create_model, load_state_dict, save_state_dict
+from cldm.cli import refuse_existing, run_tool
+from cldm.control_weights import Fit, fillable, initial_state, unet_twin
+from cldm.model import CONTROL_PREFIX, load_state_dict, save_state_dict
+from ldm.checkpoint import EMA_PREFIX, require_finite
 
 ROOT = Path(__file__).resolve().parent
-CONTROL, UNET, EMA = "control_model.", "model.diffusion_model.", "model_ema."
-# What the command line turns into a one-line message and exit code 1 (UnsafeCheckpointError is a ValueError).
-# What a tool's user can cause and fix (a missing input, an existing output, a checkpoint that does not fit):
-# reported in one line, without a traceback.
-CLI_ERRORS = (FileNotFoundError, FileExistsError, ValueError)
-
-
-def run_tool(body: Callable[[], str]) -> int:
-    """Exit status of a tool's body: 0 after printing what it reports, 1 after one line for a CLI_ERRORS error."""
-    try:
-        done = body()
-    except CLI_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(done)
-    return 0
-
-
-def unet_twin(key: str, model_keys: dict | set) -> str | None:
-    """The UNet key a control key is copied from (`control_model.X` -> `model.diffusion_model.X`), if any."""
-    twin = UNET + key.removeprefix(CONTROL)
-    return twin if key.startswith(CONTROL) and twin in model_keys else None
-
-
-def fillable(key: str) -> bool:
-    """Keys a checkpoint may lack: the diffusion schedule buffers (set by the config, e.g. SD1.5 has no
-    `logvar`) and keys known to be optional (`...position_ids`)."""
-    return "." not in key or key.endswith(OPTIONAL_KEY_SUFFIXES)
-
-
-class Fit:
-    """Collects the keys a checkpoint lacks and the shapes that differ, so that one error names them all."""
-
-    def __init__(self, path: str | Path, config: str | Path):
-        self.path, self.config = path, config
-        self.missing: list[str] = []
-        self.mismatched: list[str] = []
-
-    def take(self, state_dict: dict[str, torch.Tensor], key: str, shape: torch.Size) -> torch.Tensor | None:
-        if key not in state_dict:
-            self.missing.append(key)
-        elif state_dict[key].shape != shape:
-            self.mismatched.append(f"{key} {tuple(state_dict[key].shape)} in file vs {tuple(shape)} in model")
-        else:
-            return state_dict[key]
-        return None
-
-    def check(self) -> None:
-        found = (("keys missing", self.missing), ("shapes differ", self.mismatched))
-        problems = [f"{len(items)} {what} ({'; '.join(items[:3])}{'; ...' if len(items) > 3 else ''})"
-                    for what, items in found if items]
-        if problems:
-            raise ValueError(f"{self.path} does not fit {self.config}: {', '.join(problems)}. "
-                             f"Is --config the right one for this checkpoint (SD1.x vs SD2.x)?")
-
-
-def refuse_existing(path: str | Path, force: bool) -> None:
-    """Fail before any slow work when the output exists and --force was not given."""
-    if Path(path).exists() and not force:
-        raise FileExistsError(f"{path} already exists; pass --force to overwrite it")
-
-
-def initial_state(config: str | Path) -> dict[str, torch.Tensor]:
-    """Every key of the config's model at its initial value, without the whole model in memory: the model is
-    built on the meta device, then its control network and its schedule again on the CPU. The base's tensors
-    stay meta placeholders, as their values come from the SD checkpoint (SDXL: 5 GB here instead of 19)."""
-    model = create_model(config, device="meta")
-    with torch.device("cpu"):
-        model.init_schedule()
-        control = model.make_control_model(OmegaConf.load(config).model.params.control_stage_config)
-    return model.state_dict() | {CONTROL + k: v for k, v in control.state_dict().items()}
+log = logging.getLogger(__name__)
 
 
 def add_control(sd: dict[str, torch.Tensor], scratch: dict[str, torch.Tensor], fit: Fit
@@ -101,7 +33,7 @@ def add_control(sd: dict[str, torch.Tensor], scratch: dict[str, torch.Tensor], f
     """
     out, added = {}, []
     for key, init in scratch.items():
-        source = unet_twin(key, scratch) if key.startswith(CONTROL) else key
+        source = unet_twin(key, scratch) if key.startswith(CONTROL_PREFIX) else key
         if source is None or (source not in sd and fillable(key)):
             if init.is_meta:
                 raise ValueError(f"{key} is neither in {fit.path} nor initialised by {fit.config}")
@@ -114,8 +46,7 @@ def add_control(sd: dict[str, torch.Tensor], scratch: dict[str, torch.Tensor], f
     return out, added
 
 
-def main(argv: list[str] | None = None, default_config: str | Path = ROOT / "models" / "cldm_v15.yaml"
-         ) -> int:
+def main(argv: list[str] | None = None, default_config: str | Path = ROOT / "models" / "cldm_v15.yaml") -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("input", help="Stable Diffusion checkpoint (.ckpt/.pth/.safetensors)")
     parser.add_argument("output", help="ControlLDM checkpoint to write (.safetensors, else .ckpt format)")
@@ -123,19 +54,18 @@ def main(argv: list[str] | None = None, default_config: str | Path = ROOT / "mod
     parser.add_argument("--force", action="store_true", help="overwrite an existing output")
     args = parser.parse_args(argv)
 
-    def convert() -> str:
-        refuse_existing(args.output, args.force)
-        # The EMA copy (3.4 of v1-5-pruned.ckpt's 7.7 GB) is never used.
-        sd = {k: v for k, v in load_state_dict(args.input).items() if not k.startswith(EMA)}
-        scratch = initial_state(args.config)
-        out, added = add_control(sd, scratch, Fit(args.input, args.config))
-        for key in added:
-            print(f"These weights are newly added: {key}")
-        save_state_dict(out, args.output, force=args.force)
-        return f"Done: {args.output} ({len(out)} keys, {len(added)} newly added)."
-
-    return run_tool(convert)
+    refuse_existing(args.output, args.force)
+    # The EMA copy (3.4 of v1-5-pruned.ckpt's 7.7 GB) is never used.
+    sd = {k: v for k, v in load_state_dict(args.input).items() if not k.startswith(EMA_PREFIX)}
+    require_finite(sd, args.input)
+    scratch = initial_state(args.config)
+    out, added = add_control(sd, scratch, Fit(args.input, args.config))
+    for key in added:
+        log.info("These weights are newly added: %s", key)
+    save_state_dict(out, args.output, force=args.force)
+    log.info("Done: %s (%d keys, %d newly added).", args.output, len(out), len(added))
+    return Path(args.output)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

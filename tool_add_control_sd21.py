@@ -4,8 +4,10 @@
 """
 
 import sys
+from functools import partial
 
+from cldm.cli import run_tool
 from tool_add_control import ROOT, main
 
 if __name__ == "__main__":
-    sys.exit(main(default_config=ROOT / "models" / "cldm_v21.yaml"))
+    sys.exit(run_tool(partial(main, default_config=ROOT / "models" / "cldm_v21.yaml")))

@@ -11,8 +11,10 @@ prompts stay in the data folder (tutorial_dataset.CachedDataset reads both). Enc
 """
 import argparse
 import json
+import logging
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -21,12 +23,14 @@ import torch
 from numpy.lib.format import open_memmap
 from torch.utils.data import DataLoader
 
+from cldm.cli import run_tool
 from cldm.model import create_model, load_checkpoint
+from cldm.training import ENCODERS_FINGERPRINT, encoders_fingerprint
+from ldm.checkpoint import ENCODER_PREFIXES, TEMP_SUFFIX, remove_stale_temps, require_finite, temp_prefix
 from ldm.models.diffusion.ddpm import DDPM
 from tutorial_dataset import CACHE_META, MyDataset
 
-# The frozen parts the cache replaces: only their weights must come from --ckpt.
-ENCODER_PREFIXES = ("first_stage_model.", "cond_stage_model.")
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -47,7 +51,7 @@ def replace_dir(tmp: Path, out: Path) -> None:
     """Move the finished `tmp` onto `out`; an old `out` (allowed by --force) is removed only afterwards."""
     old = None
     if out.exists():
-        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old."))
+        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=temp_prefix(out), suffix=TEMP_SUFFIX))
         os.replace(out, old / out.name)
     os.replace(tmp, out)
     if old is not None:
@@ -61,10 +65,11 @@ def cache_latents(model: torch.nn.Module, dataset: MyDataset, out: str | os.Path
     if out.exists() and not force:
         raise FileExistsError(f"{out} already exists; pass --force to overwrite it")
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out)
     prompts = [item[3] for item in dataset.data]
     distinct = list(dict.fromkeys(prompts))
     position = {p: i for i, p in enumerate(distinct)}
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=temp_prefix(out), suffix=TEMP_SUFFIX))
     try:
         arrays, start = {}, 0
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
@@ -105,22 +110,23 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--force", action="store_true", help="replace an existing cache")
     args = p.parse_args(argv)
-    if Path(args.out).exists() and not args.force:
-        raise SystemExit(f"{args.out} already exists; pass --force to overwrite it")
+    if Path(args.out).exists() and not args.force:  # before the slow work cache_latents would refuse after
+        raise FileExistsError(f"{args.out} already exists; pass --force to overwrite it")
     dataset = MyDataset(args.data_root, size=args.image_size)
     model = create_model(args.config).eval()
     if args.ckpt.lower() != "none":
         report = load_checkpoint(model, args.ckpt, prefixes=ENCODER_PREFIXES)
         if report.missing:
-            raise SystemExit(f"{args.ckpt} lacks {len(report.missing)} VAE / text encoder weights of "
+            raise ValueError(f"{args.ckpt} lacks {len(report.missing)} VAE / text encoder weights of "
                              f"{args.config}, e.g. {report.missing[:3]}")
+        require_finite(model.state_dict(), args.ckpt)
+    source = {"config": str(args.config), "ckpt": str(args.ckpt), ENCODERS_FINGERPRINT: encoders_fingerprint(model)}
     model.first_stage_model.to(args.device)
     model.cond_stage_model.to(args.device)
-    source = {"config": str(args.config), "ckpt": str(args.ckpt)}
     out = cache_latents(model, dataset, args.out, args.batch_size, args.num_workers, args.force, source)
-    print(f"Cached {len(dataset)} samples in {out}; train with --cached_latents {out}")
+    log.info("Cached %d samples in %s; train with --cached_latents %s", len(dataset), out, out)
     return out
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_tool(main))

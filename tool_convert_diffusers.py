@@ -15,7 +15,9 @@ trip is bit-exact.
 """
 import argparse
 import json
+import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,13 +25,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from cldm.cldm import ControlNet
+from cldm.cli import refuse_existing, run_tool
 from cldm.diffusers_names import diffusers_module_names, rename_module
-from cldm.model import atomic_output, load_state_dict, save_state_dict
+from cldm.model import CONTROL_PREFIX, atomic_output, load_state_dict, save_state_dict
 from ldm.modules.diffusionmodules.openaimodel import UNetSpec
-from ldm.util import load_checkpoint_state_dict
 
+log = logging.getLogger(__name__)
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "models" / "cldm_v15.yaml"
-CONTROL_PREFIX = "control_model."
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 # Weight files a diffusers ControlNet folder may hold, in the order they are preferred.
@@ -198,8 +200,8 @@ def check_weights(found: dict[str, torch.Tensor], expected: dict[str, tuple[int,
                 + [f"wrong shape {w}" for w in wrong])
     if problems:
         counts = f"{len(missing)} missing, {len(unexpected)} unexpected, {len(wrong)} wrong shape"
-        raise ValueError(f"{source} does not match the config ({counts}; right --config?):\n  "
-                         + "\n  ".join(problems[:20]))
+        raise ValueError(f"{source} does not match the config ({counts}; right --config?): "
+                         + "; ".join(problems[:5]) + "; ..." * (len(problems) > 5))
 
 
 def control_weights(state_dict: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
@@ -242,16 +244,46 @@ def comparable(config: dict) -> dict:
     return out
 
 
+def json_types(value: object) -> tuple[type, ...]:
+    """The JSON types a field may hold where ours holds `value` (diffusers takes an int or a per-level list
+    for the head and depth fields)."""
+    if isinstance(value, bool):
+        return (bool,)
+    if isinstance(value, (int, list)):
+        return (int, list)
+    if isinstance(value, float):
+        return (int, float)
+    return (type(value),)
+
+
+def read_config_json(path: Path) -> dict:
+    """A config.json's fields, or an error naming the file and what is wrong with it."""
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text (byte {err.start}): not a diffusers config.json") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err.msg}, line {err.lineno} column {err.colno})") from None
+    if not isinstance(found, dict):
+        raise ValueError(f"{path} holds a JSON {type(found).__name__}, not the object of a diffusers config.json")
+    return found
+
+
 def check_config(found: dict, expected: dict, source: str) -> None:
     """Raise if a diffusers config.json describes another model than the YAML (omitted fields pass)."""
     if found.get("_class_name", "ControlNetModel") != "ControlNetModel":
         raise ValueError(f"{source} is a {found['_class_name']}, not a ControlNetModel")
+    wrong_type = [f"{k} is {json.dumps(v)}" for k, v in found.items()
+                  if expected.get(k) is not None and k not in IGNORED_CONFIG_FIELDS
+                  and not isinstance(v, json_types(expected[k]))]
+    if wrong_type:
+        raise ValueError(f"{source}: {'; '.join(wrong_type)}, not a value of a ControlNetModel config")
     want = comparable(expected)
     have = comparable({**expected, **found})
     diffs = [f"{k}: folder has {have[k]}, config gives {v}" for k, v in want.items() if have.get(k) != v]
     if diffs:
-        raise ValueError(f"{source} describes another ControlNet than the --config (right --config?):\n  "
-                         + "\n  ".join(diffs))
+        raise ValueError(f"{source} describes another ControlNet than the --config (right --config?): "
+                         + "; ".join(diffs))
 
 
 def write_text_atomic(text: str, path: Path) -> None:
@@ -263,6 +295,8 @@ def convert_to_diffusers(in_path: str | os.PathLike, out_dir: str | os.PathLike,
                          config_path: str | os.PathLike = DEFAULT_CONFIG, force: bool = False) -> Path:
     """Write OUT_DIR/config.json and OUT_DIR/diffusion_pytorch_model.safetensors from original weights."""
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"{out_dir} is a file; to-diffusers writes a folder (config.json and weights)")
     targets = [out_dir / WEIGHTS_NAME, out_dir / CONFIG_NAME]
     existing = [str(p) for p in targets if p.exists()]
     if existing and not force:
@@ -287,19 +321,18 @@ def convert_from_diffusers(in_dir: str | os.PathLike, out_path: str | os.PathLik
                            config_path: str | os.PathLike = DEFAULT_CONFIG, force: bool = False) -> Path:
     """Write a control_model.* checkpoint from a diffusers ControlNet folder."""
     in_dir, out_path = Path(in_dir), Path(out_path)
-    if out_path.exists() and not force:
-        raise FileExistsError(f"{out_path} already exists; pass --force to overwrite")
+    refuse_existing(out_path, force)
     config_file = in_dir / CONFIG_NAME
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} not found: IN_DIR must be a diffusers ControlNet folder")
     mapping = build_mapping(config_path)
-    check_config(json.loads(config_file.read_text()), mapping.config, str(config_file))
+    check_config(read_config_json(config_file), mapping.config, str(config_file))
     weights_file = find_weights(in_dir)
-    weights = from_diffusers(load_checkpoint_state_dict(weights_file), mapping, source=str(weights_file))
+    weights = from_diffusers(load_state_dict(weights_file), mapping, source=str(weights_file))
     return save_state_dict(weights, out_path, force=force)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -315,13 +348,10 @@ def main(argv: list[str] | None = None) -> None:
         command.add_argument("--force", action="store_true", help="overwrite existing outputs")
     args = parser.parse_args(argv)
     convert = convert_to_diffusers if args.command == "to-diffusers" else convert_from_diffusers
-    try:
-        out = convert(args.input, args.output, args.config, args.force)
-    except (OSError, ValueError) as err:
-        # The message names the file, key or field at fault; a traceback would only bury it.
-        raise SystemExit(f"error: {err}") from err
-    print(f"Wrote {out}")
+    out = convert(args.input, args.output, args.config, args.force)
+    log.info("Wrote %s", out)
+    return out
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_tool(main))

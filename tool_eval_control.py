@@ -29,6 +29,7 @@ import cv2
 import numpy as np
 import torch
 
+from cldm.cli import run_tool
 from cldm.model import atomic_output, create_model, load_checkpoint, load_state_dict
 from ldm.models.diffusion.ddim import DDIMSampler
 from tool_make_fill50k import MIN_CONTRAST
@@ -345,7 +346,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     for path in (args.out, args.sheet):
         if path and Path(path).exists() and not args.force:
-            sys.exit(f"{path} already exists; pass --force to overwrite it")
+            raise FileExistsError(f"{path} already exists; pass --force to overwrite it")
     model = load_model(args.config, args.ckpt, args.device)
     prompts, hints, targets = load_samples(args.data_root, args.n)
     scorers = Scorers(args.metrics, args.detector, args.device)
@@ -366,4 +367,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_tool(main))

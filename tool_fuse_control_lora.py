@@ -11,45 +11,50 @@ layer's weight is W + up @ down, everything else is the file's or the base UNet'
 """
 
 import argparse
+import logging
 import os
+import sys
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
-from cldm.lora import CONTROL_PREFIX, LoRAControlNet
-from cldm.model import save_state_dict
-from ldm.util import load_checkpoint_state_dict
+from cldm.cli import refuse_existing, run_tool
+from cldm.lora import LoRAControlNet
+from cldm.model import CONTROL_PREFIX, load_state_dict, save_state_dict
+from ldm.checkpoint import UNET_PREFIX
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "models" / "cldm_v15_lora.yaml"
-UNET_PREFIX = "model.diffusion_model."
+log = logging.getLogger(__name__)
 
 
 def lora_controlnet(config_path: str | os.PathLike) -> LoRAControlNet:
     """The untied LoRA ControlNet of a LoRA-mode ControlLDM YAML."""
-    control = OmegaConf.load(config_path).model.params.control_stage_config
-    if control.target != "cldm.lora.LoRAControlNet":
-        raise ValueError(f"{config_path}: control model {control.target} is not cldm.lora.LoRAControlNet")
+    if not Path(config_path).is_file():
+        raise FileNotFoundError(f"Model config not found: {config_path}")
+    control = OmegaConf.load(config_path).get("model", {}).get("params", {}).get("control_stage_config", {})
+    if control.get("target") != "cldm.lora.LoRAControlNet":
+        raise ValueError(f"{config_path}: control model {control.get('target')} is not cldm.lora.LoRAControlNet")
     return LoRAControlNet(**OmegaConf.to_container(control.params))
 
 
 def fuse(lora_path: str | os.PathLike, base_path: str | os.PathLike,
          config_path: str | os.PathLike = DEFAULT_CONFIG) -> dict[str, torch.Tensor]:
     """`control_model.*` of a full ControlNet equal to the control-lora file on the base checkpoint's UNet."""
-    base = load_checkpoint_state_dict(base_path)
+    base = load_state_dict(base_path)
     unet = {k[len(UNET_PREFIX):]: v for k, v in base.items() if k.startswith(UNET_PREFIX)}
     if not unet:
         raise ValueError(f"{base_path} has no `{UNET_PREFIX}*` keys: --base must be a Stable Diffusion "
                          "checkpoint")
     net = lora_controlnet(config_path).tie(unet)
-    report = net.load_lora(load_checkpoint_state_dict(lora_path))
+    report = net.load_lora(load_state_dict(lora_path))
     if not report.ok:
         raise ValueError(f"{lora_path} does not fit the LoRA ControlNet of {config_path}: {report}")
     dtype = next(iter(unet.values())).dtype
     return {CONTROL_PREFIX + k: v.to(dtype) for k, v in net.fused_state_dict().items()}
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("input", help="control-lora file (.safetensors, .ckpt or .pth)")
     p.add_argument("output", help="full ControlNet to write (.safetensors, .ckpt or .pth)")
@@ -57,15 +62,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="LoRA-mode YAML (default %(default)s)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     args = p.parse_args(argv)
-    if Path(args.output).exists() and not args.force:
-        raise SystemExit(f"error: {args.output} already exists; pass --force to overwrite it")
-    try:
-        weights = fuse(args.input, args.base, args.config)
-    except (OSError, KeyError, ValueError) as err:
-        # The message names the file and the keys at fault; a traceback would only bury it.
-        raise SystemExit(f"error: {err}") from err
-    print(f"Wrote {save_state_dict(weights, args.output, force=args.force)}")
+    refuse_existing(args.output, args.force)
+    out = save_state_dict(fuse(args.input, args.base, args.config), args.output, force=args.force)
+    log.info("Wrote %s", out)
+    return out
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_tool(main))

@@ -27,6 +27,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from cldm.cli import run_tool
+
 # CSS named colours (the X11 set) with their RGB values; "grey" spellings left out (copies of "gray").
 COLORS: list[tuple[str, tuple[int, int, int]]] = [
     ("alice blue", (240, 248, 255)), ("antique white", (250, 235, 215)), ("aqua", (0, 255, 255)),
@@ -209,7 +211,7 @@ def _records(jobs: list[tuple[Path, int, int, int]], workers: int):
         yield from pool.imap(_write_sample, jobs, chunksize=64)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="./training/fill50k", help="output folder (default: %(default)s)")
     parser.add_argument("--n", type=int, default=50000, help="number of samples (default: %(default)s)")
@@ -219,13 +221,11 @@ def main() -> None:
                         help="replace the data set in a non-empty output folder (written beside it, then swapped in)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="processes writing PNGs (default: all CPUs, %(default)s)")
-    args = parser.parse_args()
-    try:
-        out = make_fill50k(args.out, args.n, args.size, args.seed, args.force, args.workers)
-    except (ValueError, FileExistsError, NotADirectoryError) as e:
-        sys.exit(f"tool_make_fill50k: error: {e}")
+    args = parser.parse_args(argv)
+    out = make_fill50k(args.out, args.n, args.size, args.seed, args.force, args.workers)
     print(f"wrote {args.n} samples ({args.size}x{args.size}) to {out}")
+    return out
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_tool(main))

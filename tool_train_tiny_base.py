@@ -36,12 +36,13 @@ import torch
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from cldm.model import atomic_output, create_model, load_checkpoint, save_state_dict
+from cldm.cli import run_tool
+from cldm.model import CONTROL_PREFIX, atomic_output, create_model, load_checkpoint, save_state_dict
+from ldm.checkpoint import BASE_PREFIXES, TEXT_ENCODER_PREFIX, UNET_PREFIX
 from tool_eval_control import COLOR_TOLERANCE, color_error, disc_fit_iou, fill_region, generate, score_fill
 from tool_make_fill50k import render, sample_circle
 
 ROOT = Path(__file__).resolve().parent
-BASE_PREFIXES = ("first_stage_model.", "cond_stage_model.", "model.diffusion_model.")
 PASS_DISC_IOU, PASS_RATE = 0.8, 0.8
 
 
@@ -132,7 +133,7 @@ def cache_tokenizer(encoder: torch.nn.Module) -> None:
     encoder.tokenize = cached
 
 
-PREFIXES = {"unet": "model.diffusion_model.", "text": "cond_stage_model."}
+PREFIXES = {"unet": UNET_PREFIX, "text": TEXT_ENCODER_PREFIX}
 
 
 def trained_modules(model: torch.nn.Module) -> torch.nn.ModuleDict:
@@ -141,7 +142,7 @@ def trained_modules(model: torch.nn.Module) -> torch.nn.ModuleDict:
 
 def base_state_dict(model: torch.nn.Module, ema: AveragedModel | None = None) -> dict[str, torch.Tensor]:
     """The base's weights (EMA ones where given): float16, except the schedule buffers and scale_factor."""
-    state = {k: v for k, v in model.state_dict().items() if not k.startswith("control_model.")}
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith(CONTROL_PREFIX)}
     if ema is not None:
         for name, module in ema.module.items():
             state.update({PREFIXES[name] + k: v for k, v in module.state_dict().items()})
@@ -318,7 +319,7 @@ def main(argv: list[str] | None = None) -> dict:
         load_checkpoint(model, args.check)
     else:
         if weights.exists() and not args.force:
-            sys.exit(f"{weights} already exists; pass --force to overwrite it")
+            raise FileExistsError(f"{weights} already exists; pass --force to overwrite it")
 
         def save(state: dict) -> None:
             save_state_dict(state, weights, force=True)
@@ -349,4 +350,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_tool(main))

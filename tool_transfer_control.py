@@ -16,23 +16,19 @@ Tensors keep the dtype of the file they come from.
 """
 
 import argparse
+import logging
 import sys
+from pathlib import Path
 
 import torch
 
-from cldm.model import load_state_dict, save_state_dict
-from tool_add_control import (
-    CONTROL,
-    EMA,
-    ROOT,
-    UNET,
-    Fit,
-    fillable,
-    initial_state,
-    refuse_existing,
-    run_tool,
-    unet_twin,
-)
+from cldm.cli import refuse_existing, run_tool
+from cldm.control_weights import Fit, fillable, initial_state, unet_twin
+from cldm.model import CONTROL_PREFIX, load_state_dict, save_state_dict
+from ldm.checkpoint import EMA_PREFIX, UNET_PREFIX, require_finite
+
+ROOT = Path(__file__).resolve().parent
+log = logging.getLogger(__name__)
 
 
 def transfer_control(control: dict[str, torch.Tensor], base: dict[str, torch.Tensor],
@@ -42,7 +38,7 @@ def transfer_control(control: dict[str, torch.Tensor], base: dict[str, torch.Ten
     control_fit, base_fit, target_fit = fits
     out = {}
     for key, init in scratch.items():
-        if key.startswith(CONTROL):
+        if key.startswith(CONTROL_PREFIX):
             weight = control_fit.take(control, key, init.shape)
             twin = unet_twin(key, scratch)
             if twin is None:
@@ -61,7 +57,7 @@ def transfer_control(control: dict[str, torch.Tensor], base: dict[str, torch.Ten
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--control", required=True, help="ControlNet checkpoint trained on --base")
     parser.add_argument("--base", required=True, help="the SD checkpoint the ControlNet was trained on")
@@ -72,20 +68,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="overwrite an existing output")
     args = parser.parse_args(argv)
 
-    def transfer() -> str:
-        refuse_existing(args.out, args.force)
-        # Only what is used is kept: a 1.0 control file and v1-5-pruned.ckpt hold 5.7 and 7.7 GB.
-        control = {k: v for k, v in load_state_dict(args.control).items() if k.startswith(CONTROL)}
-        base = {k: v for k, v in load_state_dict(args.base).items() if k.startswith(UNET)}
-        target = {k: v for k, v in load_state_dict(args.target).items() if not k.startswith(EMA)}
-        scratch = initial_state(args.config)
-        fits = tuple(Fit(p, args.config) for p in (args.control, args.base, args.target))
-        out = transfer_control(control, base, target, scratch, fits)
-        save_state_dict(out, args.out, force=args.force)
-        return f"Done: {args.out} ({len(out)} keys)."
-
-    return run_tool(transfer)
+    refuse_existing(args.out, args.force)
+    # Only what is used is kept: a 1.0 control file and v1-5-pruned.ckpt hold 5.7 and 7.7 GB.
+    control = {k: v for k, v in load_state_dict(args.control).items() if k.startswith(CONTROL_PREFIX)}
+    base = {k: v for k, v in load_state_dict(args.base).items() if k.startswith(UNET_PREFIX)}
+    target = {k: v for k, v in load_state_dict(args.target).items() if not k.startswith(EMA_PREFIX)}
+    for weights, path in ((control, args.control), (base, args.base), (target, args.target)):
+        require_finite(weights, path)
+    scratch = initial_state(args.config)
+    fits = tuple(Fit(p, args.config) for p in (args.control, args.base, args.target))
+    out = transfer_control(control, base, target, scratch, fits)
+    save_state_dict(out, args.out, force=args.force)
+    log.info("Done: %s (%d keys).", args.out, len(out))
+    return Path(args.out)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

@@ -14,6 +14,7 @@ export (`control_model.*` in safetensors, like the ControlNet 1.1 files) under -
 
 import argparse
 import importlib.util
+import logging
 import sys
 from pathlib import Path
 
@@ -24,38 +25,35 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from torch.utils.data import Dataset
 
 import share  # noqa: F401  (quiet logs; sliced attention when config.save_memory)
+from cldm.cli import devices_arg, refuse_existing, run_tool, str2bool
 from cldm.data import FORMATS, BadSampleError, PairedImageDataset, Resize, open_dataset
 from cldm.data.images import RESIZE_MODES
 from cldm.data.loading import SkippedSamples, TrainData, report_captions, sample_error_message
 from cldm.logger import ImageLogger
-from cldm.model import create_model, load_checkpoint, save_state_dict
-from ldm.models.diffusion.ddpm import COMPILE_MODES, OPTIMIZERS
+from cldm.model import CONTROL_PREFIX, create_model, load_checkpoint, save_state_dict
+from cldm.training import (
+    AtomicCheckpointIO,
+    apply_training_options,
+    check_cache,
+    check_fresh_output,
+    given_options,
+    load_resumed_weights,
+    read_resume_checkpoint,
+)
+from ldm.checkpoint import UserError, require_finite
+from ldm.models.diffusion.ddpm import COMPILE_MODES, OPTIMIZERS, TrainingStopped
 from ldm.modules.diffusionmodules.openaimodel import set_gradient_checkpointing
 from ldm.modules.encoders.modules import FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder
 from tutorial_dataset import CachedDataset
 
-
-def str2bool(value: str) -> bool:
-    if value.lower() in ("true", "1", "yes"):
-        return True
-    if value.lower() in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
-
-
-def devices_arg(value: str) -> str | int | list[int]:
-    if value == "auto":
-        return value
-    if "," in value:
-        return [int(v) for v in value.split(",") if v]
-    return int(value)
+log = logging.getLogger(__name__)
 
 
 def parse_args(argv: list[str] | None, config: str, resume_path: str) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=config, help="model YAML (default %(default)s)")
-    p.add_argument("--resume_path", default=resume_path,
-                   help="initial weights made by tool_add_control.py (default %(default)s); 'none' starts "
+    p.add_argument("--resume_path", default=None,
+                   help=f"initial weights made by tool_add_control.py (default {resume_path}); 'none' starts "
                         "from the config's random weights")
     p.add_argument("--resume", default=None, help="Lightning checkpoint to continue from, e.g. checkpoints/last.ckpt")
     p.add_argument("--data_root", default=None,
@@ -65,12 +63,21 @@ def parse_args(argv: list[str] | None, config: str, resume_path: str) -> argpars
                    help="stretch images to this square size, ignoring their aspect ratio (the original's sizing; "
                         "see --resolution)")
     p.add_argument("--batch_size", type=int, default=4)
-    p.add_argument("--learning_rate", type=float, default=1e-5)
-    p.add_argument("--sd_locked", type=str2bool, default=True)
-    p.add_argument("--only_mid_control", type=str2bool, default=False)
-    p.add_argument("--drop_prompt_rate", type=float, default=0.0,
-                   help="probability of training on an empty prompt (the paper uses 0.5; the original code 0)")
+    model = p.add_argument_group("training settings (default: the config's; on resume, a change is logged)")
+    model.add_argument("--learning_rate", type=float, default=None, help="(the original's: 1e-5)")
+    model.add_argument("--sd_locked", type=str2bool, default=None,
+                       help="False also trains the UNet's decoder (the original's: True)")
+    model.add_argument("--only_mid_control", type=str2bool, default=None,
+                       help="True adds only the middle block's residual (the original's: False)")
+    model.add_argument("--drop_prompt_rate", type=float, default=None,
+                       help="probability of training on an empty prompt (the paper uses 0.5; the original code 0)")
+    model.add_argument("--optimizer", default=None, choices=OPTIMIZERS,
+                       help="adamw (fused kernel where the device has one; the default) or adamw8bit (needs "
+                            "bitsandbytes)")
     p.add_argument("--max_steps", type=int, default=-1, help="-1: until max_epochs (Lightning's default 1000)")
+    p.add_argument("--max_nan_steps", type=int, default=0,
+                   help="skip up to N steps whose loss is NaN or infinite before stopping (default: stop at the "
+                        "first)")
     p.add_argument("--accumulate_grad_batches", type=int, default=1)
     p.add_argument("--precision", default="32", help="32, 16-mixed, bf16-mixed, ...")
     p.add_argument("--logger_freq", type=int, default=300, help="ImageLogger: every N global steps")
@@ -85,7 +92,8 @@ def parse_args(argv: list[str] | None, config: str, resume_path: str) -> argpars
     p.add_argument("--export", default=None,
                    help="control-only safetensors written at the end (default OUTPUT_DIR/control_model.safetensors)")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--force", action="store_true", help="overwrite an existing export")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite an existing export, and the checkpoints of an earlier run in OUTPUT_DIR")
     data = p.add_argument_group("data (docs/data.md)")
     data.add_argument("--data_format", choices=FORMATS, default=None,
                       help="reader of --data_root (default: told by the files it holds)")
@@ -114,34 +122,41 @@ def parse_args(argv: list[str] | None, config: str, resume_path: str) -> argpars
     fast.add_argument("--channels_last", action="store_true", help="NHWC memory format for the convolutions")
     fast.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES,
                       help="torch.compile the UNet and the control network, optionally naming a mode")
-    fast.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS,
-                      help="adamw (fused kernel where the device has one) or adamw8bit (needs bitsandbytes)")
     return p.parse_args(argv)
 
 
-def build_model(args: argparse.Namespace) -> pl.LightningModule:
-    """The model of --config with the initial weights of --resume_path (skipped when resuming).
+def load_initial_weights(model: pl.LightningModule, path: str, config: str) -> None:
+    """--resume_path: every weight must come from the file except those the mode initialises itself
+    (model.fresh_prefixes), and all must be finite."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"Initial checkpoint not found: {path}; make it from an SD checkpoint first, e.g. "
+                                f"python tool_add_control.py ./models/v1-5-pruned.ckpt {path}")
+    report = load_checkpoint(model, path)
+    missing = [k for k in report.missing if not k.startswith(model.fresh_prefixes)]
+    if missing:
+        raise UserError(f"{path} lacks {len(missing)} weights of {config}, e.g. {missing[:3]}",
+                        "for a full ControlNet, make the initial checkpoint with tool_add_control.py")
+    if report.unexpected:
+        log.info("Ignoring %d keys of %s the model does not use, e.g. %s", len(report.unexpected), path,
+                 report.unexpected[:3])
+    require_finite(model.state_dict(), path)
 
-    Every weight must come from the file except those the mode initialises itself (model.fresh_prefixes).
-    """
+
+def build_model(args: argparse.Namespace, resume_path: str) -> pl.LightningModule:
+    """The model of --config with the weights of --resume (a Lightning checkpoint of this config) or of
+    --resume_path (initial weights), and the training settings of the config and the command line."""
     model = create_model(args.config).cpu()
-    if args.resume is None and args.resume_path.lower() != "none":
-        if not Path(args.resume_path).is_file():
-            sys.exit(f"Initial checkpoint not found: {args.resume_path}\nMake it from an SD checkpoint first, e.g.\n"
-                     f"  python tool_add_control.py ./models/v1-5-pruned.ckpt {args.resume_path}")
-        report = load_checkpoint(model, args.resume_path)
-        missing = [k for k in report.missing if not k.startswith(model.fresh_prefixes)]
-        if missing:
-            sys.exit(f"{args.resume_path} lacks {len(missing)} weights of {args.config}, e.g. {missing[:3]}.\n"
-                     f"For a full ControlNet, make the initial checkpoint with tool_add_control.py.")
-        if report.unexpected:
-            print(f"Ignoring {len(report.unexpected)} keys of {args.resume_path} the model does not use, "
-                  f"e.g. {report.unexpected[:3]}")
-    model.learning_rate = args.learning_rate
-    model.sd_locked = args.sd_locked
-    model.only_mid_control = args.only_mid_control
-    model.drop_prompt_rate = args.drop_prompt_rate
-    model.optimizer_name = args.optimizer
+    resumed = None
+    if args.resume is not None:
+        if args.resume_path is not None:
+            raise UserError("--resume_path is not used with --resume: the weights come from the checkpoint",
+                            "drop --resume_path, or drop --resume to start a new run from its weights")
+        resumed = read_resume_checkpoint(args.resume)
+        load_resumed_weights(model, resumed, args.resume, args.config, CONTROL_PREFIX)
+    elif (args.resume_path or resume_path).lower() != "none":
+        load_initial_weights(model, args.resume_path or resume_path, args.config)
+    apply_training_options(model, given_options(args), resumed, args.resume)
+    model.max_nan_steps = args.max_nan_steps
     if args.gradient_checkpointing is not None:
         set_gradient_checkpointing(model, args.gradient_checkpointing)
     if args.channels_last:
@@ -155,7 +170,7 @@ def build_dataset(args: argparse.Namespace) -> Dataset:
     """The reader of --data_root (any format), or the latent cache's with --cached_latents."""
     if args.cached_latents is None:
         if args.image_size is not None and args.resolution is not None:
-            sys.exit("give --image_size (stretch) or --resolution (with --resize), not both")
+            raise UserError("give --image_size (stretch) or --resolution (with --resize), not both")
         resize = Resize(args.image_size, "stretch") if args.image_size is not None else \
             Resize(args.resolution, args.resize)
         return open_dataset(args.data_root or "./training/fill50k", args.data_format, resize,
@@ -167,7 +182,8 @@ def build_dataset(args: argparse.Namespace) -> Dataset:
                             seed=args.seed or 0)
     dataset = CachedDataset(args.cached_latents, data_root=args.data_root)
     if args.image_size not in (None, dataset.size):
-        sys.exit(f"{args.cached_latents} was cached at image size {dataset.size}, not {args.image_size}")
+        raise UserError(f"{args.cached_latents} was cached at image size {dataset.size}, not --image_size "
+                        f"{args.image_size}")
     return dataset
 
 
@@ -188,43 +204,47 @@ def main(argv: list[str] | None = None, config: str = "./models/cldm_v15.yaml",
     args = parse_args(argv, config, resume_path)
     output_dir = Path(args.output_dir)
     export = Path(args.export) if args.export else output_dir / "control_model.safetensors"
-    if export.exists() and not args.force:
-        sys.exit(f"{export} already exists; pass --force to overwrite it, or choose another --export")
+    refuse_existing(export, args.force)
+    check_fresh_output(output_dir / "checkpoints", args.resume, args.force)
     if args.seed is not None:
         pl.seed_everything(args.seed, workers=True)
 
     if args.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
-        sys.exit("--optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes")
-    model = build_model(args)
-    try:
-        dataset = build_dataset(args)
-    except (ValueError, OSError) as err:  # BadSampleError is a ValueError
-        sys.exit(f"error: {err}")
+        raise UserError("--optimizer adamw8bit needs bitsandbytes", "pip install bitsandbytes")
+    model = build_model(args, resume_path)
+    dataset = build_dataset(args)
+    if args.cached_latents is not None:
+        check_cache(model, dataset.meta, args.cached_latents)
     report_captions_for(model, dataset)
     data = TrainData(dataset, args.batch_size, args.num_workers, seed=args.seed or 0, skip_bad=args.skip_bad_samples)
     skipped = SkippedSamples()
     image_logger = ImageLogger(batch_frequency=args.logger_freq, log_images_kwargs={"ddim_steps": args.sample_steps})
     checkpoints = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="step-{step:06d}",
                                   every_n_train_steps=args.checkpoint_every, save_top_k=1, save_last=True,
-                                  auto_insert_metric_name=False)
+                                  auto_insert_metric_name=False, enable_version_counter=False)
     trainer = pl.Trainer(accelerator=args.accelerator, devices=args.devices, strategy=args.strategy,
                          precision=args.precision, max_steps=args.max_steps, log_every_n_steps=args.log_every_n_steps,
                          accumulate_grad_batches=args.accumulate_grad_batches, num_nodes=args.num_nodes,
                          callbacks=[image_logger, checkpoints, skipped], use_distributed_sampler=False,
-                         logger=[TensorBoardLogger(output_dir), CSVLogger(output_dir)], default_root_dir=output_dir)
+                         logger=[TensorBoardLogger(output_dir), CSVLogger(output_dir)], default_root_dir=output_dir,
+                         plugins=[AtomicCheckpointIO()])
 
     try:
         trainer.fit(model, datamodule=data, ckpt_path=args.resume, weights_only=True)
     except BadSampleError as err:
-        sys.exit(f"error: {sample_error_message(err)}")
+        raise UserError(sample_error_message(err)) from err
+    except TrainingStopped as err:
+        last = checkpoints.last_model_path or args.resume
+        raise TrainingStopped(str(err), f"{err.advice}; the last checkpoint before it: {last or 'none was saved'}"
+                              ) from err
 
     trainer.save_checkpoint(output_dir / "checkpoints" / "last.ckpt", weights_only=False)
     if trainer.is_global_zero:
         save_state_dict(model.control_state_dict(), export, force=args.force)
-        print(f"Control-only weights: {export}\nCheckpoints: {output_dir / 'checkpoints'}\n"
-              f"Image grids: {output_dir / 'image_log' / 'train'}\nLosses: {trainer.loggers[1].log_dir}/metrics.csv")
+        log.info("Control-only weights: %s\nCheckpoints: %s\nImage grids: %s\nLosses: %s/metrics.csv", export,
+                 output_dir / "checkpoints", output_dir / "image_log" / "train", trainer.loggers[1].log_dir)
     return trainer
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_tool(main))

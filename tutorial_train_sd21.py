@@ -4,7 +4,11 @@
     python tutorial_train_sd21.py
 """
 
+import sys
+from functools import partial
+
+from cldm.cli import run_tool
 from tutorial_train import main
 
 if __name__ == "__main__":
-    main(config="./models/cldm_v21.yaml", resume_path="./models/control_sd21_ini.ckpt")
+    sys.exit(run_tool(partial(main, config="./models/cldm_v21.yaml", resume_path="./models/control_sd21_ini.ckpt")))

@@ -8,7 +8,8 @@ import einops
 import torch
 import torch.nn as nn
 
-from cldm.model import LoadReport, load_checkpoint
+from cldm.model import CONTROL_PREFIX, LoadReport, load_checkpoint
+from cldm.training import TRAINING_STATE, adapt_optimizer_state, training_state
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.modules.diffusionmodules.openaimodel import (
@@ -256,14 +257,18 @@ class ControlLDM(LatentDiffusion):
         unet.out.requires_grad_(not locked)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["control_training"] = {"sd_locked": self.sd_locked, "only_mid_control": self.only_mid_control}
+        super().on_save_checkpoint(checkpoint)
+        checkpoint[TRAINING_STATE] = training_state(self)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        # The optimizer state only fits the same trainable set, so a changed mode must be caught here.
-        saved = checkpoint.get("control_training", {})
-        if "sd_locked" in saved and saved["sd_locked"] != self.sd_locked:
-            raise ValueError(f"The checkpoint was trained with sd_locked={saved['sd_locked']}, this run has "
-                             f"sd_locked={self.sd_locked}: resume with --sd_locked {saved['sd_locked']}")
+        # The optimizer state moves by parameter name, so a resume may change the trainable set (sd_locked).
+        if self._trainer is not None:
+            adapt_optimizer_state(self, checkpoint)
+
+    def cannot_learn_advice(self) -> str:
+        return ("with random UNet weights (tutorial_train --resume_path none) the UNet's zero-initialised output "
+                "layer blocks every gradient: start from a checkpoint made by tool_add_control.py, or train that "
+                "layer too (--sd_locked False)")
 
     def drop_prompts(self, prompts: list[str]) -> list[str]:
         """Replace each prompt by "" with probability drop_prompt_rate (the paper trains with 50%)."""
@@ -339,11 +344,11 @@ class ControlLDM(LatentDiffusion):
 
         Modes with their own file layouts (LoRA-offset, LLLite) override this.
         """
-        return load_checkpoint(self, state_dict_or_path, prefixes=("control_model.",))
+        return load_checkpoint(self, state_dict_or_path, prefixes=(CONTROL_PREFIX,))
 
     def control_state_dict(self) -> dict[str, torch.Tensor]:
         """The control weights alone, as `control_model.*` (the layout of the ControlNet 1.1 files)."""
-        return {f"control_model.{k}": v for k, v in self.control_model.state_dict().items()}
+        return {CONTROL_PREFIX + k: v for k, v in self.control_model.state_dict().items()}
 
     @torch.no_grad()
     def get_unconditional_conditioning(self, N: int) -> torch.Tensor:

@@ -33,10 +33,9 @@ import torch.nn as nn
 from einops import rearrange
 
 from cldm.cldm import ControlLDM, ControlledUnetModel
-from cldm.model import LoadReport
+from cldm.model import CONTROL_PREFIX, LoadReport, load_state_dict
 from ldm.modules.attention import BasicTransformerBlock
 from ldm.modules.diffusionmodules.openaimodel import Downsample
-from ldm.util import load_checkpoint_state_dict
 
 PREFIX = "lllite_unet_"
 PROJECTIONS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn2.to_q")
@@ -224,14 +223,14 @@ class ControlNetLLLite(nn.Module):
 
 
 def strip_control_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k.removeprefix("control_model."): v for k, v in state_dict.items()
-            if k.startswith(PREFIX) or k.startswith("control_model." + PREFIX)}
+    return {k.removeprefix(CONTROL_PREFIX): v for k, v in state_dict.items()
+            if k.startswith(PREFIX) or k.startswith(CONTROL_PREFIX + PREFIX)}
 
 
 def load_lllite(state_dict_or_path: dict | str | os.PathLike) -> ControlNetLLLite:
     """An LLLite network from a kohya-named file (or `control_model.`-prefixed keys), dims from the file."""
     sd = (state_dict_or_path if isinstance(state_dict_or_path, dict)
-          else load_checkpoint_state_dict(state_dict_or_path))
+          else load_state_dict(state_dict_or_path))
     lllite = strip_control_prefix(sd)
     if not lllite:
         raise ValueError(f"No LLLite weights ({PREFIX}* keys) in {len(sd)} keys, e.g. {list(sd)[:3]}")
@@ -246,7 +245,7 @@ class LLLiteControlLDM(ControlLDM):
     """
 
     # The LLLite network starts fresh, so a plain SD checkpoint is a complete initial checkpoint.
-    fresh_prefixes = ("control_model.",)
+    fresh_prefixes = (CONTROL_PREFIX,)
 
     def make_control_model(self, control_stage_config: Any) -> ControlNetLLLite:
         return ControlNetLLLite.for_unet(self.model.diffusion_model, **control_stage_config)

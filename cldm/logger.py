@@ -66,7 +66,9 @@ class ImageLogger(Callback):
     def should_log(self, global_step: int) -> bool:
         if self.disabled or self.max_images <= 0 or global_step == self.last_logged_step:
             return False
-        return global_step % self.batch_freq == 0 or (self.log_first_step and self.last_logged_step < 0)
+        if self.log_first_step and self.last_logged_step < 0:
+            return True
+        return global_step > 0 and global_step % self.batch_freq == 0
 
     def log_img(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: dict, batch_idx: int,
                 split: str = "train") -> None:

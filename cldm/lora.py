@@ -16,14 +16,12 @@ from omegaconf import OmegaConf
 
 from cldm.cldm import ControlLDM, ControlNet
 from cldm.diffusers_names import diffusers_module_names, rename_module
-from cldm.model import LoadReport, load_checkpoint
-from ldm.util import load_checkpoint_state_dict
+from cldm.model import CONTROL_PREFIX, LoadReport, load_checkpoint, load_state_dict
 
 # The parts of the ControlNet that copy the UNet: they take the UNet's tensors and carry the offsets.
 SHARED_PREFIXES = ("time_embed.", "input_blocks.", "middle_block.")
 # ComfyUI (comfy/controlnet.py load_controlnet) treats a file holding this key as a control-lora.
 MARKER = "lora_controlnet"
-CONTROL_PREFIX = "control_model."
 # ResBlock layers -> diffusers ResnetBlock2D names (ControlLoRA v2 files are named after diffusers' modules).
 class LoRAOffset(nn.Module):
     """A frozen layer's weight W and bias b plus a trainable offset: W + scale * up @ down.
@@ -280,7 +278,7 @@ class LoRAControlLDM(ControlLDM):
     def load_control(self, state_dict_or_path: Mapping[str, torch.Tensor] | str | os.PathLike) -> LoadReport:
         """Load a control-lora file (ours, Stability's, ControlLoRA v2's) into the control model."""
         state_dict = (state_dict_or_path if isinstance(state_dict_or_path, Mapping)
-                      else load_checkpoint_state_dict(state_dict_or_path))
+                      else load_state_dict(state_dict_or_path))
         return self.control_model.load_lora(state_dict)
 
 
@@ -294,7 +292,7 @@ def lora_controlnet_from_file(path: str | os.PathLike, unet: nn.Module,
     reference = next(unet.parameters())
     with torch.device(reference.device):
         net = LoRAControlNet(**params).tie(unet)
-    report = net.load_lora(load_checkpoint_state_dict(path))
+    report = net.load_lora(load_state_dict(path))
     if not report.ok:
         raise ValueError(f"{path} does not fit the LoRA ControlNet of {config_path}: {report}")
     return net.to(dtype=reference.dtype).eval()

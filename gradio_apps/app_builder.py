@@ -25,7 +25,9 @@ import torch
 
 import config
 from annotator.util import HWC3, resize_image
+from cldm.cli import CLI_ERRORS, EXIT_ERROR, error_lines
 from cldm.model import create_model, load_checkpoint
+from ldm.checkpoint import BASE_PREFIXES, UserError
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.ddpm import COMPILE_MODES
 
@@ -358,10 +360,10 @@ def build_annotator_demo(tabs: Sequence[AnnotatorTab], detectors: Detectors) -> 
     return demo
 
 
-def fail(message: str) -> NoReturn:
-    """End start-up with a message instead of a traceback."""
-    print(message, file=sys.stderr)
-    sys.exit(2)
+def fail(message: str, advice: str | None = None) -> NoReturn:
+    """End start-up as every command line does on a user's mistake: one line (plus advice), exit 1."""
+    print("\n".join(error_lines(UserError(message, advice))), file=sys.stderr)
+    sys.exit(EXIT_ERROR)
 
 
 def server_parser(description: str) -> argparse.ArgumentParser:
@@ -390,28 +392,24 @@ def require_checkpoint(path: Path) -> None:
     if path.is_file():
         return
     source = CONTROLNET_V11_URL if path.name.startswith("control_v11") else CONTROLNET_URL
-    fail(f"ControlNet checkpoint not found: {path}\n"
-         f"Download {path.name} from {source}\n"
-         f"and put it at {path} (or give its path with --ckpt).\n"
-         f"ControlNet 1.1 files (control_v11*.pth, from {CONTROLNET_V11_URL}) hold only the control model:\n"
-         "give them with --ckpt together with --base <a Stable Diffusion 1.5 checkpoint>.")
-
-
-BASE_PREFIXES = ("model.", "first_stage_model.", "cond_stage_model.")
+    fail(f"ControlNet checkpoint not found: {path}",
+         f"download {path.name} from {source} and put it at {path} (or give its path with --ckpt); "
+         f"ControlNet 1.1 files (control_v11*.pth, from {CONTROLNET_V11_URL}) hold only the control model: "
+         "give them with --ckpt together with --base <a Stable Diffusion 1.5 checkpoint>")
 
 
 def load_model(args: argparse.Namespace, default_checkpoint: str, device: torch.device) -> torch.nn.Module:
     """The ControlLDM of --config with --base and --ckpt (or random weights), in eval mode on `device`."""
     config_path = Path(args.config)
     if not config_path.is_file():
-        fail(f"Model config not found: {config_path}\nThe configs ship with this repository in {MODELS}.")
+        fail(f"Model config not found: {config_path}", f"the configs ship with this repository in {MODELS}")
     ckpt = Path(args.ckpt) if args.ckpt else MODELS / default_checkpoint
     base = Path(args.base) if args.base else None
     if not args.random_weights:
         require_checkpoint(ckpt)
         if base is not None and not base.is_file():
-            fail(f"Base checkpoint not found: {base}\n"
-                 f"Download a Stable Diffusion 1.5 checkpoint, e.g. {SD15_URL}, and give its path to --base.")
+            fail(f"Base checkpoint not found: {base}",
+                 f"download a Stable Diffusion 1.5 checkpoint, e.g. {SD15_URL}, and give its path to --base")
     model = create_model(config_path)
     if args.random_weights:
         print("--random-weights: model and detectors have random weights; for tests and demos only.")
@@ -426,12 +424,12 @@ def load_model(args: argparse.Namespace, default_checkpoint: str, device: torch.
         for path, load in steps:
             try:
                 report = load(path)
-            except Exception as err:  # unreadable, unsafe or mismatched: say why and stop
-                fail(f"Could not load {path}: {err}")
+            except CLI_ERRORS as err:  # unreadable, unsafe or mismatched: say why and stop
+                fail(f"Could not load {path}: {err}", err.advice if isinstance(err, UserError) else None)
             if report.missing:
-                hint = "" if base else ("\nA control-only (ControlNet 1.1) file also needs --base "
-                                        "<a Stable Diffusion 1.5 checkpoint>.")
-                fail(f"{path} does not fill the model of {config_path}: {report}{hint}")
+                fail(f"{path} does not fill the model of {config_path}: {report}",
+                     None if base else "a control-only (ControlNet 1.1) file also needs --base "
+                                       "<a Stable Diffusion 1.5 checkpoint>")
             if report.unexpected:
                 print(f"{path}: ignored {len(report.unexpected)} keys this model does not use, "
                       f"e.g. {report.unexpected[0]}")

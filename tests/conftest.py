@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -47,3 +48,21 @@ def randomize_zero_convs(model, std: float = 0.1) -> None:
         for name, p in model.control_model.named_parameters():
             if "zero_convs" in name or "middle_block_out" in name or name.startswith("input_hint_block.14"):
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+def write_temps_to_dev_full(monkeypatch, prefix: str = "") -> None:
+    """Make atomic writes whose temp file name starts with `prefix` write to /dev/full, where every write fails
+    with ENOSPC as on a full disk."""
+    import ldm.checkpoint
+    mkstemp = ldm.checkpoint.tempfile.mkstemp
+
+    def full_device(**kwargs):
+        fd, name = mkstemp(**kwargs)
+        if not kwargs.get("prefix", "").startswith(prefix):
+            return fd, name
+        os.close(fd)
+        os.unlink(name)
+        os.symlink("/dev/full", name)
+        return os.open(name, os.O_WRONLY), name
+
+    monkeypatch.setattr(ldm.checkpoint.tempfile, "mkstemp", full_device)

@@ -9,10 +9,11 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
+from ldm.checkpoint import UnsafeCheckpointError
 from ldm.models.autoencoder import AutoencoderKL, IdentityFirstStage
 from ldm.modules.diffusionmodules.model import AttnBlock
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution, normal_kl
-from ldm.util import UnsafeCheckpointError, instantiate_from_config
+from ldm.util import instantiate_from_config
 
 REFERENCE = Path(__file__).parent / "reference"
 PREFIX = "first_stage_model."

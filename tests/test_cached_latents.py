@@ -7,7 +7,9 @@ import torch
 from torch.utils.data import default_collate
 
 import tool_cache_latents
-from conftest import ROOT, randomize_zero_convs
+from cldm.model import create_model, save_state_dict
+from conftest import ROOT, randomize_zero_convs, randomize_zero_init
+from ldm.checkpoint import UserError
 from tool_make_fill50k import make_fill50k
 from tutorial_dataset import CachedDataset, MyDataset
 
@@ -74,7 +76,7 @@ def test_cache_files_and_refusals(cached, data_root, tmp_path):
     assert meta["count"] == 6 and meta["latent_shape"] == [4, 4, 4] and set(meta["prompts"]) == set(prompts)
     run = lambda *extra: tool_cache_latents.main(  # noqa: E731
         ["--config", TINY, "--ckpt", "none", "--data_root", str(data_root), "--out", str(cache), *extra])
-    with pytest.raises(SystemExit, match="already exists; pass --force"):
+    with pytest.raises(FileExistsError, match="already exists; pass --force"):
         run()
     stamp = (cache / "mean.npy").stat().st_mtime_ns
     run("--force", "--batch_size", "3")
@@ -89,14 +91,43 @@ def test_cache_files_and_refusals(cached, data_root, tmp_path):
         CachedDataset(tmp_path / "nowhere")
 
 
+def initial_checkpoint(path, seed: int):
+    """Initial weights as tool_add_control.py would give them, of a tiny model that can learn."""
+    torch.manual_seed(seed)
+    model = create_model(TINY)
+    randomize_zero_init(model.model.diffusion_model)
+    return save_state_dict(model.state_dict(), path)
+
+
 def test_tutorial_train_on_a_cache_with_speed_flags(data_root, tmp_path):
     from tutorial_train import main
-    cache = tool_cache_latents.main(["--config", TINY, "--ckpt", "none", "--data_root", str(data_root),
+    initial = initial_checkpoint(tmp_path / "ini.ckpt", seed=0)
+    cache = tool_cache_latents.main(["--config", TINY, "--ckpt", str(initial), "--data_root", str(data_root),
                                      "--out", str(tmp_path / "cache")])
-    trainer = main(["--config", TINY, "--resume_path", "none", "--cached_latents", str(cache), "--batch_size", "2",
+    trainer = main(["--config", TINY, "--resume_path", str(initial), "--cached_latents", str(cache),
+                    "--batch_size", "2",
                     "--max_steps", "2", "--logger_freq", "1000", "--accelerator", "cpu", "--devices", "1",
                     "--output_dir", str(tmp_path / "run"), "--gradient_checkpointing", "True", "--channels_last",
                     "--drop_prompt_rate", "0.5", "--precision", "bf16-mixed"])
     assert trainer.global_step == 2 and (tmp_path / "run" / "control_model.safetensors").is_file()
     optimizer = trainer.optimizers[0]
     assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["fused"]
+
+
+def test_a_cache_of_other_encoder_weights_is_refused(data_root, tmp_path):
+    from tutorial_train import main
+    initial, other = (initial_checkpoint(tmp_path / f"ini{seed}.ckpt", seed) for seed in (0, 1))
+    cache = tool_cache_latents.main(["--config", TINY, "--ckpt", str(other), "--data_root", str(data_root),
+                                     "--out", str(tmp_path / "cache")])
+    assert json.loads((cache / "meta.json").read_text())["ckpt"] == str(other)
+    args = ["--config", TINY, "--cached_latents", str(cache), "--batch_size", "2", "--max_steps", "1",
+            "--accelerator", "cpu", "--devices", "1", "--output_dir", str(tmp_path / "run")]
+    with pytest.raises(UserError, match=f"{cache} was made with another VAE / text encoder \\(from {other}\\)"):
+        main([*args, "--resume_path", str(initial)])
+    meta = json.loads((cache / "meta.json").read_text())
+    del meta["encoders_fingerprint"]  # as an older tool_cache_latents.py wrote it
+    (cache / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="records no fingerprint") as refused:
+        main([*args, "--resume_path", str(other)])
+    assert "tool_cache_latents.py" in refused.value.advice
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -7,9 +7,8 @@ import pytest
 import torch
 
 import tool_convert_diffusers as tool
-from cldm.model import create_model, load_checkpoint, save_state_dict
+from cldm.model import create_model, load_checkpoint, load_state_dict, save_state_dict
 from conftest import ROOT
-from ldm.util import load_checkpoint_state_dict
 
 TINY_CONFIGS = ["cldm_tiny.yaml", "cldm_tiny_v21.yaml"]
 
@@ -56,7 +55,7 @@ def test_round_trip_is_bit_exact_and_loads_into_controlldm(exported):
     config, model, tmp = exported
     out = tmp / "control.safetensors"
     tool.main(["from-diffusers", str(tmp / "diffusers"), str(out), "--config", str(config)])
-    back = load_checkpoint_state_dict(out)
+    back = load_state_dict(out)
     want = {f"control_model.{k}": v for k, v in model.control_model.state_dict().items()}
     assert back.keys() == want.keys()
     assert all(torch.equal(back[k], want[k]) and back[k].dtype == want[k].dtype for k in want)
@@ -90,18 +89,18 @@ def test_pooled_config_sets_global_pool_conditions():
 def test_refusals_name_the_problem(exported):
     config, model, tmp = exported
     run = lambda *args: tool.main([*map(str, args), "--config", str(config)])  # noqa: E731
-    with pytest.raises(SystemExit, match="config.json already exists; pass --force"):
+    with pytest.raises(FileExistsError, match="config.json already exists; pass --force"):
         run("to-diffusers", tmp / "full.ckpt", tmp / "diffusers")
     sd = model.state_dict()
     del sd["control_model.middle_block.1.proj_in.weight"]
     save_state_dict(sd, tmp / "broken.ckpt", force=True)
-    with pytest.raises(SystemExit, match=r"missing key middle_block\.1\.proj_in\.weight"):
+    with pytest.raises(ValueError, match=r"missing key middle_block\.1\.proj_in\.weight"):
         run("to-diffusers", tmp / "broken.ckpt", tmp / "other")
     assert not (tmp / "other").exists()
-    with pytest.raises(SystemExit, match="config.json not found"):
+    with pytest.raises(FileNotFoundError, match="config.json not found"):
         run("from-diffusers", tmp, tmp / "x.safetensors")
     config = next(ROOT / "models" / name for name in TINY_CONFIGS if name != config.name)
-    with pytest.raises(SystemExit, match="use_linear_projection: folder has"):
+    with pytest.raises(ValueError, match="use_linear_projection: folder has"):
         run("from-diffusers", tmp / "diffusers", tmp / "y.safetensors")
     written = json.loads((tmp / "diffusers" / "config.json").read_text())
     assert written["_class_name"] == "ControlNetModel" and written["conditioning_channels"] == 3

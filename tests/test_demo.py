@@ -35,7 +35,7 @@ def test_demo_fast_writes_report_and_metrics(tmp_path):
     assert len(saved["loss_curve"]) == 3
     assert list((out / "train" / "image_log" / "train").glob("samples_cfg_scale_*_gs-000003_*.png"))
     assert "data:image/png;base64," in (out / "report.html").read_text()
-    with pytest.raises(SystemExit, match="--force"):
+    with pytest.raises(FileExistsError, match="--force"):
         demo.main(["--fast", "--out", str(out)])
 
 
@@ -141,7 +141,7 @@ def test_train_tiny_base_runs_end_to_end(tmp_path):
     assert out.is_file() and out.with_suffix(".json").is_file()
     assert report["vae"]["steps"] <= 2 and report["unet"]["steps"] <= 2
     assert set(report["check"][0]) >= {"pass_rate", "disc_iou_mean", "color_acc", "good_enough"}
-    with pytest.raises(SystemExit, match="--force"):
+    with pytest.raises(FileExistsError, match="--force"):
         tool_train_tiny_base.main(["--out", str(out), "--device", "cpu"])
 
 

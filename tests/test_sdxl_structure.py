@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from cldm.model import OPTIONAL_KEY_SUFFIXES, create_model
+from cldm.model import create_model
 from conftest import ROOT, reference_keys
+from ldm.checkpoint import OPTIONAL_KEY_SUFFIXES
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
 
 XL = ROOT / "models" / "cldm_xl.yaml"

@@ -9,6 +9,7 @@ import torch
 
 import tool_add_control
 import tool_transfer_control
+from cldm.cli import run_tool
 from cldm.model import create_model, load_checkpoint, load_state_dict, save_state_dict
 from conftest import ROOT, randomize_zero_init
 
@@ -40,16 +41,19 @@ def tiny(tmp_path_factory):
 
 
 def run(tool, args, capsys) -> tuple[int, str, str]:
-    rc = tool.main([str(a) for a in args])
+    """Exit status, stdout and stderr of the tool's command line, run in-process."""
+    rc = run_tool(tool.main, [str(a) for a in args])
     out, err = capsys.readouterr()
     return rc, out, err
 
 
 @pytest.mark.parametrize("src_suffix, out_suffix", [(".ckpt", ".safetensors"), (".safetensors", ".ckpt")])
-def test_add_control_copies_the_unet_and_zeroes_the_new_convs(tiny, tmp_path, capsys, src_suffix, out_suffix):
+def test_add_control_copies_the_unet_and_zeroes_the_new_convs(tiny, tmp_path, capsys, caplog, src_suffix,
+                                                              out_suffix):
     sd, shapes, src_dir = tiny
     out_path = tmp_path / f"control_ini{out_suffix}"
-    rc, out, err = run(tool_add_control, [src_dir / f"sd{src_suffix}", out_path, "--config", TINY], capsys)
+    with caplog.at_level("INFO"):
+        rc, _, err = run(tool_add_control, [src_dir / f"sd{src_suffix}", out_path, "--config", TINY], capsys)
     assert rc == 0, err
     result = load_state_dict(out_path)
     assert result.keys() == shapes.keys()
@@ -66,7 +70,7 @@ def test_add_control_copies_the_unet_and_zeroes_the_new_convs(tiny, tmp_path, ca
             "control_model.input_hint_block.14.weight"} <= set(zero)
     assert all(not result[k].any() for k in zero)
     assert result["control_model.input_hint_block.0.weight"].std() > 0
-    added = {line.removeprefix("These weights are newly added: ") for line in out.splitlines()
+    added = {line.removeprefix("These weights are newly added: ") for line in caplog.messages
              if line.startswith("These weights are newly added: ")}
     assert added == {k for k in result if k.startswith(NEW_LAYERS)} | {"logvar"}
 
@@ -88,7 +92,9 @@ def test_sd2_checkpoint_into_sd1_config_names_keys_and_shapes(tmp_path, capsys):
     src = save_state_dict(sd_checkpoint(TINY_V21), tmp_path / "sd21.safetensors")
     rc, _, err = run(tool_add_control, [src, tmp_path / "out.ckpt", "--config", TINY], capsys)
     assert rc == 1 and not (tmp_path / "out.ckpt").exists()
-    assert err.count("\n") == 1 and err.startswith("error: ")
+    error, hint = err.splitlines()
+    assert error.startswith("error: ")
+    assert hint == "hint: is --config the right one for this checkpoint (SD1.x vs SD2.x)?"
     assert "keys missing (cond_stage_model.transformer." in err
     assert "shapes differ (model.diffusion_model." in err and " in file vs " in err
 
@@ -114,13 +120,14 @@ def run_script(name, args, monkeypatch) -> int | str | None:
     return exited.value.code
 
 
-def test_sd21_script_defaults_to_the_sd21_config(tmp_path, capsys, monkeypatch):
+def test_sd21_script_defaults_to_the_sd21_config(tmp_path, capsys, caplog, monkeypatch):
     assert run_script("tool_add_control_sd21.py", ["--help"], monkeypatch) == 0
     assert "cldm_v21.yaml" in capsys.readouterr().out
     src = save_state_dict(sd_checkpoint(TINY_V21), tmp_path / "sd21.ckpt")
     out_path = tmp_path / "control_sd21_ini.safetensors"
-    assert run_script("tool_add_control_sd21.py", [src, out_path, "--config", TINY_V21], monkeypatch) == 0
-    assert "These weights are newly added: control_model.zero_convs.0.0.weight" in capsys.readouterr().out
+    with caplog.at_level("INFO"):
+        assert run_script("tool_add_control_sd21.py", [src, out_path, "--config", TINY_V21], monkeypatch) == 0
+    assert "These weights are newly added: control_model.zero_convs.0.0.weight" in caplog.messages
     assert load_state_dict(out_path).keys() == create_model(TINY_V21).state_dict().keys()
 
 

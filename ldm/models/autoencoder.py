@@ -1,5 +1,6 @@
 """The KL-regularized autoencoder that maps images to the latent space of Stable Diffusion."""
 
+import logging
 from collections.abc import Iterable
 from typing import Any
 
@@ -7,9 +8,12 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
+from ldm.checkpoint import LoadReport, load_checkpoint, load_state_dict
 from ldm.modules.diffusionmodules.model import Decoder, Encoder
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
-from ldm.util import instantiate_from_config, load_checkpoint_state_dict
+from ldm.util import instantiate_from_config
+
+log = logging.getLogger(__name__)
 
 
 class AutoencoderKL(pl.LightningModule):
@@ -44,16 +48,13 @@ class AutoencoderKL(pl.LightningModule):
         if ckpt_path is not None:
             self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys)
 
-    def init_from_ckpt(self, path: str, ignore_keys: Iterable[str] = ()) -> None:
-        sd = load_checkpoint_state_dict(path)
+    def init_from_ckpt(self, path: str, ignore_keys: Iterable[str] = ()) -> LoadReport:
+        sd = load_state_dict(path)
         ignore_keys = tuple(ignore_keys)
         sd = {k: v for k, v in sd.items() if not k.startswith(ignore_keys)} if ignore_keys else sd
-        missing, unexpected = self.load_state_dict(sd, strict=False)
-        print(f"Restored AutoencoderKL from {path}: {len(missing)} missing, {len(unexpected)} unexpected")
-        if missing:
-            print(f"Missing keys: {missing}")
-        if unexpected:
-            print(f"Unexpected keys: {unexpected}")
+        report = load_checkpoint(self, sd)
+        log.info("Restored AutoencoderKL from %s: %s", path, report)
+        return report
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
         return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))

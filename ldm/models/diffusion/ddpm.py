@@ -4,6 +4,7 @@ Trimmed to what Stable Diffusion and ControlNet use: eps / v / x0 parameterizati
 a frozen first stage (VAE) and text encoder, and optional EMA of the diffusion model.
 """
 
+import logging
 from contextlib import contextmanager
 from functools import partial
 from typing import Any
@@ -14,12 +15,17 @@ import torch
 import torch.nn as nn
 from einops import rearrange
 from omegaconf import ListConfig
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
+from ldm.checkpoint import DENOISER_PREFIX, LoadReport, UserError, load_checkpoint, load_state_dict, nonfinite_keys
 from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
 from ldm.modules.encoders.conditioner import size_conditions
-from ldm.util import default, exists, instantiate_from_config, load_checkpoint_state_dict
+from ldm.util import default, exists, instantiate_from_config
+
+log = logging.getLogger(__name__)
+warn = rank_zero_only(log.warning)
 
 # Optimizers DDPM.make_optimizer builds (its `optimizer_name`), and the devices with a fused AdamW kernel.
 OPTIMIZERS = ("adamw", "adamw8bit")
@@ -28,6 +34,10 @@ FUSED_ADAMW_DEVICES = ("cuda", "cpu")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # Batch keys of a latent cache (tool_cache_latents.py): the VAE posterior's mean and standard deviation.
 CACHED_MEAN, CACHED_STD = "mean", "std"
+
+
+class TrainingStopped(UserError):
+    """Training that cannot be right (a non-finite loss or weights, no gradient at all), stopped with why."""
 
 
 def disabled_train(self: nn.Module, mode: bool = True) -> nn.Module:
@@ -70,6 +80,9 @@ class DDPM(pl.LightningModule):
     """Gaussian diffusion in pixel space (the base of LatentDiffusion)."""
 
     optimizer_name = "adamw"  # one of OPTIMIZERS; tutorial_train's --optimizer
+    max_nan_steps = 0  # steps with a non-finite loss skipped before training stops; tutorial_train's --max_nan_steps
+    nonfinite_steps = 0
+    gradients_checked = False
 
     def __init__(self, unet_config: Any, timesteps: int = 1000, beta_schedule: str = "linear",
                  loss_type: str = "l2", ckpt_path: str | None = None, ignore_keys: list[str] = (),
@@ -184,11 +197,16 @@ class DDPM(pl.LightningModule):
             if self.use_ema:
                 self.model_ema.restore(self.model.parameters())
 
-    def init_from_ckpt(self, path: str, ignore_keys: list[str] = (), only_model: bool = False) -> None:
-        sd = load_checkpoint_state_dict(path)
-        sd = {k: v for k, v in sd.items() if not any(k.startswith(ik) for ik in ignore_keys)}
-        missing, unexpected = (self.model if only_model else self).load_state_dict(sd, strict=False)
-        print(f"Restored from {path} with {len(missing)} missing and {len(unexpected)} unexpected keys")
+    def init_from_ckpt(self, path: str, ignore_keys: list[str] = (), only_model: bool = False) -> LoadReport:
+        """The config's `ckpt_path`: weights from a file (only the denoiser's with only_model), reported by name."""
+        sd = load_state_dict(path)
+        ignore_keys = tuple(ignore_keys)
+        sd = {k: v for k, v in sd.items() if not k.startswith(ignore_keys)} if ignore_keys else sd
+        if only_model:
+            sd = {k.removeprefix(DENOISER_PREFIX): v for k, v in sd.items()}
+        report = load_checkpoint(self.model if only_model else self, sd)
+        log.info("Restored %s from %s: %s", type(self).__name__, path, report)
+        return report
 
     def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         noise = default(noise, lambda: torch.randn_like(x_start))
@@ -268,8 +286,11 @@ class DDPM(pl.LightningModule):
         """Samples in a batch of images or of cached latents."""
         return len(batch[CACHED_MEAN] if CACHED_MEAN in batch else batch[self.first_stage_key])
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         loss, loss_dict = self.shared_step(batch)
+        if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
+            self.skip_nonfinite_step(loss)
+            return None  # no backward, no update: the step is skipped on every rank
         self.log_dict(loss_dict, prog_bar=True, logger=True, on_step=True, on_epoch=True,
                       batch_size=self.samples_in(batch))
         self.log("global_step", float(self.global_step), prog_bar=True, logger=True, on_step=True, on_epoch=False)
@@ -277,6 +298,43 @@ class DDPM(pl.LightningModule):
             self.log("lr_abs", self.optimizers().param_groups[0]["lr"], prog_bar=True, logger=True,
                      on_step=True, on_epoch=False)
         return loss
+
+    def skip_nonfinite_step(self, loss: torch.Tensor) -> None:
+        """Count a step whose loss is NaN or infinite (on some rank); stop once more than max_nan_steps."""
+        self.nonfinite_steps += 1
+        where = f"the loss is {loss.item()} at global step {self.global_step}"
+        if self.nonfinite_steps > self.max_nan_steps:
+            raise TrainingStopped(f"Training stopped: {where}, after {self.nonfinite_steps - 1} skipped "
+                                  f"non-finite steps (--max_nan_steps {self.max_nan_steps}); this step was not "
+                                  f"applied", "lower the learning rate, check the data, or use a wider precision")
+        warn(f"Skipped a step: {where} ({self.nonfinite_steps} of at most {self.max_nan_steps})")
+
+    def on_train_start(self) -> None:
+        self.nonfinite_steps = 0
+        self.gradients_checked = False
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Stop at the first update when no trainable tensor has a gradient: such a run could never learn."""
+        if self.gradients_checked:
+            return
+        self.gradients_checked = True
+        grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
+        if grads and not any(bool(g.any()) for g in grads):
+            raise TrainingStopped(f"Training stopped: all {len(grads)} trainable tensors got an exactly zero "
+                                  f"gradient at global step {self.global_step}, so the model cannot learn",
+                                  self.cannot_learn_advice())
+
+    def cannot_learn_advice(self) -> str:
+        return ("a zero-initialised layer after the trainable ones blocks the gradient (a random network's "
+                "output layer, for one): start from trained weights, or let that layer train")
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Refuse to save weights that went NaN or infinite: the last good checkpoint stays in place."""
+        bad = nonfinite_keys({name: p for name, p in self.named_parameters() if p.requires_grad})
+        if bad:
+            raise TrainingStopped(f"Training stopped: {len(bad)} trainable tensors are no longer finite at global "
+                                  f"step {self.global_step} (e.g. {bad[0]}); they were not saved",
+                                  "lower the learning rate, check the data, or use a wider precision")
 
     @torch.no_grad()
     def validation_step(self, batch: dict, batch_idx: int) -> None:

@@ -1,0 +1,245 @@
+"""Training a ControlLDM so that it cannot go wrong without a word: settings, resume, outputs, latent caches.
+
+- Settings: the YAML governs; a command-line option overrides it only when given. On resume every setting that
+  differs from the checkpoint's run is logged, and takes effect (learning rate, sd_locked, only_mid_control,
+  prompt dropout) or is refused by name (the optimizer, whose state would not carry over).
+- Resume: `--resume` must be a Lightning checkpoint of this config; anything else is named for what it is.
+  A changed trainable set (sd_locked) keeps weights and global step; the optimizer state is carried over by
+  parameter name, so newly trainable tensors start fresh and the others keep theirs.
+- Outputs: a new run never overwrites an earlier run's checkpoints without --force; checkpoints are written
+  atomically, and a full disk is reported as such.
+- Latent caches: a cache made with another VAE or text encoder than the model's is refused (by a fingerprint
+  of their weights, not a path).
+"""
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from pytorch_lightning.plugins import TorchCheckpointIO
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
+
+from ldm.checkpoint import (
+    SAFETENSORS,
+    UserError,
+    atomic_output,
+    read_checkpoint,
+    require_finite,
+    save_torch,
+    sniff,
+    state_dict_of,
+    weights_fingerprint,
+)
+
+log = logging.getLogger(__name__)
+info = rank_zero_only(log.info)
+
+# Command-line option -> the model attribute it sets (the YAML's parameter of the same name, where it has one).
+TRAINING_OPTIONS = {"learning_rate": "learning_rate", "sd_locked": "sd_locked", "only_mid_control": "only_mid_control",
+                    "drop_prompt_rate": "drop_prompt_rate", "optimizer": "optimizer_name"}
+# Settings whose change on resume cannot take effect: the optimizer state is the optimizer's own.
+FIXED_ON_RESUME = ("optimizer",)
+# Where a ControlLDM checkpoint records its training settings and its optimizer's parameter names.
+TRAINING_STATE = "control_training"
+PARAM_GROUPS = "param_groups"
+ENCODERS_FINGERPRINT = "encoders_fingerprint"  # meta.json of a latent cache
+
+
+def training_settings(model: torch.nn.Module) -> dict[str, Any]:
+    return {option: getattr(model, attr) for option, attr in TRAINING_OPTIONS.items()}
+
+
+def given_options(args: Any) -> dict[str, Any]:
+    """The training options given on the command line (argparse default None: not given)."""
+    return {option: getattr(args, option) for option in TRAINING_OPTIONS if getattr(args, option) is not None}
+
+
+def apply_training_options(model: torch.nn.Module, given: Mapping[str, Any], resumed: Mapping | None = None,
+                           resume_path: str | os.PathLike | None = None) -> None:
+    """Set the options given on the command line over the config's values; on resume, compare with the
+    checkpoint's run: each difference is logged, or refused where it cannot take effect."""
+    config = training_settings(model)
+    for option, value in given.items():
+        setattr(model, TRAINING_OPTIONS[option], value)
+        if value != config[option]:
+            info("%s = %s (from the command line; the config says %s)", option, value, config[option])
+    if resumed is None:
+        return
+    saved = resumed.get(TRAINING_STATE, {})
+    for option, value in training_settings(model).items():
+        if option not in saved or saved[option] == value:
+            continue
+        source = "the command line" if option in given else "the config"
+        if option in FIXED_ON_RESUME:
+            raise UserError(f"--{option} {value} (from {source}): {resume_path} was trained with {option} "
+                            f"{saved[option]}, whose state does not carry over to {value}",
+                            f"resume with --{option} {saved[option]}, or start a new run from its weights "
+                            f"with --resume_path")
+        info("Resuming with %s = %s (from %s); the checkpoint's run had %s", option, value, source, saved[option])
+
+
+def read_resume_checkpoint(path: str | os.PathLike) -> dict:
+    """The Lightning checkpoint --resume names (tensors memory-mapped), or an error saying what the file is."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume {path}: no such file (a Lightning checkpoint such as "
+                                f"OUTPUT_DIR/checkpoints/last.ckpt)")
+    if sniff(path) == SAFETENSORS:
+        raise UserError(f"--resume {path} is a safetensors weights file, not a Lightning checkpoint "
+                        f"(weights, optimizer state and step)",
+                        f"to start a new run from these weights, pass them as --resume_path {path}")
+    checkpoint = read_checkpoint(path, mmap=True)
+    lightning = isinstance(checkpoint, dict) and {"pytorch-lightning_version", "state_dict", "optimizer_states",
+                                                  "loops"} <= checkpoint.keys()
+    if not lightning:
+        tensors = state_dict_of(checkpoint, path)
+        raise UserError(f"--resume {path} holds weights only ({len(tensors)} tensors), not a Lightning checkpoint "
+                        f"with optimizer state and step",
+                        f"to start a new run from these weights, pass them as --resume_path {path}")
+    return checkpoint
+
+
+def load_resumed_weights(model: torch.nn.Module, checkpoint: dict, path: str | os.PathLike,
+                         config: str | os.PathLike, control_prefix: str) -> None:
+    """The weights of a --resume checkpoint, which must be exactly this config's model's, all finite."""
+    state = state_dict_of(checkpoint, path)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
+    if missing and all(k.startswith(control_prefix) for k in missing):
+        raise UserError(f"--resume {path} holds a model without its control network ({len(missing)} "
+                        f"{control_prefix}* keys missing), not a training checkpoint of {config}",
+                        "make an initial checkpoint with tool_add_control.py and start from it with --resume_path")
+    if missing or unexpected or wrong:
+        found = [f"{len(keys)} {what} (e.g. {keys[0]})" for what, keys in
+                 (("keys missing", missing), ("unexpected keys", unexpected), ("shapes differ", wrong)) if keys]
+        raise UserError(f"--resume {path} was not trained with {config}: {', '.join(found)}",
+                        "pass the --config it was trained with")
+    require_finite(state, path)
+    model.load_state_dict(state)
+
+
+def check_fresh_output(checkpoint_dir: str | os.PathLike, resume: str | None, force: bool) -> None:
+    """A new run into a folder with an earlier run's checkpoints would overwrite them: refuse without --force."""
+    checkpoint_dir = Path(checkpoint_dir)
+    earlier = sorted(p.name for p in checkpoint_dir.glob("*.ckpt")) if checkpoint_dir.is_dir() else []
+    if resume is not None or not earlier:
+        return
+    if force:
+        info("--force: checkpoints of an earlier run in %s (%s) will be overwritten", checkpoint_dir,
+             ", ".join(earlier))
+        return
+    last = checkpoint_dir / ("last.ckpt" if "last.ckpt" in earlier else earlier[-1])
+    raise UserError(f"{checkpoint_dir} holds checkpoints of an earlier run ({', '.join(earlier[:4])}"
+                    f"{', ...' * (len(earlier) > 4)}), which a new run would overwrite",
+                    f"continue that run with --resume {last}, choose another --output_dir, or pass --force")
+
+
+def encoders_fingerprint(model: torch.nn.Module) -> str:
+    """The fingerprint of the frozen VAE and text encoder, whose outputs a latent cache holds."""
+    return weights_fingerprint(model.first_stage_model, model.cond_stage_model)
+
+
+def check_cache(model: torch.nn.Module, meta: Mapping, cache_dir: str | os.PathLike) -> None:
+    """Refuse a latent cache made with other VAE or text encoder weights than the model's."""
+    rebuild = f"rebuild it with tool_cache_latents.py --ckpt <this run's initial checkpoint> --out {cache_dir} --force"
+    if ENCODERS_FINGERPRINT not in meta:
+        raise UserError(f"{cache_dir} records no fingerprint of the VAE and text encoder it was made with "
+                        f"(made by an older tool_cache_latents.py), so it cannot be checked against this model",
+                        rebuild)
+    if meta[ENCODERS_FINGERPRINT] != encoders_fingerprint(model):
+        raise UserError(f"{cache_dir} was made with another VAE / text encoder (from {meta.get('ckpt', '?')}) "
+                        f"than this run's model: its latents and text embeddings do not fit it", rebuild)
+
+
+def optimizer_param_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[list[str]]:
+    """The names of the parameters in each of the optimizer's groups, in order (its state is indexed so)."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    return [[names.get(id(p), "") for p in group["params"]] for group in optimizer.param_groups]
+
+
+def training_state(model: torch.nn.Module) -> dict:
+    """What a checkpoint records besides weights and optimizer state: the settings and the optimizer's names."""
+    state = training_settings(model)
+    trainer = model._trainer
+    if trainer is not None and len(trainer.optimizers) == 1:
+        state[PARAM_GROUPS] = optimizer_param_names(model, trainer.optimizers[0])
+    return state
+
+
+def fresh_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The optimizer this run builds (configure_optimizers returns it alone, or with schedulers)."""
+    built = model.configure_optimizers()
+    return built[0][0] if isinstance(built, (list, tuple)) else built
+
+
+def adapt_optimizer_state(model: torch.nn.Module, checkpoint: dict) -> None:
+    """Make a checkpoint's optimizer state fit this run's optimizer (called before Lightning restores it).
+
+    A changed trainable set (sd_locked) carries each tensor's state over by name: newly trainable tensors start
+    fresh, the others keep theirs. A changed learning rate scales every group's rate (and schedulers' bases).
+    """
+    saved = checkpoint.get(TRAINING_STATE, {})
+    states = checkpoint.get("optimizer_states") or []
+    if len(states) != 1:
+        return
+    optimizer = fresh_optimizer(model)
+    names = optimizer_param_names(model, optimizer)
+    old_names = saved.get(PARAM_GROUPS)
+    if old_names is None:
+        if "sd_locked" in saved and saved["sd_locked"] != model.sd_locked:
+            raise UserError(f"the checkpoint was trained with sd_locked={saved['sd_locked']} and records no "
+                            f"optimizer layout (an older version), so its optimizer state cannot be carried over",
+                            f"resume with --sd_locked {saved['sd_locked']}")
+        old_names = names
+    if names != old_names:
+        states[0] = carry_state_by_name(states[0], old_names, optimizer, names)
+        schedulers = checkpoint.get("lr_schedulers") or []
+        rates = [group.get("initial_lr", group["lr"]) for group in optimizer.param_groups]
+        for scheduler in schedulers:
+            if len(scheduler.get("base_lrs", rates)) != len(rates):
+                scheduler["base_lrs"], scheduler["_last_lr"] = list(rates), list(rates)
+    elif saved.get("learning_rate", model.learning_rate) != model.learning_rate and saved["learning_rate"]:
+        factor = model.learning_rate / saved["learning_rate"]
+        for group in states[0]["param_groups"]:
+            group["lr"] *= factor
+            if "initial_lr" in group:
+                group["initial_lr"] *= factor
+        for scheduler in checkpoint.get("lr_schedulers") or []:
+            for key in ("base_lrs", "_last_lr"):
+                if key in scheduler:
+                    scheduler[key] = [rate * factor for rate in scheduler[key]]
+        info("Learning rate %s -> %s: every parameter group's rate scaled by %g, optimizer state kept",
+             saved["learning_rate"], model.learning_rate, factor)
+
+
+def carry_state_by_name(saved: dict, old_names: list[list[str]], optimizer: torch.optim.Optimizer,
+                        names: list[list[str]]) -> dict:
+    """The optimizer state dict of `optimizer`'s layout, with each parameter's saved state found by its name."""
+    old_index = {name: i for i, name in enumerate(n for group in old_names for n in group)}
+    flat = [n for group in names for n in group]
+    state = {i: saved["state"][old_index[n]] for i, n in enumerate(flat)
+             if n in old_index and old_index[n] in saved["state"]}
+    groups, start = [], 0
+    for group, group_names in zip(optimizer.state_dict()["param_groups"], names):
+        groups.append({**group, "params": list(range(start, start + len(group_names)))})
+        start += len(group_names)
+    fresh = [n for n in flat if n not in old_index]
+    dropped = [n for n in old_index if n not in set(flat)]
+    info("Trainable tensors changed on resume: %d start training with fresh optimizer state%s, %d keep theirs, "
+         "%d stop training%s", len(fresh), f" (e.g. {fresh[0]})" if fresh else "", len(state), len(dropped),
+         f" (e.g. {dropped[0]})" if dropped else "")
+    return {"state": state, "param_groups": groups}
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoints written through a temp file renamed into place (ldm.checkpoint.atomic_output):
+    an interrupted or failed save leaves the previous checkpoint whole, and a full disk is named as such."""
+
+    def save_checkpoint(self, checkpoint: dict, path: str | os.PathLike, storage_options: Any | None = None) -> None:
+        with atomic_output(path, force=True) as tmp:
+            save_torch(checkpoint, tmp)
