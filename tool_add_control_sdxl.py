@@ -7,8 +7,10 @@ the output keeps its dtype, so the ControlNet copy starts in float16 too (traini
 """
 
 import sys
+from functools import partial
 
+from cldm.cli import run_tool
 from tool_add_control import ROOT, main
 
 if __name__ == "__main__":
-    sys.exit(main(default_config=ROOT / "models" / "cldm_xl.yaml"))
+    sys.exit(run_tool(partial(main, default_config=ROOT / "models" / "cldm_xl.yaml")))

@@ -18,10 +18,9 @@ from pathlib import Path
 import torch
 
 from annotator.hints import HINTS
-from annotator.util import MissingWeightsError
+from cldm.cli import run_tool
 from cldm.data import open_dataset
-from cldm.data.build import CaptionError, build_from_images, default_captions
-from cldm.data.images import BadSampleError
+from cldm.data.build import build_from_images, default_captions
 from cldm.data.shards import write_shards
 
 FORMATS = ("fill50k", "shards")
@@ -95,15 +94,9 @@ def make(args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        print(make(args))
-    except (FileNotFoundError, FileExistsError, MissingWeightsError, CaptionError, BadSampleError, ValueError) as err:
-        print(f"tool_make_dataset: error: {err}", file=sys.stderr)
-        return 1
-    return 0
+def main(argv: list[str] | None = None) -> None:
+    print(make(parse_args(argv)))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

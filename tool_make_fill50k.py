@@ -17,6 +17,7 @@ byte-identical files (with the same OpenCV build) whatever the number of workers
 """
 import argparse
 import json
+import logging
 import multiprocessing as mp
 import os
 import shutil
@@ -28,6 +29,8 @@ import cv2
 import numpy as np
 
 from cldm.cli import run_tool
+
+log = logging.getLogger(__name__)
 
 # CSS named colours (the X11 set) with their RGB values; "grey" spellings left out (copies of "gray").
 COLORS: list[tuple[str, tuple[int, int, int]]] = [
@@ -223,7 +226,7 @@ def main(argv: list[str] | None = None) -> Path:
                         help="processes writing PNGs (default: all CPUs, %(default)s)")
     args = parser.parse_args(argv)
     out = make_fill50k(args.out, args.n, args.size, args.seed, args.force, args.workers)
-    print(f"wrote {args.n} samples ({args.size}x{args.size}) to {out}")
+    log.info("wrote %d samples (%dx%d) to %s", args.n, args.size, args.size, out)
     return out
 
 

@@ -314,7 +314,7 @@ def test_trains_on_hf_and_shards(hf_roots, tmp_path):
 def test_training_stops_on_a_bad_sample_or_skips_it(tmp_path):
     fill = make_fill50k(tmp_path / "fill", n=4, size=32, seed=0)
     (fill / "source" / "1.png").write_bytes(b"corrupt")
-    with pytest.raises(SystemExit, match=r"source/1.png \(named on line 2 of .*prompt.json\) is not a readable"):
+    with pytest.raises(ValueError, match=r"source/1.png \(named on line 2 of .*prompt.json\) is not a readable"):
         train(tmp_path / "a", "--data_root", str(fill), "--max_steps", "4")
     trainer = train(tmp_path / "b", "--data_root", str(fill), "--max_steps", "4", "--skip_bad_samples")
     assert trainer.global_step == 4

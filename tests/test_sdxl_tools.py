@@ -105,6 +105,6 @@ def test_diffusers_round_trip_keeps_label_emb_bit_exact(tmp_path):
     want = model.control_state_dict()
     assert back.keys() == want.keys() and all(torch.equal(back[k], want[k]) for k in want)
     # an SD1.5 config refuses the SDXL folder by name, rather than converting it wrongly
-    with pytest.raises(SystemExit, match="addition_embed_type"):
+    with pytest.raises(ValueError, match="addition_embed_type"):
         tool_convert_diffusers.main(["from-diffusers", str(tmp_path / "cn"), str(tmp_path / "x.safetensors"),
                                      "--config", str(ROOT / "models" / "cldm_tiny_v21.yaml")])
