@@ -118,6 +118,7 @@ CASES = {
     "add: wrong config": Case("tool_add_control.py", lambda b: [b.dir / "sd.ckpt", b.dir / "o.ckpt", "--config",
                                                                 TINY_V21], "does not fit", "is --config the right one"),
     "add sd21: LFS pointer": Case("tool_add_control_sd21.py", add("lfs.ckpt"), "looks like a Git LFS pointer"),
+    "add sdxl: HTML page": Case("tool_add_control_sdxl.py", add("page.ckpt"), "looks like an HTML page"),
     "add: usage": Case("tool_add_control.py", lambda b: [], "the following arguments are required", code=2),
     # tool_transfer_control
     "transfer: text file": Case("tool_transfer_control.py", lambda b: [
@@ -157,6 +158,8 @@ CASES = {
     "cache: NaN weights": Case("tool_cache_latents.py", lambda b: [
         "--config", TINY, "--ckpt", b.dir / "nan.ckpt", "--data_root", b.data, "--out", b.dir / "cache"],
         "{dir}/nan.ckpt has non-finite weights"),
+    "dataset: no image folder": Case("tool_make_dataset.py", lambda b: [
+        b.dir / "nowhere", "--out", b.dir / "made", "--detector", "canny"], "{dir}/nowhere"),
     "fill50k: output is a file": Case("tool_make_fill50k.py", lambda b: ["--out", b.dir / "exists.ckpt", "--n", "2"],
                                       "{dir}/exists.ckpt exists and is not a folder"),
     "eval: text file": Case("tool_eval_control.py", lambda b: [

@@ -288,7 +288,7 @@ def train(out, *extra):
     from tutorial_train import main
     return main(["--config", TINY, "--resume_path", "none", "--batch_size", "2", "--output_dir", str(out),
                  "--sample_steps", "1", "--logger_freq", "1000", "--accelerator", "cpu", "--devices", "1",
-                 "--max_steps", "2", "--log_every_n_steps", "1", *extra])
+                 "--max_steps", "2", "--log_every_n_steps", "1", "--sd_locked", "False", *extra])
 
 
 def losses(trainer):
