@@ -6,7 +6,9 @@
 
 The cache holds each image's posterior mean and standard deviation, not a sampled latent: training still
 draws a fresh latent every step, with the same random numbers as online training, so the objective is the
-same. Each distinct prompt is encoded once, and the empty prompt once more for prompt dropout. Hints and
+same. Each distinct prompt is encoded once, and the empty prompt once more for prompt dropout. For SDXL
+(--config ./models/cldm_xl.yaml) the cache holds both text encoders' features, the pooled text and each
+image's size conditioning, from which training assembles the vector y exactly as online. Hints and
 prompts stay in the data folder (tutorial_dataset.CachedDataset reads both). Encoding runs in float32.
 """
 import argparse
@@ -42,9 +44,18 @@ def encode_images(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, to
 
 
 @torch.no_grad()
-def encode_prompts(model: torch.nn.Module, prompts: list[str], batch_size: int) -> torch.Tensor:
-    return torch.cat([model.get_learned_conditioning(prompts[i:i + batch_size]).float().cpu()
-                      for i in range(0, len(prompts), batch_size)])
+def encode_prompts(model: torch.nn.Module, prompts: list[str], batch_size: int) -> dict[str, torch.Tensor]:
+    """txt_emb: the text encoder's output per prompt; for SDXL the cross-attention features of both encoders,
+    plus txt_pooled: the text part of the vector y (bigG's pooled output)."""
+    parts = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i:i + batch_size]
+        if model.vector_conditioned:
+            crossattn, pooled = model.conditioner.encode_text(chunk)
+            parts.append({"txt_emb": crossattn, "txt_pooled": pooled})
+        else:
+            parts.append({"txt_emb": model.get_learned_conditioning(chunk)})
+    return {name: torch.cat([p[name].float().cpu() for p in parts]) for name in parts[0]}
 
 
 def replace_dir(tmp: Path, out: Path) -> None:
@@ -74,17 +85,23 @@ def cache_latents(model: torch.nn.Module, dataset: MyDataset, out: str | os.Path
         arrays, start = {}, 0
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
         for batch in loader:
-            for name, value in zip(("mean", "std"), encode_images(model, batch)):
+            mean, std = encode_images(model, batch)
+            per_sample = {"mean": mean, "std": std}
+            if model.vector_conditioned:  # the size conditioning online training would use, per sample
+                per_sample |= model.batch_sizes(batch, len(mean), mean.shape[-2:])
+            for name, value in per_sample.items():
                 if name not in arrays:
                     arrays[name] = open_memmap(tmp / f"{name}.npy", mode="w+", dtype=np.float32,
                                                shape=(len(dataset), *value.shape[1:]))
                 arrays[name][start:start + len(value)] = value.float().cpu().numpy()
-            start += len(batch[model.first_stage_key])
+            start += len(mean)
         for array in arrays.values():
             array.flush()
-        np.save(tmp / "txt_emb.npy", encode_prompts(model, distinct, batch_size).numpy())
+        empty = encode_prompts(model, [""], 1)
+        for name, value in encode_prompts(model, distinct, batch_size).items():
+            np.save(tmp / f"{name}.npy", value.numpy())
+            np.save(tmp / f"{name}_empty.npy", empty[name][0].numpy())
         np.save(tmp / "txt_index.npy", np.array([position[p] for p in prompts], dtype=np.int64))
-        np.save(tmp / "txt_emb_empty.npy", encode_prompts(model, [""], 1)[0].numpy())
         meta = {"data_root": str(Path(dataset.root).resolve()), "image_size": dataset.size, "count": len(dataset),
                 "latent_shape": list(arrays["mean"].shape[1:]), **(source or {}), "prompts": distinct}
         (tmp / CACHE_META).write_text(json.dumps(meta, indent=1) + "\n")

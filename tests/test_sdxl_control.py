@@ -124,3 +124,33 @@ def test_tutorial_train_checkpoint_and_resume_on_tiny_sdxl(tmp_path):
     assert resumed.global_step == 3
     fresh = create_model(TINY_XL)
     assert load_checkpoint(fresh, out / "control_model.safetensors", prefixes=("control_model.",)).ok
+
+
+def test_cached_latents_and_text_give_the_online_loss(tiny_xl, tmp_path, monkeypatch):
+    from torch.utils.data import default_collate
+
+    import tool_cache_latents
+    from tutorial_dataset import CachedDataset, MyDataset
+    randomize_zero_convs(tiny_xl)
+    data = make_fill50k(tmp_path / "fill50k", n=4, size=64, seed=0)
+    cache = tool_cache_latents.cache_latents(tiny_xl, MyDataset(data), tmp_path / "cache", batch_size=3)
+    online = default_collate([MyDataset(data)[i] for i in range(4)])
+    cached = default_collate([CachedDataset(cache)[i] for i in range(4)])
+    assert cached["txt_emb"].shape == (4, 77, 64) and cached["txt_pooled"].shape == (4, 16)
+    assert torch.equal(cached["target_size_as_tuple"], torch.tensor([[64.0, 64.0]] * 4))
+    assert not cached["txt_emb_empty"].any() and not cached["txt_pooled_empty"].any()  # "" is zeros
+    tiny_xl.train()
+    for rate in (0.0, 0.5):
+        tiny_xl.drop_prompt_rate = rate
+        torch.manual_seed(1)
+        loss_online, _ = tiny_xl.shared_step(online)
+        torch.manual_seed(1)
+        loss_cached, _ = tiny_xl.shared_step(cached)
+        assert (loss_online - loss_cached).abs().item() <= 1e-5, rate
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an encoder ran on a cached batch")
+
+    monkeypatch.setattr(tiny_xl, "encode_first_stage", refuse)
+    monkeypatch.setattr(tiny_xl.conditioner, "encode_text", refuse)
+    assert torch.isfinite(tiny_xl.shared_step(cached)[0])

@@ -565,15 +565,21 @@ class LatentDiffusion(DDPM):
         """The conditioner's output for the first n samples of a batch: the text from its cache
         (`{cond_key}_emb` and `{cond_key}_pooled`) or encoded now; the size entries the batch carries, else
         those of its images (original = target = image size, crop (0, 0))."""
-        f = self.vae_scale_factor
-        defaults = size_conditions(n, (latent_size[0] * f, latent_size[1] * f), device=self.device)
-        sizes = {k: batch[k][:n].to(self.device) if k in batch else v for k, v in defaults.items()}
+        sizes = self.batch_sizes(batch, n, latent_size)
         cached = [f"{cond_key}_emb", f"{cond_key}_pooled"]
         if all(k in batch for k in cached):
             crossattn, text_vector = (batch[k][:n].to(self.device) for k in cached)
         else:
             crossattn, text_vector = self.conditioner.encode_text(prompts)
         return self.conditioner.assemble(crossattn, text_vector, sizes)
+
+    def batch_sizes(self, batch: dict, n: int, latent_size: torch.Size) -> dict[str, torch.Tensor]:
+        """The size conditioning of the first n samples: the batch's size entries (a data set that resized or
+        cropped may record them), else original = target = the image size (from the latents), crop (0, 0)."""
+        f = self.vae_scale_factor
+        defaults = size_conditions(n, (latent_size[0] * f, latent_size[1] * f), device=self.device)
+        return {k: torch.as_tensor(batch[k][:n]).float().to(self.device) if k in batch else v
+                for k, v in defaults.items()}
 
     def shared_step(self, batch: dict, **kwargs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x, c = self.get_input(batch, self.first_stage_key)
