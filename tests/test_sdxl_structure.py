@@ -118,3 +118,32 @@ def test_vector_conditioning_adds_label_emb_to_the_time_embedding():
         tiny_unet(num_classes="sequential")
     with pytest.raises(ValueError, match="num_classes must be"):
         tiny_unet(num_classes=10, adm_in_channels=12)
+
+
+def test_conditioner_builds_and_runs_offline_on_meta(xl, monkeypatch):
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise OSError("network access in a test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    with torch.device("meta"):
+        cond = xl.text_conditioning(["a cat", ""], (1024, 1024))
+    assert cond["c_crossattn"][0].shape == (2, 77, 2048) and cond["c_adm"].shape == (2, 2816)
+    assert cond["c_adm"].device.type == "meta"
+
+
+def test_conditioner_refuses_what_it_would_ignore():
+    from ldm.modules.encoders.conditioner import GeneralConditioner
+    size = {"target": "ldm.modules.encoders.conditioner.ConcatTimestepEmbedderND", "params": {"outdim": 8}}
+    text = {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder",
+            "params": {"width": 32, "layers": 1, "heads": 2}}
+    with pytest.raises(ValueError, match="ucg_rate"):
+        GeneralConditioner([{**text, "input_key": "txt", "ucg_rate": 0.1}])
+    with pytest.raises(ValueError, match="must come before"):
+        GeneralConditioner([{**size, "input_key": "target_size_as_tuple"}, {**text, "input_key": "txt"}])
+    with pytest.raises(ValueError, match="no embedder reads the text key"):
+        GeneralConditioner([{**size, "input_key": "target_size_as_tuple"}])
+    conditioner = GeneralConditioner([{**text, "input_key": "txt"}, {**size, "input_key": "target_size_as_tuple"}])
+    with pytest.raises(KeyError, match="target_size_as_tuple"):
+        conditioner({"txt": ["a cat"]})
