@@ -56,7 +56,7 @@ def make_batch(model: torch.nn.Module, batch: int, resolution: int, device: torc
         # a few images at a time: the VAE encoder at 512 px needs more memory than the training step itself
         parts = [encode_images(model, {model.first_stage_key: data["jpg"][i:i + 4]}) for i in range(0, batch, 4)]
         data["mean"], data["std"] = (torch.cat(halves) for halves in zip(*parts))
-        data["txt_emb"] = encode_prompts(model, data["txt"], 4)
+        data |= encode_prompts(model, data["txt"], 4)  # txt_emb (and for SDXL txt_pooled)
         del data["jpg"]
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in data.items()}
 
