@@ -110,10 +110,12 @@ def test_tutorial_train_checkpoint_and_resume_on_tiny_sdxl(tmp_path):
     from tutorial_train import main
     data = make_fill50k(tmp_path / "fill50k", n=4, size=64, seed=0)
     out = tmp_path / "run"
-    common = ["--config", str(TINY_XL), "--resume_path", "none", "--data_root", str(data), "--batch_size", "2",
+    common = ["--config", str(TINY_XL), "--data_root", str(data), "--batch_size", "2",
               "--output_dir", str(out), "--sample_steps", "2", "--accelerator", "cpu", "--devices", "1",
-              "--drop_prompt_rate", "0.5", "--seed", "0"]
-    trainer = main([*common, "--max_steps", "2", "--logger_freq", "2", "--checkpoint_every", "2"])
+              "--drop_prompt_rate", "0.5", "--seed", "0",
+              "--sd_locked", "False"]  # a random UNet's zero output layer must train, or no gradient flows
+    trainer = main([*common, "--resume_path", "none", "--max_steps", "2", "--logger_freq", "2",
+                    "--checkpoint_every", "2"])
     assert trainer.global_step == 2
     logged = {p.name.split("_gs-")[0] for p in (out / "image_log" / "train").iterdir()}
     assert {"reconstruction", "control", "samples_cfg_scale_9.00"} <= logged
