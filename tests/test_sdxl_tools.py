@@ -1,11 +1,9 @@
 """SDXL files through the tools, on the tiny SDXL config: a base in sd_xl_base_1.0's layout loads and gets a
 ControlNet (tool_add_control_sdxl), transfers (tool_transfer_control) and converts to diffusers and back."""
 
-import runpy
-import sys
-
 import pytest
 import torch
+from test_tools_add_control import run_script
 
 import tool_convert_diffusers
 import tool_transfer_control
@@ -34,13 +32,6 @@ def test_sgm_layout_base_loads_with_nothing_missing_or_unexpected(optional_keys)
     model = create_model(TINY_XL)
     report = load_checkpoint(model, sgm_base(optional_keys=optional_keys), prefixes=BASE_PREFIXES)
     assert report.ok, report
-
-
-def run_script(name, args, monkeypatch) -> int | str | None:
-    monkeypatch.setattr(sys, "argv", [name, *map(str, args)])
-    with pytest.raises(SystemExit) as exited:
-        runpy.run_path(str(ROOT / name), run_name="__main__")
-    return exited.value.code
 
 
 def test_add_control_sdxl_copies_the_unet_encoder_label_emb_included(tmp_path, capsys, caplog, monkeypatch):
