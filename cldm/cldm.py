@@ -1,17 +1,17 @@
 """ControlNet: a trainable copy of the SD UNet encoder, joined to the locked UNet by zero convolutions."""
 
 import os
-from dataclasses import dataclass
 from typing import Any
 
 import einops
 import torch
 import torch.nn as nn
 
+from cldm.control import Contribution, ControlUnit, ResidualControl, repeat_to
 from cldm.model import CONTROL_PREFIX, LoadReport, load_checkpoint
 from cldm.training import TRAINING_STATE, adapt_optimizer_state, training_state
-from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.ddpm import LatentDiffusion
+from ldm.modules.attention import InputAdapter
 from ldm.modules.diffusionmodules.openaimodel import (
     TimestepEmbedSequential,
     UNetModel,
@@ -21,106 +21,11 @@ from ldm.modules.diffusionmodules.openaimodel import (
 from ldm.modules.diffusionmodules.util import conv_nd, zero_module
 from ldm.util import instantiate_from_config, log_txt_as_img
 
-CONTROL_MODES = ("balanced", "prompt", "control")
-
-
-@dataclass
-class ControlUnit:
-    """One control applied while sampling: a control network, its hint, and how strongly and when it acts.
-
-    `mode` follows the A1111 extension's control modes (see docs/controls.md):
-      balanced - every residual times `strength`, on the cond and uncond passes alike;
-      prompt   - "My prompt is more important": residual i of n times strength * 0.825 ** (n - 1 - i),
-                 so deep levels dominate and shallow ones fade; on both passes;
-      control  - "ControlNet is more important": the same soft weights, on the cond pass only, so
-                 classifier-free guidance amplifies the control (the original's guess mode).
-    The unit acts on sampling steps i of N with start <= i / N and (i + 1) / N <= end (as in diffusers).
-    """
-
-    model: nn.Module
-    hint: torch.Tensor
-    strength: float = 1.0
-    start: float = 0.0
-    end: float = 1.0
-    mode: str = "balanced"
-    global_average_pooling: bool = False
-    scales: list[float] | None = None
-
-    def __post_init__(self):
-        if self.mode not in CONTROL_MODES:
-            raise ValueError(f"control mode must be one of {CONTROL_MODES}, got {self.mode!r}")
-        if not 0.0 <= self.start < self.end <= 1.0:
-            raise ValueError(f"control start/end must satisfy 0 <= start < end <= 1, got {self.start}, {self.end}")
-
-    def level_scales(self, n: int) -> list[float]:
-        if self.scales is not None:
-            return list(self.scales)
-        if self.mode == "balanced":
-            return [self.strength] * n
-        return [self.strength * 0.825 ** float(n - 1 - i) for i in range(n)]
-
-    def active(self, sampling_step: tuple[int, int] | None) -> bool:
-        if sampling_step is None:
-            return True
-        i, n = sampling_step
-        return self.start <= i / n and (i + 1) / n <= self.end
-
-    @property
-    def acts_inside(self) -> bool:
-        """Whether the control acts within the UNet's layers (LLLite: `model.hook_into`) instead of adding
-        residuals to its skip connections."""
-        return hasattr(self.model, "hook_into")
-
-    @property
-    def multiplier(self) -> float:
-        """The one weight of a control acting inside: the deepest level's scale, the strength in every mode."""
-        return self.level_scales(1)[-1]
-
-    def residuals(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
-                  y: torch.Tensor | None = None) -> list[torch.Tensor]:
-        reuse = isinstance(self.model, ControlNet) and not torch.is_grad_enabled()
-        guided_hint = encoded_hint(self.model, self.hint) if reuse else None
-        out = self.model(x=x, hint=self.hint, timesteps=t, context=context, guided_hint=guided_hint, y=y)
-        out = [c * scale for c, scale in zip(out, self.level_scales(len(out)))]
-        if self.global_average_pooling:
-            out = [torch.mean(c, dim=(2, 3), keepdim=True) for c in out]
-        return out
-
-
-def encoded_hint(model: "ControlNet", hint: torch.Tensor) -> torch.Tensor:
-    """model.input_hint_block(hint), computed once per hint while sampling (no grad).
-
-    The hint block sees the hint alone, not x, t or the text, so its output repeats over the sampling steps
-    and both guidance passes. The output for the last hint tensor is kept and reused while that tensor, the
-    block's weights and the autocast state stay unchanged.
-    """
-    device = hint.device.type
-    weights = list(model.input_hint_block.parameters())
-    key = (0 if hint.is_inference() else hint._version, torch.is_autocast_enabled(device),
-           torch.get_autocast_dtype(device), weights[0].dtype, weights[0].device, *(p._version for p in weights))
-    cached = getattr(model, "_hint_cache", None)
-    if cached is not None and cached[0] is hint and cached[1] == key:
-        return cached[2]
-    out = model.input_hint_block(hint.to(weights[0].dtype), None, None)
-    model._hint_cache = (hint, key, out)
-    return out
-
-
-def unconditional_units(units: list[ControlUnit]) -> list[ControlUnit]:
-    """The units that also act on the unconditional pass (all but "ControlNet is more important")."""
-    return [u for u in units if u.mode != "control"]
-
 
 def cat_one(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """torch.cat on dim 1, returning a single tensor itself: the same hint object every step lets
-    encoded_hint reuse its encoding."""
+    """torch.cat on dim 1, returning a single tensor itself: the same hint object every step lets the
+    ControlNet reuse its hint encoding."""
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors, 1)
-
-
-def sum_residuals(per_unit: list[list[torch.Tensor]]) -> list[torch.Tensor] | None:
-    if not per_unit:
-        return None
-    return [sum(level) for level in zip(*per_unit)]
 
 
 class ControlledUnetModel(UNetModel):
@@ -128,30 +33,25 @@ class ControlledUnetModel(UNetModel):
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None,
                 control: list[torch.Tensor] | None = None, only_mid_control: bool = False,
-                inside: list[ControlUnit] | None = None, y: torch.Tensor | None = None,
-                **kwargs) -> torch.Tensor:
-        # Units acting within the layers are read by their hooks during this forward and again when gradient
-        # checkpointing re-runs a block in backward, so they stay set until the next forward.
-        self.inside_units = list(inside or ())
-        for unit in self.inside_units:
-            unit.model.hook_into(self)
-        # The encoder half is always locked here, so it runs without building a graph unless a mode adds to it;
-        # the parameter scan runs only while gradients are recorded (not at every sampling step).
+                adapter: InputAdapter | None = None, y: torch.Tensor | None = None) -> torch.Tensor:
+        """eps (or v) with `control` (one residual per skip, then the middle's) added; `adapter` acts inside;
+        `y`: the vector of vector-conditioned bases (SDXL)."""
+        # The encoder half is locked, so it runs without building a graph unless something in it trains (an
+        # adapter's network, or a mode that unlocks it); the parameter scan runs only while gradients are
+        # recorded (not at every sampling step).
         encoder_trains = torch.is_grad_enabled() and (
-            any(p.requires_grad for p in self.input_blocks.parameters())
-            or any(p.requires_grad for unit in self.inside_units for p in unit.model.parameters()))
+            adapter is not None or any(p.requires_grad for p in self.input_blocks.parameters()))
         with torch.set_grad_enabled(encoder_trains):
-            h, emb, hs = self.encode(x, timesteps, context, y)
-        if control is None:
-            return self.decode(h, emb, context, hs)
-        control = list(control)
-        h = h + control.pop()
-        if not only_mid_control:
-            hs = [skip + residual for skip, residual in zip(hs, control)]
-        return self.decode(h, emb, context, hs)
+            h, emb, hs = self.encode(x, timesteps, context, y, adapter)
+        if control is not None:
+            control = list(control)
+            h = h + control.pop()
+            if not only_mid_control:
+                hs = [skip + residual for skip, residual in zip(hs, control)]
+        return self.decode(h, emb, context, hs, adapter)
 
 
-class ControlNet(nn.Module):
+class ControlNet(ResidualControl):
     """Hint encoder + copy of the UNet encoder; returns one zero-conv residual per skip plus the middle."""
 
     def __init__(self, image_size: int, hint_channels: int, num_heads_upsample: int = -1, **spec):
@@ -166,6 +66,7 @@ class ControlNet(nn.Module):
         self.zero_convs = nn.ModuleList([self.make_zero_conv(ch) for ch in input_block_chans])
         self.middle_block = b.middle_block()
         self.middle_block_out = self.make_zero_conv(b.bottom()[0])
+        self._hint_cache: tuple | None = None
 
     @staticmethod
     def make_hint_block(hint_channels: int, model_channels: int, dims: int = 2) -> TimestepEmbedSequential:
@@ -181,11 +82,35 @@ class ControlNet(nn.Module):
     def make_zero_conv(self, channels: int) -> TimestepEmbedSequential:
         return TimestepEmbedSequential(zero_module(conv_nd(self.dims, channels, channels, 1, padding=0)))
 
+    def residuals(self, x: torch.Tensor, hint: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                  y: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """forward(), with the hint encoded once per hint tensor while sampling (see encode_hint)."""
+        guided_hint = None if torch.is_grad_enabled() else repeat_to(self.encode_hint(hint), x.shape[0])
+        return self(x, repeat_to(hint, x.shape[0]), timesteps, context, guided_hint=guided_hint, y=y)
+
+    def encode_hint(self, hint: torch.Tensor) -> torch.Tensor:
+        """input_hint_block(hint), computed once per hint while sampling (no grad).
+
+        The hint block sees the hint alone, not x, t or the text, so its output repeats over the sampling
+        steps and both guidance passes. The output for the last hint tensor is kept and reused while that
+        tensor, the block's weights and the autocast state stay unchanged.
+        """
+        device = hint.device.type
+        weights = list(self.input_hint_block.parameters())
+        key = (0 if hint.is_inference() else hint._version, torch.is_autocast_enabled(device),
+               torch.get_autocast_dtype(device), weights[0].dtype, weights[0].device, *(p._version for p in weights))
+        cached = self._hint_cache
+        if cached is not None and cached[0] is hint and cached[1] == key:
+            return cached[2]
+        out = self.input_hint_block(hint.to(weights[0].dtype), None, None)
+        self._hint_cache = (hint, key, out)
+        return out
+
     def forward(self, x: torch.Tensor, hint: torch.Tensor, timesteps: torch.Tensor,
                 context: torch.Tensor | None, guided_hint: torch.Tensor | None = None,
-                y: torch.Tensor | None = None, **kwargs) -> list[torch.Tensor]:
-        """`guided_hint`: the input_hint_block output for `hint` when already known (see encoded_hint);
-        `y`: the vector the UNet gets too (SDXL)."""
+                y: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """The 13 unweighted residuals; `guided_hint`: input_hint_block(hint) when already known; `y`: the
+        vector the UNet gets too (SDXL)."""
         emb = embed_time_and_vector(self, x, timesteps, y)
         if guided_hint is None:
             guided_hint = self.input_hint_block(hint.to(x.dtype), emb, context)
@@ -302,31 +227,32 @@ class ControlLDM(LatentDiffusion):
         text = c if isinstance(c, dict) else dict(c_crossattn=[c])  # a dict from a vector-conditioned base
         return x, dict(**text, c_concat=[control])
 
-    def main_unit(self, hint: torch.Tensor) -> ControlUnit:
-        """The model's own ControlNet on cond["c_concat"], weighted by control_scales."""
-        return ControlUnit(self.control_model, hint, scales=self.control_scales,
-                           global_average_pooling=self.global_average_pooling)
+    def unit(self, hint: torch.Tensor, strength: float = 1.0, start: float = 0.0, end: float = 1.0,
+             mode: str = "balanced", scales: list[float] | None = None) -> ControlUnit:
+        """The model's own control network as a ControlUnit on `hint` (BCHW in [0, 1])."""
+        return ControlUnit(self.control_model, hint, strength=strength, start=start, end=end, mode=mode,
+                           global_average_pooling=self.global_average_pooling, scales=scales)
 
     def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: dict,
                     sampling_step: tuple[int, int] | None = None) -> torch.Tensor:
-        """eps (or v) with control from cond["c_concat"] (the own ControlNet) and cond["control"] (more units).
+        """eps (or v) with control from cond["c_concat"] (the own network, weighted by control_scales, as in
+        the original) and the units of cond["control"].
 
-        Residuals of all units active at this sampling step add up (multi-ControlNet); units that act
-        inside the UNet (LLLite) act in the same forward.
+        Every unit active at this sampling step contributes (their residuals add up: multi-ControlNet; controls
+        acting inside the UNet act in the same forward).
         """
         # The networks run in their weights' dtype (a bf16 / fp16 copy for inference); eps comes back in x's.
-        dtype = self.model.diffusion_model.dtype
-        x, cond_txt = x_noisy.to(dtype), cat_one(cond["c_crossattn"]).to(dtype)
-        # The vector of vector-conditioned bases (SDXL), under the original ldm's key; UNet and ControlNet share it.
+        unet = self.model.diffusion_model
+        x, context = x_noisy.to(unet.dtype), cat_one(cond["c_crossattn"]).to(unet.dtype)
+        # The vector of vector-conditioned bases (SDXL), under the original ldm's key; UNet and controls share it.
         y = cond.get("c_adm")
         units = list(cond.get("control") or [])
         if cond.get("c_concat") is not None:
-            units.insert(0, self.main_unit(cat_one(cond["c_concat"])))
-        units = [u for u in units if u.active(sampling_step)]
-        control = sum_residuals([u.residuals(x, t, cond_txt, y) for u in units if not u.acts_inside])
-        eps = self.model.diffusion_model(x=x, timesteps=t, context=cond_txt, control=control,
-                                         only_mid_control=self.only_mid_control,
-                                         inside=[u for u in units if u.acts_inside], y=y)
+            units.insert(0, self.unit(cat_one(cond["c_concat"]), scales=self.control_scales))
+        contribution = sum((u.contribute(x, t, context, y, unet) for u in units if u.active(sampling_step)),
+                           Contribution())
+        eps = unet(x=x, timesteps=t, context=context, control=contribution.residuals,
+                   only_mid_control=self.only_mid_control, adapter=contribution.adapter(), y=y)
         return eps.to(x_noisy.dtype)
 
     def compile_denoiser(self, **kwargs) -> None:
@@ -351,40 +277,31 @@ class ControlLDM(LatentDiffusion):
         return {CONTROL_PREFIX + k: v for k, v in self.control_model.state_dict().items()}
 
     @torch.no_grad()
-    def get_unconditional_conditioning(self, N: int) -> torch.Tensor:
-        return self.get_learned_conditioning([""] * N)
-
-    @torch.no_grad()
     def log_images(self, batch: dict, N: int = 4, n_row: int = 2, sample: bool = False, ddim_steps: int = 50,
-                   ddim_eta: float = 0.0, unconditional_guidance_scale: float = 9.0, **kwargs
-                   ) -> dict[str, torch.Tensor]:
-        """Reconstruction, control, caption and CFG samples for a batch, all in [-1, 1]."""
-        log = {}
-        z, cond = self.get_input(batch, self.first_stage_key, bs=N)
-        c_cat = cond["c_concat"][0][:N]
-        N = min(z.shape[0], N)
-        log["reconstruction"] = self.decode_first_stage(z)
-        log["control"] = c_cat * 2.0 - 1.0
-        log["conditioning"] = log_txt_as_img((c_cat.shape[3], c_cat.shape[2]), batch[self.cond_stage_key][:N],
-                                             size=16)
-        if sample:
-            samples = self.sample_log(cond=cond, batch_size=N, ddim_steps=ddim_steps, eta=ddim_eta)
-            log["samples"] = self.decode_first_stage(samples)
-        if unconditional_guidance_scale > 1.0:
-            uc_full = {**self.text_conditioning([""] * N, tuple(c_cat.shape[2:])), "c_concat": [c_cat]}
-            samples_cfg = self.sample_log(cond=cond, batch_size=N, ddim_steps=ddim_steps, eta=ddim_eta,
-                                          unconditional_guidance_scale=unconditional_guidance_scale,
-                                          unconditional_conditioning=uc_full)
-            log[f"samples_cfg_scale_{unconditional_guidance_scale:.2f}"] = self.decode_first_stage(samples_cfg)
-        return log
+                   ddim_eta: float = 0.0, unconditional_guidance_scale: float = 9.0, sampler: str = "ddim",
+                   seed: int = 0) -> dict[str, torch.Tensor]:
+        """Reconstruction, control, caption and samples for a batch, all in [-1, 1]; sample i from seed + i.
 
-    @torch.no_grad()
-    def sample_log(self, cond: dict, batch_size: int, ddim_steps: int, eta: float = 0.0, **kwargs) -> torch.Tensor:
-        _, _, h, w = cond["c_concat"][0].shape
-        f = self.vae_scale_factor
-        shape = (self.channels, h // f, w // f)
-        samples, _ = DDIMSampler(self).sample(ddim_steps, batch_size, shape, cond, eta=eta, verbose=False, **kwargs)
-        return samples
+        `sample` adds samples without guidance; guided ones come with a scale above 1.
+        """
+        from cldm.pipeline import sample as sample_images  # the pipeline builds on this module
+
+        log = {}
+        z, c = self.get_input(batch, self.first_stage_key, bs=N)
+        hint = c["c_concat"][0][:N]
+        N = min(z.shape[0], N)
+        prompts = list(batch[self.cond_stage_key][:N])
+        log["reconstruction"] = self.decode_first_stage(z)
+        log["control"] = hint * 2.0 - 1.0
+        log["conditioning"] = log_txt_as_img((hint.shape[3], hint.shape[2]), prompts, size=16)
+        units = [self.unit(hint, scales=self.control_scales)]
+        run = dict(units=units, sampler=sampler, steps=ddim_steps, eta=ddim_eta, seed=seed)
+        if sample:
+            log["samples"] = sample_images(self, prompts, cfg_scale=1.0, **run).tensors
+        if unconditional_guidance_scale > 1.0:
+            guided = sample_images(self, prompts, cfg_scale=unconditional_guidance_scale, **run).tensors
+            log[f"samples_cfg_scale_{unconditional_guidance_scale:.2f}"] = guided
+        return log
 
     def low_vram_shift(self, is_diffusing: bool) -> None:
         """Keep only what the current phase needs on the accelerator: UNet+ControlNet, or VAE+text encoder."""

@@ -7,8 +7,8 @@ middle_block: 28 on SD1.5) and makes it compute
     proj(x + multiplier * up(mid(cat[conditioning1(image), down(x)])))
 
 where conditioning1 embeds the conditioning image (in [-1, 1], 8x the latent size) at the resolution of
-the module's block. Nothing of the UNet is copied or changed: the modules act through forward pre-hooks
-while a ControlUnit holding the network is active in the UNet's forward (see ControlledUnetModel).
+the module's block. Nothing of the UNet is copied or changed: the network is an InsideControl (cldm/control.py)
+whose adapter, passed down the UNet's forward, changes what the target projections see.
 
 Two choices differ from kohya, on purpose:
 - `up` is zero-initialised in weight AND bias (kohya zeroes only the weight), so an untrained network is
@@ -25,14 +25,15 @@ and loading infers every module's dims from its tensors.
 import math
 import os
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
 from einops import rearrange
 
-from cldm.cldm import ControlLDM, ControlledUnetModel
+from cldm.cldm import ControlLDM
+from cldm.control import InsideControl, repeat_to
 from cldm.model import CONTROL_PREFIX, LoadReport, load_state_dict
 from ldm.modules.attention import BasicTransformerBlock
 from ldm.modules.diffusionmodules.openaimodel import Downsample
@@ -116,32 +117,25 @@ class LLLiteModule(nn.Module):
             raise ValueError(f"LLLite depth {self.depth}: the conditioning image gives {emb.shape[1]} "
                              f"tokens, the block has {x.shape[1]}; the image must be 8x the latent size, "
                              f"divisible by {2 ** (self.depth + 2)}")
-        emb = emb.expand(x.shape[0], -1, -1)
+        emb = repeat_to(emb, x.shape[0])
         return self.up(self.mid(torch.cat([emb.to(x.dtype), self.down(x)], dim=-1)))
 
 
-# UNet -> its LLLite targets, for UNets whose projections carry the LLLite pre-hooks.
-_hooked: "weakref.WeakKeyDictionary[nn.Module, dict[str, Target]]" = weakref.WeakKeyDictionary()
+class LLLiteAdapter:
+    """Adds an LLLite network's residuals, times `multiplier`, to its target projections' inputs (one forward)."""
+
+    def __init__(self, modules: dict[nn.Module, LLLiteModule], cond_image: torch.Tensor, multiplier: float):
+        self.modules = modules
+        self.cond_image = cond_image
+        self.multiplier = multiplier
+
+    def __call__(self, projection: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        module = self.modules.get(projection)
+        return None if module is None else self.multiplier * module(x, self.cond_image)
 
 
-def _residual_hook(name: str, unet_ref: weakref.ref, proj_ref: weakref.ref
-                   ) -> Callable[[nn.Module, tuple], tuple | None]:
-    def hook(proj: nn.Module, args: tuple) -> tuple | None:
-        if proj is not proj_ref():  # a deep copy of the UNet carries this hook too; its own are installed anew
-            return None
-        units = [u for u in getattr(unet_ref(), "inside_units", ())
-                 if isinstance(u.model, ControlNetLLLite) and name in u.model.module_names() and u.multiplier]
-        if not units:
-            return None
-        x = args[0]
-        # several LLLite units add up, each computed on the original input (as residuals do)
-        residual = sum(u.multiplier * u.model.get_submodule(name)(x, u.hint * 2.0 - 1.0) for u in units)
-        return (x + residual, *args[1:])
-    return hook
-
-
-class ControlNetLLLite(nn.Module):
-    """LLLite modules by kohya name; acts on a ControlledUnetModel while an active ControlUnit holds it."""
+class ControlNetLLLite(InsideControl):
+    """LLLite modules by kohya name, acting on the UNet's attention projections through an LLLiteAdapter."""
 
     def __init__(self, modules: dict[str, LLLiteModule]):
         super().__init__()
@@ -151,6 +145,8 @@ class ControlNetLLLite(nn.Module):
             if not name.startswith(PREFIX):
                 raise ValueError(f"LLLite module names start with {PREFIX!r}, got {name!r}")
             self.add_module(name, module)  # directly, so state-dict keys are kohya's
+        # the UNet last fitted, and its projection paths by module name (found once per UNet, not per step)
+        self._fitted: tuple[weakref.ref, dict[str, str]] | None = None
 
     @classmethod
     def for_unet(cls, unet: nn.Module, cond_emb_dim: int = 32, network_dim: int = 64) -> "ControlNetLLLite":
@@ -189,9 +185,10 @@ class ControlNetLLLite(nn.Module):
     def network_dim(self) -> int:
         return next(iter(self.children())).down[0].out_features
 
-    def check_fits(self, unet: nn.Module) -> None:
-        """Raise, naming the modules, unless every module matches a target of `unet` in width and depth."""
-        targets = _hooked.get(unet) or lllite_targets(unet)
+    def check_fits(self, unet: nn.Module) -> dict[str, str]:
+        """The UNet path of every module; raises, naming the modules, unless each matches a target of `unet`
+        in width and depth."""
+        targets = lllite_targets(unet)
         wrong = []
         for name, m in self.named_children():
             t = targets.get(name)
@@ -201,21 +198,14 @@ class ControlNetLLLite(nn.Module):
                 wrong.append(f"{name}: in_dim {m.in_dim}, depth {m.depth}; the UNet's: {t.in_dim}, {t.depth}")
         if wrong:
             raise ValueError("This LLLite network does not fit the UNet:\n  " + "\n  ".join(wrong[:20]))
+        return {name: targets[name].path for name in self.module_names()}
 
-    def hook_into(self, unet: ControlledUnetModel) -> None:
-        """Make `unet`'s target projections add the residuals of the LLLite units in unet.inside_units.
-
-        One pre-hook per projection, installed once per UNet and shared by all LLLite networks, so several
-        networks add up. With no LLLite unit in the current forward the hooks change nothing.
-        """
-        if unet not in _hooked:
-            targets = lllite_targets(unet)
-            unet_ref = weakref.ref(unet)
-            for name, target in targets.items():
-                proj = unet.get_submodule(target.path)
-                proj.register_forward_pre_hook(_residual_hook(name, unet_ref, weakref.ref(proj)))
-            _hooked[unet] = targets
-        self.check_fits(unet)
+    def adapter(self, unet: nn.Module, hint: torch.Tensor, multiplier: float) -> LLLiteAdapter:
+        if self._fitted is None or self._fitted[0]() is not unet:
+            self._fitted = (weakref.ref(unet), self.check_fits(unet))
+        paths = self._fitted[1]
+        modules = {unet.get_submodule(paths[name]): module for name, module in self.named_children()}
+        return LLLiteAdapter(modules, hint * 2.0 - 1.0, multiplier)
 
     def forward(self, *args, **kwargs):
         raise TypeError("ControlNetLLLite acts inside the UNet: use it as a ControlUnit's model, or "

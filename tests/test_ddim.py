@@ -1,10 +1,14 @@
-"""DDIM: exact step counts, any S from 1 to T, CFG with separate passes, guess mode without uncond control."""
+"""DDIM: exact step counts, unchanged latents, guidance with and without uncond control, seeds, inpainting, and
+no silently ignored arguments."""
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from conftest import randomize_zero_convs
+from cldm.control import ControlUnit
+from cldm.model import create_model
+from conftest import REFERENCE, ROOT, randomize_zero_convs, randomize_zero_init
 from ldm.models.diffusion.ddim import DDIMSampler, uniform_timesteps
 
 
@@ -18,44 +22,153 @@ def test_uniform_timesteps_for_every_step_count():
         uniform_timesteps(0, 1000)
 
 
-def conditioning(model, n=1):
-    hint = torch.rand(n, 3, 32, 32)
-    text = model.get_learned_conditioning(["a circle"] * n)
-    return {"c_concat": [hint], "c_crossattn": [text]}, model.get_unconditional_conditioning(n)
+def golden_model(config: str):
+    """The models tests/reference/ddim_golden.safetensors was sampled from (commit 7c07b2b, before the sampler
+    moved onto the guidance and sampler modules)."""
+    torch.manual_seed(0)
+    model = create_model(ROOT / "models" / f"{config}.yaml")
+    randomize_zero_init(model.model.diffusion_model)
+    if config == "cldm_tiny_lllite":
+        gen = torch.Generator().manual_seed(4)
+        with torch.no_grad():
+            for p in model.control_model.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    else:
+        randomize_zero_convs(model)
+    return model.eval()
 
 
-def test_ddim_runs_for_step_counts_1_to_60(tiny_model):
-    cond, _ = conditioning(tiny_model)
-    cond["c_concat"] = None  # the UNet alone keeps 1830 steps fast; control is sampled in the tests below
+@pytest.mark.parametrize("config", ["cldm_tiny", "cldm_tiny_v21", "cldm_tiny_lllite"])
+def test_latents_are_unchanged(config):
+    golden = load_file(REFERENCE / "ddim_golden.safetensors")
+    model = golden_model(config)
+    gen = torch.Generator().manual_seed(3)
+    hint = torch.rand(2, 3, 32, 32, generator=gen)
+    x_T = torch.randn(2, 4, 4, 4, generator=gen)
+    text = model.get_learned_conditioning(["a red circle", "a blue square"])
+    empty = model.get_learned_conditioning([""] * 2)
+    cond, uncond = {"c_concat": [hint], "c_crossattn": [text]}, {"c_concat": [hint], "c_crossattn": [empty]}
+    sampler = DDIMSampler(model)
+    got = {
+        "cfg": sampler.sample(6, 2, (4, 4, 4), cond, x_T=x_T, verbose=False, unconditional_guidance_scale=7.5,
+                              unconditional_conditioning=uncond)[0],
+        "eta": sampler.sample(5, 2, (4, 4, 4), cond, x_T=x_T, verbose=False, eta=0.7,
+                              generator=torch.Generator().manual_seed(11), unconditional_guidance_scale=4.0,
+                              unconditional_conditioning=uncond)[0],
+        "nocfg": sampler.sample(3, 2, (4, 4, 4), cond, x_T=x_T, verbose=False)[0],
+    }
+    if config == "cldm_tiny":
+        model.control_scales = [0.8 * 0.825 ** float(12 - i) for i in range(13)]
+        got["guess"] = sampler.sample(6, 2, (4, 4, 4), cond, x_T=x_T, verbose=False, unconditional_guidance_scale=7.5,
+                                      unconditional_conditioning={"c_concat": None, "c_crossattn": [empty]})[0]
+        model.control_scales = [1.0] * 13
+        soft = ControlUnit(model.control_model, hint, strength=0.6, start=0.2, end=0.8, mode="prompt")
+        cond_only = ControlUnit(model.control_model, hint.flip(-1), strength=1.2, end=0.5, mode="control")
+        got["units"] = sampler.sample(10, 2, (4, 4, 4), {"c_crossattn": [text], "control": [soft, cond_only]},
+                                      x_T=x_T, verbose=False, unconditional_guidance_scale=5.0,
+                                      unconditional_conditioning={"c_crossattn": [empty], "control": [soft]})[0]
+    for case, latents in got.items():
+        assert torch.equal(latents, golden[f"{config}/{case}"]), case
+
+
+def test_every_step_count_calls_the_model_once_per_step_at_the_schedule(tiny_model):
+    text = tiny_model.get_learned_conditioning(["a circle"])
+    calls = []
+    unet = tiny_model.model.diffusion_model
+    handle = unet.register_forward_pre_hook(lambda m, args, kwargs: calls.append(int(kwargs["timesteps"][0])),
+                                            with_kwargs=True)
     sampler = DDIMSampler(tiny_model)
-    for steps in range(1, 61):
-        samples, _ = sampler.sample(steps, 1, (4, 4, 4), cond, verbose=False, eta=0.5 if steps % 2 else 0.0)
-        assert samples.shape == (1, 4, 4, 4) and torch.isfinite(samples).all(), steps
+    for steps in [1, 2, 3, 9, 27, 36, 37, 60]:
+        calls.clear()
+        samples, _ = sampler.sample(steps, 1, (4, 4, 4), {"c_crossattn": [text]}, verbose=False, eta=0.5)
+        assert calls == uniform_timesteps(steps, 1000)[::-1].tolist(), steps
+        assert torch.isfinite(samples).all()
+    handle.remove()
 
 
-def test_cfg_and_guess_mode_without_uncond_control(tiny_model):
+def one_ddim_step(model, x_T, cond_eps, uncond_eps, scale):
+    """x_{t-1} of a one-step DDIM (t = 1, to t = 0) from the two model outputs, written out."""
+    a_t, a_prev = model.alphas_cumprod[1], model.alphas_cumprod[0]
+    eps = uncond_eps + scale * (cond_eps - uncond_eps)
+    pred_x0 = (x_T - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+    return a_prev.sqrt() * pred_x0 + (1 - a_prev).sqrt() * eps
+
+
+def test_guess_mode_gives_the_uncond_pass_no_control(tiny_model):
     randomize_zero_convs(tiny_model)
-    cond, uc_text = conditioning(tiny_model, 2)
+    hint = torch.rand(2, 3, 32, 32)
+    x_T = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    text, empty = tiny_model.get_learned_conditioning(["a circle"] * 2), tiny_model.get_learned_conditioning([""] * 2)
+    t = torch.tensor([1, 1])
+    with torch.no_grad():
+        cond_eps = tiny_model.apply_model(x_T, t, {"c_concat": [hint], "c_crossattn": [text]})
+        bare_uncond = tiny_model.model.diffusion_model(x_T, t, context=empty)
+        controlled_uncond = tiny_model.apply_model(x_T, t, {"c_concat": [hint], "c_crossattn": [empty]})
+    assert (bare_uncond - controlled_uncond).abs().max() > 1e-3
+    sampler = DDIMSampler(tiny_model)
+    guess, _ = sampler.sample(1, 2, (4, 4, 4), {"c_concat": [hint], "c_crossattn": [text]}, x_T=x_T,
+                              verbose=False, unconditional_guidance_scale=9.0,
+                              unconditional_conditioning={"c_concat": None, "c_crossattn": [empty]})
+    torch.testing.assert_close(guess, one_ddim_step(tiny_model, x_T, cond_eps, bare_uncond, 9.0))
+    both, _ = sampler.sample(1, 2, (4, 4, 4), {"c_concat": [hint], "c_crossattn": [text]}, x_T=x_T,
+                             verbose=False, unconditional_guidance_scale=9.0,
+                             unconditional_conditioning={"c_concat": [hint], "c_crossattn": [empty]})
+    torch.testing.assert_close(both, one_ddim_step(tiny_model, x_T, cond_eps, controlled_uncond, 9.0))
+
+
+def test_eta_noise_follows_the_generator_and_eta_zero_is_deterministic(tiny_model):
+    text = tiny_model.get_learned_conditioning(["a circle"] * 2)
     x_T = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0))
     sampler = DDIMSampler(tiny_model)
-    calls = []
-    tiny_model.control_scales = [0.825 ** float(12 - i) for i in range(13)]
-    guess, _ = sampler.sample(5, 2, (4, 4, 4), cond, x_T=x_T, verbose=False, callback=calls.append,
-                              unconditional_guidance_scale=9.0,
-                              unconditional_conditioning={"c_concat": None, "c_crossattn": [uc_text]})
-    normal, _ = sampler.sample(5, 2, (4, 4, 4), cond, x_T=x_T, verbose=False, unconditional_guidance_scale=9.0,
-                               unconditional_conditioning={"c_concat": cond["c_concat"], "c_crossattn": [uc_text]})
-    assert calls == list(range(5))
-    assert torch.isfinite(guess).all() and not torch.allclose(guess, normal)
+
+    def run(eta, *seeds):
+        generator = [torch.Generator().manual_seed(s) for s in seeds] if len(seeds) > 1 else (
+            torch.Generator().manual_seed(seeds[0]))
+        return sampler.sample(4, 2, (4, 4, 4), {"c_crossattn": [text]}, x_T=x_T, eta=eta, generator=generator,
+                              verbose=False)[0]
+
+    assert torch.equal(run(0.0, 1), run(0.0, 2))  # no noise is drawn at eta 0
+    assert torch.equal(run(1.0, 1), run(1.0, 1))
+    assert (run(1.0, 1) - run(1.0, 2)).abs().max() > 1e-2
+    per_image = run(1.0, 5, 6)  # one generator per sample: each sample's noise is its own
+    swapped = run(1.0, 6, 5)
+    assert not torch.allclose(per_image[0], swapped[0])
+    alone = sampler.sample(4, 1, (4, 4, 4), {"c_crossattn": [text[:1]]}, x_T=x_T[1:], eta=1.0,
+                           generator=[torch.Generator().manual_seed(6)], verbose=False)[0]
+    torch.testing.assert_close(per_image[1:], alone)
 
 
-def test_same_x_T_gives_same_samples(tiny_model):
-    cond, uc = conditioning(tiny_model)
-    x_T = torch.randn(1, 4, 4, 4)
+def test_mask_and_x0_inpaint(tiny_model):
+    text = tiny_model.get_learned_conditioning(["a circle"])
+    x_T = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    x0 = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(1))
+    mask = torch.zeros(1, 1, 4, 4)
+    mask[..., :, :2] = 1.0  # keep the left half
     sampler = DDIMSampler(tiny_model)
-    full_uc = {"c_concat": cond["c_concat"], "c_crossattn": [uc]}
-    a, _ = sampler.sample(4, 1, (4, 4, 4), cond, x_T=x_T, verbose=False, unconditional_guidance_scale=3.0,
-                          unconditional_conditioning=full_uc)
-    b, _ = sampler.sample(4, 1, (4, 4, 4), cond, x_T=x_T, verbose=False, unconditional_guidance_scale=3.0,
-                          unconditional_conditioning=full_uc)
-    assert torch.equal(a, b)
+
+    def run(m):
+        return sampler.sample(5, 1, (4, 4, 4), {"c_crossattn": [text]}, x_T=x_T, mask=m, x0=x0, verbose=False,
+                              generator=torch.Generator().manual_seed(2))[0]
+
+    plain = sampler.sample(5, 1, (4, 4, 4), {"c_crossattn": [text]}, x_T=x_T, verbose=False)[0]
+    inpainted = run(mask)
+    assert torch.equal(inpainted[..., :2], x0[..., :2])  # kept where the mask is 1
+    sampled = inpainted[..., 2:]
+    assert (sampled - x0[..., 2:]).abs().min() > 1e-4  # sampled where it is 0 ...
+    assert (sampled - plain[..., 2:]).abs().max() > 1e-3  # ... seeing the kept half through the UNet
+    assert torch.equal(run(torch.ones_like(mask)), x0)
+    with pytest.raises(ValueError, match="both mask and x0"):
+        sampler.sample(5, 1, (4, 4, 4), {"c_crossattn": [text]}, mask=mask, verbose=False)
+
+
+@pytest.mark.parametrize("argument,value", [("quantize_x0", True), ("noise_dropout", 0.1),
+                                            ("score_corrector", object()), ("dynamic_threshold", 0.9),
+                                            ("ucg_schedule", [1.0]), ("corrector_kwargs", {"a": 1})])
+def test_unimplemented_arguments_are_refused_not_ignored(tiny_model, argument, value):
+    text = tiny_model.get_learned_conditioning(["a circle"])
+    sampler = DDIMSampler(tiny_model)
+    with pytest.raises(NotImplementedError, match=argument):
+        sampler.sample(2, 1, (4, 4, 4), {"c_crossattn": [text]}, verbose=False, **{argument: value})
+    sampler.sample(2, 1, (4, 4, 4), {"c_crossattn": [text]}, verbose=False, quantize_x0=False, noise_dropout=0.0)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'guidance'"):
+        sampler.sample(2, 1, (4, 4, 4), {"c_crossattn": [text]}, verbose=False, guidance=3.0)

@@ -2,8 +2,8 @@
 what trains, and a tutorial_train run."""
 
 import contextlib
-import copy
 import csv
+import dataclasses
 import os
 import re
 
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from test_control import eps_pair, grads_after_step, make_batch
 
-from cldm.cldm import ControlUnit, unconditional_units
+from cldm.control import ControlUnit, unconditional_units
 from cldm.lllite import ControlNetLLLite, LLLiteControlLDM, lllite_targets, load_lllite
 from cldm.model import create_model, load_checkpoint, load_state_dict, save_state_dict
 from conftest import ROOT, randomize_zero_convs, randomize_zero_init
@@ -81,9 +81,10 @@ def test_residual_enters_the_projection_input(lllite_model):
     randomize_lllite(lllite_model.control_model)
     batch = make_batch()
     name = "lllite_unet_input_blocks_3_1_transformer_blocks_0_attn1_to_k"
-    proj = lllite_model.model.diffusion_model.get_submodule("input_blocks.3.1.transformer_blocks.0.attn1.to_k")
-    seen = {}  # the first call: apply_model (eps_pair then runs the plain UNet)
-    handles = [proj.register_forward_pre_hook(lambda m, a: seen.setdefault("x", a[0]), prepend=True),
+    attention = lllite_model.model.diffusion_model.get_submodule("input_blocks.3.1.transformer_blocks.0.attn1")
+    proj = attention.to_k
+    seen = {}  # the first call: apply_model (eps_pair then runs the plain UNet); self-attention: k reads x
+    handles = [attention.register_forward_pre_hook(lambda m, a: seen.setdefault("x", a[0])),
                proj.register_forward_hook(lambda m, a, out: seen.setdefault("out", out))]
     lllite_model.control_scales = [0.5]
     controlled, plain = eps_pair(lllite_model, batch)
@@ -202,12 +203,14 @@ def test_lllite_and_controlnet_units_together(tiny_model):
             torch.testing.assert_close(got, expected(active), rtol=0, atol=1e-6)
             assert (got - cn_only).abs().max() > 1e-3
         both = [(lllite_a, hint_a, 0.7), (lllite_b, hint_b, 1.3)]
-        torch.testing.assert_close(eps([a, b], None), expected(both, with_cn=False), rtol=0, atol=1e-6)
+        always_a, always_b = (dataclasses.replace(u, start=0.0, end=1.0) for u in (a, b))
+        torch.testing.assert_close(eps([always_a, always_b], None), expected(both, with_cn=False), rtol=0,
+                                   atol=1e-6)
+        with pytest.raises(ValueError, match="needs the sampling step"):
+            eps([a, b], None)  # a window outside sampling is an error, not silently always on
         a.strength = 0.0
         assert torch.equal(eps([cn, a], (3, 4)), cn_only)
-        eps([a, b], None)
-        clone = copy.deepcopy(unet)  # carries the hooks, which must not act for the original's units
-        assert torch.equal(clone(x_noisy, t, context=text), plain)
+        eps([always_a, always_b], None)
         assert torch.equal(unet(x_noisy, t, context=text), plain)  # nothing lingers after a controlled forward
     assert unconditional_units([cn, a, b]) == [cn, a]
 
@@ -217,7 +220,7 @@ def test_sampling_with_the_models_own_lllite(lllite_model):
     randomize_lllite(lllite_model.control_model, std=0.05)
     text = lllite_model.get_learned_conditioning(["a circle"])
     cond = {"c_concat": [torch.rand(1, 3, 32, 32)], "c_crossattn": [text]}
-    uncond = {"c_concat": None, "c_crossattn": [lllite_model.get_unconditional_conditioning(1)]}
+    uncond = {"c_concat": None, "c_crossattn": [lllite_model.get_learned_conditioning([""])]}
     x_T = torch.randn(1, 4, 4, 4)
     runs = []
     for scale in (1.0, 0.0):

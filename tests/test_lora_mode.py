@@ -12,7 +12,7 @@ from test_control import make_batch
 from torch.utils.data import DataLoader
 
 import tool_fuse_control_lora
-from cldm.cldm import ControlUnit
+from cldm.control import ControlUnit
 from cldm.lora import (
     LoRAControlNet,
     LoRAConv2d,

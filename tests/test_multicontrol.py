@@ -3,13 +3,14 @@
 import pytest
 import torch
 
-from cldm.cldm import ControlUnit, unconditional_units
+from cldm.control import ControlUnit, ResidualControl, unconditional_units
+from cldm.pipeline import sample
 from conftest import randomize_zero_convs
-from ldm.models.diffusion.ddim import DDIMSampler
+from ldm.models.diffusion.samplers import SAMPLERS
 from ldm.util import instantiate_from_config
 
 
-class StepRecorder(torch.nn.Module):
+class StepRecorder(ResidualControl):
     """Wraps a control network and records the timesteps it was called at."""
 
     def __init__(self, net):
@@ -17,9 +18,9 @@ class StepRecorder(torch.nn.Module):
         self.net = net
         self.calls = []
 
-    def forward(self, **kwargs):
-        self.calls.append(int(kwargs["timesteps"][0]))
-        return self.net(**kwargs)
+    def residuals(self, x, hint, timesteps, context, y=None):
+        self.calls.append(float(timesteps[0]))
+        return self.net.residuals(x, hint, timesteps, context, y)
 
 
 def second_controlnet(model):
@@ -58,7 +59,7 @@ def test_two_controls_add_up(tiny_model):
     unet = tiny_model.model.diffusion_model
     with torch.no_grad():
         both = tiny_model.apply_model(x, t, {"c_crossattn": [text], "control": [a, b]})
-        ra, rb = a.residuals(x, t, text), b.residuals(x, t, text)
+        ra, rb = (u.contribute(x, t, text, None, unet).residuals for u in (a, b))
         expected = unet(x, t, context=text, control=[p + q for p, q in zip(ra, rb)])
         only_a = tiny_model.apply_model(x, t, {"c_crossattn": [text], "control": [a]})
     torch.testing.assert_close(both, expected, rtol=0, atol=1e-6)
@@ -69,8 +70,9 @@ def test_strength_scales_residuals_linearly(tiny_model):
     randomize_zero_convs(tiny_model)
     x, t, text, (h1, _) = inputs(tiny_model)
     with torch.no_grad():
-        one = ControlUnit(tiny_model.control_model, h1, strength=1.0).residuals(x, t, text)
-        two = ControlUnit(tiny_model.control_model, h1, strength=2.0).residuals(x, t, text)
+        unet = tiny_model.model.diffusion_model
+        one = ControlUnit(tiny_model.control_model, h1, strength=1.0).contribute(x, t, text, None, unet).residuals
+        two = ControlUnit(tiny_model.control_model, h1, strength=2.0).contribute(x, t, text, None, unet).residuals
     for r1, r2 in zip(one, two):
         torch.testing.assert_close(r2, 2 * r1)
 
@@ -86,17 +88,19 @@ def test_main_control_matches_an_equivalent_unit(tiny_model):
     torch.testing.assert_close(main, unit, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("start,end,active", [(0.0, 1.0, range(10)), (0.2, 0.5, [2, 3, 4]), (0.0, 0.3, [0, 1, 2]),
-                                              (0.75, 1.0, [8, 9])])
-def test_start_end_window_switches_control_at_the_right_steps(tiny_model, start, end, active):
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_start_end_window_acts_on_the_same_steps_under_every_sampler(tiny_model, sampler):
     randomize_zero_convs(tiny_model)
-    _, _, text, (h1, _) = inputs(tiny_model, 1)
-    spy = StepRecorder(tiny_model.control_model)
-    unit = ControlUnit(spy, h1, start=start, end=end)
-    sampler = DDIMSampler(tiny_model)
-    sampler.sample(10, 1, (4, 4, 4), {"c_crossattn": [text], "control": [unit]}, verbose=False)
-    schedule = list(reversed(sampler.ddim_timesteps.tolist()))
-    assert spy.calls == [schedule[i] for i in active]
+    _, _, _, (h1, _) = inputs(tiny_model, 1)
+    every_step = StepRecorder(tiny_model.control_model)
+    units = [ControlUnit(every_step, h1, strength=0.0)]
+    windows = {(0.2, 0.5): [2, 3, 4], (0.0, 0.3): [0, 1, 2], (0.75, 1.0): [8, 9], (0.05, 0.95): range(1, 9)}
+    for start, end in windows:
+        units.append(ControlUnit(StepRecorder(tiny_model.control_model), h1, start=start, end=end))
+    sample(tiny_model, "a circle", units=units, sampler=sampler, steps=10, cfg_scale=1.0, seed=0, decode=False)
+    assert len(every_step.calls) == 10 and len(set(every_step.calls)) == 10
+    for unit, active in zip(units[1:], windows.values()):
+        assert unit.model.calls == [every_step.calls[i] for i in active], (unit.start, unit.end)
 
 
 def test_control_modes_and_validation(tiny_model):

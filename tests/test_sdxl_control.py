@@ -4,7 +4,7 @@ control units, and a tutorial_train run with checkpoint and resume."""
 import pytest
 import torch
 
-from cldm.cldm import ControlUnit
+from cldm.control import ControlUnit
 from cldm.model import create_model, load_checkpoint, load_state_dict
 from conftest import ROOT, randomize_zero_convs, randomize_zero_init
 from tool_make_fill50k import make_fill50k

@@ -7,7 +7,8 @@ import torch
 
 from conftest import ROOT, randomize_zero_convs
 from ldm.checkpoint import UserError
-from ldm.models.diffusion.ddim import DDIMSampler, batch_conditionings
+from ldm.models.diffusion.ddim import DDIMSampler
+from ldm.models.diffusion.guidance import batch_conditionings
 from ldm.modules.diffusionmodules.openaimodel import ResBlock, set_gradient_checkpointing
 from ldm.modules.diffusionmodules.util import GroupNorm32
 

@@ -1,5 +1,7 @@
 """Cross-attention and the SpatialTransformer of the SD UNet, on F.scaled_dot_product_attention."""
 
+from typing import Protocol
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -30,6 +32,19 @@ class FeedForward(nn.Module):
         return self.net(x)
 
 
+class InputAdapter(Protocol):
+    """Changes what an attention projection sees, for one forward of the network (a control acting inside the
+    UNet does this). Passed down the forward as an argument, so gradient checkpointing re-runs it alike."""
+
+    def __call__(self, projection: nn.Linear, x: torch.Tensor) -> torch.Tensor | None:
+        """What to add to x before `projection` sees it; None for projections it leaves alone."""
+
+
+def adapted(adapter: InputAdapter, projection: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    residual = adapter(projection, x)
+    return x if residual is None else x + residual
+
+
 class CrossAttention(nn.Module):
     """Multi-head attention of x over context (self-attention when context is None)."""
 
@@ -47,13 +62,17 @@ class CrossAttention(nn.Module):
         self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim), nn.Dropout(dropout))
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                adapter: InputAdapter | None = None) -> torch.Tensor:
         context = x if context is None else context
+        if adapter is None:
+            q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        else:
+            q, k, v = (proj(adapted(adapter, proj, inp)) for proj, inp in ((self.to_q, x), (self.to_k, context),
+                                                                           (self.to_v, context)))
         # Tensor methods rather than einops on this path: it runs ~100 times per UNet step, and einops' per-call
         # cost adds up where eager sampling at batch 1 is bound by the host, not the device.
-        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2)
-                   for t in (self.to_q(x), self.to_k(context), self.to_v(context)))  # b n (h d) -> b h n d
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))  # b n (h d) -> b h n d
         if mask is not None:
             mask = rearrange(mask, "b j -> b 1 1 j").bool()
         if self.slice_size is None:
@@ -81,12 +100,14 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.checkpoint = checkpoint
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        return checkpoint(self._forward, (x, context), self.parameters(), self.checkpoint)
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                adapter: InputAdapter | None = None) -> torch.Tensor:
+        return checkpoint(self._forward, (x, context, adapter), self.parameters(), self.checkpoint)
 
-    def _forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.attn1(self.norm1(x), context=context if self.disable_self_attn else None) + x
-        x = self.attn2(self.norm2(x), context=context) + x
+    def _forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                 adapter: InputAdapter | None = None) -> torch.Tensor:
+        x = self.attn1(self.norm1(x), context=context if self.disable_self_attn else None, adapter=adapter) + x
+        x = self.attn2(self.norm2(x), context=context, adapter=adapter) + x
         return self.ff(self.norm3(x)) + x
 
 
@@ -116,7 +137,8 @@ class SpatialTransformer(nn.Module):
         ])
         self.use_linear = use_linear
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | list[torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | list[torch.Tensor] | None = None,
+                adapter: InputAdapter | None = None) -> torch.Tensor:
         if not isinstance(context, list):
             context = [context] * len(self.transformer_blocks)
         _, _, h, w = x.shape
@@ -128,7 +150,7 @@ class SpatialTransformer(nn.Module):
         if self.use_linear:
             x = self.proj_in(x)
         for block, ctx in zip(self.transformer_blocks, context):
-            x = block(x, context=ctx)
+            x = block(x, context=ctx, adapter=adapter)
         if self.use_linear:
             x = self.proj_out(x)
         x = x.transpose(1, 2).unflatten(2, (h, w)).contiguous()  # b (h w) c -> b c h w

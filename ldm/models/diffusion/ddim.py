@@ -1,19 +1,38 @@
-"""DDIM sampling with classifier-free guidance; cond and uncond run as one batch when they can.
-
-They share one doubled batch when both conditionings have the same structure and shapes (the usual case);
-otherwise they run as separate passes, so the unconditional side may carry different conditioning (for
-ControlNet's guess mode: no control at all) or per-pass objects such as control units.
+"""DDIM: our own sampler (the others come from diffusers' schedulers, see samplers.py).
 
 Timesteps are uniform: exactly `S` of them, for any S from 1 to the number of training steps (the original
 produced S+1 timesteps, and an index past the schedule, whenever T/S left no remainder room, e.g. S = 3, 9,
 27, 36, 37).
+
+`sample_ddim` is a function over a denoiser (guidance sits outside it, in guidance.py); `DDIMSampler` keeps
+the original's class and `sample()` signature on top of it.
 """
 
-from typing import Any, Callable
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 from tqdm import tqdm
+
+from ldm.models.diffusion.guidance import Denoiser, GuidedDenoiser
+
+Generators = torch.Generator | list[torch.Generator] | None
+# (step index, latents after the step, the step's x0 prediction or None)
+StepCallback = Callable[[int, torch.Tensor, torch.Tensor | None], None]
+
+
+class NoiseSchedule(Protocol):
+    """What a sampler reads of a diffusion model (DDPM provides it): the training schedule's float32 buffers."""
+
+    num_timesteps: int
+    parameterization: str
+    betas: torch.Tensor
+    alphas_cumprod: torch.Tensor
+    sqrt_alphas_cumprod: torch.Tensor
+    sqrt_one_minus_alphas_cumprod: torch.Tensor
 
 
 def uniform_timesteps(num_ddim_steps: int, num_ddpm_steps: int) -> np.ndarray:
@@ -26,136 +45,160 @@ def uniform_timesteps(num_ddim_steps: int, num_ddpm_steps: int) -> np.ndarray:
     return steps + offset
 
 
-class Unbatchable(Exception):
-    """Raised inside batch_conditionings where the two structures differ."""
+@dataclass(frozen=True)
+class DDIMSchedule:
+    """The S timesteps and their coefficients, indexed by position in `timesteps` (ascending)."""
+
+    timesteps: np.ndarray
+    alphas: torch.Tensor
+    alphas_prev: torch.Tensor
+    sigmas: torch.Tensor
+    sqrt_one_minus_alphas: torch.Tensor
+    eta: float
+
+    @classmethod
+    def make(cls, alphas_cumprod: torch.Tensor, steps: int, eta: float = 0.0) -> "DDIMSchedule":
+        timesteps = uniform_timesteps(steps, len(alphas_cumprod))
+        alphas_cumprod = alphas_cumprod.detach().double().cpu()
+        a = alphas_cumprod[timesteps]
+        a_prev = torch.cat([alphas_cumprod[:1], alphas_cumprod[timesteps[:-1]]])
+        sigmas = eta * torch.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
+        return cls(timesteps, a.float(), a_prev.float(), sigmas.float(), torch.sqrt(1.0 - a).float(), eta)
 
 
-def batch_conditionings(c: Any, uc: Any) -> Any:
-    """c and uc concatenated along the batch (c first), or None where their structures differ.
+@dataclass(frozen=True)
+class Inpainting:
+    """Keep `x0` where `mask` is 1 and sample where it is 0 (latent blending, as the original DDIM does).
 
-    Tensors of equal shape concatenate; dicts with the same keys, and lists or tuples of the same length,
-    recurse; None pairs only with None. Anything else (e.g. control units holding their own hints) cannot batch.
+    Before each step the known region is set to x0 noised to that step's level; after the last step, to x0.
     """
-    try:
-        return concat_structures(c, uc)
-    except Unbatchable:
-        return None
+
+    mask: torch.Tensor
+    x0: torch.Tensor
+
+    def blend(self, x: torch.Tensor, x0_noised: torch.Tensor) -> torch.Tensor:
+        return x0_noised * self.mask + (1.0 - self.mask) * x
 
 
-def concat_structures(c: Any, uc: Any) -> Any:
-    if c is None and uc is None:
-        return None
-    if torch.is_tensor(c) and torch.is_tensor(uc) and c.shape == uc.shape:
-        return torch.cat([c, uc])
-    if isinstance(c, dict) and isinstance(uc, dict) and c.keys() == uc.keys():
-        return {k: concat_structures(c[k], uc[k]) for k in c}
-    if isinstance(c, (list, tuple)) and isinstance(uc, (list, tuple)) and len(c) == len(uc):
-        return [concat_structures(a, b) for a, b in zip(c, uc)]
-    raise Unbatchable
+def sample_ddim(denoiser: Denoiser, x: torch.Tensor, schedule: NoiseSchedule, steps: int, eta: float = 0.0,
+                generator: Generators = None, callback: StepCallback | None = None,
+                inpainting: Inpainting | None = None, temperature: float = 1.0, progress: bool = False
+                ) -> torch.Tensor:
+    """DDIM from noise x (x_T) in `steps` steps; eta 0 is deterministic, eta 1 is DDPM-like."""
+    ddim = DDIMSchedule.make(schedule.alphas_cumprod, steps, eta)
+    total = len(ddim.timesteps)
+    for i, step in enumerate(tqdm(np.flip(ddim.timesteps), desc="DDIM Sampler", total=total, disable=not progress)):
+        index = total - i - 1
+        t = torch.full((x.shape[0],), int(step), device=x.device, dtype=torch.long)
+        if inpainting is not None:
+            x = inpainting.blend(x, q_sample(schedule, inpainting.x0, t, generator))
+        out = denoiser(x, t, (i, total))
+        x, pred_x0 = ddim_step(schedule, ddim, index, x, t, out, generator, temperature)
+        if callback is not None:
+            callback(i, x, pred_x0)
+    return x if inpainting is None else inpainting.blend(x, inpainting.x0)
+
+
+def q_sample(schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor, generator: Generators) -> torch.Tensor:
+    """x0 noised to timestep t: sqrt(a_t) x0 + sqrt(1 - a_t) noise."""
+    noise = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    shape = (-1, *(1,) * (x0.dim() - 1))
+    return (schedule.sqrt_alphas_cumprod[t].view(shape) * x0
+            + schedule.sqrt_one_minus_alphas_cumprod[t].view(shape) * noise)
+
+
+def ddim_step(schedule: NoiseSchedule, ddim: DDIMSchedule, index: int, x: torch.Tensor, t: torch.Tensor,
+              out: torch.Tensor, generator: Generators = None, temperature: float = 1.0
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One DDIM update from timestep ddim.timesteps[index] with the model output `out`: (x_prev, pred_x0)."""
+    shape = (x.shape[0], 1, 1, 1)
+    a_t = torch.full(shape, float(ddim.alphas[index]), device=x.device)
+    a_prev = torch.full(shape, float(ddim.alphas_prev[index]), device=x.device)
+    sigma_t = torch.full(shape, float(ddim.sigmas[index]), device=x.device)
+    sqrt_one_minus_at = torch.full(shape, float(ddim.sqrt_one_minus_alphas[index]), device=x.device)
+    if schedule.parameterization == "v":
+        sqrt_a, sqrt_one_minus_a = (buf[t].view(shape) for buf in (schedule.sqrt_alphas_cumprod,
+                                                                    schedule.sqrt_one_minus_alphas_cumprod))
+        e_t = sqrt_a * out + sqrt_one_minus_a * x
+        pred_x0 = sqrt_a * x - sqrt_one_minus_a * out
+    elif schedule.parameterization == "eps":
+        e_t = out
+        pred_x0 = (x - sqrt_one_minus_at * e_t) / a_t.sqrt()
+    else:
+        raise ValueError(f"DDIM samples eps- and v-prediction models, not {schedule.parameterization!r}")
+    dir_xt = (1.0 - a_prev - sigma_t ** 2).clamp(min=0).sqrt() * e_t
+    noise = sigma_t * randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype) * temperature
+    return a_prev.sqrt() * pred_x0 + dir_xt + noise, pred_x0
+
+
+# Arguments of the original's DDIMSampler.sample that this one does not implement, with their inert values.
+UNSUPPORTED = {"normals_sequence": None, "quantize_x0": False, "noise_dropout": 0.0, "score_corrector": None,
+               "corrector_kwargs": None, "dynamic_threshold": None, "ucg_schedule": None}
 
 
 class DDIMSampler:
-    """DDIM over a LatentDiffusion-like model (needs apply_model, alphas_cumprod, parameterization).
+    """The original's DDIM sampler class over a LatentDiffusion-like model (apply_model and its schedule).
 
     `batch_guidance=False` always runs cond and uncond as separate passes: half the peak memory of a step.
     """
 
-    def __init__(self, model: Any, schedule: str = "linear", batch_guidance: bool = True, **kwargs):
+    def __init__(self, model: Any, schedule: str = "linear", batch_guidance: bool = True):
+        if schedule != "linear":
+            raise ValueError(f"DDIMSampler follows the model's own noise schedule; schedule={schedule!r} is not "
+                             "supported")
         self.model = model
         self.batch_guidance = batch_guidance
-        self._batched = None
         self.ddpm_num_timesteps = model.num_timesteps
-        self.schedule = schedule
 
     def make_schedule(self, ddim_num_steps: int, ddim_discretize: str = "uniform", ddim_eta: float = 0.0,
                       verbose: bool = False) -> None:
+        """The original's attributes (ddim_timesteps, ddim_alphas, ...), for scripts that read them."""
         if ddim_discretize != "uniform":
             raise ValueError(f"only uniform DDIM discretization is supported, got {ddim_discretize!r}")
-        self.ddim_timesteps = uniform_timesteps(ddim_num_steps, self.ddpm_num_timesteps)
-        alphas_cumprod = self.model.alphas_cumprod.detach().double().cpu()
-        a = alphas_cumprod[self.ddim_timesteps]
-        a_prev = torch.cat([alphas_cumprod[:1], alphas_cumprod[self.ddim_timesteps[:-1]]])
-        sigmas = ddim_eta * torch.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
-        self.ddim_alphas, self.ddim_alphas_prev, self.ddim_sigmas = a.float(), a_prev.float(), sigmas.float()
-        self.ddim_sqrt_one_minus_alphas = torch.sqrt(1.0 - a).float()
-        self.ddim_eta = ddim_eta
-        if verbose:
-            print(f"DDIM timesteps: {self.ddim_timesteps.tolist()}; sigmas: {self.ddim_sigmas.tolist()}")
+        ddim = DDIMSchedule.make(self.model.alphas_cumprod, ddim_num_steps, ddim_eta)
+        self.ddim_timesteps, self.ddim_eta = ddim.timesteps, ddim_eta
+        self.ddim_alphas, self.ddim_alphas_prev, self.ddim_sigmas = ddim.alphas, ddim.alphas_prev, ddim.sigmas
+        self.ddim_sqrt_one_minus_alphas = ddim.sqrt_one_minus_alphas
 
     @torch.no_grad()
     def sample(self, S: int, batch_size: int, shape: tuple[int, int, int], conditioning: Any = None,
                callback: Callable[[int], None] | None = None, img_callback: Callable | None = None,
-               eta: float = 0.0, x_T: torch.Tensor | None = None, temperature: float = 1.0,
-               verbose: bool = True, log_every_t: int = 100, unconditional_guidance_scale: float = 1.0,
-               unconditional_conditioning: Any = None, generator: torch.Generator | None = None,
-               **kwargs) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
-        """Sample `batch_size` latents of `shape` (C, H, W) in S steps; returns (samples, intermediates)."""
-        self.make_schedule(ddim_num_steps=S, ddim_eta=eta, verbose=False)
-        size = (batch_size, *shape)
+               eta: float = 0.0, mask: torch.Tensor | None = None, x0: torch.Tensor | None = None,
+               x_T: torch.Tensor | None = None, temperature: float = 1.0, verbose: bool = True,
+               log_every_t: int = 100, unconditional_guidance_scale: float = 1.0,
+               unconditional_conditioning: Any = None, generator: Generators = None, **unsupported: Any
+               ) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
+        """Sample `batch_size` latents of `shape` (C, H, W) in S steps; returns (samples, intermediates).
+
+        `mask` and `x0` inpaint: x0 is kept where mask is 1 and sampled where it is 0.
+        """
+        for name, value in unsupported.items():
+            if name not in UNSUPPORTED:
+                raise TypeError(f"DDIMSampler.sample() got an unexpected keyword argument {name!r}")
+            if value is not None and value != UNSUPPORTED[name]:
+                raise NotImplementedError(f"DDIMSampler.sample(): {name}={value!r} is not implemented here; "
+                                          f"leave it at {UNSUPPORTED[name]!r}")
+        if (mask is None) != (x0 is None):
+            raise ValueError("inpainting needs both mask and x0")
+        self.make_schedule(ddim_num_steps=S, ddim_eta=eta)
         device = self.model.betas.device
-        img = torch.randn(size, device=device, generator=generator) if x_T is None else x_T.to(device)
+        size = (batch_size, *shape)
+        img = randn_tensor(size, generator=generator, device=device) if x_T is None else x_T.to(device)
+        inpainting = None if mask is None else Inpainting(mask.to(device), x0.to(device))
+        denoiser = GuidedDenoiser(self.model, conditioning, unconditional_conditioning,
+                                  unconditional_guidance_scale, batch=self.batch_guidance)
         intermediates = {"x_inter": [img], "pred_x0": [img]}
-        time_range = np.flip(self.ddim_timesteps)
-        total = len(time_range)
-        for i, step in enumerate(tqdm(time_range, desc="DDIM Sampler", total=total, disable=not verbose)):
-            index = total - i - 1
-            ts = torch.full((batch_size,), int(step), device=device, dtype=torch.long)
-            img, pred_x0 = self.p_sample_ddim(
-                img, conditioning, ts, index=index, temperature=temperature,
-                unconditional_guidance_scale=unconditional_guidance_scale,
-                unconditional_conditioning=unconditional_conditioning, generator=generator,
-                sampling_step=(i, total))
+
+        def record(i: int, x: torch.Tensor, pred_x0: torch.Tensor) -> None:
+            index = S - i - 1
             if callback is not None:
                 callback(i)
             if img_callback is not None:
                 img_callback(pred_x0, i)
-            if index % log_every_t == 0 or index == total - 1:
-                intermediates["x_inter"].append(img)
+            if index % log_every_t == 0 or index == S - 1:
+                intermediates["x_inter"].append(x)
                 intermediates["pred_x0"].append(pred_x0)
-        self._batched = None  # the conditionings of this call are not kept alive
-        return img, intermediates
 
-    def model_output(self, x: torch.Tensor, t: torch.Tensor, c: Any, uc: Any, scale: float,
-                     sampling_step: tuple[int, int]) -> torch.Tensor:
-        """The guided prediction: uncond + scale * (cond - uncond), or cond alone when scale is 1."""
-        if uc is None or scale == 1.0:
-            return self.model.apply_model(x, t, c, sampling_step=sampling_step)
-        both = self.batched(c, uc) if self.batch_guidance else None
-        if both is not None:
-            out_c, out_uc = self.model.apply_model(torch.cat([x, x]), torch.cat([t, t]), both,
-                                                   sampling_step=sampling_step).chunk(2)
-        else:
-            out_c = self.model.apply_model(x, t, c, sampling_step=sampling_step)
-            out_uc = self.model.apply_model(x, t, uc, sampling_step=sampling_step)
-        return out_uc + scale * (out_c - out_uc)
-
-    def batched(self, c: Any, uc: Any) -> Any:
-        """batch_conditionings(c, uc), built once per pair: the same tensors every step let models reuse
-        work that depends on the conditioning alone (e.g. cldm.cldm.encoded_hint)."""
-        cached = self._batched
-        if cached is None or cached[0] is not c or cached[1] is not uc:
-            self._batched = cached = (c, uc, batch_conditionings(c, uc))
-        return cached[2]
-
-    @torch.no_grad()
-    def p_sample_ddim(self, x: torch.Tensor, c: Any, t: torch.Tensor, index: int, temperature: float = 1.0,
-                      unconditional_guidance_scale: float = 1.0, unconditional_conditioning: Any = None,
-                      generator: torch.Generator | None = None, sampling_step: tuple[int, int] = (0, 1)
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.model_output(x, t, c, unconditional_conditioning, unconditional_guidance_scale, sampling_step)
-        if self.model.parameterization == "v":
-            e_t = self.model.predict_eps_from_z_and_v(x, t, out)
-        else:
-            e_t = out
-        shape = (x.shape[0], 1, 1, 1)
-        a_t = torch.full(shape, float(self.ddim_alphas[index]), device=x.device)
-        a_prev = torch.full(shape, float(self.ddim_alphas_prev[index]), device=x.device)
-        sigma_t = torch.full(shape, float(self.ddim_sigmas[index]), device=x.device)
-        sqrt_one_minus_at = torch.full(shape, float(self.ddim_sqrt_one_minus_alphas[index]), device=x.device)
-        if self.model.parameterization == "v":
-            pred_x0 = self.model.predict_start_from_z_and_v(x, t, out)
-        else:
-            pred_x0 = (x - sqrt_one_minus_at * e_t) / a_t.sqrt()
-        dir_xt = (1.0 - a_prev - sigma_t ** 2).clamp(min=0).sqrt() * e_t
-        noise = sigma_t * torch.randn(x.shape, device=x.device, generator=generator) * temperature
-        return a_prev.sqrt() * pred_x0 + dir_xt + noise, pred_x0
+        samples = sample_ddim(denoiser, img, self.model, S, eta=eta, generator=generator, callback=record,
+                              inpainting=inpainting, temperature=temperature, progress=verbose)
+        return samples, intermediates

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ldm.modules.attention import BasicTransformerBlock, SpatialTransformer
+from ldm.modules.attention import BasicTransformerBlock, InputAdapter, SpatialTransformer
 from ldm.modules.diffusionmodules.util import (
     avg_pool_nd,
     checkpoint,
@@ -31,12 +31,13 @@ class TimestepBlock(nn.Module):
 class TimestepEmbedSequential(nn.Sequential, TimestepBlock):
     """Sequential that hands the timestep embedding and the context to the children that take them."""
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None = None,
+                adapter: InputAdapter | None = None) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, TimestepBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
-                x = layer(x, context)
+                x = layer(x, context, adapter)
             else:
                 x = layer(x)
         return x
@@ -293,26 +294,29 @@ class UNetModel(nn.Module):
         return self.time_embed[0].weight.dtype
 
     def encode(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None,
-               y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+               y: torch.Tensor | None = None, adapter: InputAdapter | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """Down path and middle: returns the middle output, the time embedding and the skip features."""
         emb = embed_time_and_vector(self, x, timesteps, y)
         hs, h = [], x
         for module in self.input_blocks:
-            h = module(h, emb, context)
+            h = module(h, emb, context, adapter)
             hs.append(h)
-        return self.middle_block(h, emb, context), emb, hs
+        return self.middle_block(h, emb, context, adapter), emb, hs
 
     def decode(self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None,
-               skips: list[torch.Tensor]) -> torch.Tensor:
+               skips: list[torch.Tensor], adapter: InputAdapter | None = None) -> torch.Tensor:
         """Up path, consuming the skip features deepest first."""
         for module in self.output_blocks:
-            h = module(torch.cat([h, skips.pop()], dim=1), emb, context)
+            h = module(torch.cat([h, skips.pop()], dim=1), emb, context, adapter)
         return self.out(h)
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None,
-                y: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
-        h, emb, hs = self.encode(x, timesteps, context, y)
-        return self.decode(h, emb, context, hs)
+                y: torch.Tensor | None = None, adapter: InputAdapter | None = None) -> torch.Tensor:
+        """eps (or v); `y`: the vector of vector-conditioned bases (SDXL); `adapter` acts on the attention
+        projections' inputs during this forward."""
+        h, emb, hs = self.encode(x, timesteps, context, y, adapter)
+        return self.decode(h, emb, context, hs, adapter)
 
 
 def embed_time_and_vector(net: nn.Module, x: torch.Tensor, timesteps: torch.Tensor,

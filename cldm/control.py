@@ -1,0 +1,171 @@
+"""The control contract: what a control network is, and how a ControlUnit applies one while sampling.
+
+Two kinds of network steer the locked UNet from a hint image:
+- `ResidualControl` networks (ControlNet, LoRA-offset) compute one residual per skip connection plus the
+  middle block, which the UNet adds to its own features;
+- `InsideControl` networks (LLLite) change what the UNet's attention projections see, through an
+  `InputAdapter` passed down the UNet's forward.
+Both implement `ControlNetwork.contribute`, so a caller never asks which kind a network is. A new mode is one
+module with a network that subclasses one of the two (docs/modes.md).
+"""
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from ldm.modules.attention import InputAdapter
+
+CONTROL_MODES = ("balanced", "prompt", "control")
+SOFT_DECAY = 0.825  # the original's guess-mode weight ratio between neighbouring residual levels
+Step = tuple[int, int]
+
+
+@dataclass
+class Contribution:
+    """What the active units give one UNet forward: residuals to add, and adapters acting inside."""
+
+    residuals: list[torch.Tensor] | None = None
+    adapters: tuple[InputAdapter, ...] = ()
+
+    def __add__(self, other: "Contribution") -> "Contribution":
+        if self.residuals is None or other.residuals is None:
+            residuals = self.residuals if other.residuals is None else other.residuals
+        else:
+            residuals = [a + b for a, b in zip(self.residuals, other.residuals)]
+        return Contribution(residuals, self.adapters + other.adapters)
+
+    def adapter(self) -> InputAdapter | None:
+        """The adapters as one (their residuals add up, each computed on the original input), or None."""
+        if len(self.adapters) < 2:
+            return self.adapters[0] if self.adapters else None
+        adapters = self.adapters
+
+        def combined(projection: nn.Linear, x: torch.Tensor) -> torch.Tensor | None:
+            residuals = [r for r in (adapter(projection, x) for adapter in adapters) if r is not None]
+            return sum(residuals) if residuals else None
+        return combined
+
+
+class ControlNetwork(nn.Module, ABC):
+    """A network that steers the UNet from a hint image (BCHW in [0, 1], 8x the latent size)."""
+
+    @abstractmethod
+    def contribute(self, unit: "ControlUnit", x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                   y: torch.Tensor | None, unet: nn.Module) -> Contribution:
+        """This network's contribution to one UNet forward on x (B, C, h, w) with the UNet's own inputs
+        (timesteps, text context, and the vector y of vector-conditioned bases), weighted as `unit` says."""
+
+
+class ResidualControl(ControlNetwork):
+    """A control that adds residuals to the UNet's skip connections and middle block."""
+
+    @abstractmethod
+    def residuals(self, x: torch.Tensor, hint: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                  y: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """One residual per skip connection, then the middle block's (13 on SD), unweighted; `hint` has len(x)
+        images or a divisor of that (see repeat_to)."""
+
+    def contribute(self, unit: "ControlUnit", x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                   y: torch.Tensor | None, unet: nn.Module) -> Contribution:
+        out = self.residuals(x, unit.hint, timesteps, context, y)
+        out = [c * scale for c, scale in zip(out, unit.level_scales(len(out)))]
+        if unit.global_average_pooling:
+            out = [torch.mean(c, dim=(2, 3), keepdim=True) for c in out]
+        return Contribution(residuals=out)
+
+
+class InsideControl(ControlNetwork):
+    """A control that acts within the UNet's layers, through an InputAdapter on its attention projections."""
+
+    @abstractmethod
+    def adapter(self, unet: nn.Module, hint: torch.Tensor, multiplier: float) -> InputAdapter:
+        """The adapter that applies this network, at `multiplier`, to `unet`'s projections for one forward;
+        `hint` has as many images as the batch or a divisor of that (see repeat_to)."""
+
+    def contribute(self, unit: "ControlUnit", x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                   y: torch.Tensor | None, unet: nn.Module) -> Contribution:
+        # one weight for the whole network: the deepest level's scale, which is the strength in every mode
+        multiplier = unit.level_scales(1)[-1]
+        if not multiplier:
+            return Contribution()
+        return Contribution(adapters=(self.adapter(unet, unit.hint, multiplier),))
+
+
+@dataclass
+class ControlUnit:
+    """One control applied while sampling: a control network, its hint, and how strongly and when it acts.
+
+    `mode` follows the A1111 extension's control modes (see docs/controls.md):
+      balanced - every residual times `strength`, on the cond and uncond passes alike;
+      prompt   - "My prompt is more important": residual i of n times strength * 0.825 ** (n - 1 - i),
+                 so deep levels dominate and shallow ones fade; on both passes;
+      control  - "ControlNet is more important": the same soft weights, on the cond pass only, so
+                 classifier-free guidance amplifies the control (the original's guess mode).
+    The unit acts on sampling steps i of N with start <= i / N and (i + 1) / N <= end (as in diffusers), the
+    same under every sampler. `scales` (one per residual) replaces the mode's weights when given.
+    `hint` has one image per sample, or one for all.
+    """
+
+    model: ControlNetwork
+    hint: torch.Tensor
+    strength: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    mode: str = "balanced"
+    global_average_pooling: bool = False
+    scales: Sequence[float] | None = None
+
+    def __post_init__(self):
+        if self.mode not in CONTROL_MODES:
+            raise ValueError(f"control mode must be one of {CONTROL_MODES}, got {self.mode!r}")
+        if not 0.0 <= self.start < self.end <= 1.0:
+            raise ValueError(f"control start/end must satisfy 0 <= start < end <= 1, got {self.start}, {self.end}")
+        if not torch.isfinite(torch.tensor(float(self.strength))):
+            raise ValueError(f"control strength must be a finite number, got {self.strength}")
+
+    @property
+    def windowed(self) -> bool:
+        return self.start > 0.0 or self.end < 1.0
+
+    @property
+    def acts_on_uncond(self) -> bool:
+        """Whether the unit also acts on the unconditional pass (all modes but "ControlNet is more important")."""
+        return self.mode != "control"
+
+    def level_scales(self, n: int) -> list[float]:
+        if self.scales is not None:
+            return list(self.scales)
+        if self.mode == "balanced":
+            return [self.strength] * n
+        return [self.strength * SOFT_DECAY ** float(n - 1 - i) for i in range(n)]
+
+    def active(self, step: Step | None) -> bool:
+        """Whether the unit acts at sampling step (i, N); outside sampling (step None) a windowed unit is an
+        error rather than silently always on."""
+        if step is None:
+            if self.windowed:
+                raise ValueError(f"a control unit with a start/end window ({self.start}, {self.end}) needs the "
+                                 "sampling step: call apply_model with sampling_step=(i, N)")
+            return True
+        i, n = step
+        return self.start <= i / n and (i + 1) / n <= self.end
+
+    def contribute(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None,
+                   unet: nn.Module) -> Contribution:
+        return self.model.contribute(self, x, timesteps, context, y, unet)
+
+
+def repeat_to(t: torch.Tensor, n: int) -> torch.Tensor:
+    """t (b, ...) repeated along the batch to n: one hint serves every sample, or cond and uncond in one batch."""
+    repeats, rest = divmod(n, t.shape[0])
+    if rest:
+        raise ValueError(f"{t.shape[0]} hint images cannot serve a batch of {n}")
+    return t if repeats == 1 else t.repeat(repeats, *(1,) * (t.dim() - 1))
+
+
+def unconditional_units(units: Sequence[ControlUnit]) -> list[ControlUnit]:
+    """The units that also act on the unconditional pass."""
+    return [u for u in units if u.acts_on_uncond]
