@@ -1,14 +1,16 @@
-"""Sampling speed: DDIM with classifier-free guidance and the VAE decode, ours against diffusers, one process.
+"""Sampling speed: a sampler with classifier-free guidance and the VAE decode, ours against diffusers, one process.
 
     python benchmarks/bench_sample.py                                  # tiny config, 128 px, batch 1
     python benchmarks/bench_sample.py --config models/cldm_v15.yaml --resolution 512 --precision bf16 \\
         --compile reduce-overhead --device cuda
     python benchmarks/bench_sample.py --smoke                          # seconds; what the tests run
+    python benchmarks/bench_sample.py --sampler dpmpp_2m_karras
 
-Ours: DDIMSampler.sample with unconditional_guidance_scale, then decode_first_stage. diffusers: the loop of
+Ours: cldm.pipeline.sample (text encoding, guided sampling), then decode_first_stage. diffusers: the loop of
 StableDiffusionControlNetPipeline (latents doubled for guidance, ControlNet residuals into the UNet,
-DDIMScheduler.step) on the same weights, noise and text embeddings, then AutoencoderKL.decode. Prompts are
-encoded once, outside the timing, for both. The final latents of the two sides are compared.
+scheduler.step) on the same weights, noise and text embeddings (our text encoder, in the timing too), then
+AutoencoderKL.decode. Its scheduler: DDIMScheduler for our DDIM, else the very scheduler our sampler steps
+with. The final latents of the two sides are compared.
 it/s counts guided denoising steps (one step = the conditional and the unconditional prediction).
 Precision: fp32; bf16-mixed / 16-mixed (autocast over float32 weights, as in training); bf16 / fp16 (UNet and
 ControlNet weights converted, as inference pipelines load them; the VAE decodes under autocast).
@@ -19,6 +21,8 @@ from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils.torch_utils import randn_tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -39,42 +43,54 @@ from benchmarks.common import (  # noqa: E402
     timed,
     without,
 )
-from ldm.models.diffusion.ddim import DDIMSampler  # noqa: E402
+from cldm.pipeline import sample  # noqa: E402
+from ldm.models.diffusion.samplers import SAMPLERS, get_sampler  # noqa: E402
 
 # --precision values that convert the UNet and ControlNet weights (inference), and their dtype.
 HALF_WEIGHTS = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+PROMPT = "a red circle on a white background"
+
+
 class Inputs:
-    """One noise, hint and prompt pair for both sides."""
+    """One hint and prompt, and the seeds whose noise both sides start from."""
 
     def __init__(self, model: torch.nn.Module, batch: int, resolution: int, device: torch.device):
-        gen = torch.Generator().manual_seed(0)
         f = model.vae_scale_factor
-        self.shape = (model.channels, resolution // f, resolution // f)
-        self.noise = torch.randn(batch, *self.shape, generator=gen).to(device)
-        self.hint = torch.rand(batch, 3, resolution, resolution, generator=gen).to(device)
-        with torch.no_grad():
-            self.cond = model.get_learned_conditioning(["a red circle on a white background"] * batch)
-            self.uncond = model.get_learned_conditioning([""] * batch)
+        self.seeds = list(range(batch))
+        generators = [torch.Generator().manual_seed(s) for s in self.seeds]
+        self.noise = randn_tensor((batch, model.channels, resolution // f, resolution // f), generator=generators,
+                                  device=device)
+        hint = torch.rand(batch, 3, resolution, resolution, generator=torch.Generator().manual_seed(0))
+        self.hint = hint.to(device)
 
 
 @torch.no_grad()
-def our_denoise(model: torch.nn.Module, sampler: DDIMSampler, x: Inputs, steps: int, scale: float) -> torch.Tensor:
-    cond = {"c_concat": [x.hint], "c_crossattn": [x.cond]}
-    uncond = {"c_concat": [x.hint], "c_crossattn": [x.uncond]}
-    samples, _ = sampler.sample(steps, len(x.noise), x.shape, cond, verbose=False, x_T=x.noise,
-                                unconditional_guidance_scale=scale, unconditional_conditioning=uncond)
-    return samples
+def our_denoise(model: torch.nn.Module, sampler: str, x: Inputs, steps: int, scale: float) -> torch.Tensor:
+    return sample(model, PROMPT, negative_prompt="", units=[model.unit(x.hint)], sampler=sampler, steps=steps,
+                  cfg_scale=scale, seed=x.seeds, num_images=len(x.seeds), decode=False).latents
+
+
+def peer_scheduler(model: torch.nn.Module, sampler: str) -> SchedulerMixin:
+    """diffusers' DDIMScheduler in SD's settings for our DDIM; for the others, the scheduler ours steps with."""
+    if sampler == "ddim":
+        return DDIMScheduler(num_train_timesteps=model.num_timesteps, beta_start=model.linear_start,
+                             beta_end=model.linear_end, beta_schedule="scaled_linear", clip_sample=False,
+                             set_alpha_to_one=False, steps_offset=1)
+    return get_sampler(sampler).make_scheduler(model)
 
 
 @torch.no_grad()
-def peer_denoise(peer: Peer, scheduler: DDIMScheduler, x: Inputs, steps: int, scale: float) -> torch.Tensor:
-    """StableDiffusionControlNetPipeline's denoising loop (eta 0)."""
+def peer_denoise(model: torch.nn.Module, peer: Peer, sampler: str, x: Inputs, steps: int, scale: float
+                 ) -> torch.Tensor:
+    """StableDiffusionControlNetPipeline's denoising loop (eta 0) on our text encoder's embeddings."""
+    scheduler = peer_scheduler(model, sampler)
     scheduler.set_timesteps(steps, device=x.noise.device)
     latents = x.noise * scheduler.init_noise_sigma
     dtype = peer.unet.dtype
-    context = torch.cat([x.uncond, x.cond]).to(dtype)
+    n = len(x.noise)
+    context = model.get_learned_conditioning([""] * n + [PROMPT] * n).to(dtype)
     hint = torch.cat([x.hint, x.hint]).to(dtype)
     for t in scheduler.timesteps:
         latent_in = scheduler.scale_model_input(torch.cat([latents, latents]), t).to(dtype)
@@ -88,7 +104,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--config", default=str(TINY))
     p.add_argument("--resolution", type=int, default=128)
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--ddim_steps", type=int, default=20)
+    p.add_argument("--sampler", default="ddim", choices=list(SAMPLERS))
+    p.add_argument("--ddim_steps", type=int, default=20, help="sampling steps (any sampler)")
     p.add_argument("--scale", type=float, default=9.0, help="classifier-free guidance scale")
     p.add_argument("--precision", default="fp32", choices=[*PRECISIONS, *HALF_WEIGHTS],
                    help="autocast over float32 weights (as in training), or bf16 / fp16 weights")
@@ -101,7 +118,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_run_args(p)
     p.add_argument("--without", nargs="+", default=[], choices=ABLATIONS,
                    help="also time our sampler with these changes undone, as more sides of the same run")
-    p.add_argument("--smoke", action="store_true", help="tiny config, 32 px, 2 DDIM steps (for tests)")
+    p.add_argument("--smoke", action="store_true", help="tiny config, 32 px, 2 sampling steps (for tests)")
     args = p.parse_args(argv)
     if args.smoke:
         args.config, args.resolution, args.ddim_steps, args.rounds, args.warmup = str(TINY), 32, 2, 1, 0
@@ -115,13 +132,10 @@ def run(args: argparse.Namespace, model: torch.nn.Module, peer: Peer | None) -> 
     if peer is not None:
         peer.controlnet.eval()
     x = Inputs(model, args.batch, args.resolution, device)
-    sampler, steps, scale = DDIMSampler(model), args.ddim_steps, args.scale
+    sampler, steps, scale = args.sampler, args.ddim_steps, args.scale
     sides = {"ours": (lambda: our_denoise(model, sampler, x, steps, scale), model.decode_first_stage)}
     if peer is not None:
-        scheduler = DDIMScheduler(num_train_timesteps=model.num_timesteps, beta_start=model.linear_start,
-                                  beta_end=model.linear_end, beta_schedule="scaled_linear", clip_sample=False,
-                                  set_alpha_to_one=False, steps_offset=1)
-        sides["diffusers"] = (lambda: peer_denoise(peer, scheduler, x, steps, scale),
+        sides["diffusers"] = (lambda: peer_denoise(model, peer, sampler, x, steps, scale),
                               lambda z: peer.vae.decode(z / peer.scale_factor).sample)
     half = HALF_WEIGHTS.get(args.precision)
     # With half weights, each side's own float32 result first: how far rounding alone moves each side.
@@ -167,7 +181,8 @@ def run(args: argparse.Namespace, model: torch.nn.Module, peer: Peer | None) -> 
               + ", ".join(f"{name} {d:.3g}" for name, d in result["drift"].items())
               + f" (latents up to {fp32_latents['ours'].abs().max().item():.3g})")
     setting, result["rows"] = (f"{Path(args.config).stem} {args.resolution}px b{args.batch} {args.precision} "
-                               f"DDIM {steps} CFG {scale:g}{' channels_last' if args.channels_last else ''}"
+                               f"{get_sampler(sampler).label} {steps} CFG {scale:g}"
+                               f"{' channels_last' if args.channels_last else ''}"
                                f"{f' compile={args.compile}' if args.compile else ''}"
                                f"{f' sliced_attention={args.sliced_attention}' if args.sliced_attention else ''}"), []
     three_digits = "{:.3g}".format

@@ -158,16 +158,16 @@ def apply_speed_options(model: nn.Module, peer: Peer | None, channels_last: bool
 def ablation(change: str) -> contextlib.AbstractContextManager:
     """Undo one speed change of issue 7 while the context is open: `--without CHANGE` times our model
     without it as a third side, in the same run (see ABLATIONS)."""
-    import cldm.cldm
     import ldm.models.diffusion.ddpm
-    from ldm.models.diffusion.ddim import DDIMSampler
+    import ldm.models.diffusion.guidance
+    from cldm.cldm import ControlNet
     from ldm.modules.diffusionmodules.util import GroupNorm32
 
     def recompute_hint(model: nn.Module, hint: torch.Tensor) -> torch.Tensor:
         return model.input_hint_block(hint.to(next(model.parameters()).dtype), None, None)
 
-    patches = {"batched_cfg": (DDIMSampler, "batched", lambda self, c, uc: None),
-               "hint_reuse": (cldm.cldm, "encoded_hint", recompute_hint),
+    patches = {"batched_cfg": (ldm.models.diffusion.guidance, "batch_conditionings", lambda c, uc: None),
+               "hint_reuse": (ControlNet, "encode_hint", recompute_hint),
                "bf16_groupnorm": (GroupNorm32, "forward",
                                   lambda self, x: nn.GroupNorm.forward(self, x.float()).type(x.dtype)),
                "fused_adamw": (ldm.models.diffusion.ddpm, "FUSED_ADAMW_DEVICES", ())}

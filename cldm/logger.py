@@ -78,7 +78,7 @@ class ImageLogger(Callback):
         was_training = pl_module.training
         pl_module.eval()
         with torch.no_grad():
-            images = pl_module.log_images(batch, split=split, N=self.max_images, **self.log_images_kwargs)
+            images = pl_module.log_images(batch, N=self.max_images, **self.log_images_kwargs)
         if was_training:
             pl_module.train()
         images = {k: v[:self.max_images].detach().float().cpu() for k, v in images.items()
