@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import shlex
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -84,12 +85,22 @@ def command(tool: str, argv: list[str]) -> str:
     return " ".join(["python", tool, *map(shlex.quote, argv)])
 
 
-def run_tool(tool: str, argv: list[str], commands: list[str], call):
-    """Run a tool's main in-process, after printing the command line it stands for."""
+def run_command(tool: str, argv: list[str], commands: list[str], threads: int) -> None:
+    """Run a tool as its own process, as a user would type it, after printing the command line."""
     line = command(tool, argv)
     commands.append(line)
     print(f"\n$ {line}", flush=True)
-    return call(argv)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}  # torch's intra-op threads in the tool
+    if subprocess.run([sys.executable, str(ROOT / tool), *argv], env=env).returncode != 0:
+        raise ChildProcessError(f"{tool} failed (its message is above); the command was: {line}")
+
+
+def latest_metrics_csv(train_dir: Path) -> Path:
+    """The CSVLogger file of the newest run under train_dir/lightning_logs."""
+    files = sorted((train_dir / "lightning_logs").glob("version_*/metrics.csv"), key=lambda p: p.stat().st_mtime)
+    if not files:
+        raise FileNotFoundError(f"no training log under {train_dir / 'lightning_logs'}")
+    return files[-1]
 
 
 def loss_curve(metrics_csv: Path) -> list[tuple[int, float]]:
@@ -166,7 +177,8 @@ pre{{background:#f4f4f4;padding:8px;overflow-x:auto}}</style></head><body>
 <p>Goal ({html.escape(g["target"])}): <b>{verdict}</b>. Held-out fill IoU {g["fill_iou_control"]:.3f} with control,
 {g["fill_iou_no_control"]:.3f} without ({g["ratio"]:.1f}x); paired difference over the same seeds
 {"exceeds" if g["beats_seed_noise"] else "does not exceed"} its 95% interval.
-{summary["n"]} held-out samples, DDIM {summary["ddim_steps"]} steps, guidance {summary["guidance_scale"]}.</p>
+{summary["n"]} held-out samples, {summary["sampler"]} {summary["steps"]} steps,
+guidance {summary["guidance_scale"]}.</p>
 <p>Took {metrics["seconds"]["total"] / 60:.1f} minutes on {html.escape(metrics["machine"])}
 with {metrics["threads"]} torch thread(s).</p>
 <h2>Samples</h2>{embed_png(sheet)}
@@ -217,24 +229,17 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(threads)
     print(f"ControlNet demo ({'fast' if args.fast else 'full'}): {settings}; {threads} torch thread(s)", flush=True)
 
-    import tool_add_control
-    import tool_eval_control
-    import tutorial_train
-    from tool_make_fill50k import make_fill50k
-
     seconds, commands = {}, []
     data, train_dir, ini = out / "data", out / "train", out / "control_demo_ini.safetensors"
+    control = train_dir / "control_model.safetensors"
     t = time.monotonic()
     for name, n, seed in (("train", settings.n_train, 0), ("val", settings.n_eval, 1)):
-        argv_ = ["--out", str(data / name), "--n", str(n), "--size", "64", "--seed", str(seed), "--force"]
-        # tool_make_fill50k's main reads sys.argv, so its function runs with the same arguments
-        run_tool("tool_make_fill50k.py", argv_, commands,
-                 lambda _, n=n, seed=seed, name=name: make_fill50k(data / name, n, 64, seed, force=True))
+        run_command("tool_make_fill50k.py", ["--out", str(data / name), "--n", str(n), "--size", "64", "--seed",
+                                          str(seed), "--force"], commands, threads)
     seconds["data"] = time.monotonic() - t
 
     t = time.monotonic()
-    run_tool("tool_add_control.py", [str(BASE), str(ini), "--config", str(CONFIG), "--force"], commands,
-             tool_add_control.main)
+    run_command("tool_add_control.py", [str(BASE), str(ini), "--config", str(CONFIG), "--force"], commands, threads)
     seconds["add_control"] = time.monotonic() - t
 
     t = time.monotonic()
@@ -243,19 +248,21 @@ def main(argv: list[str] | None = None) -> dict:
                   "--sd_locked", str(settings.sd_locked), "--max_steps", str(settings.steps),
                   "--logger_freq", str(settings.logger_freq), "--sample_steps", str(settings.sample_steps),
                   "--log_every_n_steps", str(settings.log_every), "--checkpoint_every", str(settings.steps),
-                  "--output_dir", str(train_dir), "--accelerator", "cpu", "--devices", "1", "--seed", "0", "--force"]
-    trainer = run_tool("tutorial_train.py", train_argv, commands, lambda a: tutorial_train.main(a, config=str(CONFIG)))
+                  "--output_dir", str(train_dir), "--export", str(control), "--accelerator", "cpu",
+                  "--devices", "1", "--seed", "0", "--force"]
+    run_command("tutorial_train.py", train_argv, commands, threads)
     seconds["train"] = time.monotonic() - t
-    curve = loss_curve(Path(trainer.loggers[1].log_dir) / "metrics.csv")
+    curve = loss_curve(latest_metrics_csv(train_dir))
 
     t = time.monotonic()
-    sheet = out / "samples.png"
-    # sd_locked=False trains the UNet decoder too, so the evaluation takes the whole trained model
-    eval_argv = ["--config", str(CONFIG), "--ckpt", str(train_dir / "checkpoints" / "last.ckpt"),
-                 "--data_root", str(data / "val"), "--n", str(settings.n_eval), "--metrics", "fill", "canny", "ssim",
-                 "--seed", "0", "--ddim_steps", str(settings.ddim_steps), "--scale", str(settings.guidance_scale),
-                 "--device", "cpu", "--out", str(out / "eval.json"), "--sheet", str(sheet), "--force"]
-    summary = run_tool("tool_eval_control.py", eval_argv, commands, tool_eval_control.main)
+    sheet, eval_json = out / "samples.png", out / "eval.json"
+    # the shipped base plus the exported control file (with sd_locked=False it holds the trained UNet decoder too)
+    eval_argv = ["--config", str(CONFIG), "--ckpt", str(BASE), str(control), "--data_root", str(data / "val"),
+                 "--n", str(settings.n_eval), "--metrics", "fill", "canny", "ssim", "--seed", "0",
+                 "--steps", str(settings.ddim_steps), "--scale", str(settings.guidance_scale), "--device", "cpu",
+                 "--out", str(eval_json), "--sheet", str(sheet), "--force"]
+    run_command("tool_eval_control.py", eval_argv, commands, threads)
+    summary = json.loads(eval_json.read_text())
     seconds["eval"] = time.monotonic() - t
     seconds["total"] = time.monotonic() - started
 

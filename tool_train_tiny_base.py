@@ -37,10 +37,10 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from cldm.cli import run_tool
+from cldm.data.circles import render, sample_circle
+from cldm.fidelity import COLOR_TOLERANCE, color_error, disc_fit_iou, fill_region, generate, score_fill
 from cldm.model import CONTROL_PREFIX, atomic_output, create_model, load_checkpoint, save_state_dict
 from ldm.checkpoint import BASE_PREFIXES, TEXT_ENCODER_PREFIX, UNET_PREFIX
-from tool_eval_control import COLOR_TOLERANCE, color_error, disc_fit_iou, fill_region, generate, score_fill
-from tool_make_fill50k import render, sample_circle
 
 ROOT = Path(__file__).resolve().parent
 PASS_DISC_IOU, PASS_RATE = 0.8, 0.8

@@ -10,6 +10,7 @@ import torch.nn as nn
 from cldm.control import Contribution, ControlUnit, ResidualControl, repeat_to
 from cldm.model import CONTROL_PREFIX, LoadReport, load_checkpoint
 from cldm.training import TRAINING_STATE, adapt_optimizer_state, training_state
+from ldm.checkpoint import UNET_PREFIX
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.modules.attention import InputAdapter
 from ldm.modules.diffusionmodules.openaimodel import (
@@ -273,8 +274,14 @@ class ControlLDM(LatentDiffusion):
         return load_checkpoint(self, state_dict_or_path, prefixes=(CONTROL_PREFIX,))
 
     def control_state_dict(self) -> dict[str, torch.Tensor]:
-        """The control weights alone, as `control_model.*` (the layout of the ControlNet 1.1 files)."""
-        return {CONTROL_PREFIX + k: v for k, v in self.control_model.state_dict().items()}
+        """The control weights, as `control_model.*` (the layout of the ControlNet 1.1 files); with sd_locked
+        False also the UNet decoder trained with them, so the file and the base give the trained model."""
+        out = {CONTROL_PREFIX + k: v for k, v in self.control_model.state_dict().items()}
+        if not self.sd_locked:
+            unet = self.model.diffusion_model
+            out |= {f"{UNET_PREFIX}{part}.{k}": v for part in ("output_blocks", "out")
+                    for k, v in unet.get_submodule(part).state_dict().items()}
+        return out
 
     @torch.no_grad()
     def log_images(self, batch: dict, N: int = 4, n_row: int = 2, sample: bool = False, ddim_steps: int = 50,

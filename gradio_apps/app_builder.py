@@ -8,7 +8,6 @@ decode. Guess mode scales residual i by strength * 0.825 ** (12 - i) and gives t
 
 import argparse
 import importlib
-import random
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -27,8 +26,8 @@ import config
 from annotator.util import HWC3, resize_image
 from cldm.cli import CLI_ERRORS, EXIT_ERROR, error_lines
 from cldm.model import create_model, load_checkpoint
+from cldm.pipeline import sample
 from ldm.checkpoint import BASE_PREFIXES, UserError
-from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.ddpm import COMPILE_MODES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +38,6 @@ SD15_URL = "https://huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5 (
 A_PROMPT = "best quality, extremely detailed"
 N_PROMPT = ("longbody, lowres, bad anatomy, bad hands, missing fingers, extra digit, fewer digits, cropped, "
             "worst quality, low quality")
-GUESS_MODE_DECAY = 0.825
 MAX_ASPECT = 8  # beyond this side ratio, resizing the short side to the resolution takes unbounded memory
 
 
@@ -208,7 +206,6 @@ class Pipeline:
         self.model = model
         self.detectors = detectors
         self.device = model.device
-        self.sampler = DDIMSampler(model)
 
     def process(self, input_image: np.ndarray | dict | None, prompt: str, a_prompt: str, n_prompt: str,
                 num_samples: int, image_resolution: int, ddim_steps: int, guess_mode: bool, strength: float,
@@ -249,34 +246,15 @@ class Pipeline:
                guess_mode: bool, strength: float, scale: float, seed: int, eta: float,
                progress: gr.Progress) -> list[np.ndarray]:
         """num_samples HWC uint8 images guided by `hint` (HWC uint8); seed -1 picks one at random."""
-        model, n = self.model, num_samples
-        H, W, _ = hint.shape
         control = torch.from_numpy(hint.copy()).float().to(self.device) / 255.0
-        control = einops.repeat(control, "h w c -> b c h w", b=n)
-        seed = random.randint(0, 65535) if seed == -1 else seed
-        generator = torch.Generator(self.device).manual_seed(seed)
-        if config.save_memory:
-            model.low_vram_shift(is_diffusing=False)
-        cond = {"c_concat": [control], "c_crossattn": [model.get_learned_conditioning([prompt] * n)]}
-        # guess mode: no control on the uncond side, so the ControlNet alone has to carry the content
-        un_cond = {"c_concat": None if guess_mode else [control],
-                   "c_crossattn": [model.get_learned_conditioning([n_prompt] * n)]}
-        f = model.vae_scale_factor
-        shape = (model.channels, H // f, W // f)
-        if config.save_memory:
-            model.low_vram_shift(is_diffusing=True)
-        levels = len(model.control_scales)  # 13 for SD: 12 zero convs and the middle block
-        model.control_scales = ([strength * GUESS_MODE_DECAY ** float(levels - 1 - i) for i in range(levels)]
-                                if guess_mode else [strength] * levels)
-        samples, _ = self.sampler.sample(
-            ddim_steps, n, shape, cond, verbose=False, eta=eta, unconditional_guidance_scale=scale,
-            unconditional_conditioning=un_cond, generator=generator,
-            callback=lambda i: progress((i + 1, ddim_steps), desc="Sampling", unit="steps"))
-        if config.save_memory:
-            model.low_vram_shift(is_diffusing=False)
-        x = model.decode_first_stage(samples)
-        x = (einops.rearrange(x, "b c h w -> b h w c") * 127.5 + 127.5).cpu().numpy().clip(0, 255)
-        return list(x.astype(np.uint8))
+        control = einops.rearrange(control, "h w c -> 1 c h w")
+        # guess mode: the ControlNet acts on the cond pass only, so it alone has to carry the content
+        unit = self.model.unit(control, strength=strength, mode="control" if guess_mode else "balanced")
+        samples = sample(self.model, prompt, n_prompt, units=[unit], steps=ddim_steps, cfg_scale=scale,
+                         seed=None if seed == -1 else seed, num_images=num_samples, eta=eta,
+                         low_vram=config.save_memory,
+                         callback=lambda done, total: progress((done, total), desc="Sampling", unit="steps"))
+        return list(samples.images)
 
 
 def gallery() -> gr.Gallery:

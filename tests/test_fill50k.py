@@ -10,9 +10,10 @@ import cv2
 import numpy as np
 import pytest
 
+from cldm.data.circles import COLORS, MIN_CONTRAST, sample_circle
 from cldm.data.images import BadSampleError, Resize
 from conftest import ROOT
-from tool_make_fill50k import COLORS, MIN_CONTRAST, make_fill50k, sample_circle
+from tool_make_fill50k import make_fill50k
 from tutorial_dataset import MyDataset
 
 N, SIZE = 8, 64

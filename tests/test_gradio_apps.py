@@ -24,6 +24,8 @@ from PIL import Image
 
 from annotator.hed import HEDdetector
 from annotator.util import CKPTS_ENV, HWC3, resize_image
+from cldm.control import ControlUnit
+from cldm.pipeline import sample
 from conftest import randomize_zero_convs
 from gradio_apps import app_builder
 from gradio_apps.app_builder import A_PROMPT, N_PROMPT, Detectors, Pipeline
@@ -98,18 +100,25 @@ def test_every_app_builds_with_the_original_controls(tiny_model):
     assert app_builder.resolution_range(tiny_model)[:1] == (64,)
 
 
-def test_pipeline_guess_mode_scales_and_sizes(tiny_model):
+def test_pipeline_guess_mode_is_a_control_unit_and_leaves_the_model_alone(tiny_model):
+    randomize_zero_convs(tiny_model)
     app = importlib.import_module("gradio_apps.gradio_canny2image").APP
     pipeline = Pipeline(app, tiny_model, Detectors("cpu", random_init=True))
-    out = pipeline.process(picture(70, 40), "a house", A_PROMPT, N_PROMPT, 2, 64, 2, True, 0.5, 9.0, 3, 0.0,
-                           low_threshold=100, high_threshold=200)
-    assert [o.shape for o in out] == [(128, 64, 3)] * 3 and all(o.dtype == np.uint8 for o in out)
-    levels = len(tiny_model.control_scales)
-    guess_scales = [0.5 * 0.825 ** (levels - 1 - i) for i in range(levels)]
-    assert tiny_model.control_scales == pytest.approx(guess_scales)
-    pipeline.process(picture(70, 40), "", "", "", 1, 64, 1, False, 0.7, 1.0, -1, 0.0,
-                     low_threshold=100, high_threshold=200)
-    assert tiny_model.control_scales == [0.7] * levels
+    before = list(tiny_model.control_scales)
+    images = {}
+    for guess in (True, False):
+        out = pipeline.process(picture(70, 40), "a house", A_PROMPT, N_PROMPT, 2, 64, 2, guess, 0.5, 9.0, 3, 0.0,
+                               low_threshold=100, high_threshold=200)
+        assert [o.shape for o in out] == [(128, 64, 3)] * 3 and all(o.dtype == np.uint8 for o in out)
+        images[guess] = np.stack(out[1:])
+    assert tiny_model.control_scales == before  # no request changes the model
+    hint, _ = pipeline.make_hint(picture(70, 40), 64, low_threshold=100, high_threshold=200)
+    hint = torch.from_numpy(hint).float().permute(2, 0, 1)[None] / 255.0
+    guess = ControlUnit(tiny_model.control_model, hint, strength=0.5, mode="control")
+    expected = sample(tiny_model, f"a house, {A_PROMPT}", N_PROMPT, units=[guess], steps=2, cfg_scale=9.0, seed=3,
+                      num_images=2)
+    assert np.array_equal(images[True], expected.images)
+    assert not np.array_equal(images[True], images[False])
 
 
 def test_precision_and_compile_options(tiny_model):
