@@ -295,7 +295,7 @@ class Recorder(pl.LightningModule):
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
-    def log_images(self, batch, N, split, **kwargs):
+    def log_images(self, batch, N, **kwargs):
         self.logged_at.append(self.global_step)
         return {"grid": torch.zeros(1, 3, 4, 4)}
 
