@@ -215,11 +215,10 @@ class ControlLDM(LatentDiffusion):
         return out
 
     @torch.no_grad()
-    def get_input(self, batch: dict, k: str, bs: int | None = None, *args, **kwargs
-                  ) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
+    def get_input(self, batch: dict, k: str, bs: int | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
         if self.training and self.drop_prompt_rate > 0:
             batch = self.drop_prompt_batch(batch)
-        x, c = super().get_input(batch, self.first_stage_key, *args, bs=bs, **kwargs)
+        x, c = super().get_input(batch, self.first_stage_key, bs=bs)
         control = batch[self.control_key]
         if bs is not None:
             control = control[:bs]

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from ldm.checkpoint import UnsafeCheckpointError
-from ldm.models.autoencoder import AutoencoderKL, IdentityFirstStage
+from ldm.models.autoencoder import AutoencoderKL
 from ldm.modules.diffusionmodules.model import AttnBlock
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution, normal_kl
 from ldm.util import instantiate_from_config
@@ -63,13 +63,6 @@ def test_tiny_vae_round_trip_shapes():
     # attention sits at the 16x16 level only: the encoder's second level and the decoder's deepest
     assert [len(d.attn) for d in vae.encoder.down] == [0, 1]
     assert [len(u.attn) for u in vae.decoder.up] == [0, 2]
-
-
-def test_get_input_is_contiguous_float_bchw():
-    batch = {"image": torch.rand(2, 8, 6, 3, dtype=torch.float64)}
-    x = tiny_vae().get_input(batch, "image")
-    assert x.shape == (2, 3, 8, 6) and x.dtype == torch.float32 and x.is_contiguous()
-    assert torch.equal(x[1, 2], batch["image"][1, :, :, 2].float())
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
@@ -150,12 +143,6 @@ def test_attn_block_equals_naive_attention():
         weights = torch.softmax(q.transpose(1, 2) @ k / math.sqrt(32), dim=-1)  # b n n
         naive = x + block.proj_out((v @ weights.transpose(1, 2)).reshape(x.shape))
         torch.testing.assert_close(block(x), naive, atol=1e-5, rtol=1e-5)
-
-
-def test_identity_first_stage():
-    x = torch.randn(1, 3, 4, 4)
-    assert IdentityFirstStage()(x) is x and IdentityFirstStage().decode(x) is x
-    assert IdentityFirstStage(vq_interface=True).quantize(x)[0] is x
 
 
 def test_matches_diffusers_decoder_and_encoder():

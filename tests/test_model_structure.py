@@ -4,6 +4,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from cldm.cldm import ControlNet
 from cldm.model import create_model
 from conftest import REFERENCE, ROOT, reference_keys
 from ldm.util import instantiate_from_config
@@ -56,6 +57,14 @@ def test_full_control_ldm_keys_match_reference(version):
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "models").glob("*.yaml")))
-def test_every_config_builds(name):
+def test_every_config_builds_a_model_that_trains_its_mode_only(name):
     model = create_model(ROOT / "models" / name, device="meta")
-    assert sum(p.numel() for p in model.parameters()) > 0
+    trains = {n for n, p in model.named_parameters() if p.requires_grad}
+    decoder = ("model.diffusion_model.output_blocks.", "model.diffusion_model.out.")
+    assert trains and all(n.startswith(("control_model.", *decoder)) for n in trains), name
+    assert any(n.startswith("control_model.") for n in trains)
+    if type(model.control_model) is ControlNet:  # a full copy: the UNet's encoder, shape for shape
+        unet = dict(model.model.diffusion_model.named_parameters())
+        copied = [(n, p) for n, p in model.control_model.named_parameters()
+                  if n.startswith(("time_embed.", "label_emb.", "input_blocks.", "middle_block."))]
+        assert copied and all(unet[n].shape == p.shape for n, p in copied)

@@ -6,7 +6,6 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 
 from ldm.checkpoint import LoadReport, load_checkpoint, load_state_dict
 from ldm.modules.diffusionmodules.model import Decoder, Encoder
@@ -26,23 +25,17 @@ class AutoencoderKL(pl.LightningModule):
         embed_dim: int,
         ckpt_path: str | None = None,
         ignore_keys: Iterable[str] = (),
-        image_key: str = "image",
-        colorize_nlabels: int | None = None,
         monitor: str | None = None,
     ):
         super().__init__()
         if not ddconfig["double_z"]:
             raise ValueError("AutoencoderKL needs ddconfig.double_z=True: the encoder gives mean and logvar")
-        self.image_key = image_key
         self.encoder = Encoder(**ddconfig)
         self.decoder = Decoder(**ddconfig)
         self.loss = instantiate_from_config(lossconfig)
         self.quant_conv = torch.nn.Conv2d(2 * ddconfig["z_channels"], 2 * embed_dim, 1)
         self.post_quant_conv = torch.nn.Conv2d(embed_dim, ddconfig["z_channels"], 1)
         self.embed_dim = embed_dim
-        if colorize_nlabels is not None:
-            # a fixed random projection that turns segmentation logits into a viewable RGB image
-            self.register_buffer("colorize", torch.randn(3, colorize_nlabels, 1, 1))
         if monitor is not None:
             self.monitor = monitor
         if ckpt_path is not None:
@@ -68,38 +61,3 @@ class AutoencoderKL(pl.LightningModule):
         posterior = self.encode(input)
         z = posterior.sample() if sample_posterior else posterior.mode()
         return self.decode(z), posterior
-
-    def get_input(self, batch: dict[str, Any], k: str) -> torch.Tensor:
-        """Batch images are BHWC (or BHW); the networks take contiguous float BCHW."""
-        x = batch[k]
-        if x.ndim == 3:
-            x = x[..., None]
-        return x.permute(0, 3, 1, 2).to(memory_format=torch.contiguous_format).float()
-
-    def to_rgb(self, x: torch.Tensor) -> torch.Tensor:
-        """Map segmentation logits to RGB in [-1, 1] (only for models built with `colorize_nlabels`)."""
-        x = F.conv2d(x, weight=self.colorize)
-        return 2.0 * (x - x.min()) / (x.max() - x.min()) - 1.0
-
-
-class IdentityFirstStage(torch.nn.Module):
-    """A first stage that does nothing, for diffusion directly in pixel space."""
-
-    def __init__(self, *args: Any, vq_interface: bool = False, **kwargs: Any):
-        super().__init__()
-        self.vq_interface = vq_interface
-
-    def encode(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return x
-
-    def decode(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return x
-
-    def quantize(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor | tuple:
-        # the VQ interface returns (quant, emb_loss, info)
-        if self.vq_interface:
-            return x, None, [None, None, None]
-        return x
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return x

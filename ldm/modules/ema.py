@@ -18,9 +18,6 @@ class LitEma(nn.Module):
                 self.register_buffer(self.m_name2s_name[name], p.detach().clone())
         self.collected_params: list[torch.Tensor] = []
 
-    def reset_num_updates(self) -> None:
-        self.num_updates.zero_()
-
     @torch.no_grad()
     def forward(self, model: nn.Module) -> None:
         decay = float(self.decay)

@@ -213,18 +213,6 @@ class DDPM(pl.LightningModule):
         return (extract_into_tensor(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
                 + extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * noise)
 
-    def predict_start_from_noise(self, x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        return (extract_into_tensor(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
-                - extract_into_tensor(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * noise)
-
-    def predict_start_from_z_and_v(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return (extract_into_tensor(self.sqrt_alphas_cumprod, t, x_t.shape) * x_t
-                - extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape) * v)
-
-    def predict_eps_from_z_and_v(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return (extract_into_tensor(self.sqrt_alphas_cumprod, t, x_t.shape) * v
-                + extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape) * x_t)
-
     def get_v(self, x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return (extract_into_tensor(self.sqrt_alphas_cumprod, t, x.shape) * noise
                 - extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x.shape) * x)
@@ -519,26 +507,22 @@ class LatentDiffusion(DDPM):
     def decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
         return self.first_stage_model.decode(z / self.scale_factor)
 
-    def get_input(self, batch: dict, k: str, return_first_stage_outputs: bool = False,
-                  force_c_encode: bool = False, cond_key: str | None = None, return_original_cond: bool = False,
-                  bs: int | None = None, return_x: bool = False) -> list:
-        """Latents of batch[k] and the encoded conditioning of batch[cond_key].
+    def get_input(self, batch: dict, k: str, bs: int | None = None) -> tuple[torch.Tensor, Any]:
+        """Latents of batch[k] (the first bs) and the encoded conditioning of batch[cond_stage_key].
 
         Batches read from a latent cache (tool_cache_latents.py) carry the VAE posterior as `mean` and `std`
         and the text embedding as `{cond_key}_emb`; these replace the frozen VAE and text encoder, and the
         latents are drawn from the cached posterior exactly as from the online one.
         """
-        cached = CACHED_MEAN in batch
-        if cached:
+        if CACHED_MEAN in batch:
             mean, std = (batch[key][:bs].to(self.device).float() for key in (CACHED_MEAN, CACHED_STD))
             z = self.cached_first_stage_encoding(mean, std)
-        if not cached or return_first_stage_outputs or return_x:
+        else:
             x = super().get_input(batch, k)[:bs].to(self.device)
-        if not cached:
             z = self.get_first_stage_encoding(self.encode_first_stage(x)).detach()
-        c = xc = None
+        c = None
         if self.model.conditioning_key is not None and not self.force_null_conditioning:
-            cond_key = cond_key or self.cond_stage_key
+            cond_key = self.cond_stage_key
             xc = batch[cond_key] if cond_key in ("caption", "coordinates_bbox", "txt") else super().get_input(
                 batch, cond_key).to(self.device)
             if isinstance(xc, (list, tuple, ListConfig)) and bs is not None:
@@ -548,17 +532,10 @@ class LatentDiffusion(DDPM):
             elif f"{cond_key}_emb" in batch and not self.cond_stage_trainable:
                 c = batch[f"{cond_key}_emb"].to(self.device)
             else:
-                c = self.get_learned_conditioning(xc) if (not self.cond_stage_trainable or force_c_encode) else xc
+                c = xc if self.cond_stage_trainable else self.get_learned_conditioning(xc)
             if bs is not None and isinstance(c, torch.Tensor):
                 c = c[:bs]
-        out = [z, c]
-        if return_first_stage_outputs:
-            out.extend([x, self.decode_first_stage(z)])
-        if return_x:
-            out.append(x)
-        if return_original_cond:
-            out.append(xc)
-        return out
+        return z, c
 
     def batch_conditioning(self, batch: dict, cond_key: str, prompts: list[str], n: int,
                            latent_size: torch.Size) -> dict[str, torch.Tensor]:

@@ -36,12 +36,6 @@ def extract_into_tensor(a: torch.Tensor, t: torch.Tensor, x_shape: torch.Size) -
     return out.reshape(t.shape[0], *((1,) * (len(x_shape) - 1)))
 
 
-def noise_like(shape: tuple, device: torch.device, repeat: bool = False) -> torch.Tensor:
-    if repeat:
-        return torch.randn((1, *shape[1:]), device=device).repeat(shape[0], *((1,) * (len(shape) - 1)))
-    return torch.randn(shape, device=device)
-
-
 def checkpoint(func: Callable, inputs: Iterable, params: Iterable, flag: bool):
     """Gradient checkpointing (non-reentrant, so frozen inputs and kwargs work); `params` kept for API parity."""
     if flag and torch.is_grad_enabled():
