@@ -2,7 +2,8 @@
 
     python tool_fuse_control_lora.py ./control_model.safetensors ./models/control_fused.safetensors \\
         --base ./models/v1-5-pruned.ckpt
-    (add --config ./models/cldm_v21_lora.yaml for SD2.x, --force to overwrite)
+    (add --config ./models/cldm_v21_lora.yaml for SD2.x, ./models/cldm_xl_lora.yaml with
+    --base ./models/sd_xl_base_1.0.safetensors for SDXL control-LoRAs, --force to overwrite)
 
 `input` is a LoRA-offset control file in any layout cldm.lora loads (ours / Stability's control-lora, or
 ControlLoRA v2's diffusers names); --base is the Stable Diffusion checkpoint it was trained on. `output` holds

@@ -1,8 +1,9 @@
-"""ControlNet-LLLite (kohya-ss/sd-scripts networks/control_net_lllite.py), ported to the SD1.x/2.x UNet.
+"""ControlNet-LLLite (kohya-ss/sd-scripts networks/control_net_lllite.py) on SDXL, as kohya built it, and on the
+SD1.x/2.x UNet.
 
 One small module sits in front of each frozen attention projection the UNet encoder uses on its own
 tokens (attn1 to_q/to_k/to_v and attn2 to_q of every SpatialTransformer in input_blocks and
-middle_block: 28 on SD1.5) and makes it compute
+middle_block: 136 on SDXL, 28 on SD1.5) and makes it compute
 
     proj(x + multiplier * up(mid(cat[conditioning1(image), down(x)])))
 
@@ -169,8 +170,11 @@ class ControlNetLLLite(InsideControl):
             mlp_dim, in_dim = sd["down.0.weight"].shape
             cond_emb_dim = sd["mid.0.weight"].shape[1] - mlp_dim
             depth = round(math.log2(math.prod(kernels))) - 2  # the convs downsample by 2**(depth + 2)
-            module = LLLiteModule(in_dim, depth, cond_emb_dim, mlp_dim)
-            module.load_state_dict(sd)  # strict: any other layout raises with the offending keys
+            with torch.device("meta"):  # no initialisation to overwrite: SDXL's 136 modules load in a blink
+                module = LLLiteModule(in_dim, depth, cond_emb_dim, mlp_dim)
+            dtype = torch.get_default_dtype()
+            # strict: any other layout raises with the offending keys
+            module.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, assign=True)
             modules[name] = module
         return cls(modules)
 

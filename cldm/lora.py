@@ -19,7 +19,7 @@ from cldm.diffusers_names import diffusers_module_names, rename_module
 from cldm.model import CONTROL_PREFIX, LoadReport, load_checkpoint, load_state_dict
 
 # The parts of the ControlNet that copy the UNet: they take the UNet's tensors and carry the offsets.
-SHARED_PREFIXES = ("time_embed.", "input_blocks.", "middle_block.")
+SHARED_PREFIXES = ("time_embed.", "label_emb.", "input_blocks.", "middle_block.")
 # ComfyUI (comfy/controlnet.py load_controlnet) treats a file holding this key as a control-lora.
 MARKER = "lora_controlnet"
 # ResBlock layers -> diffusers ResnetBlock2D names (ControlLoRA v2 files are named after diffusers' modules).
@@ -100,7 +100,11 @@ class LoRAControlNet(ControlNet):
     """
 
     def __init__(self, image_size: int, hint_channels: int, lora_linear_rank: int = 32,
-                 lora_conv_rank: int = 32, lora_alpha: float | None = None, **spec):
+                 lora_conv_rank: int = 32, lora_alpha: float | None = None, cap_rank_at_channels: bool = False,
+                 **spec):
+        """`cap_rank_at_channels`: each layer's rank at most its input and output channels, as Stability's
+        control-LoRA files have it (SDXL's input_blocks.0.0, 4 -> 320 channels, gets rank 4); ControlLoRA v2
+        does not cap."""
         # The encoder copy is only a frame for the UNet's tensors, so it is built without memory.
         with torch.device("meta"):
             super().__init__(image_size, hint_channels, **spec)
@@ -111,11 +115,14 @@ class LoRAControlNet(ControlNet):
         self.input_hint_block = self.make_hint_block(hint_channels, self.model_channels, self.dims)
         self.zero_convs = nn.ModuleList([self.make_zero_conv(z[0].in_channels) for z in self.zero_convs])
         self.middle_block_out = self.make_zero_conv(self.middle_block_out[0].in_channels)
+        def rank(layer: nn.Linear | nn.Conv2d, configured: int) -> int:
+            return min(configured, *layer.weight.shape[:2]) if cap_rank_at_channels else configured
+
         for name, layer in list(self.named_modules()):
             if name.startswith(SHARED_PREFIXES) and isinstance(layer, nn.Conv2d):
-                self.set_submodule(name, LoRAConv2d(layer, lora_conv_rank, lora_alpha))
+                self.set_submodule(name, LoRAConv2d(layer, rank(layer, lora_conv_rank), lora_alpha))
             elif name.startswith(SHARED_PREFIXES) and isinstance(layer, nn.Linear):
-                self.set_submodule(name, LoRALinear(layer, lora_linear_rank, lora_alpha))
+                self.set_submodule(name, LoRALinear(layer, rank(layer, lora_linear_rank), lora_alpha))
         self.register_state_dict_post_hook(LoRAControlNet._drop_shared)
         self.register_load_state_dict_pre_hook(LoRAControlNet._before_load)
 
@@ -183,9 +190,13 @@ class LoRAControlNet(ControlNet):
                 state_dict.setdefault(prefix + name, self.get_parameter(name))
 
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
-        """Stability's control-lora layout: `<module>.up` (alpha folded in) / `.down`, hint block, zero convs,
-        overrides, and the `lora_controlnet` marker. ComfyUI fills everything else from its UNet."""
+        """Stability's control-lora layout: `<module>.up` (alpha folded in) / `.down`, every 1-d tensor of the
+        copy whole (norms and biases: the UNet's, or the overrides), hint block, zero convs and the
+        `lora_controlnet` marker. ComfyUI fills everything else from its UNet; sd-webui-controlnet tells SD1.x
+        from SDXL files by a norm weight (`input_blocks.11.0.in_layers.0.weight`), so the norms must be there."""
         out = dict(self.state_dict())
+        out |= {name: self.get_parameter(name).detach() for name in self.shared_names
+                if self.get_parameter(name).dim() == 1}
         for name, layer in self.lora_layers():
             if layer.up is not None and layer.scale != 1.0:
                 out[f"{name}.up"] = layer.up.detach() * layer.scale

@@ -126,10 +126,13 @@ def test_sd15_trainable_count_and_layers_on_meta():
     assert op.down.shape == (32, 320, 3, 3) and op.up.shape == (320, 32, 1, 1) and op.stride == (2, 2)
     q = layers["input_blocks.1.1.transformer_blocks.0.attn2.to_k"]
     assert q.down.shape == (32, 768) and q.up.shape == (320, 32)
-    # The file holds exactly the trainable tensors, plus ComfyUI's marker.
+    # The file holds exactly the trainable tensors, the copy's 1-d tensors (norms, biases) as Stability's
+    # files do, and ComfyUI's marker.
     file = model.control_state_dict()
     trainable = {f"control_model.{n}" for n in model.control_model.trainable_names()}
-    assert {f"control_model.{k}" for k in file} - trainable == {"control_model.lora_controlnet"}
+    one_d = {f"control_model.{n}" for n in model.control_model.shared_names if n in file}
+    assert "control_model.input_blocks.11.0.in_layers.0.weight" in one_d  # sd-webui-controlnet's SD1.x marker
+    assert {f"control_model.{k}" for k in file} - trainable == {"control_model.lora_controlnet"} | one_d
     assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
 
 
@@ -196,8 +199,9 @@ def test_control_file_round_trip_is_exact_and_comfyui_reads_it_the_same(tmp_path
     file = load_state_dict(path)
     assert "lora_controlnet" in file and "input_blocks.1.1.proj_in.up" in file
     assert "zero_convs.0.0.weight" in file and "input_hint_block.14.bias" in file
-    assert not any(k.startswith("control_model.") or k.endswith(".weight") and k.startswith("input_blocks.")
-                   for k in file)
+    # no copy weight in full, only offsets and the copy's norms and biases
+    assert not any(k.startswith("control_model.") or k.startswith("input_blocks.") and k.endswith(".weight")
+                   and file[k].dim() > 1 for k in file)
 
     other = lora_model()
     report = other.load_control(path)
