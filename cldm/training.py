@@ -23,6 +23,7 @@ from pytorch_lightning.plugins import TorchCheckpointIO
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from ldm.checkpoint import (
+    ENCODER_PREFIXES,
     SAFETENSORS,
     UserError,
     atomic_output,
@@ -140,8 +141,8 @@ def check_fresh_output(checkpoint_dir: str | os.PathLike, resume: str | None, fo
 
 
 def encoders_fingerprint(model: torch.nn.Module) -> str:
-    """The fingerprint of the frozen VAE and text encoder, whose outputs a latent cache holds."""
-    return weights_fingerprint(model.first_stage_model, model.cond_stage_model)
+    """The fingerprint of the frozen VAE and text encoder(s), whose outputs a latent cache holds."""
+    return weights_fingerprint({k: v for k, v in model.state_dict().items() if k.startswith(ENCODER_PREFIXES)})
 
 
 def check_cache(model: torch.nn.Module, meta: Mapping, cache_dir: str | os.PathLike) -> None:

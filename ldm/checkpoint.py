@@ -29,9 +29,10 @@ log = logging.getLogger(__name__)
 DENOISER_PREFIX = "model."  # DiffusionWrapper
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
-TEXT_ENCODER_PREFIX = "cond_stage_model."
+TEXT_ENCODER_PREFIX = "cond_stage_model."  # SD1.x/2.x
+CONDITIONER_PREFIX = "conditioner."  # SDXL (sgm's layout): the text encoders and size embedders
 EMA_PREFIX = "model_ema."
-ENCODER_PREFIXES = (VAE_PREFIX, TEXT_ENCODER_PREFIX)  # the frozen parts a latent cache replaces
+ENCODER_PREFIXES = (VAE_PREFIX, TEXT_ENCODER_PREFIX, CONDITIONER_PREFIX)  # the frozen parts a latent cache replaces
 BASE_PREFIXES = (DENOISER_PREFIX, *ENCODER_PREFIXES)  # everything of a Stable Diffusion checkpoint
 # Keys that may be present or absent in published checkpoints without meaning anything is wrong: HF CLIP's
 # constant position ids, and the noise levels sgm stores for SDXL (ours follow from the config's schedule).
@@ -186,13 +187,12 @@ def require_finite(state_dict: Mapping[str, torch.Tensor], source: str | os.Path
                               "a run that diverged saved it: use an earlier checkpoint")
 
 
-def weights_fingerprint(*modules: torch.nn.Module) -> str:
-    """A hash of the modules' state dicts (names, dtypes, shapes and values): equal weights, equal fingerprint."""
+def weights_fingerprint(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """A hash of a state dict (names, dtypes, shapes and values): equal weights, equal fingerprint."""
     digest = hashlib.blake2b(digest_size=16)
-    for module in modules:
-        for name, tensor in sorted(module.state_dict().items()):
-            digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    for name, tensor in sorted(state_dict.items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
 
 

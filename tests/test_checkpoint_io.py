@@ -195,12 +195,14 @@ def test_nonfinite_weights_are_refused_by_name():
 
 
 def test_weights_fingerprint_follows_the_values(tiny_model):
-    vae, text = tiny_model.first_stage_model, tiny_model.cond_stage_model
-    before = ckpt.weights_fingerprint(vae, text)
-    assert ckpt.weights_fingerprint(vae, text) == before != ckpt.weights_fingerprint(vae)
+    state = tiny_model.first_stage_model.state_dict()
+    before = ckpt.weights_fingerprint(state)
+    assert ckpt.weights_fingerprint(dict(state)) == before
+    assert ckpt.weights_fingerprint({k: v for k, v in state.items() if k != "decoder.conv_out.bias"}) != before
+    assert ckpt.weights_fingerprint({"renamed." + k: v for k, v in state.items()}) != before
     with torch.no_grad():
-        next(vae.parameters()).view(-1)[0] += 1e-6
-    assert ckpt.weights_fingerprint(vae, text) != before
+        next(tiny_model.first_stage_model.parameters()).view(-1)[0] += 1e-6
+    assert ckpt.weights_fingerprint(tiny_model.first_stage_model.state_dict()) != before
 
 
 def test_load_report_names_keys_and_tolerates_position_ids(tiny_model):

@@ -7,12 +7,11 @@ from test_tools_add_control import run_script
 
 import tool_convert_diffusers
 import tool_transfer_control
-from cldm.model import create_model, load_checkpoint, load_state_dict, save_state_dict
+from cldm.model import CONTROL_PREFIX, create_model, load_checkpoint, load_state_dict, save_state_dict
 from conftest import ROOT, randomize_zero_init
+from ldm.checkpoint import BASE_PREFIXES, UNET_PREFIX
 
 TINY_XL = ROOT / "models" / "cldm_tiny_xl.yaml"
-CONTROL, UNET = "control_model.", "model.diffusion_model."
-BASE_PREFIXES = ("model.", "conditioner.", "first_stage_model.")
 
 
 def sgm_base(seed: int = 0, optional_keys: bool = True) -> dict[str, torch.Tensor]:
@@ -20,7 +19,7 @@ def sgm_base(seed: int = 0, optional_keys: bool = True) -> dict[str, torch.Tenso
     torch.manual_seed(seed)
     model = create_model(TINY_XL)
     randomize_zero_init(model.model.diffusion_model)
-    sd = {k: v.half() for k, v in model.state_dict().items() if not k.startswith(CONTROL)}
+    sd = {k: v.half() for k, v in model.state_dict().items() if not k.startswith(CONTROL_PREFIX)}
     if optional_keys:
         sd["conditioner.embedders.0.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
         sd["denoiser.sigmas"] = ((1 - model.alphas_cumprod) / model.alphas_cumprod).sqrt()
@@ -46,22 +45,23 @@ def test_add_control_sdxl_copies_the_unet_encoder_label_emb_included(tmp_path, c
     fresh = create_model(TINY_XL)
     assert result.keys() == fresh.state_dict().keys()
     assert load_checkpoint(fresh, result, strict=True).ok
-    copied = [k for k in result if k.startswith(CONTROL) and UNET + k.removeprefix(CONTROL) in base]
+    copied = [k for k in result
+              if k.startswith(CONTROL_PREFIX) and UNET_PREFIX + k.removeprefix(CONTROL_PREFIX) in base]
     assert {"control_model.label_emb.0.0.weight", "control_model.label_emb.0.2.bias"} <= set(copied)
-    assert all(torch.equal(result[k], base[UNET + k.removeprefix(CONTROL)]) for k in copied)
+    assert all(torch.equal(result[k], base[UNET_PREFIX + k.removeprefix(CONTROL_PREFIX)]) for k in copied)
     assert all(result[k].dtype == torch.float16 for k in copied)  # the file's dtype, not float32
     assert not result["control_model.zero_convs.8.0.weight"].any()
     assert not result["control_model.middle_block_out.0.bias"].any()
     added = {line.removeprefix("These weights are newly added: ") for line in caplog.messages
              if line.startswith("These weights are newly added: ")}
-    assert added == {k for k in result if k.startswith(CONTROL) and k not in copied}
+    assert added == {k for k in result if k.startswith(CONTROL_PREFIX) and k not in copied}
 
 
 def test_transfer_control_on_sdxl(tmp_path, capsys):
     base, target = sgm_base(0), sgm_base(1, optional_keys=False)
     gen = torch.Generator().manual_seed(5)
     control = {k: torch.randn(v.shape, generator=gen) for k, v in create_model(TINY_XL).state_dict().items()
-               if k.startswith(CONTROL)}
+               if k.startswith(CONTROL_PREFIX)}
     paths = {name: save_state_dict(sd, tmp_path / f"{name}.safetensors")
              for name, sd in (("control", control), ("base", base), ("target", target))}
     out = tmp_path / "transferred.safetensors"
@@ -69,7 +69,7 @@ def test_transfer_control_on_sdxl(tmp_path, capsys):
                                 "--target", str(paths["target"]), "--out", str(out), "--config", str(TINY_XL)])
     result = load_state_dict(out)
     key = "control_model.label_emb.0.0.weight"
-    twin = UNET + key.removeprefix(CONTROL)
+    twin = UNET_PREFIX + key.removeprefix(CONTROL_PREFIX)
     expected = control[key] + (target[twin].float() - base[twin].float())
     torch.testing.assert_close(result[key], expected, rtol=0, atol=0)
     assert torch.equal(result["control_model.zero_convs.0.0.weight"], control["control_model.zero_convs.0.0.weight"])

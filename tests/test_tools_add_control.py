@@ -10,12 +10,12 @@ import torch
 import tool_add_control
 import tool_transfer_control
 from cldm.cli import run_tool
-from cldm.model import create_model, load_checkpoint, load_state_dict, save_state_dict
+from cldm.model import CONTROL_PREFIX, create_model, load_checkpoint, load_state_dict, save_state_dict
 from conftest import ROOT, randomize_zero_init
+from ldm.checkpoint import UNET_PREFIX
 
 TINY, TINY_V21 = ROOT / "models" / "cldm_tiny.yaml", ROOT / "models" / "cldm_tiny_v21.yaml"
-CONTROL, UNET = "control_model.", "model.diffusion_model."
-NEW_LAYERS = tuple(CONTROL + name for name in ("zero_convs.", "middle_block_out.", "input_hint_block."))
+NEW_LAYERS = tuple(CONTROL_PREFIX + name for name in ("zero_convs.", "middle_block_out.", "input_hint_block."))
 
 
 def sd_checkpoint(config) -> dict[str, torch.Tensor]:
@@ -23,7 +23,7 @@ def sd_checkpoint(config) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     model = create_model(config)
     randomize_zero_init(model.model.diffusion_model)
-    sd = {k: v for k, v in model.state_dict().items() if not k.startswith(CONTROL) and k != "logvar"}
+    sd = {k: v for k, v in model.state_dict().items() if not k.startswith(CONTROL_PREFIX) and k != "logvar"}
     sd["model_ema.x"] = torch.ones(3)
     sd["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
     return sd
@@ -58,12 +58,13 @@ def test_add_control_copies_the_unet_and_zeroes_the_new_convs(tiny, tmp_path, ca
     result = load_state_dict(out_path)
     assert result.keys() == shapes.keys()
     assert load_checkpoint(create_model(TINY), result, strict=True).ok
-    copied = [k for k in result if k.startswith(CONTROL) and UNET + k.removeprefix(CONTROL) in shapes]
+    copied = [k for k in result
+              if k.startswith(CONTROL_PREFIX) and UNET_PREFIX + k.removeprefix(CONTROL_PREFIX) in shapes]
     assert len(copied) > 50
     for k in copied:
-        assert torch.equal(result[k], sd[UNET + k.removeprefix(CONTROL)]), k
+        assert torch.equal(result[k], sd[UNET_PREFIX + k.removeprefix(CONTROL_PREFIX)]), k
     for k in result:
-        if not k.startswith(CONTROL) and k != "logvar":
+        if not k.startswith(CONTROL_PREFIX) and k != "logvar":
             assert torch.equal(result[k], sd[k]), k
     zero = [k for k in result if k.startswith((*NEW_LAYERS[:2], "control_model.input_hint_block.14."))]
     assert {"control_model.zero_convs.0.0.bias", "control_model.middle_block_out.0.weight",
@@ -143,9 +144,9 @@ def test_transfer_adds_the_community_offset_to_the_control_copy(tiny, tmp_path, 
     _, shapes, _ = tiny
     gen = torch.Generator().manual_seed(0)
     rand = lambda keys: {k: torch.randn(shapes[k], generator=gen) for k in keys}  # noqa: E731
-    sd_keys = [k for k in shapes if not k.startswith(CONTROL)]
+    sd_keys = [k for k in shapes if not k.startswith(CONTROL_PREFIX)]
     base, target = rand(sd_keys), rand(sd_keys)
-    control = {k: v.to(dtype) for k, v in rand(k for k in shapes if k.startswith(CONTROL)).items()}
+    control = {k: v.to(dtype) for k, v in rand(k for k in shapes if k.startswith(CONTROL_PREFIX)).items()}
     if not control_only:  # a ControlNet 1.0 file is the whole ControlLDM trained on the base
         control |= base
     target.pop("logvar")
@@ -159,10 +160,10 @@ def test_transfer_adds_the_community_offset_to_the_control_copy(tiny, tmp_path, 
     result = load_state_dict(out_path)
     assert result.keys() == shapes.keys()
     for k, v in result.items():
-        twin = UNET + k.removeprefix(CONTROL)
-        if k.startswith(CONTROL) and twin in shapes:
+        twin = UNET_PREFIX + k.removeprefix(CONTROL_PREFIX)
+        if k.startswith(CONTROL_PREFIX) and twin in shapes:
             expected = (control[k].float() + (target[twin] - base[twin])).to(dtype)
-        elif k.startswith(CONTROL):
+        elif k.startswith(CONTROL_PREFIX):
             expected = control[k]
         else:
             expected = target.get(k, torch.zeros(shapes[k]))  # logvar, which the target lacks, starts at zero
