@@ -14,6 +14,7 @@ import os
 import pickle
 import re
 import shutil
+import socket
 import struct
 import tempfile
 import zipfile
@@ -244,8 +245,10 @@ def load_checkpoint(model: torch.nn.Module, state_dict_or_path: Mapping | str | 
     return report
 
 
-# Temp files of atomic_output: `.NAME.PID.RANDOM.tmp` beside NAME; the PID tells a stale one (its writer is gone).
+# Temp files of atomic_output: `.NAME.PID-HOST.RANDOM.tmp` beside NAME. A temp file of this host whose process is
+# gone is stale (its writer was killed); those of other hosts (a shared file system) are left alone.
 TEMP_SUFFIX = ".tmp"
+HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())
 
 
 def _pid_alive(pid: int) -> bool:
@@ -262,7 +265,7 @@ def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
     """Remove temp files (or folders) that atomic writes of `path` left behind when their process was killed."""
     path = Path(path)
     stale = []
-    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(\d+)\.[^.]+{re.escape(TEMP_SUFFIX)}$")
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(\d+)-{re.escape(HOST)}\.[^.]+{re.escape(TEMP_SUFFIX)}$")
     if path.parent.is_dir():
         for entry in path.parent.iterdir():
             match = pattern.match(entry.name)
@@ -275,7 +278,7 @@ def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
 
 
 def temp_prefix(path: Path) -> str:
-    return f".{path.name}.{os.getpid()}."
+    return f".{path.name}.{os.getpid()}-{HOST}."
 
 
 def mount_point(path: Path) -> Path:

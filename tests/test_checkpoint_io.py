@@ -159,16 +159,20 @@ def test_full_tmpfs_is_named_for_both_formats(tmp_path):
 def test_temp_files_of_killed_writes_are_removed_on_the_next_write(tmp_path):
     path = tmp_path / "last.ckpt"
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stale = tmp_path / f".last.ckpt.{dead.stdout.strip()}.abcd1234.tmp"
+    dead = f"{dead.stdout.strip()}-{ckpt.HOST}"
+    stale = tmp_path / f".last.ckpt.{dead}.abcd1234.tmp"
     stale.write_bytes(b"half a checkpoint")
-    stale_dir = tmp_path / f".last.ckpt.{dead.stdout.strip()}.efgh5678.tmp"
+    stale_dir = tmp_path / f".last.ckpt.{dead}.efgh5678.tmp"
     stale_dir.mkdir()
-    alive = tmp_path / f".last.ckpt.{os.getppid()}.ijkl9012.tmp"  # a writer that is still running
+    alive = tmp_path / f".last.ckpt.{os.getppid()}-{ckpt.HOST}.ijkl9012.tmp"  # a writer that is still running
     alive.write_bytes(b"being written")
+    other_host = tmp_path / f".last.ckpt.{dead}x.mnop3456.tmp"  # another machine's, on a shared file system
+    other_host.write_bytes(b"being written elsewhere")
     foreign = tmp_path / ".last.ckpt.notours.tmp"
     foreign.write_bytes(b"someone else's")
     save_state_dict({"a": torch.ones(1)}, path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["last.ckpt", alive.name, foreign.name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["last.ckpt", alive.name, other_host.name,
+                                                                 foreign.name])
 
 
 def test_truncated_and_missing_files_give_clear_errors(tmp_path):
