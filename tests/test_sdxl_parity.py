@@ -13,11 +13,14 @@ import pytest
 import torch
 import transformers
 from diffusers.loaders import single_file_utils as convert
+from diffusers.utils.torch_utils import randn_tensor
 from omegaconf import OmegaConf
 from open_clip.tokenizer import SimpleTokenizer
 
 import tool_convert_diffusers
+from benchmarks.bench_sample import peer_scheduler
 from cldm.model import create_model, save_state_dict
+from cldm.pipeline import sample
 from conftest import ROOT, randomize_zero_convs, randomize_zero_init
 
 TINY_XL = ROOT / "models" / "cldm_tiny_xl.yaml"
@@ -186,3 +189,37 @@ def test_controlnet_xl_residuals_match_diffusers_through_our_conversion(tiny, tm
     for i, (a, b) in enumerate(zip(ours, [*down, mid])):
         assert a.abs().max() > 1e-3, f"residual {i} is zero"
         assert (a - b).abs().max().item() <= 1e-5, f"residual {i} differs by {(a - b).abs().max().item()}"
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "euler_a"])
+def test_sampling_matches_diffusers_sdxl_controlnet_pipeline(tiny, tmp_path, sampler):
+    """cldm.pipeline.sample on the tiny SDXL ControlLDM = StableDiffusionXLControlNetPipeline on the same weights,
+    noise and generators (no negative prompt: zeros on both sides), final latents within float32 tolerance."""
+    model, pipe = tiny
+    save_state_dict(model.control_state_dict(), tmp_path / "control.safetensors")
+    tool_convert_diffusers.main(["to-diffusers", str(tmp_path / "control.safetensors"), str(tmp_path / "cn"),
+                                 "--config", str(TINY_XL)])
+    original = OmegaConf.to_container(OmegaConf.load(TINY_XL), resolve=True)
+    sd = model.state_dict()
+    vae_config = convert.create_vae_diffusers_config_from_ldm(original, sd)
+    vae = diffusers.AutoencoderKL(**vae_config)
+    vae.load_state_dict(convert.convert_ldm_vae_checkpoint(sd, vae_config))
+    xl = diffusers.StableDiffusionXLControlNetPipeline(
+        vae=vae.eval(), text_encoder=pipe.text_encoder, text_encoder_2=pipe.text_encoder_2,
+        tokenizer=pipe.tokenizer, tokenizer_2=pipe.tokenizer_2, unet=pipe.unet,
+        controlnet=diffusers.ControlNetModel.from_pretrained(tmp_path / "cn").eval(),
+        scheduler=peer_scheduler(model, sampler))
+    xl.set_progress_bar_config(disable=True)
+    seeds, steps, scale = [7, 8], 6, 6.0
+    hint = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    ours = sample(model, PROMPTS, units=[model.unit(hint)], sampler=sampler, steps=steps, cfg_scale=scale,
+                  seed=seeds, decode=False).latents
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    latents = randn_tensor((2, 4, 8, 8), generator=generators)
+    with torch.no_grad():
+        theirs = xl(PROMPTS, image=hint, height=64, width=64, num_inference_steps=steps, guidance_scale=scale,
+                    generator=generators, latents=latents, output_type="latent").images
+    error = (ours - theirs).abs().max() / theirs.abs().max()
+    assert error < 1e-5, f"{sampler}: relative difference {error:.2e}"
+    plain = sample(model, PROMPTS, sampler=sampler, steps=steps, cfg_scale=scale, seed=seeds, decode=False)
+    assert (plain.latents - ours).abs().max() > 1e-2 * ours.abs().max()  # the ControlNet-XL acts
