@@ -1,6 +1,7 @@
 """ControlNet-XL on the tiny SDXL config: the same y reaches UNet and ControlNet, step-0 identity, what trains,
 control units, and a tutorial_train run with checkpoint and resume."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -156,3 +157,21 @@ def test_cached_latents_and_text_give_the_online_loss(tiny_xl, tmp_path, monkeyp
     monkeypatch.setattr(tiny_xl, "encode_first_stage", refuse)
     monkeypatch.setattr(tiny_xl.conditioner, "encode_text", refuse)
     assert torch.isfinite(tiny_xl.shared_step(cached)[0])
+
+
+def test_the_readers_size_conditioning_reaches_the_vector(tiny_xl):
+    """A resized and cropped training image conditions SDXL on its stored size and its crop, as kohya's SDXL
+    training does: the readers' Resize.frame records them under sgm's batch keys."""
+    from torch.utils.data import default_collate
+
+    from cldm.data.images import Resize, to_item
+    g = torch.Generator().manual_seed(0)
+    stored = (torch.rand(96, 80, 3, generator=g) * 255).byte().numpy()  # h 96, w 80
+    target, hint, sizes = Resize(64, "random_crop").frame(stored, stored.copy(), np.random.default_rng(3))
+    assert target.shape[:2] == (64, 64) and (target == hint).all()
+    crop = tuple(int(v) for v in sizes["crop_coords_top_left"])
+    assert tuple(sizes["original_size_as_tuple"]) == (96, 80) and crop[1] == 0 and 0 <= crop[0] <= 13
+    batch = default_collate([to_item(target, hint, "a red circle", sizes)] * 2)
+    _, cond = tiny_xl.get_input(batch, "jpg")
+    expected = tiny_xl.text_conditioning(["a red circle"] * 2, (64, 64), original_size=(96, 80), crop=crop)
+    torch.testing.assert_close(cond["c_adm"], expected["c_adm"])

@@ -63,10 +63,10 @@ class PairedImageDataset(Dataset, ABC):
         hint = decode(sample.hint, sample.hint_name)
         # numbers from torch's generator, which Lightning seeds per worker (seed_everything(workers=True))
         rng = np.random.default_rng(int(torch.randint(2**62, ())))
-        target, hint = self.resize(target, hint, rng, (sample.target_name, sample.hint_name))
+        target, hint, sizes = self.resize.frame(target, hint, rng, (sample.target_name, sample.hint_name))
         if self.resize.resolution is None:
             self._check_common_size(target, sample.target_name)
-        return to_item(target, hint, sample.caption)
+        return to_item(target, hint, sample.caption, sizes)
 
     def _check_common_size(self, target: np.ndarray, name: str) -> None:
         if self._reference is None:

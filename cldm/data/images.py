@@ -17,6 +17,8 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ldm.modules.encoders.conditioner import CROP, ORIGINAL_SIZE, TARGET_SIZE
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -131,21 +133,30 @@ class Resize:
     def __call__(self, target: np.ndarray, hint: np.ndarray, rng: np.random.Generator | None = None,
                  names: tuple[str, str] = ("target", "hint")) -> tuple[np.ndarray, np.ndarray]:
         """The pair resized and cropped alike; `names` (target's, hint's) for the error of a misfit hint."""
+        target, hint, _ = self.frame(target, hint, rng, names)
+        return target, hint
+
+    def frame(self, target: np.ndarray, hint: np.ndarray, rng: np.random.Generator | None = None,
+              names: tuple[str, str] = ("target", "hint")) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """The resized pair and SDXL's size conditioning of it, as kohya's SDXL training records it: the
+        stored (h, w), the crop's (top, left) in the scaled image, and the output (h, w)."""
         hint = fit_hint(hint, target.shape[:2], names)
-        if self.resolution is None:
-            return target, hint
         h, w = target.shape[:2]
         out_w, out_h = self.output_size((w, h))
-        if self.mode == "stretch":
-            return resize(target, out_w, out_h), resize(hint, out_w, out_h)
-        scale = max(out_w / w, out_h / h)  # cover the output, then crop the excess
-        scaled_w, scaled_h = max(out_w, round(w * scale)), max(out_h, round(h * scale))
-        if self.mode == "random_crop":
-            rng = rng or np.random.default_rng()
-            x, y = int(rng.integers(scaled_w - out_w + 1)), int(rng.integers(scaled_h - out_h + 1))
-        else:
-            x, y = (scaled_w - out_w) // 2, (scaled_h - out_h) // 2
-        return tuple(resize(image, scaled_w, scaled_h)[y:y + out_h, x:x + out_w] for image in (target, hint))
+        x = y = 0
+        if self.resolution is not None and self.mode == "stretch":
+            target, hint = resize(target, out_w, out_h), resize(hint, out_w, out_h)
+        elif self.resolution is not None:
+            scale = max(out_w / w, out_h / h)  # cover the output, then crop the excess
+            scaled_w, scaled_h = max(out_w, round(w * scale)), max(out_h, round(h * scale))
+            if self.mode == "random_crop":
+                rng = rng or np.random.default_rng()
+                x, y = int(rng.integers(scaled_w - out_w + 1)), int(rng.integers(scaled_h - out_h + 1))
+            else:
+                x, y = (scaled_w - out_w) // 2, (scaled_h - out_h) // 2
+            target, hint = (resize(image, scaled_w, scaled_h)[y:y + out_h, x:x + out_w] for image in (target, hint))
+        sizes = {ORIGINAL_SIZE: (h, w), CROP: (y, x), TARGET_SIZE: (out_h, out_w)}
+        return target, hint, {k: np.array(v, dtype=np.float32) for k, v in sizes.items()}
 
 
 def fit_hint(hint: np.ndarray, target_hw: tuple[int, int], names: tuple[str, str]) -> np.ndarray:
@@ -168,6 +179,8 @@ def resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
     return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC)
 
 
-def to_item(target: np.ndarray, hint: np.ndarray, prompt: str) -> dict:
-    """The training item: jpg = target as float32 HWC in [-1, 1], hint as float32 HWC in [0, 1], txt."""
-    return dict(jpg=target.astype(np.float32) / 127.5 - 1.0, txt=prompt, hint=hint.astype(np.float32) / 255.0)
+def to_item(target: np.ndarray, hint: np.ndarray, prompt: str, sizes: dict[str, np.ndarray] | None = None) -> dict:
+    """The training item: jpg = target as float32 HWC in [-1, 1], hint as float32 HWC in [0, 1], txt, and the
+    size conditioning of Resize.frame (SDXL reads it; other bases ignore it)."""
+    return dict(jpg=target.astype(np.float32) / 127.5 - 1.0, txt=prompt, hint=hint.astype(np.float32) / 255.0,
+                **(sizes or {}))

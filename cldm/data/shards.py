@@ -104,5 +104,5 @@ class ShardDataset(StreamingDataset):
     def __getitem__(self, index) -> dict:
         record = super().__getitem__(index)
         target, hint = decode(record["target"], record["key"]), decode(record["hint"], f"hint of {record['key']}")
-        target, hint = self.resize(target, hint, None, (record["key"], f"hint of {record['key']}"))
-        return to_item(target, hint, record["txt"])
+        target, hint, sizes = self.resize.frame(target, hint, None, (record["key"], f"hint of {record['key']}"))
+        return to_item(target, hint, record["txt"], sizes)
