@@ -152,7 +152,8 @@ def build_model(args: argparse.Namespace, resume_path: str) -> pl.LightningModul
             raise UserError("--resume_path is not used with --resume: the weights come from the checkpoint",
                             "drop --resume_path, or drop --resume to start a new run from its weights")
         resumed = read_resume_checkpoint(args.resume)
-        load_resumed_weights(model, resumed, args.resume, args.config, CONTROL_PREFIX)
+        if resumed is not None:
+            load_resumed_weights(model, resumed, args.resume, args.config, CONTROL_PREFIX)
     elif (args.resume_path or resume_path).lower() != "none":
         load_initial_weights(model, args.resume_path or resume_path, args.config)
     apply_training_options(model, given_options(args), resumed, args.resume)

@@ -82,9 +82,16 @@ def apply_training_options(model: torch.nn.Module, given: Mapping[str, Any], res
         info("Resuming with %s = %s (from %s); the checkpoint's run had %s", option, value, source, saved[option])
 
 
-def read_resume_checkpoint(path: str | os.PathLike) -> dict:
-    """The Lightning checkpoint --resume names (tensors memory-mapped), or an error saying what the file is."""
+def read_resume_checkpoint(path: str | os.PathLike) -> dict | None:
+    """The Lightning checkpoint --resume names (tensors memory-mapped), or an error saying what the file is.
+
+    None for a sharded checkpoint folder (DeepSpeed, FSDP), which only the strategy that wrote it reads.
+    """
     path = Path(path)
+    if path.is_dir():
+        info("--resume %s is a sharded checkpoint folder: the strategy restores it; its settings are not compared "
+             "with this run's", path)
+        return None
     if not path.is_file():
         raise FileNotFoundError(f"--resume {path}: no such file (a Lightning checkpoint such as "
                                 f"OUTPUT_DIR/checkpoints/last.ckpt)")

@@ -191,6 +191,8 @@ CASES = {
     "resume: another config's checkpoint": Case(
         "tutorial_train.py", lambda b: [*train("--resume", b.lightning)(b), "--config", TINY_V21],
         "was not trained with", "the --config it was trained with"),
+    "resume: a folder": Case("tutorial_train.py", train("--resume", lambda b: b.dir / "out_dir"),
+                             "{dir}/out_dir"),
     "resume: also --resume_path": Case(
         "tutorial_train.py",
         train("--resume", lambda b: b.lightning, "--resume_path", lambda b: b.dir / "initial.ckpt"),
