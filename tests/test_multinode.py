@@ -64,7 +64,9 @@ def driver(tmp_path):
 
 
 def train_args(shards, out, *extra):
-    return ["--config", TINY, "--resume_path", "none", "--data_root", str(shards), "--batch_size", str(BATCH),
+    """A new run starts from random weights, whose UNet output layer must train (sd_locked False) to learn."""
+    start = [] if "--resume" in extra else ["--resume_path", "none"]
+    return ["--config", TINY, *start, "--sd_locked", "False", "--data_root", str(shards), "--batch_size", str(BATCH),
             "--output_dir", str(out), "--sample_steps", "1", "--logger_freq", "1000", "--accelerator", "cpu",
             "--devices", "1", "--seed", "0", *extra]
 
