@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> Path:
         require_finite(model.state_dict(), args.ckpt)
     source = {"config": str(args.config), "ckpt": str(args.ckpt), ENCODERS_FINGERPRINT: encoders_fingerprint(model)}
     model.first_stage_model.to(args.device)
-    model.cond_stage_model.to(args.device)
+    model.conditioning_model.to(args.device)
     out = cache_latents(model, dataset, args.out, args.batch_size, args.num_workers, args.force, source)
     log.info("Cached %d samples in %s; train with --cached_latents %s", len(dataset), out, out)
     return out

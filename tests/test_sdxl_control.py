@@ -137,6 +137,10 @@ def test_cached_latents_and_text_give_the_online_loss(tiny_xl, tmp_path, monkeyp
     randomize_zero_convs(tiny_xl)
     data = make_fill50k(tmp_path / "fill50k", n=4, size=64, seed=0)
     cache = tool_cache_latents.cache_latents(tiny_xl, MyDataset(data), tmp_path / "cache", batch_size=3)
+    # the command line too (it moves the SDXL conditioner, not a cond_stage_model, to the device)
+    tool_cache_latents.main(["--config", str(TINY_XL), "--ckpt", "none", "--data_root", str(data),
+                             "--out", str(tmp_path / "cli_cache")])
+    assert (tmp_path / "cli_cache" / "txt_pooled.npy").is_file()
     online = default_collate([MyDataset(data)[i] for i in range(4)])
     cached = default_collate([CachedDataset(cache)[i] for i in range(4)])
     assert cached["txt_emb"].shape == (4, 77, 64) and cached["txt_pooled"].shape == (4, 16)
