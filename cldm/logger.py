@@ -77,7 +77,8 @@ class ImageLogger(Callback):
             return
         was_training = pl_module.training
         pl_module.eval()
-        with torch.no_grad():
+        # under the training's autocast, which frozen weights in half precision (--frozen_dtype) compute in
+        with torch.no_grad(), trainer.precision_plugin.forward_context():
             images = pl_module.log_images(batch, N=self.max_images, **self.log_images_kwargs)
         if was_training:
             pl_module.train()

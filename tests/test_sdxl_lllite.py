@@ -9,6 +9,7 @@ from cldm.control import ControlUnit
 from cldm.lllite import ControlNetLLLite, LLLiteControlLDM, load_lllite
 from cldm.model import create_model, load_checkpoint, load_state_dict, save_state_dict
 from conftest import ROOT, randomize_zero_init, reference_keys
+from ldm.checkpoint import UserError
 from tool_make_fill50k import make_fill50k
 
 XL_LLLITE, TINY_XL_LLLITE = ROOT / "models" / "cldm_xl_lllite.yaml", ROOT / "models" / "cldm_tiny_xl_lllite.yaml"
@@ -99,14 +100,24 @@ def test_tiny_sdxl_lllite_trains_saves_kohya_layout_and_resumes(tmp_path):
                            tmp_path / "sdxl_base.safetensors")  # a plain base: the LLLite modules start fresh
     out = tmp_path / "run"
     common = ["--config", str(TINY_XL_LLLITE), "--data_root", str(data), "--batch_size", "2", "--seed", "0",
-              "--logger_freq", "1000", "--output_dir", str(out), "--accelerator", "cpu", "--devices", "1",
+              "--output_dir", str(out), "--accelerator", "cpu", "--devices", "1",
               "--learning_rate", "0.01"]
-    trainer = main([*common, "--resume_path", str(init), "--max_steps", "2", "--checkpoint_every", "2"])
+    with pytest.raises(UserError, match="--frozen_dtype bf16 needs --precision bf16-mixed"):
+        main([*common, "--resume_path", str(init), "--max_steps", "2", "--frozen_dtype", "bf16"])
+    # the 24 GB recipe: bf16 autocast over a bf16 frozen base, checkpointing, and an image log on the way
+    recipe = ["--precision", "bf16-mixed", "--frozen_dtype", "bf16", "--gradient_checkpointing", "True"]
+    trainer = main([*common, *recipe, "--resume_path", str(init), "--max_steps", "2", "--checkpoint_every", "2",
+                    "--logger_freq", "2"])
     trained = trainer.lightning_module
+    assert {p.dtype for p in trained.model.parameters()} == {p.dtype for p in trained.conditioner.parameters()} == {
+        torch.bfloat16}
+    assert {p.dtype for p in trained.control_model.parameters()} == {torch.float32}
+    assert any(p.name.startswith("samples_cfg") for p in (out / "image_log" / "train").iterdir())
     export = load_state_dict(out / "control_model.safetensors")
     assert set(export) == set(trained.control_model.state_dict()) and all(KEY.match(k) for k in export)
     assert any(v.any() for k, v in export.items() if ".up.0." in k)  # the zero-initialised up layers trained
-    resumed = main([*common, "--max_steps", "3", "--resume", str(out / "checkpoints" / "last.ckpt"), "--force"])
+    resumed = main([*common, "--max_steps", "3", "--resume", str(out / "checkpoints" / "last.ckpt"), "--force",
+                    "--logger_freq", "1000"])
     assert resumed.global_step == 3
     fresh = create_model(TINY_XL_LLLITE)
     load_checkpoint(fresh, init)

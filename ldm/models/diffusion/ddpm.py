@@ -347,6 +347,15 @@ class DDPM(pl.LightningModule):
         GPUs); the VAE, the text encoder and the noise schedule stay float32, and so do the sampler's latents."""
         self.model.to(dtype)
 
+    def cast_frozen(self, dtype: torch.dtype) -> None:
+        """The frozen weights (requires_grad False: the base UNet, VAE and text encoders) in `dtype`, for
+        training under the autocast of that dtype: half the base's memory in bf16, as diffusers' training
+        scripts hold their frozen models. Trained weights, their optimizer state and the noise schedule stay
+        float32."""
+        for p in self.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(dtype)
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Exactly the parameters that require grad: requires_grad is the one record of what trains."""
         return [p for p in self.parameters() if p.requires_grad]
