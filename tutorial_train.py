@@ -26,9 +26,10 @@ from torch.utils.data import Dataset
 
 import share  # noqa: F401  (quiet logs; sliced attention when config.save_memory)
 from cldm.cli import devices_arg, refuse_existing, run_tool, str2bool
-from cldm.data import FORMATS, BadSampleError, PairedImageDataset, Resize, open_dataset
+from cldm.data import FORMATS, BadSampleError, PairedImageDataset, Resize, detect_format, open_dataset
 from cldm.data.images import RESIZE_MODES
 from cldm.data.loading import SkippedSamples, TrainData, report_captions, sample_error_message
+from cldm.fidelity import METRICS
 from cldm.logger import ImageLogger
 from cldm.model import CONTROL_PREFIX, create_model, load_checkpoint, save_state_dict
 from cldm.training import (
@@ -40,8 +41,11 @@ from cldm.training import (
     load_resumed_weights,
     read_resume_checkpoint,
 )
+from cldm.validation import DEFAULTS as VALIDATION
+from cldm.validation import ControlValidation, read_held_out
 from ldm.checkpoint import UserError, require_finite
 from ldm.models.diffusion.ddpm import COMPILE_MODES, OPTIMIZERS, TrainingStopped
+from ldm.models.diffusion.samplers import SAMPLERS
 from ldm.modules.diffusionmodules.openaimodel import set_gradient_checkpointing
 from ldm.modules.encoders.modules import FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder
 from tutorial_dataset import CachedDataset
@@ -113,6 +117,25 @@ def parse_args(argv: list[str] | None, config: str, resume_path: str) -> argpars
     data.add_argument("--skip_bad_samples", action="store_true",
                       help="log, count and skip unreadable or misfit samples instead of stopping")
     data.add_argument("--num_nodes", type=int, default=1, help="machines in the run (launch: docs/data.md)")
+    val = p.add_argument_group("control fidelity while training (docs/train.md; off unless --val_data is given)")
+    val.add_argument("--val_data", default=None,
+                     help="held-out data root (any format): sampled with fixed seeds every --val_every steps; its "
+                          "fidelity metrics (val/*) and a sheet of images go to the loggers and image_log/val/")
+    val.add_argument("--val_every", type=int, default=None, help=f"global steps between validations "
+                                                                  f"(default {VALIDATION['every']})")
+    val.add_argument("--val_samples", type=int, default=None,
+                     help=f"the first N held-out samples (default {VALIDATION['samples']})")
+    val.add_argument("--val_sampler", choices=list(SAMPLERS), default=None,
+                     help=f"(default {VALIDATION['sampler']})")
+    val.add_argument("--val_steps", type=int, default=None, help=f"sampling steps (default {VALIDATION['steps']})")
+    val.add_argument("--val_scale", type=float, default=None,
+                     help=f"classifier-free guidance scale (default {VALIDATION['scale']}, as tool_eval_control.py)")
+    val.add_argument("--val_metrics", nargs="+", choices=METRICS, default=None,
+                     help="default: fill (when every target is Fill50K-type), canny, ssim")
+    val.add_argument("--val_data_format", choices=FORMATS, default=None,
+                     help="reader of --val_data (default: told by its files)")
+    val.add_argument("--val_conditioning_data_dir", default=None, help="kohya format: the held-out set's hints")
+    val.add_argument("--val_split", default=None, help="hf format: the held-out split (default train)")
     fast = p.add_argument_group("speed and memory (figures in benchmarks/RESULTS.md)")
     fast.add_argument("--cached_latents", default=None, metavar="DIR",
                       help="train from a tool_cache_latents.py cache: the VAE and text encoder do not run")
@@ -195,6 +218,40 @@ def build_dataset(args: argparse.Namespace) -> Dataset:
     return dataset
 
 
+def build_validation(args: argparse.Namespace) -> ControlValidation | None:
+    """The --val_* options as a ControlValidation callback; None without --val_data (then none may be given)."""
+    given = {k: v for k, v in vars(args).items() if k.startswith("val_") and v is not None}
+    if args.val_data is None:
+        if given:
+            raise UserError(f"--{next(iter(given))} is given without --val_data, so it would do nothing",
+                            "name a held-out data root with --val_data, or drop it")
+        return None
+    settings = {**VALIDATION, **{k[len("val_"):]: v for k, v in given.items()}}
+    if args.image_size is not None:
+        resize = Resize(args.image_size, "stretch")
+    else:  # the training's sizing without its randomness; one size for all, so they batch
+        resize = Resize(args.resolution, "stretch" if args.resize == "stretch" else "center_crop")
+    try:
+        data_format = args.val_data_format or detect_format(args.val_data, args.val_conditioning_data_dir)
+    except ValueError as err:
+        raise UserError(f"--val_data {args.val_data}: {err}", "a held-out set's own options are "
+                        "--val_data_format, --val_conditioning_data_dir and --val_split") from err
+    for option, applies_to in (("val_conditioning_data_dir", "kohya"), ("val_split", "hf")):
+        if getattr(args, option) is not None and data_format != applies_to:
+            raise UserError(f"--{option} applies to the {applies_to} format, not to the {data_format} format of "
+                            f"--val_data {args.val_data}")
+    # the training's options that describe a format's files apply to a held-out set of that format too
+    schema = {"fill50k": dict(allow_outside_root=args.allow_outside_root),
+              "kohya": dict(conditioning_data_dir=args.val_conditioning_data_dir,
+                            caption_extension=args.caption_extension),
+              "hf": dict(image_column=args.image_column, conditioning_image_column=args.conditioning_image_column,
+                         caption_column=args.caption_column, split=args.val_split or "train"),
+              "shards": {}}[data_format]
+    held_out = read_held_out(args.val_data, settings["samples"], data_format=data_format, resize=resize, **schema)
+    return ControlValidation(held_out, settings["every"], args.val_metrics, settings["sampler"], settings["steps"],
+                             settings["scale"], batch_size=args.batch_size, save_dir=args.output_dir)
+
+
 def report_captions_for(model: pl.LightningModule, dataset: Dataset) -> None:
     """Empty captions, and captions longer than a CLIP text encoder reads, named by file (a log warning)."""
     if not isinstance(dataset, PairedImageDataset):
@@ -214,6 +271,7 @@ def main(argv: list[str] | None = None, config: str = "./models/cldm_v15.yaml",
     export = Path(args.export) if args.export else output_dir / "control_model.safetensors"
     refuse_existing(export, args.force)
     check_fresh_output(output_dir / "checkpoints", args.resume, args.force)
+    validation = build_validation(args)
     if args.seed is not None:
         pl.seed_everything(args.seed, workers=True)
 
@@ -239,7 +297,8 @@ def main(argv: list[str] | None = None, config: str = "./models/cldm_v15.yaml",
     trainer = pl.Trainer(accelerator=args.accelerator, devices=args.devices, strategy=args.strategy,
                          precision=args.precision, max_steps=args.max_steps, log_every_n_steps=args.log_every_n_steps,
                          accumulate_grad_batches=args.accumulate_grad_batches, num_nodes=args.num_nodes,
-                         callbacks=[image_logger, checkpoints, skipped], use_distributed_sampler=False,
+                         callbacks=[image_logger, checkpoints, skipped] + ([validation] if validation else []),
+                         use_distributed_sampler=False,
                          logger=[TensorBoardLogger(output_dir), CSVLogger(output_dir)], default_root_dir=output_dir,
                          plugins=[AtomicCheckpointIO()])
 

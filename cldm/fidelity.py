@@ -15,7 +15,7 @@ metrics while it runs.
 """
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import cv2
@@ -30,6 +30,7 @@ from cldm.pipeline import sample
 COLOR_TOLERANCE = MIN_CONTRAST / 2  # RGB distance: half the least fill/background contrast of Fill50K
 CANNY_THRESHOLDS = (100, 200)
 CONDITIONS = ("control", "no_control")
+METRICS = ("fill", "canny", "ssim", "depth", "seg")  # what Scorers builds
 
 
 # ---- metrics on single images (uint8 HxWx3 RGB unless said otherwise) ----
@@ -56,6 +57,18 @@ def reference_fill(target: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
         raise ValueError("the target has no circle: no pixel differs from the background")
     color = np.median(target[far].astype(np.float32), axis=0)
     return fill_region(target, color, background), color, background
+
+
+def is_fill_target(target: np.ndarray, explained: float = 0.9) -> bool:
+    """Whether a target is Fill50K-type (the fill metric applies): one region of one colour on a background of
+    another, the two colours within COLOR_TOLERANCE of at least `explained` of the pixels."""
+    try:
+        _, color, background = reference_fill(target)
+    except ValueError:
+        return False
+    x = target.astype(np.float32)
+    near = np.minimum(np.linalg.norm(x - color, axis=-1), np.linalg.norm(x - background, axis=-1))
+    return bool((near < COLOR_TOLERANCE).mean() >= explained)
 
 
 def color_error(image: np.ndarray, mask: np.ndarray, color: np.ndarray) -> float:
@@ -206,11 +219,12 @@ def generate(model: torch.nn.Module, prompts: list[str], hints: torch.Tensor | N
 
 # ---- evaluation ----
 
-def load_samples(data_root: str | Path, n: int) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """(prompts, hints, targets) of the first n items of a data root in any format (cldm.data), as uint8 BHWC."""
-    dataset = open_dataset(data_root, shuffle=False)
+def load_samples(data_root: str | Path, n: int, **options) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(prompts, hints, targets) of the first n items of a data root in any format (cldm.data), as uint8 BHWC;
+    `options` go to cldm.data.open_dataset (format, resize, format options)."""
+    dataset = open_dataset(data_root, shuffle=False, **options)
     if n > len(dataset):
-        raise ValueError(f"{data_root} holds {len(dataset)} samples, fewer than --n {n}")
+        raise ValueError(f"{data_root} holds {len(dataset)} samples, fewer than the {n} asked for")
     items = [dataset[i] for i in range(n)]
     hints = np.stack([(it["hint"] * 255).round().astype(np.uint8) for it in items])
     targets = np.stack([((it["jpg"] + 1) * 127.5).round().astype(np.uint8) for it in items])
@@ -219,14 +233,18 @@ def load_samples(data_root: str | Path, n: int) -> tuple[list[str], np.ndarray, 
 
 def evaluate(model: torch.nn.Module, prompts: list[str], hints: np.ndarray, targets: np.ndarray,
              scorers: Scorers, seed: int = 0, steps: int = 20, guidance_scale: float = 3.0,
-             batch_size: int = 64, sampler: str = "ddim"
+             batch_size: int = 64, sampler: str = "ddim", conditions: Sequence[str] = CONDITIONS
              ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, np.ndarray]]:
-    """Per-sample scores {condition: {metric: array}} and the images {condition: BHWC uint8}."""
+    """Per-sample scores {condition: {metric: array}} and the images {condition: BHWC uint8}, for each of
+    `conditions` (default both)."""
+    unknown = [c for c in conditions if c not in CONDITIONS]
+    if unknown:
+        raise ValueError(f"unknown condition {unknown[0]!r}; choose from {CONDITIONS}")
     seeds = [seed + i for i in range(len(prompts))]
     hint_tensor = torch.from_numpy(hints).permute(0, 3, 1, 2).float() / 255.0
     run = dict(steps=steps, guidance_scale=guidance_scale, batch_size=batch_size, sampler=sampler)
-    images = {"control": generate(model, prompts, hint_tensor, seeds, **run),
-              "no_control": generate(model, prompts, None, seeds, **run)}
+    control_of = {"control": hint_tensor, "no_control": None}
+    images = {c: generate(model, prompts, control_of[c], seeds, **run) for c in conditions}
     scores = {}
     for condition, outputs in images.items():
         rows = [scorers(t, h, o) for t, h, o in zip(targets, hints, outputs)]
@@ -257,25 +275,38 @@ def format_table(summary: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def save_sheet(path: str | Path, hints: np.ndarray, targets: np.ndarray, images: dict[str, np.ndarray],
-               prompts: list[str], rows: int = 8, zoom: int = 2, force: bool = True) -> Path:
-    """PNG with one row per sample: hint | target | without control | with control, and the prompt."""
+def sheet(hints: np.ndarray, targets: np.ndarray, images: dict[str, np.ndarray], prompts: list[str],
+          rows: int = 8, zoom: float = 2) -> np.ndarray:
+    """uint8 HxWx3 RGB with one row per sample: hint | target | without control | with control, and the prompt;
+    cells are `zoom` times the images' size."""
     columns = ["hint", "target", "without control", "with control"]
     cells = [hints, targets, images["no_control"], images["control"]]
     rows = min(rows, len(prompts))
-    h, w = hints.shape[1] * zoom, hints.shape[2] * zoom
+    h, w = round(hints.shape[1] * zoom), round(hints.shape[2] * zoom)
+    interpolation = cv2.INTER_NEAREST if zoom >= 1 else cv2.INTER_AREA
     pad, header, caption = 4, 18, 14
-    sheet = np.full((header + rows * (h + caption + pad), len(columns) * (w + pad) + pad, 3), 255, np.uint8)
+    page = np.full((header + rows * (h + caption + pad), len(columns) * (w + pad) + pad, 3), 255, np.uint8)
     for j, name in enumerate(columns):
-        cv2.putText(sheet, name, (pad + j * (w + pad), 13), cv2.FONT_HERSHEY_PLAIN, 0.8, (0, 0, 0), 1, cv2.LINE_AA)
+        cv2.putText(page, name, (pad + j * (w + pad), 13), cv2.FONT_HERSHEY_PLAIN, 0.8, (0, 0, 0), 1, cv2.LINE_AA)
     for i in range(rows):
         y = header + i * (h + caption + pad)
         for j, cell in enumerate(cells):
             x = pad + j * (w + pad)
-            sheet[y:y + h, x:x + w] = cv2.resize(cell[i], (w, h), interpolation=cv2.INTER_NEAREST)
-        cv2.putText(sheet, prompts[i][:60], (pad, y + h + 11), cv2.FONT_HERSHEY_PLAIN, 0.8, (60, 60, 60), 1,
+            page[y:y + h, x:x + w] = cv2.resize(cell[i], (w, h), interpolation=interpolation)
+        cv2.putText(page, prompts[i][:60], (pad, y + h + 11), cv2.FONT_HERSHEY_PLAIN, 0.8, (60, 60, 60), 1,
                     cv2.LINE_AA)
-    ok, png = cv2.imencode(".png", cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
+    return page
+
+
+def save_sheet(path: str | Path, hints: np.ndarray, targets: np.ndarray, images: dict[str, np.ndarray],
+               prompts: list[str], rows: int = 8, zoom: float = 2, force: bool = True) -> Path:
+    """The `sheet` as a PNG at `path`."""
+    return save_png(path, sheet(hints, targets, images, prompts, rows, zoom), force)
+
+
+def save_png(path: str | Path, image: np.ndarray, force: bool = True) -> Path:
+    """A uint8 HxWx3 RGB image as a PNG at `path` (written to a temp file and renamed)."""
+    ok, png = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
     if not ok:
         raise OSError(f"could not encode {path}")
     with atomic_output(path, force) as tmp:
