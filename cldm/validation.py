@@ -90,8 +90,8 @@ def shards_weights(strategy: Strategy) -> bool:
 
 def no_control_trains(model: torch.nn.Module) -> bool:
     """Whether training changes what the model samples without control: the UNet, the VAE or the text encoder."""
-    parts = (model.model, model.first_stage_model, model.cond_stage_model)
-    return any(p.requires_grad for part in parts for p in part.parameters())
+    parts = (model.model, model.first_stage_model, model.conditioning_model)
+    return any(p.requires_grad for part in parts if part is not None for p in part.parameters())
 
 
 class ControlValidation(Callback):
@@ -162,7 +162,9 @@ class ControlValidation(Callback):
         for logger in trainer.loggers:
             logger.log_metrics(values, step=step)
         self.log_sheet(trainer, images, step)
-        log.info("step %d: %s", step, ", ".join(f"{k[4:]} {v:.3f}" for k, v in values.items()))
+        log.info("validation at step %d (%.1f s): %s", step, values["val/seconds"],
+                 ", ".join(f"{m} {scores['control'][m].mean():.3f} (without control {s.mean():.3f})"
+                           for m, s in scores["no_control"].items()))
 
     def sample_and_score(self, model: pl.LightningModule) -> tuple[dict, dict[str, np.ndarray]]:
         """Scores and images with and without control; the model's modules are left in their modes (sampling
