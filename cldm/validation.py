@@ -4,7 +4,7 @@ control is obeyed, so a run shows the curve on which the paper's "sudden converg
 `ControlValidation` is a Lightning callback. At the start of a run (step 0, or the resumed step), every
 `every` global steps and at the end, rank zero samples the held-out prompts with their hints through
 `cldm.fidelity.evaluate` (hence `cldm.pipeline.sample`, the model's own network as a `model.unit(hint)`), sample
-i from seed + i, and logs to every attached logger:
+i from seed + i, under the training's autocast (`--precision`), and logs to every attached logger:
 
   val/<metric>             the mean over the held-out samples with control (the curve to watch)
   val/<metric>_no_control  the same samples without any control unit: the base's score to beat
@@ -22,6 +22,7 @@ calls the LightningModule itself, not the DDP wrapper, so it runs no collective 
 the weights (FSDP, DeepSpeed stage 3) would need every rank to sample, and are refused.
 """
 
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -33,6 +34,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.plugins import Precision
 from pytorch_lightning.strategies import DeepSpeedStrategy, FSDPStrategy, Strategy
 
 from cldm.fidelity import CONDITIONS, Scorers, evaluate, is_fill_target, load_samples, save_png, sheet
@@ -155,7 +157,7 @@ class ControlValidation(Callback):
         if not trainer.is_global_zero:
             return
         started = time.perf_counter()
-        scores, images = self.sample_and_score(pl_module)
+        scores, images = self.sample_and_score(pl_module, trainer.precision_plugin)
         values = {f"val/{metric}{'' if condition == 'control' else '_no_control'}": float(per_sample.mean())
                   for condition in CONDITIONS for metric, per_sample in scores[condition].items()}
         values["val/seconds"] = time.perf_counter() - started
@@ -166,8 +168,10 @@ class ControlValidation(Callback):
                  ", ".join(f"{m} {scores['control'][m].mean():.3f} (without control {s.mean():.3f})"
                            for m, s in scores["no_control"].items()))
 
-    def sample_and_score(self, model: pl.LightningModule) -> tuple[dict, dict[str, np.ndarray]]:
-        """Scores and images with and without control; the model's modules are left in their modes (sampling
+    def sample_and_score(self, model: pl.LightningModule, precision: Precision | None = None
+                         ) -> tuple[dict, dict[str, np.ndarray]]:
+        """Scores and images with and without control, under the training's `precision` (its autocast, which
+        frozen weights in half precision compute in); the model's modules are left in their modes (sampling
         draws from its own seeded generators, not the training's)."""
         reuse = self.no_control is not None and not no_control_trains(model)
         conditions = ("control",) if reuse else CONDITIONS
@@ -175,8 +179,9 @@ class ControlValidation(Callback):
         model.eval()
         try:
             h = self.held_out
-            scores, images = evaluate(model, h.prompts, h.hints, h.targets, self.scorers, conditions=conditions,
-                                      **self.run)
+            with precision.forward_context() if precision is not None else contextlib.nullcontext():
+                scores, images = evaluate(model, h.prompts, h.hints, h.targets, self.scorers,
+                                          conditions=conditions, **self.run)
         finally:
             for m, training in modes.items():
                 m.training = training

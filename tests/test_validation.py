@@ -94,6 +94,15 @@ def test_validation_logs_what_evaluate_gives_at_the_right_steps_with_a_sheet(dat
         f"fidelity_gs-{s:06}.png" for s in (0, 2, 4, 5)]
 
 
+def test_validation_samples_under_the_trainings_autocast_with_a_half_precision_frozen_base(data, initial, tmp_path):
+    train_root, held_out = data
+    trainer = train(train_root, tmp_path / "run", "--resume_path", initial, "--max_steps", "1", "--val_data",
+                    held_out, "--val_every", "1", "--val_samples", "2", "--val_steps", "1",
+                    "--precision", "bf16-mixed", "--frozen_dtype", "bf16")
+    rows = logged_rows(trainer)
+    assert sorted(rows) == [0, 1] and all(np.isfinite(list(r.values())).all() for r in rows.values())
+
+
 def test_samples_without_control_are_resampled_only_when_their_weights_train(monkeypatch):
     import cldm.validation
     torch.manual_seed(0)
