@@ -1,22 +1,26 @@
-"""What every ControlNet app shares: the command line, model and detector loading, the original apps'
-`process` pipeline, and their UI on Gradio 6. An app file only names its detector, checkpoint and sliders.
+"""What every ControlNet app shares: the command line, model, detector and control-file loading, the `process`
+pipeline, and the UI on Gradio 6. An app file only names its title, default checkpoint and unit 1 preprocessor.
 
-Pipeline (as lllyasviel/ControlNet's gradio_*2image.py): HWC3, resize to a multiple of 64, detect (at the
-detector resolution where the original does), hint in [0, 1], DDIM with separate cond and uncond passes,
-decode. Guess mode scales residual i by strength * 0.825 ** (12 - i) and gives the uncond pass no control.
+The UI offers what users of the A1111 extension and ComfyUI expect: a sampler and its steps, and up to three
+control units (multi-ControlNet), each with its own control file (the model's own, or a ControlNet, control-LoRA
+or LLLite file from --control-dir), picture, preprocessor, strength, start/end window and control mode.
+Per unit, the pipeline follows lllyasviel/ControlNet's gradio_*2image.py: HWC3, resize to a multiple of 64,
+detect (at the detect resolution where the original does), hint in [0, 1]; then every enabled unit samples
+together through cldm.pipeline.sample, and the VAE decodes. Guess mode is "ControlNet is more important".
 """
 
 import argparse
 import importlib
+import math
 import sys
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
 import cv2
-import einops
 import gradio as gr
 import numpy as np
 import PIL.Image
@@ -25,10 +29,14 @@ import torch
 import config
 from annotator.util import HWC3, resize_image
 from cldm.cli import CLI_ERRORS, EXIT_ERROR, error_lines
+from cldm.control import ControlNetwork, ControlUnit
+from cldm.control_files import load_control_network
 from cldm.model import create_model, load_checkpoint
 from cldm.pipeline import sample
+from gradio_apps.preprocessors import PREPROCESSORS, Option, Preprocessor, Slider
 from ldm.checkpoint import BASE_PREFIXES, UserError
 from ldm.models.diffusion.ddpm import COMPILE_MODES
+from ldm.models.diffusion.samplers import SAMPLERS
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
@@ -39,53 +47,15 @@ A_PROMPT = "best quality, extremely detailed"
 N_PROMPT = ("longbody, lowres, bad anatomy, bad hands, missing fingers, extra digit, fewer digits, cropped, "
             "worst quality, low quality")
 MAX_ASPECT = 8  # beyond this side ratio, resizing the short side to the resolution takes unbounded memory
-
-
-@dataclass(frozen=True)
-class Slider:
-    """A numeric setting shown in the UI and passed to `detect` as the keyword `name`."""
-
-    name: str
-    label: str
-    minimum: float
-    maximum: float
-    value: float
-    step: float
-
-    def make(self) -> gr.Slider:
-        # whole-number steps hand the function ints, which OpenCV and the detectors expect
-        precision = 0 if float(self.step).is_integer() else None
-        return gr.Slider(label=self.label, minimum=self.minimum, maximum=self.maximum, value=self.value,
-                         step=self.step, precision=precision)
-
-
-@dataclass(frozen=True)
-class Checkbox:
-    """A yes/no setting shown in the UI and passed to `detect` as the keyword `name`."""
-
-    name: str
-    label: str
-    value: bool = False
-
-    def make(self) -> gr.Checkbox:
-        return gr.Checkbox(label=self.label, value=self.value)
-
-
-Option = Slider | Checkbox
-
-
-def identity(x: np.ndarray) -> np.ndarray:
-    return x
-
-
-def invert(x: np.ndarray) -> np.ndarray:
-    """Line maps are shown as dark lines on white, as the original apps show them."""
-    return 255 - x
-
-
-def dark_strokes(_: Any, image: np.ndarray) -> np.ndarray:
-    """Scribble hint: 255 where the picture is dark (pen on paper), 0 elsewhere."""
-    return np.where(image.min(axis=2) < 127, 255, 0).astype(np.uint8)
+MAX_UNITS = 3
+MAX_UPLOAD = "50mb"  # a large photo or an 8K PNG; Gradio refuses bigger uploads before reading them
+MAX_ETA = 1.0  # DDIM's eta: 0 deterministic, 1 as stochastic as DDPM; beyond it the noise overshoots
+MAX_STRENGTH = 2.0
+# The A1111 extension's control modes (labels as it shows them) -> ControlUnit.mode
+CONTROL_MODES = {"Balanced": "balanced", "My prompt is more important": "prompt",
+                 "ControlNet is more important": "control"}
+CONTROL_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pth", ".pt")
+OWN = ""  # a unit's control-file choice meaning the loaded model's own control network (--ckpt)
 
 
 @dataclass(frozen=True)
@@ -94,14 +64,12 @@ class ControlApp:
 
     title: str
     checkpoint: str  # default --ckpt, in models/
-    detect: Callable[..., np.ndarray]  # (detector or None, HWC uint8 RGB, **options) -> uint8 map
-    detector: Callable[..., Any] | None = None  # detector class, built on first use
-    detect_resolution: Slider | None = None  # None: detect on the image already at image_resolution
-    options: tuple[Option, ...] = ()
-    interpolation: int = cv2.INTER_LINEAR  # how the detected map is resized to the image size
-    refine: Callable[[np.ndarray], np.ndarray] = identity  # resized map -> the hint the ControlNet sees
-    preview: Callable[[np.ndarray], np.ndarray] = identity  # hint -> the map shown before the samples
+    preprocessor: str  # unit 1's default, a name of PREPROCESSORS
     sketch: bool = False  # draw on a canvas instead of uploading a picture
+
+    def __post_init__(self):
+        if self.preprocessor not in PREPROCESSORS:
+            raise ValueError(f"unknown preprocessor {self.preprocessor!r}; choose one of {', '.join(PREPROCESSORS)}")
 
 
 @dataclass(frozen=True)
@@ -135,10 +103,53 @@ class Detectors:
             return self._built[factory]
 
 
-def image_input() -> gr.Image:
+class ControlFiles:
+    """The control files a unit may choose: those under `folder` (searched anew for each request, so files put
+    there later count), each loaded on first use as a network on the model; the last MAX_UNITS stay loaded."""
+
+    def __init__(self, folder: str | Path | None, model: torch.nn.Module, config_path: str | Path,
+                 own_label: str) -> None:
+        self.folder = None if folder is None else Path(folder)
+        self.model = model
+        self.config_path = config_path
+        self.own_label = own_label
+        self._loaded: OrderedDict[tuple[str, int], ControlNetwork] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def names(self) -> list[str]:
+        """Paths relative to the folder of the files with a checkpoint's suffix."""
+        if self.folder is None or not self.folder.is_dir():
+            return []
+        return sorted(p.relative_to(self.folder).as_posix() for p in self.folder.rglob("*")
+                      if p.suffix in CONTROL_FILE_SUFFIXES and p.is_file())
+
+    def choices(self) -> list[tuple[str, str]]:
+        return [(self.own_label, OWN), *((name, name) for name in self.names())]
+
+    def network(self, name: str, unit: int) -> ControlNetwork:
+        """The network of the file `name` (a name of names(), nothing else: a request never opens other paths)."""
+        if name not in self.names():
+            raise user_error(f"Unit {unit}: no control file {name!r} in {self.folder}.", "Unknown control file")
+        path = self.folder / name
+        key = (name, path.stat().st_mtime_ns)
+        with self._lock:
+            if key not in self._loaded:
+                try:
+                    net = load_control_network(path, self.model, self.config_path)
+                except CLI_ERRORS as err:  # unreadable, no control weights, not fitting: say which and why
+                    raise user_error(" ".join(error_lines(err)).removeprefix("error: "),
+                                     f"Unit {unit}: cannot use the control file") from err
+                self._loaded[key] = net
+                while len(self._loaded) > MAX_UNITS:
+                    self._loaded.popitem(last=False)
+            self._loaded.move_to_end(key)
+            return self._loaded[key]
+
+
+def image_input(label: str = "Input image") -> gr.Image:
     """The upload box. An unreadable upload (a text file, a broken picture) becomes a message in the UI."""
     # RGBA keeps transparency for HWC3 to put on white; grayscale and palette pictures arrive as RGBA too
-    image = gr.Image(label="Input image", sources=["upload", "clipboard"], type="numpy", image_mode="RGBA")
+    image = gr.Image(label=label, sources=["upload", "clipboard"], type="numpy", image_mode="RGBA")
     decode = image.preprocess
 
     def preprocess(payload: Any) -> np.ndarray | None:
@@ -159,6 +170,20 @@ def user_error(message: str, title: str, duration: float | None = 10) -> gr.Erro
     return gr.Error(message, duration=duration, title=title, print_exception=False)
 
 
+def check_number(name: str, value: Any, low: float, high: float) -> float:
+    """`value` as a float within [low, high]; NaN, infinities and numbers out of range are refused by name
+    (Gradio's own bounds checks let NaN through)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number):
+        raise user_error(f"{name} must be a finite number, got {value!r}.", "Invalid setting")
+    if not low <= number <= high:
+        raise user_error(f"{name} must be between {low:g} and {high:g}, got {number:g}.", "Invalid setting")
+    return number
+
+
 def prepare(image: np.ndarray, resolution: int) -> np.ndarray:
     """The upload as HWC uint8 RGB for resize_image(., resolution).
 
@@ -176,6 +201,18 @@ def prepare(image: np.ndarray, resolution: int) -> np.ndarray:
     return HWC3(image)
 
 
+def crop_to_aspect(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """The centre of `image` with the aspect ratio width:height (the A1111 extension's "Crop and Resize")."""
+    h, w = image.shape[:2]
+    if h * width > w * height:
+        keep = max(1, round(w * height / width))
+        top = (h - keep) // 2
+        return image[top:top + keep]
+    keep = max(1, round(h * width / height))
+    left = (w - keep) // 2
+    return image[:, left:left + keep]
+
+
 def sketch_to_paper(value: dict | None) -> np.ndarray | None:
     """An ImageEditor value as black strokes on white: whatever a layer covers, plus dark background pixels
     (an uploaded scribble), so any brush colour counts as a stroke."""
@@ -184,6 +221,8 @@ def sketch_to_paper(value: dict | None) -> np.ndarray | None:
     drawn = HWC3(value["composite"]).min(axis=2) < 127
     for layer in value.get("layers") or []:
         drawn |= layer[:, :, 3] > 127
+    if not drawn.any():  # an untouched canvas
+        return None
     return np.repeat(np.where(drawn, 0, 255).astype(np.uint8)[:, :, None], 3, axis=2)
 
 
@@ -191,70 +230,154 @@ def new_canvas(width: int, height: int) -> np.ndarray:
     return np.full((int(height), int(width), 3), 255, dtype=np.uint8)
 
 
+def native_resolution(model: torch.nn.Module) -> int:
+    """The image size the model was trained at, in pixels."""
+    return model.image_size * model.vae_scale_factor
+
+
 def resolution_range(model: torch.nn.Module) -> tuple[int, int, int]:
     """(min, max, default) image resolution: half to 1.5x the model's training size, 256-768 for SD1.x."""
-    native = model.image_size * model.vae_scale_factor
+    native = native_resolution(model)
     low, high = max(64, native // 2), max(128, native * 3 // 2)
     return low, high, min(max(64 * round(native / 64), low), high)
 
 
-class Pipeline:
-    """The original apps' process(): detect, DDIM with the hint, decode; bad input raises gr.Error."""
+def canvas_size(model: torch.nn.Module) -> tuple[int, int]:
+    """(canvas side, brush size) for drawing a scribble: 512 and 6 px for SD; 4x a small model's resolution,
+    with a brush that stays about 1.5 px wide once the drawing is shrunk to it."""
+    native = native_resolution(model)
+    side = min(512, max(256, 4 * native))
+    return side, max(6, round(1.5 * side / native))
 
-    def __init__(self, app: ControlApp, model: torch.nn.Module, detectors: Detectors) -> None:
+
+@dataclass
+class UnitRequest:
+    """What the UI sends for one control unit (its inputs are named unit<k>_<field>)."""
+
+    index: int
+    enabled: bool = False
+    image: np.ndarray | None = None
+    control_file: str = OWN
+    preprocessor: str = "none"
+    strength: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    mode: str = "balanced"
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)  # preprocessor -> its settings
+
+    @classmethod
+    def parse(cls, index: int, controls: dict[str, Any]) -> "UnitRequest":
+        prefix = f"unit{index}_"
+        mine = {k[len(prefix):]: v for k, v in controls.items() if k.startswith(prefix)}
+        request = cls(index)
+        for name in ("enabled", "image", "control_file", "preprocessor", "strength", "start", "end", "mode"):
+            if name in mine:
+                setattr(request, name, mine.pop(name))
+        for name, value in mine.items():
+            preprocessor, _, option = name.partition("__")
+            request.options.setdefault(preprocessor, {})[option] = value
+        return request
+
+    def check(self) -> None:
+        """Refuse settings no unit can take, naming the unit."""
+        where = f"Unit {self.index}"
+        self.strength = check_number(f"{where}: Control Strength", self.strength, 0.0, MAX_STRENGTH)
+        self.start = check_number(f"{where}: Starting Control Step", self.start, 0.0, 1.0)
+        self.end = check_number(f"{where}: Ending Control Step", self.end, 0.0, 1.0)
+        if self.start >= self.end:
+            raise user_error(f"{where}: the Starting Control Step ({self.start:g}) must come before the Ending "
+                             f"Control Step ({self.end:g}).", "Invalid setting")
+        if self.preprocessor not in PREPROCESSORS:
+            raise user_error(f"{where}: unknown preprocessor {self.preprocessor!r}.", "Invalid setting")
+        if self.mode not in CONTROL_MODES.values():
+            raise user_error(f"{where}: unknown control mode {self.mode!r}.", "Invalid setting")
+
+
+class Pipeline:
+    """process(): the enabled units' hints, then one sampling run under all of them; bad input raises gr.Error."""
+
+    def __init__(self, app: ControlApp, model: torch.nn.Module, detectors: Detectors,
+                 control_files: ControlFiles) -> None:
         self.app = app
         self.model = model
         self.detectors = detectors
+        self.control_files = control_files
         self.device = model.device
 
     def process(self, input_image: np.ndarray | dict | None, prompt: str, a_prompt: str, n_prompt: str,
-                num_samples: int, image_resolution: int, ddim_steps: int, guess_mode: bool, strength: float,
-                scale: float, seed: int, eta: float, progress: gr.Progress = gr.Progress(), **options: Any
-                ) -> list[np.ndarray]:
-        """[the detected map] + num_samples images of the resized input's size."""
-        image = sketch_to_paper(input_image) if self.app.sketch else input_image
-        if image is None:
+                num_samples: int, image_resolution: int, sampler: str, steps: int, scale: float, seed: int,
+                eta: float, progress: gr.Progress = gr.Progress(), **controls: Any) -> list[np.ndarray]:
+        """[each enabled unit's control map] + num_samples images of the resized input's size."""
+        scale = check_number("Guidance Scale", scale, 0.0, 100.0)
+        eta = check_number("eta", 0.0 if eta is None else eta, 0.0, MAX_ETA)
+        if sampler not in SAMPLERS:
+            raise user_error(f"Unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}.", "Invalid setting")
+        if eta and sampler != "ddim":
+            raise user_error(f"eta is DDIM's; the {SAMPLERS[sampler].label} sampler has none: set it to 0.",
+                             "Invalid setting")
+        resolution = int(image_resolution)
+        main = sketch_to_paper(input_image) if self.app.sketch else input_image
+        units = [UnitRequest.parse(k, controls) for k in range(1, MAX_UNITS + 1)]
+        units = [u for u in units if u.enabled]
+        for unit in units:
+            unit.check()
+        # the picture that sets the size: the input image, else the first unit's own one
+        reference = main if main is not None else next((u.image for u in units if u.image is not None), None)
+        if reference is not None:
+            height, width = resize_image(prepare(reference, resolution), resolution).shape[:2]
+        elif units:
             raise user_error("Draw a scribble first." if self.app.sketch else "Upload an input image first.",
                              "No input image")
-        hint, shown = self.make_hint(image, int(image_resolution), **options)
+        else:  # no control at all: the prompt alone, at the resolution
+            height = width = 64 * max(1, round(resolution / 64))
+        control_units, shown = [], []
+        for unit in units:
+            image = main if unit.index == 1 or unit.image is None else unit.image
+            if image is None:
+                raise user_error(f"Unit {unit.index}: upload its control image, or an input image above.",
+                                 "No input image")
+            hint, preview = self.make_hint(PREPROCESSORS[unit.preprocessor], image, (height, width), resolution,
+                                           crop=image is not main, **unit.options.get(unit.preprocessor, {}))
+            control_units.append(self.control_unit(unit, hint))
+            shown.append(preview)
         try:
-            samples = self.sample(hint, f"{prompt or ''}, {a_prompt or ''}", n_prompt or "", int(num_samples),
-                                  int(ddim_steps), bool(guess_mode), float(strength), float(scale), int(seed),
-                                  float(eta or 0.0), progress)
+            samples = sample(self.model, f"{prompt or ''}, {a_prompt or ''}", n_prompt or "", units=control_units,
+                             sampler=sampler, steps=int(steps), cfg_scale=scale, seed=None if seed == -1 else int(seed),
+                             num_images=int(num_samples), height=height, width=width, eta=eta,
+                             low_vram=config.save_memory,
+                             callback=lambda done, total: progress((done, total), desc="Sampling", unit="steps"))
         except torch.OutOfMemoryError as err:
             raise user_error("Out of GPU memory: use fewer Images, a lower Image Resolution, or --low-vram.",
                              "Out of memory") from err
-        return [shown, *samples]
+        return [*shown, *samples.images]
 
-    def make_hint(self, image: np.ndarray, image_resolution: int, detect_resolution: int | None = None,
-                  **options: Any) -> tuple[np.ndarray, np.ndarray]:
-        """(hint at the resized image's size, the map to show) from an uploaded uint8 picture."""
-        app = self.app
+    def make_hint(self, preprocessor: Preprocessor, image: np.ndarray, size: tuple[int, int], image_resolution: int,
+                  crop: bool = False, detect_resolution: int | None = None, **options: Any
+                  ) -> tuple[np.ndarray, np.ndarray]:
+        """(hint of `size`, the map to show) from an uploaded uint8 picture; `crop` first cuts it to the size's
+        aspect ratio (a unit's own picture)."""
+        height, width = size
+        if preprocessor.detect_resolution is None:
+            detect_resolution = None
         image = prepare(image, max(image_resolution, int(detect_resolution or 0)))
+        if crop:
+            image = crop_to_aspect(image, height, width)
         img = resize_image(image, image_resolution)
-        H, W, _ = img.shape
         # resized before detection, so a huge upload never reaches a detector at full size
         source = img if detect_resolution is None else resize_image(image, int(detect_resolution))
-        detector = None if app.detector is None else self.detectors.get(app.detector)
+        detector = None if preprocessor.detector is None else self.detectors.get(preprocessor.detector)
         with torch.no_grad():
-            detected = HWC3(app.detect(detector, source, **options))
-        hint = app.refine(cv2.resize(detected, (W, H), interpolation=app.interpolation))
-        return hint, app.preview(hint)
+            detected = HWC3(preprocessor.detect(detector, source, **options))
+        hint = preprocessor.refine(cv2.resize(detected, (width, height), interpolation=preprocessor.interpolation))
+        return hint, preprocessor.preview(hint)
 
-    @torch.no_grad()
-    def sample(self, hint: np.ndarray, prompt: str, n_prompt: str, num_samples: int, ddim_steps: int,
-               guess_mode: bool, strength: float, scale: float, seed: int, eta: float,
-               progress: gr.Progress) -> list[np.ndarray]:
-        """num_samples HWC uint8 images guided by `hint` (HWC uint8); seed -1 picks one at random."""
-        control = torch.from_numpy(hint.copy()).float().to(self.device) / 255.0
-        control = einops.rearrange(control, "h w c -> 1 c h w")
-        # guess mode: the ControlNet acts on the cond pass only, so it alone has to carry the content
-        unit = self.model.unit(control, strength=strength, mode="control" if guess_mode else "balanced")
-        samples = sample(self.model, prompt, n_prompt, units=[unit], steps=ddim_steps, cfg_scale=scale,
-                         seed=None if seed == -1 else seed, num_images=num_samples, eta=eta,
-                         low_vram=config.save_memory,
-                         callback=lambda done, total: progress((done, total), desc="Sampling", unit="steps"))
-        return list(samples.images)
+    def control_unit(self, unit: UnitRequest, hint: np.ndarray) -> ControlUnit:
+        """The unit's network (the model's own, or its control file's) on the hint, weighted as it asks."""
+        control = torch.from_numpy(hint.copy()).float().to(self.device).permute(2, 0, 1)[None] / 255.0
+        settings = dict(strength=unit.strength, start=unit.start, end=unit.end, mode=unit.mode)
+        if unit.control_file == OWN:
+            return self.model.unit(control, **settings)
+        return ControlUnit(self.control_files.network(unit.control_file, unit.index), control, **settings)
 
 
 def gallery() -> gr.Gallery:
@@ -263,48 +386,94 @@ def gallery() -> gr.Gallery:
                       format="png")
 
 
-def sketch_input() -> gr.Sketchpad:
-    """Canvas size sliders, a button that opens a fresh white canvas, and the canvas itself."""
-    canvas_width = Slider("canvas_width", "Canvas Width", 256, 1024, 512, 1).make()
-    canvas_height = Slider("canvas_height", "Canvas Height", 256, 1024, 512, 1).make()
+def sketch_input(model: torch.nn.Module) -> gr.Sketchpad:
+    """Canvas size sliders, a button that opens a fresh white canvas, and the canvas itself, sized for the
+    model (see canvas_size)."""
+    side, brush = canvas_size(model)
+    canvas_width = Slider("canvas_width", "Canvas Width", 64, 1024, side, 1).make()
+    canvas_height = Slider("canvas_height", "Canvas Height", 64, 1024, side, 1).make()
     create_button = gr.Button("Open drawing canvas!")
-    canvas = gr.Sketchpad(label="Scribble", type="numpy", image_mode="RGBA", canvas_size=(512, 512),
-                          brush=gr.Brush(default_size=6, default_color="#000000"))
+    canvas = gr.Sketchpad(label="Scribble", type="numpy", image_mode="RGBA", canvas_size=(side, side),
+                          brush=gr.Brush(default_size=brush, default_color="#000000", colors=["#000000"]),
+                          elem_id="scribble")
     create_button.click(new_canvas, inputs=[canvas_width, canvas_height], outputs=[canvas],
                         api_name="new_canvas")
     return canvas
 
 
+def unit_controls(index: int, app: ControlApp, control_files: ControlFiles) -> dict[str, gr.components.Component]:
+    """One control unit's settings as the A1111 extension shows them, by input name (unit<k>_<field>)."""
+    name = f"unit{index}_"
+    controls: dict[str, gr.components.Component] = {
+        name + "enabled": gr.Checkbox(label="Enable", value=index == 1, elem_id=f"{name}enabled")}
+    if index > 1:
+        controls[name + "image"] = image_input(f"Control image of unit {index} (empty: the input image above)")
+    with gr.Row():
+        controls[name + "control_file"] = gr.Dropdown(
+            label="Model (control file)", choices=control_files.choices(), value=OWN,
+            info=f"the loaded model's own network, or a file in {control_files.folder}")
+        preprocessor = controls[name + "preprocessor"] = gr.Dropdown(
+            label="Preprocessor", choices=[(p.label, p.name) for p in PREPROCESSORS.values()],
+            value=app.preprocessor if index == 1 else "none")
+    groups = []
+    for p in PREPROCESSORS.values():
+        if not p.settings:
+            continue
+        with gr.Group(visible=p.name == preprocessor.value) as group:
+            for option in p.settings:
+                controls[f"{name}{p.name}__{option.name}"] = option.make()
+        groups.append((p.name, group))
+    preprocessor.change(lambda chosen: [gr.Group(visible=chosen == n) for n, _ in groups], inputs=[preprocessor],
+                        outputs=[g for _, g in groups], api_visibility="private")
+    controls[name + "strength"] = Slider("strength", "Control Strength", 0.0, MAX_STRENGTH, 1.0, 0.01).make()
+    with gr.Row():
+        controls[name + "start"] = Slider("start", "Starting Control Step", 0.0, 1.0, 0.0, 0.01).make()
+        controls[name + "end"] = Slider("end", "Ending Control Step", 0.0, 1.0, 1.0, 0.01).make()
+    controls[name + "mode"] = gr.Radio(label="Control Mode", choices=list(CONTROL_MODES.items()), value="balanced")
+    return controls
+
+
+def sampler_settings(name: str) -> tuple[gr.Slider, gr.Slider]:
+    """A sampler's default steps; eta only for DDIM (0 for the others, which have none)."""
+    ddim = name == "ddim"
+    return gr.Slider(value=SAMPLERS[name].default_steps), gr.Slider(value=0.0, interactive=ddim)
+
+
 def build_demo(app: ControlApp, pipeline: Pipeline) -> gr.Blocks:
-    """The original app's layout: input, prompt and Run, advanced options folded, gallery on the right."""
-    resolutions = resolution_range(pipeline.model)
+    """Input, prompt and Run; sampler and steps; a tab per control unit; more options folded; gallery on the right."""
+    low, high, default = resolution_range(pipeline.model)
     with gr.Blocks(title=app.title, analytics_enabled=False) as demo:
         gr.Markdown(f"## {app.title}")
         with gr.Row():
             with gr.Column():
-                input_image = sketch_input() if app.sketch else image_input()
-                prompt = gr.Textbox(label="Prompt")
-                run_button = gr.Button("Run", variant="primary")
+                input_image = sketch_input(pipeline.model) if app.sketch else image_input()
+                prompt = gr.Textbox(label="Prompt", elem_id="prompt")
+                run_button = gr.Button("Run", variant="primary", elem_id="run")
+                with gr.Row():
+                    sampler = gr.Dropdown(label="Sampler", choices=[(s.label, s.name) for s in SAMPLERS.values()],
+                                          value="ddim")
+                    steps = Slider("steps", "Steps", 1, 100, SAMPLERS["ddim"].default_steps, 1).make()
+                controls: dict[str, gr.components.Component] = {}
+                with gr.Tabs():
+                    for index in range(1, MAX_UNITS + 1):
+                        with gr.Tab(f"ControlNet Unit {index}"):
+                            controls |= unit_controls(index, app, pipeline.control_files)
                 with gr.Accordion("Advanced options", open=False):
                     num_samples = Slider("num_samples", "Images", 1, 12, 1, 1).make()
-                    image_resolution = Slider("image_resolution", "Image Resolution", *resolutions, 64).make()
-                    strength = Slider("strength", "Control Strength", 0.0, 2.0, 1.0, 0.01).make()
-                    guess_mode = gr.Checkbox(label="Guess Mode", value=False)
-                    settings = (app.detect_resolution, *app.options)
-                    detector_options = {opt.name: opt.make() for opt in settings if opt is not None}
-                    ddim_steps = Slider("ddim_steps", "Steps", 1, 100, 20, 1).make()
+                    image_resolution = Slider("image_resolution", "Image Resolution", low, high, default, 64).make()
                     scale = Slider("scale", "Guidance Scale", 0.1, 30.0, 9.0, 0.1).make()
                     seed = gr.Slider(label="Seed", minimum=-1, maximum=2147483647, step=1, precision=0,
                                      randomize=True)
-                    eta = gr.Number(label="eta (DDIM)", value=0.0)
+                    eta = Slider("eta", "eta (DDIM)", 0.0, MAX_ETA, 0.0, 0.01).make()
                     a_prompt = gr.Textbox(label="Added Prompt", value=A_PROMPT)
                     n_prompt = gr.Textbox(label="Negative Prompt", value=N_PROMPT)
             with gr.Column():
                 result_gallery = gallery()
-        inputs = [input_image, prompt, a_prompt, n_prompt, num_samples, image_resolution, ddim_steps,
-                  guess_mode, strength, scale, seed, eta]
-        run_button.click(pipeline.process, inputs=inputs, inputs_kwargs=detector_options,
-                         outputs=[result_gallery], api_name="process")
+        sampler.change(sampler_settings, inputs=[sampler], outputs=[steps, eta], api_visibility="private")
+        inputs = [input_image, prompt, a_prompt, n_prompt, num_samples, image_resolution, sampler, steps, scale,
+                  seed, eta]
+        run_button.click(pipeline.process, inputs=inputs, inputs_kwargs=controls, outputs=[result_gallery],
+                         api_name="process")
     return demo
 
 
@@ -430,8 +599,23 @@ def quiet_and_low_vram(low_vram: bool) -> None:
     importlib.import_module("share")  # reads config.save_memory on import: quiet logs, sliced attention
 
 
-def launch(demo: gr.Blocks, args: argparse.Namespace) -> None:
-    demo.queue().launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True)
+def launch(demo: gr.Blocks, args: argparse.Namespace, block: bool = True) -> None:
+    """Serve `demo` (uploads up to MAX_UPLOAD); block=False returns once it listens."""
+    demo.queue().launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True,
+                        max_file_size=MAX_UPLOAD, prevent_thread_lock=not block)
+
+
+def own_label(args: argparse.Namespace, default_checkpoint: str) -> str:
+    """How the units' file choice names the loaded model's own control network."""
+    if args.random_weights:
+        return "the model's own (random weights)"
+    return f"the model's own: {Path(args.ckpt or MODELS / default_checkpoint).name} (--ckpt)"
+
+
+def make_pipeline(app: ControlApp, model: torch.nn.Module, args: argparse.Namespace,
+                  device: str | torch.device) -> Pipeline:
+    control_files = ControlFiles(args.control_dir, model, args.config, own_label(args, app.checkpoint))
+    return Pipeline(app, model, Detectors(device, args.random_weights), control_files)
 
 
 def main(app: ControlApp, argv: Sequence[str] | None = None) -> None:
@@ -453,12 +637,15 @@ def main(app: ControlApp, argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES,
                         help="torch.compile the UNet and ControlNet (the first image of each size compiles; "
                              "'reduce-overhead' adds CUDA graphs)")
+    parser.add_argument("--control-dir", default=str(MODELS),
+                        help="folder (searched with its subfolders) of the control files each unit may choose: "
+                             "ControlNet, control-LoRA and LLLite files (default: models/)")
     args = parser.parse_args(argv)
     quiet_and_low_vram(args.low_vram)
     device = resolve_device(args.device)
     model = load_model(args, app.checkpoint, device)
     speed_up(model, args.precision, args.compile)
-    launch(build_demo(app, Pipeline(app, model, Detectors(device, args.random_weights))), args)
+    launch(build_demo(app, make_pipeline(app, model, args, device)), args)
 
 
 def annotator_main(tabs: Sequence[AnnotatorTab], argv: Sequence[str] | None = None) -> None:

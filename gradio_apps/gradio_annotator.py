@@ -11,7 +11,8 @@ from annotator.midas import MidasDetector  # noqa: E402
 from annotator.mlsd import MLSDdetector  # noqa: E402
 from annotator.openpose import OpenposeDetector  # noqa: E402
 from annotator.uniformer import UniformerDetector  # noqa: E402
-from gradio_apps.app_builder import AnnotatorTab, Checkbox, Slider, annotator_main  # noqa: E402
+from gradio_apps.app_builder import AnnotatorTab, annotator_main  # noqa: E402
+from gradio_apps.preprocessors import Checkbox, Slider  # noqa: E402
 
 TABS = (
     AnnotatorTab(
