@@ -157,6 +157,14 @@ def goal(summary: dict) -> dict:
             "target": f"fill IoU with control >= {GOAL_IOU} and >= {GOAL_RATIO}x without"}
 
 
+def app_command(control: Path, guidance_scale: float) -> str:
+    """The command that opens the interactive scribble app on the trained model: the shipped base plus the control
+    export (with sd_locked=False it holds the trained UNet decoder too), at the guidance scale of the evaluation."""
+    return command("gradio_apps/gradio_scribble2image_interactive.py", [
+        "--config", str(CONFIG.relative_to(ROOT)), "--base", str(BASE.relative_to(ROOT)), "--ckpt", str(control),
+        "--scale", str(guidance_scale)])
+
+
 def write_report(out: Path, metrics: dict, summary: dict, curve: list[tuple[int, float]], sheet: Path,
                  grids: list[Path]) -> Path:
     g = metrics["goal"]
@@ -189,7 +197,9 @@ fill_color_acc: that region's mean colour within 50 RGB of the circle's; fill_fl
 canny_f1: hint edges vs cv2.Canny of the output within 2 px; ssim: hint vs Canny of the output.</p>
 <h2>Training loss</h2>{svg_curve(curve)}<p>grey: each logged step; blue: running mean of 10.</p>
 <h2>ImageLogger grids (last step)</h2>{grid_html}
-<h2>Commands run</h2><pre>{commands}</pre></body></html>"""
+<h2>Commands run</h2><pre>{commands}</pre>
+<h2>See the control in a browser</h2><p>Draw a circle, prompt its colours (e.g. "red circle with blue background"),
+press Run:</p><pre>{html.escape(metrics["app_command"])}</pre></body></html>"""
     path = out / "report.html"
     write_text(path, page)
     return path
@@ -270,7 +280,7 @@ def main(argv: list[str] | None = None) -> dict:
     metrics = {"goal": goal(summary), "eval": summary, "settings": asdict(settings), "threads": threads,
                "machine": f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}",
                "seconds": {k: round(v, 1) for k, v in seconds.items()}, "commands": commands,
-               "loss_curve": curve}
+               "app_command": app_command(control, settings.guidance_scale), "loss_curve": curve}
     report = write_report(out, metrics, summary, curve, sheet, grids)
     write_text(out / "metrics.json", json.dumps(metrics, indent=1))
     g = metrics["goal"]
@@ -278,7 +288,9 @@ def main(argv: list[str] | None = None) -> dict:
           f"({g['ratio']:.1f}x); goal ({g['target']}) {'reached' if g['reached'] else 'NOT reached'}"
           f"{' (a smoke run: its few steps are not meant to train the control)' if args.fast else ''}.")
     print(f"Done in {seconds['total'] / 60:.1f} minutes. Report: {report}\nMetrics: {out / 'metrics.json'}\n"
-          f"Image grids: {train_dir / 'image_log' / 'train'}")
+          f"Image grids: {train_dir / 'image_log' / 'train'}\n"
+          f"See the control in a browser (draw a circle, prompt e.g. \"red circle with blue background\"):\n"
+          f"  {metrics['app_command']}")
     return metrics
 
 

@@ -47,7 +47,7 @@ A_PROMPT = "best quality, extremely detailed"
 N_PROMPT = ("longbody, lowres, bad anatomy, bad hands, missing fingers, extra digit, fewer digits, cropped, "
             "worst quality, low quality")
 MAX_ASPECT = 8  # beyond this side ratio, resizing the short side to the resolution takes unbounded memory
-MAX_UNITS = 3
+MAX_UNITS = 3  # Pipeline.process names the pictures of units 2 and 3
 MAX_UPLOAD = "50mb"  # a large photo or an 8K PNG; Gradio refuses bigger uploads before reading them
 MAX_ETA = 1.0  # DDIM's eta: 0 deterministic, 1 as stochastic as DDPM; beyond it the noise overshoots
 MAX_STRENGTH = 2.0
@@ -306,8 +306,14 @@ class Pipeline:
 
     def process(self, input_image: np.ndarray | dict | None, prompt: str, a_prompt: str, n_prompt: str,
                 num_samples: int, image_resolution: int, sampler: str, steps: int, scale: float, seed: int,
-                eta: float, progress: gr.Progress = gr.Progress(), **controls: Any) -> list[np.ndarray]:
-        """[each enabled unit's control map] + num_samples images of the resized input's size."""
+                eta: float, progress: gr.Progress = gr.Progress(), unit2_image: np.ndarray | None = None,
+                unit3_image: np.ndarray | None = None, **controls: Any) -> list[np.ndarray]:
+        """[each enabled unit's control map] + num_samples images of the resized input's size.
+
+        `controls`: each unit's settings as unit<k>_<field> (see UnitRequest); the pictures of units 2 and 3 are
+        named here, so API clients may leave them out.
+        """
+        controls |= {"unit2_image": unit2_image, "unit3_image": unit3_image}
         scale = check_number("Guidance Scale", scale, 0.0, 100.0)
         eta = check_number("eta", 0.0 if eta is None else eta, 0.0, MAX_ETA)
         if sampler not in SAMPLERS:
@@ -336,8 +342,10 @@ class Pipeline:
             if image is None:
                 raise user_error(f"Unit {unit.index}: upload its control image, or an input image above.",
                                  "No input image")
-            hint, preview = self.make_hint(PREPROCESSORS[unit.preprocessor], image, (height, width), resolution,
-                                           crop=image is not main, **unit.options.get(unit.preprocessor, {}))
+            preprocessor = PREPROCESSORS[unit.preprocessor]
+            options = {o.name: o.value for o in preprocessor.settings} | unit.options.get(preprocessor.name, {})
+            hint, preview = self.make_hint(preprocessor, image, (height, width), resolution, crop=image is not main,
+                                           **options)
             control_units.append(self.control_unit(unit, hint))
             shown.append(preview)
         try:
@@ -439,8 +447,9 @@ def sampler_settings(name: str) -> tuple[gr.Slider, gr.Slider]:
     return gr.Slider(value=SAMPLERS[name].default_steps), gr.Slider(value=0.0, interactive=ddim)
 
 
-def build_demo(app: ControlApp, pipeline: Pipeline) -> gr.Blocks:
-    """Input, prompt and Run; sampler and steps; a tab per control unit; more options folded; gallery on the right."""
+def build_demo(app: ControlApp, pipeline: Pipeline, guidance_scale: float = 9.0) -> gr.Blocks:
+    """Input, prompt and Run; sampler and steps; a tab per control unit; more options folded; gallery on the right.
+    `guidance_scale`: the Guidance Scale it starts with (9, as the original apps)."""
     low, high, default = resolution_range(pipeline.model)
     with gr.Blocks(title=app.title, analytics_enabled=False) as demo:
         gr.Markdown(f"## {app.title}")
@@ -461,7 +470,7 @@ def build_demo(app: ControlApp, pipeline: Pipeline) -> gr.Blocks:
                 with gr.Accordion("Advanced options", open=False):
                     num_samples = Slider("num_samples", "Images", 1, 12, 1, 1).make()
                     image_resolution = Slider("image_resolution", "Image Resolution", low, high, default, 64).make()
-                    scale = Slider("scale", "Guidance Scale", 0.1, 30.0, 9.0, 0.1).make()
+                    scale = Slider("scale", "Guidance Scale", 0.1, 30.0, guidance_scale, 0.1).make()
                     seed = gr.Slider(label="Seed", minimum=-1, maximum=2147483647, step=1, precision=0,
                                      randomize=True)
                     eta = Slider("eta", "eta (DDIM)", 0.0, MAX_ETA, 0.0, 0.01).make()
@@ -637,6 +646,9 @@ def main(app: ControlApp, argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES,
                         help="torch.compile the UNet and ControlNet (the first image of each size compiles; "
                              "'reduce-overhead' adds CUDA graphs)")
+    parser.add_argument("--scale", type=float, default=9.0,
+                        help="the Guidance Scale the page starts with (default 9, as the original apps; the demo's "
+                             "small model wants 3)")
     parser.add_argument("--control-dir", default=str(MODELS),
                         help="folder (searched with its subfolders) of the control files each unit may choose: "
                              "ControlNet, control-LoRA and LLLite files (default: models/)")
@@ -645,7 +657,9 @@ def main(app: ControlApp, argv: Sequence[str] | None = None) -> None:
     device = resolve_device(args.device)
     model = load_model(args, app.checkpoint, device)
     speed_up(model, args.precision, args.compile)
-    launch(build_demo(app, make_pipeline(app, model, args, device)), args)
+    if not 0.1 <= args.scale <= 30.0:
+        fail(f"--scale must be between 0.1 and 30, got {args.scale}")
+    launch(build_demo(app, make_pipeline(app, model, args, device), args.scale), args)
 
 
 def annotator_main(tabs: Sequence[AnnotatorTab], argv: Sequence[str] | None = None) -> None:

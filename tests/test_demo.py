@@ -1,6 +1,8 @@
 """The offline demo: `demo.py --fast` end to end, the fidelity metrics on cases with known answers, the base."""
 
+import importlib
 import json
+import shlex
 
 import cv2
 import numpy as np
@@ -21,8 +23,9 @@ def circle(seed: int = 0, size: int = 64) -> dict:
     return sample_circle(np.random.default_rng([seed, 0]), size)
 
 
-def test_demo_fast_writes_report_and_metrics(tmp_path):
+def test_demo_fast_writes_report_and_metrics(tmp_path, monkeypatch):
     import demo
+    from gradio_apps import app_builder
     out = tmp_path / "demo_out"
     metrics = demo.main(["--fast", "--out", str(out), "--threads", "1"])
     for name in ("report.html", "metrics.json", "samples.png", "eval.json", "control_demo_ini.safetensors"):
@@ -38,6 +41,16 @@ def test_demo_fast_writes_report_and_metrics(tmp_path):
     assert "data:image/png;base64," in (out / "report.html").read_text()
     with pytest.raises(FileExistsError, match="--force"):
         demo.main(["--fast", "--out", str(out)])
+    # the command it prints opens the interactive scribble app on the model it trained
+    argv = shlex.split(saved["app_command"])
+    assert argv[:2] == ["python", "gradio_apps/gradio_scribble2image_interactive.py"]
+    assert saved["app_command"] in (out / "report.html").read_text()
+    served = []
+    monkeypatch.setattr(app_builder, "launch", lambda page, args, block=True: served.append(page))
+    monkeypatch.chdir(ROOT)
+    app_builder.main(importlib.import_module("gradio_apps.gradio_scribble2image_interactive").APP, argv[2:])
+    scale = [c["props"] for c in served[0].config["components"] if c["props"].get("label") == "Guidance Scale"]
+    assert [s["value"] for s in scale] == [demo.FAST.guidance_scale]
 
 
 def test_iou_and_edge_f1_known_answers():
