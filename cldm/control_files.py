@@ -13,6 +13,7 @@ a control-LoRA is tied to the model's UNet tensors; an LLLite network must fit t
 Any other file gets one message that says what it holds and what was expected.
 """
 
+import inspect
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -35,6 +36,9 @@ KINDS = (CONTROLNET, CONTROL_LORA, LLLITE)
 # Keys only a ControlNet has (beside the encoder copy it shares with the UNet), with and without the prefix.
 CONTROLNET_KEYS = ("input_hint_block.", "zero_convs.", "middle_block_out.")
 DIFFUSERS_CONTROLNET_KEYS = ("controlnet_cond_embedding.", "controlnet_down_blocks.", "controlnet_mid_block.")
+# Arguments of LoRAControlNet beyond a ControlNet's (its ranks follow the file when it loads one).
+LORA_ARGUMENTS = set(inspect.signature(LoRAControlNet.__init__).parameters) - {"self", "image_size", "hint_channels",
+                                                                                  "spec"}
 EXPECTED = (f"a ControlNet ({CONTROL_PREFIX}* or input_hint_block.* keys), a control-LoRA (the {MARKER!r} "
             f"marker) or an LLLite network ({LLLITE_PREFIX}* keys)")
 
@@ -63,7 +67,7 @@ def controlnet_params(config: str | os.PathLike | DictConfig, hint_channels: int
     params = (config if isinstance(config, DictConfig) else OmegaConf.load(config)).model.params
     control = params.control_stage_config.get("params") or {}
     if "model_channels" in control:
-        spec = {k: v for k, v in OmegaConf.to_container(control).items() if not k.startswith("lora_")}
+        spec = {k: v for k, v in OmegaConf.to_container(control).items() if k not in LORA_ARGUMENTS}
     else:
         spec = {k: v for k, v in OmegaConf.to_container(params.unet_config.params).items() if k != "out_channels"}
         spec.setdefault("hint_channels", 3)

@@ -101,7 +101,9 @@ def test_lllite_file_on_a_full_controlnet_model(tmp_path):
 
 def test_controlnet_params_follow_the_config():
     assert controlnet_params(TINY) == {**controlnet_params(TINY_LLLITE), "hint_channels": 3}
-    assert "lora_linear_rank" not in controlnet_params(TINY_LORA)
+    assert controlnet_params(TINY_LORA) == controlnet_params(TINY)
+    assert controlnet_params(ROOT / "models" / "cldm_xl_lora.yaml") == controlnet_params(ROOT / "models" /
+                                                                                        "cldm_xl.yaml")
     assert controlnet_params(TINY, hint_channels=1)["hint_channels"] == 1
 
 
