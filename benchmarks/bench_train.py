@@ -99,6 +99,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="torch.compile both sides' UNet and ControlNet (optionally a mode)")
     p.add_argument("--channels_last", action="store_true")
     p.add_argument("--cached", action="store_true", help="cached latents and text embeddings (no VAE/text encoder)")
+    p.add_argument("--frozen_dtype", choices=["bf16"], default=None,
+                   help="the frozen weights in bf16 on both sides (tutorial_train --frozen_dtype; diffusers' "
+                        "training scripts' weight_dtype), with --precision bf16-mixed")
     p.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS,
                    help="both sides' optimizer: AdamW (fused where the device has it) or bitsandbytes' AdamW8bit")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -158,6 +161,7 @@ def step_memory(step, holders: list[torch.nn.Module], optimizer: torch.optim.Opt
 def setting_name(args: argparse.Namespace) -> str:
     return (f"{Path(args.config).stem} {args.resolution}px b{args.batch} {args.precision}"
             f"{' cached' if args.cached else ''}{f' {args.optimizer}' if args.optimizer != 'adamw' else ''}"
+            f"{f' frozen {args.frozen_dtype}' if args.frozen_dtype else ''}"
             f"{' ckpt' if args.gradient_checkpointing else ''}"
             f"{' channels_last' if args.channels_last else ''}{f' compile={args.compile}' if args.compile else ''}"
             f"{f' sliced_attention={args.sliced_attention}' if args.sliced_attention else ''}")
@@ -169,6 +173,15 @@ def run(args: argparse.Namespace, model: torch.nn.Module, peer: Peer | None) -> 
     model.optimizer_name = args.optimizer  # make_optimizer builds both sides' optimizers
     result = {"max_eps_diff": check_same_function(model, peer, args.resolution, device)}
     batch = make_batch(model, args.batch, args.resolution, device, args.cached)
+    if args.frozen_dtype is not None:
+        if args.precision != "bf16-mixed":
+            raise SystemExit("--frozen_dtype bf16 needs --precision bf16-mixed")
+        model.cast_frozen(torch.bfloat16)
+        if peer is not None:
+            peer.unet.to(torch.bfloat16)
+            peer.vae.to(torch.bfloat16)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the float32 copies go back before anything is measured
     apply_speed_options(model, peer, args.channels_last, args.compile, args.gradient_checkpointing)
     precision = Precision(args.precision, device)
     sides = {"ours": our_side(model, batch, precision)}

@@ -99,3 +99,21 @@ def test_diffusers_round_trip_keeps_label_emb_bit_exact(tmp_path):
     with pytest.raises(ValueError, match="addition_embed_type"):
         tool_convert_diffusers.main(["from-diffusers", str(tmp_path / "cn"), str(tmp_path / "x.safetensors"),
                                      "--config", str(ROOT / "models" / "cldm_tiny_v21.yaml")])
+
+
+def test_eval_control_samples_sdxl_through_the_pipeline(tmp_path):
+    """tool_eval_control on a tiny SDXL ControlLDM whose ControlNet acts: with and without control differ."""
+    import tool_eval_control
+    from conftest import randomize_zero_convs
+    from tool_make_fill50k import make_fill50k
+    torch.manual_seed(0)
+    model = create_model(TINY_XL)
+    randomize_zero_init(model.model.diffusion_model)
+    model.control_model.load_state_dict(model.model.diffusion_model.state_dict(), strict=False)
+    randomize_zero_convs(model)
+    ckpt = save_state_dict(model.state_dict(), tmp_path / "full.safetensors")
+    data = make_fill50k(tmp_path / "val", n=2, size=64, seed=1)
+    summary = tool_eval_control.main(["--config", str(TINY_XL), "--ckpt", str(ckpt), "--data_root", str(data),
+                                      "--n", "2", "--metrics", "ssim", "--steps", "2", "--device", "cpu",
+                                      "--sampler", "euler"])
+    assert summary["n"] == 2 and summary["metrics"]["ssim"]["paired_diff"]["mean"] != 0.0
