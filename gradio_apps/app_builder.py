@@ -116,6 +116,15 @@ class ControlFiles:
         self._loaded: OrderedDict[tuple[str, int], ControlNetwork] = OrderedDict()
         self._lock = threading.Lock()
 
+    def shown_folder(self) -> str:
+        """The folder as the page names it: relative to the working directory when inside it."""
+        if self.folder is None:
+            return "(none)"
+        try:
+            return str(self.folder.resolve().relative_to(Path.cwd())) + "/"
+        except ValueError:
+            return str(self.folder)
+
     def names(self) -> list[str]:
         """Paths relative to the folder of the files with a checkpoint's suffix."""
         if self.folder is None or not self.folder.is_dir():
@@ -385,7 +394,9 @@ class Pipeline:
         settings = dict(strength=unit.strength, start=unit.start, end=unit.end, mode=unit.mode)
         if unit.control_file == OWN:
             return self.model.unit(control, **settings)
-        return ControlUnit(self.control_files.network(unit.control_file, unit.index), control, **settings)
+        # to the compute device each time: --low-vram parks the UNet (and a control-LoRA's tied tensors) between runs
+        network = self.control_files.network(unit.control_file, unit.index).to(self.device)
+        return ControlUnit(network, control, **settings)
 
 
 def gallery() -> gr.Gallery:
@@ -417,12 +428,13 @@ def unit_controls(index: int, app: ControlApp, control_files: ControlFiles) -> d
     if index > 1:
         controls[name + "image"] = image_input(f"Control image of unit {index} (empty: the input image above)")
     with gr.Row():
-        controls[name + "control_file"] = gr.Dropdown(
-            label="Model (control file)", choices=control_files.choices(), value=OWN,
-            info=f"the loaded model's own network, or a file in {control_files.folder}")
+        control_file = controls[name + "control_file"] = gr.Dropdown(
+            label="Model (control file)", choices=control_files.choices(), value=OWN, scale=4,
+            info=f"the loaded model's own network, or a file in {control_files.shown_folder()}")
+        refresh = gr.Button("↻", size="sm", scale=0, min_width=40, elem_id=f"{name}refresh")
         preprocessor = controls[name + "preprocessor"] = gr.Dropdown(
             label="Preprocessor", choices=[(p.label, p.name) for p in PREPROCESSORS.values()],
-            value=app.preprocessor if index == 1 else "none")
+            value=app.preprocessor if index == 1 else "none", scale=4)
     groups = []
     for p in PREPROCESSORS.values():
         if not p.settings:
@@ -431,6 +443,9 @@ def unit_controls(index: int, app: ControlApp, control_files: ControlFiles) -> d
             for option in p.settings:
                 controls[f"{name}{p.name}__{option.name}"] = option.make()
         groups.append((p.name, group))
+    # files put into the folder after the page was built become choices (Gradio accepts only listed ones)
+    refresh.click(lambda: gr.Dropdown(choices=control_files.choices()), outputs=[control_file],
+                  api_name=f"refresh_unit{index}", api_visibility="undocumented")
     preprocessor.change(lambda chosen: [gr.Group(visible=chosen == n) for n, _ in groups], inputs=[preprocessor],
                         outputs=[g for _, g in groups], api_visibility="private")
     controls[name + "strength"] = Slider("strength", "Control Strength", 0.0, MAX_STRENGTH, 1.0, 0.01).make()

@@ -224,6 +224,13 @@ def test_three_units_with_lllite_and_control_lora_files_sample_as_the_pipeline(s
     expected = sample(model, "a house, ", "", units=units, sampler="euler_a", steps=3, cfg_scale=5.0, seed=77,
                       num_images=2)
     np.testing.assert_array_equal(np.stack(out[3:]), expected.images)
+    # a file put into the folder later is a choice once the unit's list is refreshed (as the page's button does)
+    random_control_file("cldm_tiny_lllite.yaml", served.folder / "later.safetensors", 0.2)
+    later = dict(settings, unit2_control_file="later.safetensors")
+    with pytest.raises(AppError, match="not in the list of choices"):
+        process(entry.client, value, **later)
+    entry.client.predict(api_name="/refresh_unit2")
+    np.testing.assert_array_equal(np.stack(process(entry.client, value, **later)[3:]), expected.images)
     # each file's unit changes the images: the request used them all
     for unit in ("unit2", "unit3"):
         fewer = process(entry.client, value, **{**settings, f"{unit}_enabled": False})
