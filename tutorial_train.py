@@ -25,7 +25,7 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from torch.utils.data import Dataset
 
 import share  # noqa: F401  (quiet logs; sliced attention when config.save_memory)
-from cldm.cli import devices_arg, refuse_existing, run_tool, str2bool
+from cldm.cli import devices_arg, given_on_command_line, refuse_existing, run_tool, str2bool
 from cldm.data import FORMATS, BadSampleError, PairedImageDataset, Resize, detect_format, open_dataset
 from cldm.data.images import RESIZE_MODES
 from cldm.data.loading import SkippedSamples, TrainData, report_captions, sample_error_message
@@ -53,7 +53,7 @@ from tutorial_dataset import CachedDataset
 log = logging.getLogger(__name__)
 
 
-def parse_args(argv: list[str] | None, config: str, resume_path: str) -> argparse.Namespace:
+def build_parser(config: str, resume_path: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=config, help="model YAML (default %(default)s)")
     p.add_argument("--resume_path", default=None,
@@ -148,7 +148,11 @@ def parse_args(argv: list[str] | None, config: str, resume_path: str) -> argpars
                            "(SDXL: 7 GB instead of 14); needs --precision bf16-mixed / 16-mixed to match")
     fast.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES,
                       help="torch.compile the UNet and the control network, optionally naming a mode")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None, config: str, resume_path: str) -> argparse.Namespace:
+    return build_parser(config, resume_path).parse_args(argv)
 
 
 # --frozen_dtype: the dtype of the frozen weights, and the --precision whose autocast they compute under.
@@ -266,7 +270,10 @@ def report_captions_for(model: pl.LightningModule, dataset: Dataset) -> None:
 
 def main(argv: list[str] | None = None, config: str = "./models/cldm_v15.yaml",
          resume_path: str = "./models/control_sd15_ini.ckpt") -> pl.Trainer:
-    args = parse_args(argv, config, resume_path)
+    parser = build_parser(config, resume_path)
+    args = parser.parse_args(argv)
+    if args.resume is not None:
+        log.info("Resuming from %s with the command line's %s", args.resume, given_on_command_line(parser, args))
     output_dir = Path(args.output_dir)
     export = Path(args.export) if args.export else output_dir / "control_model.safetensors"
     refuse_existing(export, args.force)

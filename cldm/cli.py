@@ -56,6 +56,12 @@ def run_tool(main: Callable[[list[str] | None], object], argv: list[str] | None 
     return 0
 
 
+def given_on_command_line(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """The options whose values differ from the parser's defaults, as `--name value` (for the log)."""
+    given = [f"--{name} {value}" for name, value in vars(args).items() if value != parser.get_default(name)]
+    return ", ".join(given) or "defaults"
+
+
 def refuse_existing(path: str | Path, force: bool) -> None:
     """Fail before any slow work when an output exists and --force was not given, or is a folder."""
     if Path(path).is_dir():

@@ -117,6 +117,8 @@ def test_resume_switches_only_mid_control_back_and_forth(data_root, tmp_path, ca
         mid = train(data_root, out, "--resume", last, "--max_steps", "4", "--only_mid_control", "True", "--force",
                     *common)
     assert mid.global_step == 4 and mid.lightning_module.only_mid_control
+    assert any(m.startswith(f"Resuming from {last} with the command line's ") and f"--data_root {data_root}, " in m
+               and "--max_steps 4, " in m and "--only_mid_control True" in m for m in caplog.messages)
     assert ("Resuming with only_mid_control = True (from the command line); the checkpoint's run had False"
             in caplog.messages)
     assert read_checkpoint(last)["control_training"]["only_mid_control"] is True
