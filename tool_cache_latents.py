@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 
 from cldm.cli import run_tool
 from cldm.model import create_model, load_checkpoint
-from cldm.training import ENCODERS_FINGERPRINT, encoders_fingerprint
+from cldm.training import ENCODERS_FINGERPRINT, encoders_fingerprints
 from ldm.checkpoint import ENCODER_PREFIXES, TEMP_SUFFIX, remove_stale_temps, require_finite, temp_prefix
 from ldm.models.diffusion.ddpm import DDPM
 from tutorial_dataset import CACHE_META, MyDataset
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> Path:
             raise ValueError(f"{args.ckpt} lacks {len(report.missing)} VAE / text encoder weights of "
                              f"{args.config}, e.g. {report.missing[:3]}")
         require_finite(model.state_dict(), args.ckpt)
-    source = {"config": str(args.config), "ckpt": str(args.ckpt), ENCODERS_FINGERPRINT: encoders_fingerprint(model)}
+    source = {"config": str(args.config), "ckpt": str(args.ckpt), ENCODERS_FINGERPRINT: encoders_fingerprints(model)}
     model.first_stage_model.to(args.device)
     model.conditioning_model.to(args.device)
     out = cache_latents(model, dataset, args.out, args.batch_size, args.num_workers, args.force, source)

@@ -46,7 +46,8 @@ FIXED_ON_RESUME = ("optimizer",)
 # Where a ControlLDM checkpoint records its training settings and its optimizer's parameter names.
 TRAINING_STATE = "control_training"
 PARAM_GROUPS = "param_groups"
-ENCODERS_FINGERPRINT = "encoders_fingerprint"  # meta.json of a latent cache
+ENCODERS_FINGERPRINT = "encoders_fingerprint"  # meta.json of a latent cache: dtype name -> fingerprint
+FINGERPRINT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def training_settings(model: torch.nn.Module) -> dict[str, Any]:
@@ -147,9 +148,19 @@ def check_fresh_output(checkpoint_dir: str | os.PathLike, resume: str | None, fo
                     f"continue that run with --resume {last}, choose another --output_dir, or pass --force")
 
 
-def encoders_fingerprint(model: torch.nn.Module) -> str:
-    """The fingerprint of the frozen VAE and text encoder(s), whose outputs a latent cache holds."""
-    return weights_fingerprint({k: v for k, v in model.state_dict().items() if k.startswith(ENCODER_PREFIXES)})
+def encoders_fingerprints(model: torch.nn.Module) -> dict[str, str]:
+    """Fingerprints of the frozen VAE and text encoder(s), whose outputs a latent cache holds: of their weights
+    as they are, and rounded to each dtype --frozen_dtype may hold them in (a resumed run's come so)."""
+    state = encoder_weights(model)
+    return {name: weights_fingerprint(cast_floats(state, dtype)) for name, dtype in FINGERPRINT_DTYPES.items()}
+
+
+def encoder_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.state_dict().items() if k.startswith(ENCODER_PREFIXES)}
+
+
+def cast_floats(state: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
 
 
 def check_cache(model: torch.nn.Module, meta: Mapping, cache_dir: str | os.PathLike) -> None:
@@ -159,7 +170,9 @@ def check_cache(model: torch.nn.Module, meta: Mapping, cache_dir: str | os.PathL
         raise UserError(f"{cache_dir} records no fingerprint of the VAE and text encoder it was made with "
                         f"(made by an older tool_cache_latents.py), so it cannot be checked against this model",
                         rebuild)
-    if meta[ENCODERS_FINGERPRINT] != encoders_fingerprint(model):
+    recorded, state = meta[ENCODERS_FINGERPRINT], encoder_weights(model)
+    if not any(recorded.get(name) == weights_fingerprint(cast_floats(state, dtype))
+               for name, dtype in FINGERPRINT_DTYPES.items()):
         raise UserError(f"{cache_dir} was made with another VAE / text encoder (from {meta.get('ckpt', '?')}) "
                         f"than this run's model: its latents and text embeddings do not fit it", rebuild)
 

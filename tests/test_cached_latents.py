@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import default_collate
 
 import tool_cache_latents
-from cldm.model import create_model, save_state_dict
+from cldm.model import create_model, load_state_dict, save_state_dict
 from conftest import ROOT, randomize_zero_convs, randomize_zero_init
 from ldm.checkpoint import UserError
 from tool_make_fill50k import make_fill50k
@@ -131,3 +131,22 @@ def test_a_cache_of_other_encoder_weights_is_refused(data_root, tmp_path):
         main([*args, "--resume_path", str(other)])
     assert "tool_cache_latents.py" in refused.value.advice
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_resumed_run_with_bf16_frozen_weights_keeps_its_cache(data_root, tmp_path):
+    """--frozen_dtype bf16 saves the frozen encoders rounded to bf16; the cache of their float32 weights still
+    fits the resumed run (the SDXL 24 GB recipe resumes so)."""
+    from tutorial_train import main
+    initial = initial_checkpoint(tmp_path / "ini.ckpt", seed=0)
+    cache = tool_cache_latents.main(["--config", TINY, "--ckpt", str(initial), "--data_root", str(data_root),
+                                     "--out", str(tmp_path / "cache")])
+    assert set(json.loads((cache / "meta.json").read_text())["encoders_fingerprint"]) == {
+        "float32", "bfloat16", "float16"}
+    args = ["--config", TINY, "--cached_latents", str(cache), "--batch_size", "2", "--logger_freq", "1000",
+            "--accelerator", "cpu", "--devices", "1", "--output_dir", str(tmp_path / "run"), "--frozen_dtype", "bf16",
+            "--precision", "bf16-mixed"]
+    main([*args, "--resume_path", str(initial), "--max_steps", "1"])
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert load_state_dict(last)["first_stage_model.decoder.conv_out.weight"].dtype == torch.bfloat16
+    resumed = main([*args, "--resume", str(last), "--max_steps", "2", "--force"])
+    assert resumed.global_step == 2
