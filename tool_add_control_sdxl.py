@@ -7,10 +7,17 @@ the output keeps its dtype, so the ControlNet copy starts in float16 too (traini
 """
 
 import sys
-from functools import partial
+from pathlib import Path
 
 from cldm.cli import run_tool
-from tool_add_control import ROOT, main
+from cldm.control_weights import add_control_main
+
+MODELS = Path(__file__).resolve().parent / "models"
+
+
+def main(argv: list[str] | None = None) -> Path:
+    return add_control_main(argv, MODELS / "cldm_xl.yaml", __doc__.splitlines()[0])
+
 
 if __name__ == "__main__":
-    sys.exit(run_tool(partial(main, default_config=ROOT / "models" / "cldm_xl.yaml")))
+    sys.exit(run_tool(main))

@@ -28,6 +28,7 @@ import share  # noqa: F401  (quiet logs; sliced attention when config.save_memor
 from cldm.cli import devices_arg, given_on_command_line, refuse_existing, run_tool, str2bool
 from cldm.data import FORMATS, BadSampleError, PairedImageDataset, Resize, detect_format, open_dataset
 from cldm.data.images import RESIZE_MODES
+from cldm.data.latent_cache import CachedDataset
 from cldm.data.loading import SkippedSamples, TrainData, report_captions, sample_error_message
 from cldm.fidelity import METRICS
 from cldm.logger import ImageLogger
@@ -48,7 +49,6 @@ from ldm.models.diffusion.ddpm import COMPILE_MODES, OPTIMIZERS, TrainingStopped
 from ldm.models.diffusion.samplers import SAMPLERS
 from ldm.modules.diffusionmodules.openaimodel import set_gradient_checkpointing
 from ldm.modules.encoders.modules import FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder
-from tutorial_dataset import CachedDataset
 
 log = logging.getLogger(__name__)
 

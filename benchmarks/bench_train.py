@@ -42,8 +42,8 @@ from benchmarks.common import (  # noqa: E402
     tensor_bytes,
     without,
 )
+from cldm.data.latent_cache import encode_images, encode_prompts  # noqa: E402
 from ldm.models.diffusion.ddpm import OPTIMIZERS  # noqa: E402
-from tool_cache_latents import encode_images, encode_prompts  # noqa: E402
 
 
 def make_batch(model: torch.nn.Module, batch: int, resolution: int, device: torch.device, cached: bool) -> dict:

@@ -1,7 +1,7 @@
 """What both benchmarks share: our model and diffusers' on the same weights, precision, timing, memory, tables.
 
 The peer is diffusers' UNet2DConditionModel + ControlNetModel (+ AutoencoderKL) built from our state dict
-with diffusers' own LDM converters (UNet, VAE) and tool_convert_diffusers (ControlNet). diffusers' text
+with diffusers' own LDM converters (UNet, VAE) and cldm/diffusers_convert.py (ControlNet). diffusers' text
 encoder would need transformers, which is not a dependency, so both sides use our text encoder: it runs
 only without cached latents, and then for both alike.
 
@@ -83,7 +83,7 @@ def build_peer(model: nn.Module, config: str | Path, device: torch.device) -> Pe
     from diffusers.loaders import single_file_utils as convert
     from omegaconf import OmegaConf
 
-    import tool_convert_diffusers
+    from cldm.diffusers_convert import build_mapping, to_diffusers
 
     original = OmegaConf.to_container(OmegaConf.load(config), resolve=True)
     sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -91,9 +91,9 @@ def build_peer(model: nn.Module, config: str | Path, device: torch.device) -> Pe
         unet_config = convert.create_unet_diffusers_config_from_ldm(original, sd)
         unet = diffusers.UNet2DConditionModel(**unet_config)
         unet.load_state_dict(convert.convert_ldm_unet_checkpoint(sd, unet_config))
-        mapping = tool_convert_diffusers.build_mapping(config)
+        mapping = build_mapping(config)
         controlnet = diffusers.ControlNetModel.from_config(mapping.config)
-        controlnet.load_state_dict(tool_convert_diffusers.to_diffusers(sd, mapping))
+        controlnet.load_state_dict(to_diffusers(sd, mapping))
         vae_config = convert.create_vae_diffusers_config_from_ldm(original, sd)
         vae = diffusers.AutoencoderKL(**vae_config)
         vae.load_state_dict(convert.convert_ldm_vae_checkpoint(sd, vae_config))

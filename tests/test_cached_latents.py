@@ -7,11 +7,12 @@ import torch
 from torch.utils.data import default_collate
 
 import tool_cache_latents
+from cldm.data.latent_cache import CachedDataset, cache_latents
 from cldm.model import create_model, load_state_dict, save_state_dict
 from conftest import ROOT, randomize_zero_convs, randomize_zero_init
 from ldm.checkpoint import UserError
 from tool_make_fill50k import make_fill50k
-from tutorial_dataset import CachedDataset, MyDataset
+from tutorial_dataset import MyDataset
 
 TINY = str(ROOT / "models" / "cldm_tiny.yaml")
 
@@ -24,7 +25,7 @@ def data_root(tmp_path_factory):
 @pytest.fixture
 def cached(tiny_model, data_root, tmp_path):
     randomize_zero_convs(tiny_model)
-    out = tool_cache_latents.cache_latents(tiny_model, MyDataset(data_root), tmp_path / "cache", batch_size=4)
+    out = cache_latents(tiny_model, MyDataset(data_root), tmp_path / "cache", batch_size=4)
     return tiny_model, out
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import tool_convert_diffusers as tool
+from cldm.diffusers_convert import build_mapping
 from cldm.model import create_model, load_checkpoint, load_state_dict, save_state_dict
 from conftest import ROOT
 
@@ -67,7 +68,7 @@ def test_round_trip_is_bit_exact_and_loads_into_controlldm(exported):
                                                           ("cldm_v21.yaml", [5, 10, 20, 20], True, 1024)])
 def test_full_size_mapping_matches_diffusers_layout(name, heads, linear, context):
     """The SD1.5 / SD2.1 mapping lands on exactly the keys and shapes diffusers builds from our config."""
-    mapping = tool.build_mapping(ROOT / "models" / name)
+    mapping = build_mapping(ROOT / "models" / name)
     assert (mapping.config["attention_head_dim"], mapping.config["use_linear_projection"],
             mapping.config["cross_attention_dim"]) == (heads, linear, context)
     assert mapping.config["down_block_types"] == ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]
@@ -82,7 +83,7 @@ def test_full_size_mapping_matches_diffusers_layout(name, heads, linear, context
 
 
 def test_pooled_config_sets_global_pool_conditions():
-    config = tool.build_mapping(ROOT / "models" / "cldm_v15_avg_pool.yaml").config
+    config = build_mapping(ROOT / "models" / "cldm_v15_avg_pool.yaml").config
     assert config["global_pool_conditions"] is True
 
 

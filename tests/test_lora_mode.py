@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 
 import tool_fuse_control_lora
 from cldm.control import ControlUnit
+from cldm.diffusers_convert import build_mapping
 from cldm.lora import (
     LoRAControlNet,
     LoRAConv2d,
@@ -23,7 +24,6 @@ from cldm.model import CONTROL_PREFIX, create_model, load_checkpoint, load_state
 from conftest import ROOT, randomize_zero_init
 from ldm.checkpoint import BASE_PREFIXES
 from ldm.util import instantiate_from_config
-from tool_convert_diffusers import build_mapping
 from tool_make_fill50k import make_fill50k
 from tutorial_dataset import MyDataset
 

@@ -133,10 +133,11 @@ def test_cached_latents_and_text_give_the_online_loss(tiny_xl, tmp_path, monkeyp
     from torch.utils.data import default_collate
 
     import tool_cache_latents
-    from tutorial_dataset import CachedDataset, MyDataset
+    from cldm.data.latent_cache import CachedDataset, cache_latents
+    from tutorial_dataset import MyDataset
     randomize_zero_convs(tiny_xl)
     data = make_fill50k(tmp_path / "fill50k", n=4, size=64, seed=0)
-    cache = tool_cache_latents.cache_latents(tiny_xl, MyDataset(data), tmp_path / "cache", batch_size=3)
+    cache = cache_latents(tiny_xl, MyDataset(data), tmp_path / "cache", batch_size=3)
     # the command line too (it moves the SDXL conditioner, not a cond_stage_model, to the device)
     tool_cache_latents.main(["--config", str(TINY_XL), "--ckpt", "none", "--data_root", str(data),
                              "--out", str(tmp_path / "cli_cache")])
