@@ -46,8 +46,9 @@ def test_a_file_in_kohyas_sdxl_layout_loads_strictly(xl_lllite):
     net = load_lllite(file)
     assert (net.cond_emb_dim, net.network_dim) == (32, 64)
     net.check_fits(xl_lllite.model.diffusion_model)
-    assert {k: tuple(v.shape) for k, v in net.state_dict().items()} == ref
-    assert all(torch.equal(net.state_dict()[k], v) for k, v in file.items())
+    loaded = net.state_dict()
+    assert {k: tuple(v.shape) for k, v in loaded.items()} == ref
+    assert all(torch.equal(loaded[k], v) for k, v in file.items())
     report = xl_lllite.load_control(file)
     assert report.ok and not report.missing
     with pytest.raises(RuntimeError, match="up.0.weight"):  # strict: a wrong shape names the tensor
