@@ -7,8 +7,9 @@
 import sys
 from functools import partial
 
+import share  # noqa: F401  (quiet logs; sliced attention when config.save_memory)
 from cldm.cli import run_tool
-from tutorial_train import main
+from cldm.train_command import main
 
 if __name__ == "__main__":
     sys.exit(run_tool(partial(main, config="./models/cldm_v21.yaml", resume_path="./models/control_sd21_ini.ckpt")))

@@ -88,7 +88,7 @@ def test_training_logs_checkpoints_resumes_and_exports(data_root, tmp_path):
 
 
 def test_the_config_governs_unless_an_option_is_given(tmp_path, caplog):
-    from tutorial_train import build_model, parse_args
+    from cldm.train_command import build_model, parse_args
     config = OmegaConf.load(TINY)
     config.model.params.update(learning_rate=3e-4, sd_locked=False, only_mid_control=True, drop_prompt_rate=0.25)
     yaml = tmp_path / "tiny_unlocked.yaml"

@@ -1,0 +1,324 @@
+"""The training command line, as the original tutorial has it: tutorial_train.py and its SD2.1 twin run this.
+
+    python tool_add_control.py ./models/v1-5-pruned.ckpt ./models/control_sd15_ini.ckpt
+    python tutorial_train.py                      # the original's settings
+    python tutorial_train.py --devices 2 --strategy ddp --precision bf16-mixed --drop_prompt_rate 0.5
+    python tool_cache_latents.py --ckpt ./models/control_sd15_ini.ckpt --out ./training/fill50k_cache
+    python tutorial_train.py --cached_latents ./training/fill50k_cache --precision bf16-mixed \\
+        --gradient_checkpointing False                  # fast; benchmarks/RESULTS.md has the low-memory recipes
+
+Writes image_log/ (ImageLogger grids), checkpoints/ (Lightning checkpoints every --checkpoint_every
+steps and at the end, last.ckpt kept; continue with --resume checkpoints/last.ckpt) and a control-only
+export (`control_model.*` in safetensors, like the ControlNet 1.1 files) under --output_dir.
+"""
+
+import argparse
+import importlib.util
+import logging
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from torch.utils.data import Dataset
+
+from cldm.cli import devices_arg, given_on_command_line, refuse_existing, str2bool
+from cldm.data import FORMATS, BadSampleError, PairedImageDataset, Resize, detect_format, open_dataset
+from cldm.data.images import RESIZE_MODES
+from cldm.data.latent_cache import CachedDataset
+from cldm.data.loading import SkippedSamples, TrainData, report_captions, sample_error_message
+from cldm.fidelity import METRICS
+from cldm.logger import ImageLogger
+from cldm.model import CONTROL_PREFIX, create_model, load_checkpoint, save_state_dict
+from cldm.training import (
+    AtomicCheckpointIO,
+    apply_training_options,
+    check_cache,
+    check_fresh_output,
+    given_options,
+    load_resumed_weights,
+    read_resume_checkpoint,
+)
+from cldm.validation import DEFAULTS as VALIDATION
+from cldm.validation import ControlValidation, read_held_out
+from ldm.checkpoint import UserError, require_finite
+from ldm.models.diffusion.ddpm import COMPILE_MODES, OPTIMIZERS, TrainingStopped
+from ldm.models.diffusion.samplers import SAMPLERS
+from ldm.modules.diffusionmodules.openaimodel import set_gradient_checkpointing
+from ldm.modules.encoders.modules import FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder
+
+log = logging.getLogger(__name__)
+
+
+def build_parser(config: str, resume_path: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=config, help="model YAML (default %(default)s)")
+    p.add_argument("--resume_path", default=None,
+                   help=f"initial weights made by tool_add_control.py (default {resume_path}); 'none' starts "
+                        "from the config's random weights")
+    p.add_argument("--resume", default=None, help="Lightning checkpoint to continue from, e.g. checkpoints/last.ckpt")
+    p.add_argument("--data_root", default=None,
+                   help="data folder or shard URI (default ./training/fill50k, or the one a --cached_latents cache "
+                        "records)")
+    p.add_argument("--image_size", type=int, default=None,
+                   help="stretch images to this square size, ignoring their aspect ratio (the original's sizing; "
+                        "see --resolution)")
+    p.add_argument("--batch_size", type=int, default=4)
+    model = p.add_argument_group("training settings (default: the config's; on resume, a change is logged)")
+    model.add_argument("--learning_rate", type=float, default=None, help="(the original's: 1e-5)")
+    model.add_argument("--sd_locked", type=str2bool, default=None,
+                       help="False also trains the UNet's decoder (the original's: True)")
+    model.add_argument("--only_mid_control", type=str2bool, default=None,
+                       help="True adds only the middle block's residual (the original's: False)")
+    model.add_argument("--drop_prompt_rate", type=float, default=None,
+                       help="probability of training on an empty prompt (the paper uses 0.5; the original code 0)")
+    model.add_argument("--optimizer", default=None, choices=OPTIMIZERS,
+                       help="adamw (fused kernel where the device has one; the default) or adamw8bit (needs "
+                            "bitsandbytes)")
+    p.add_argument("--max_steps", type=int, default=-1, help="-1: until max_epochs (Lightning's default 1000)")
+    p.add_argument("--max_nan_steps", type=int, default=0,
+                   help="skip up to N steps whose loss is NaN or infinite before stopping (default: stop at the "
+                        "first)")
+    p.add_argument("--accumulate_grad_batches", type=int, default=1)
+    p.add_argument("--precision", default="32", help="32, 16-mixed, bf16-mixed, ...")
+    p.add_argument("--logger_freq", type=int, default=300, help="ImageLogger: every N global steps")
+    p.add_argument("--log_every_n_steps", type=int, default=50, help="how often losses go to the loggers")
+    p.add_argument("--sample_steps", type=int, default=50, help="DDIM steps of the logged samples")
+    p.add_argument("--num_workers", type=int, default=0)
+    p.add_argument("--accelerator", default="auto")
+    p.add_argument("--devices", type=devices_arg, default="auto", help="auto, a count, or a list like 0,1")
+    p.add_argument("--strategy", default="auto", help="auto, ddp, deepspeed_stage_2, fsdp, ...")
+    p.add_argument("--checkpoint_every", type=int, default=1000, help="save a checkpoint every N global steps")
+    p.add_argument("--output_dir", default=".", help="where image_log/, checkpoints/ and lightning_logs/ go")
+    p.add_argument("--export", default=None,
+                   help="control-only safetensors written at the end (default OUTPUT_DIR/control_model.safetensors)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--force", action="store_true",
+                   help="overwrite an existing export, and the checkpoints of an earlier run in OUTPUT_DIR")
+    data = p.add_argument_group("data (docs/data.md)")
+    data.add_argument("--data_format", choices=FORMATS, default=None,
+                      help="reader of --data_root (default: told by the files it holds)")
+    data.add_argument("--resolution", type=int, default=None,
+                      help="bring images of any size to this resolution with --resize (default: as stored)")
+    data.add_argument("--resize", choices=RESIZE_MODES, default="center_crop",
+                      help="with --resolution: short side to N then a centre or random N x N crop, a stretch to "
+                           "N x N, or aspect-ratio buckets of about N*N pixels (default %(default)s)")
+    data.add_argument("--conditioning_data_dir", default=None, help="kohya format: the folder of hint images")
+    data.add_argument("--caption_extension", default=".txt", help="kohya format: caption files' extension")
+    data.add_argument("--image_column", default="image", help="hf format: the target image column")
+    data.add_argument("--conditioning_image_column", default="conditioning_image", help="hf format: the hint column")
+    data.add_argument("--caption_column", default="text", help="hf format: the caption column")
+    data.add_argument("--split", default="train", help="hf format: the split to train on")
+    data.add_argument("--allow_outside_root", action="store_true",
+                      help="fill50k format: read prompt.json entries that are absolute or contain '..'")
+    data.add_argument("--skip_bad_samples", action="store_true",
+                      help="log, count and skip unreadable or misfit samples instead of stopping")
+    data.add_argument("--num_nodes", type=int, default=1, help="machines in the run (launch: docs/data.md)")
+    val = p.add_argument_group("control fidelity while training (docs/train.md; off unless --val_data is given)")
+    val.add_argument("--val_data", default=None,
+                     help="held-out data root (any format): sampled with fixed seeds every --val_every steps; its "
+                          "fidelity metrics (val/*) and a sheet of images go to the loggers and image_log/val/")
+    val.add_argument("--val_every", type=int, default=None, help=f"global steps between validations "
+                                                                  f"(default {VALIDATION['every']})")
+    val.add_argument("--val_samples", type=int, default=None,
+                     help=f"the first N held-out samples (default {VALIDATION['samples']})")
+    val.add_argument("--val_sampler", choices=list(SAMPLERS), default=None,
+                     help=f"(default {VALIDATION['sampler']})")
+    val.add_argument("--val_steps", type=int, default=None, help=f"sampling steps (default {VALIDATION['steps']})")
+    val.add_argument("--val_scale", type=float, default=None,
+                     help=f"classifier-free guidance scale (default {VALIDATION['scale']}, as tool_eval_control.py)")
+    val.add_argument("--val_metrics", nargs="+", choices=METRICS, default=None,
+                     help="default: fill (when every target is Fill50K-type), canny, ssim")
+    val.add_argument("--val_data_format", choices=FORMATS, default=None,
+                     help="reader of --val_data (default: told by its files)")
+    val.add_argument("--val_conditioning_data_dir", default=None, help="kohya format: the held-out set's hints")
+    val.add_argument("--val_split", default=None, help="hf format: the held-out split (default train)")
+    fast = p.add_argument_group("speed and memory (figures in benchmarks/RESULTS.md)")
+    fast.add_argument("--cached_latents", default=None, metavar="DIR",
+                      help="train from a tool_cache_latents.py cache: the VAE and text encoder do not run")
+    fast.add_argument("--gradient_checkpointing", type=str2bool, default=None,
+                      help="recompute activations in backward (use_checkpoint): less memory, slower steps "
+                           "(default: as the config says)")
+    fast.add_argument("--channels_last", action="store_true", help="NHWC memory format for the convolutions")
+    fast.add_argument("--frozen_dtype", choices=tuple(FROZEN_DTYPES), default=None,
+                      help="hold the frozen weights (UNet, VAE, text encoders) in this dtype: half their memory "
+                           "(SDXL: 7 GB instead of 14); needs --precision bf16-mixed / 16-mixed to match")
+    fast.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES,
+                      help="torch.compile the UNet and the control network, optionally naming a mode")
+    return p
+
+
+def parse_args(argv: list[str] | None, config: str, resume_path: str) -> argparse.Namespace:
+    return build_parser(config, resume_path).parse_args(argv)
+
+
+# --frozen_dtype: the dtype of the frozen weights, and the --precision whose autocast they compute under.
+FROZEN_DTYPES = {"bf16": (torch.bfloat16, "bf16-mixed"), "fp16": (torch.float16, "16-mixed")}
+
+
+def load_initial_weights(model: pl.LightningModule, path: str, config: str) -> None:
+    """--resume_path: every weight must come from the file except those the mode initialises itself
+    (model.fresh_prefixes), and all must be finite."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"Initial checkpoint not found: {path}; make it from an SD checkpoint first, e.g. "
+                                f"python tool_add_control.py ./models/v1-5-pruned.ckpt {path}")
+    report = load_checkpoint(model, path)
+    missing = [k for k in report.missing if not k.startswith(model.fresh_prefixes)]
+    if missing:
+        raise UserError(f"{path} lacks {len(missing)} weights of {config}, e.g. {missing[:3]}",
+                        "for a full ControlNet, make the initial checkpoint with tool_add_control.py")
+    if report.unexpected:
+        log.info("Ignoring %d keys of %s the model does not use, e.g. %s", len(report.unexpected), path,
+                 report.unexpected[:3])
+    require_finite(model.state_dict(), path)
+
+
+def build_model(args: argparse.Namespace, resume_path: str) -> pl.LightningModule:
+    """The model of --config with the weights of --resume (a Lightning checkpoint of this config) or of
+    --resume_path (initial weights), and the training settings of the config and the command line."""
+    model = create_model(args.config).cpu()
+    resumed = None
+    if args.resume is not None:
+        if args.resume_path is not None:
+            raise UserError("--resume_path is not used with --resume: the weights come from the checkpoint",
+                            "drop --resume_path, or drop --resume to start a new run from its weights")
+        resumed = read_resume_checkpoint(args.resume)
+        if resumed is not None:
+            load_resumed_weights(model, resumed, args.resume, args.config, CONTROL_PREFIX)
+    elif (args.resume_path or resume_path).lower() != "none":
+        load_initial_weights(model, args.resume_path or resume_path, args.config)
+    apply_training_options(model, given_options(args), resumed, args.resume)
+    model.max_nan_steps = args.max_nan_steps
+    if args.gradient_checkpointing is not None:
+        set_gradient_checkpointing(model, args.gradient_checkpointing)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if args.compile:
+        model.compile_denoiser(mode=args.compile)
+    return model
+
+
+def build_dataset(args: argparse.Namespace) -> Dataset:
+    """The reader of --data_root (any format), or the latent cache's with --cached_latents."""
+    if args.cached_latents is None:
+        if args.image_size is not None and args.resolution is not None:
+            raise UserError("give --image_size (stretch) or --resolution (with --resize), not both")
+        resize = Resize(args.image_size, "stretch") if args.image_size is not None else \
+            Resize(args.resolution, args.resize)
+        return open_dataset(args.data_root or "./training/fill50k", args.data_format, resize,
+                            conditioning_data_dir=args.conditioning_data_dir,
+                            caption_extension=args.caption_extension, image_column=args.image_column,
+                            conditioning_image_column=args.conditioning_image_column,
+                            caption_column=args.caption_column, split=args.split,
+                            allow_outside_root=args.allow_outside_root, skip_bad=args.skip_bad_samples,
+                            seed=args.seed or 0)
+    dataset = CachedDataset(args.cached_latents, data_root=args.data_root)
+    if args.image_size not in (None, dataset.size):
+        raise UserError(f"{args.cached_latents} was cached at image size {dataset.size}, not --image_size "
+                        f"{args.image_size}")
+    return dataset
+
+
+def build_validation(args: argparse.Namespace) -> ControlValidation | None:
+    """The --val_* options as a ControlValidation callback; None without --val_data (then none may be given)."""
+    given = {k: v for k, v in vars(args).items() if k.startswith("val_") and v is not None}
+    if args.val_data is None:
+        if given:
+            raise UserError(f"--{next(iter(given))} is given without --val_data, so it would do nothing",
+                            "name a held-out data root with --val_data, or drop it")
+        return None
+    settings = {**VALIDATION, **{k[len("val_"):]: v for k, v in given.items()}}
+    if args.image_size is not None:
+        resize = Resize(args.image_size, "stretch")
+    else:  # the training's sizing without its randomness; one size for all, so they batch
+        resize = Resize(args.resolution, "stretch" if args.resize == "stretch" else "center_crop")
+    try:
+        data_format = args.val_data_format or detect_format(args.val_data, args.val_conditioning_data_dir)
+    except ValueError as err:
+        raise UserError(f"--val_data {args.val_data}: {err}", "a held-out set's own options are "
+                        "--val_data_format, --val_conditioning_data_dir and --val_split") from err
+    for option, applies_to in (("val_conditioning_data_dir", "kohya"), ("val_split", "hf")):
+        if getattr(args, option) is not None and data_format != applies_to:
+            raise UserError(f"--{option} applies to the {applies_to} format, not to the {data_format} format of "
+                            f"--val_data {args.val_data}")
+    # the training's options that describe a format's files apply to a held-out set of that format too
+    schema = {"fill50k": dict(allow_outside_root=args.allow_outside_root),
+              "kohya": dict(conditioning_data_dir=args.val_conditioning_data_dir,
+                            caption_extension=args.caption_extension),
+              "hf": dict(image_column=args.image_column, conditioning_image_column=args.conditioning_image_column,
+                         caption_column=args.caption_column, split=args.val_split or "train"),
+              "shards": {}}[data_format]
+    held_out = read_held_out(args.val_data, settings["samples"], data_format=data_format, resize=resize, **schema)
+    return ControlValidation(held_out, settings["every"], args.val_metrics, settings["sampler"], settings["steps"],
+                             settings["scale"], batch_size=args.batch_size, save_dir=args.output_dir)
+
+
+def report_captions_for(model: pl.LightningModule, dataset: Dataset) -> None:
+    """Empty captions, and captions longer than a CLIP text encoder reads, named by file (a log warning)."""
+    if not isinstance(dataset, PairedImageDataset):
+        return
+    encoder = model.cond_stage_model
+    if isinstance(encoder, (FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder)):
+        tokenizer = encoder.tokenizer  # the context holds start and end tokens besides the caption's
+        report_captions(dataset, lambda c: len(tokenizer.encode(c)), tokenizer.context_length - 2)
+    else:
+        report_captions(dataset)
+
+
+def main(argv: list[str] | None = None, config: str = "./models/cldm_v15.yaml",
+         resume_path: str = "./models/control_sd15_ini.ckpt") -> pl.Trainer:
+    parser = build_parser(config, resume_path)
+    args = parser.parse_args(argv)
+    if args.resume is not None:
+        log.info("Resuming from %s with the command line's %s", args.resume, given_on_command_line(parser, args))
+    output_dir = Path(args.output_dir)
+    export = Path(args.export) if args.export else output_dir / "control_model.safetensors"
+    refuse_existing(export, args.force)
+    check_fresh_output(output_dir / "checkpoints", args.resume, args.force)
+    validation = build_validation(args)
+    if args.seed is not None:
+        pl.seed_everything(args.seed, workers=True)
+
+    if args.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError("--optimizer adamw8bit needs bitsandbytes", "pip install bitsandbytes")
+    if args.frozen_dtype is not None and args.precision != FROZEN_DTYPES[args.frozen_dtype][1]:
+        raise UserError(f"--frozen_dtype {args.frozen_dtype} needs --precision "
+                        f"{FROZEN_DTYPES[args.frozen_dtype][1]}, got --precision {args.precision}",
+                        "the frozen weights compute under that precision's autocast")
+    model = build_model(args, resume_path)
+    dataset = build_dataset(args)
+    if args.cached_latents is not None:
+        check_cache(model, dataset.meta, args.cached_latents)
+    if args.frozen_dtype is not None:  # after the cache check, whose fingerprint is of the float32 weights
+        model.cast_frozen(FROZEN_DTYPES[args.frozen_dtype][0])
+    report_captions_for(model, dataset)
+    data = TrainData(dataset, args.batch_size, args.num_workers, seed=args.seed or 0, skip_bad=args.skip_bad_samples)
+    skipped = SkippedSamples()
+    image_logger = ImageLogger(batch_frequency=args.logger_freq, log_images_kwargs={"ddim_steps": args.sample_steps})
+    checkpoints = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="step-{step:06d}",
+                                  every_n_train_steps=args.checkpoint_every, save_top_k=1, save_last=True,
+                                  auto_insert_metric_name=False, enable_version_counter=False)
+    trainer = pl.Trainer(accelerator=args.accelerator, devices=args.devices, strategy=args.strategy,
+                         precision=args.precision, max_steps=args.max_steps, log_every_n_steps=args.log_every_n_steps,
+                         accumulate_grad_batches=args.accumulate_grad_batches, num_nodes=args.num_nodes,
+                         callbacks=[image_logger, checkpoints, skipped] + ([validation] if validation else []),
+                         use_distributed_sampler=False,
+                         logger=[TensorBoardLogger(output_dir), CSVLogger(output_dir)], default_root_dir=output_dir,
+                         plugins=[AtomicCheckpointIO()])
+
+    try:
+        trainer.fit(model, datamodule=data, ckpt_path=args.resume, weights_only=True)
+    except BadSampleError as err:
+        raise UserError(sample_error_message(err)) from err
+    except TrainingStopped as err:
+        last = checkpoints.last_model_path or args.resume
+        raise TrainingStopped(str(err), f"{err.advice}; the last checkpoint before it: {last or 'none was saved'}"
+                              ) from err
+
+    trainer.save_checkpoint(output_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    if trainer.is_global_zero:
+        save_state_dict(model.control_state_dict(), export, force=args.force)
+        log.info("Control-only weights: %s\nCheckpoints: %s\nImage grids: %s\nLosses: %s/metrics.csv", export,
+                 output_dir / "checkpoints", output_dir / "image_log" / "train", trainer.loggers[1].log_dir)
+    return trainer
