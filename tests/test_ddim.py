@@ -167,7 +167,7 @@ def test_mask_and_x0_inpaint(tiny_model):
 def test_unimplemented_arguments_are_refused_not_ignored(tiny_model, argument, value):
     text = tiny_model.get_learned_conditioning(["a circle"])
     sampler = DDIMSampler(tiny_model)
-    with pytest.raises(NotImplementedError, match=argument):
+    with pytest.raises(ValueError, match=argument):
         sampler.sample(2, 1, (4, 4, 4), {"c_crossattn": [text]}, verbose=False, **{argument: value})
     sampler.sample(2, 1, (4, 4, 4), {"c_crossattn": [text]}, verbose=False, quantize_x0=False, noise_dropout=0.0)
     with pytest.raises(TypeError, match="unexpected keyword argument 'guidance'"):

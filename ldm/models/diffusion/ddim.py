@@ -176,8 +176,8 @@ class DDIMSampler:
             if name not in UNSUPPORTED:
                 raise TypeError(f"DDIMSampler.sample() got an unexpected keyword argument {name!r}")
             if value is not None and value != UNSUPPORTED[name]:
-                raise NotImplementedError(f"DDIMSampler.sample(): {name}={value!r} is not implemented here; "
-                                          f"leave it at {UNSUPPORTED[name]!r}")
+                raise ValueError(f"DDIMSampler.sample(): {name}={value!r} is not supported here; "
+                                 f"leave it at {UNSUPPORTED[name]!r}")
         if (mask is None) != (x0 is None):
             raise ValueError("inpainting needs both mask and x0")
         self.make_schedule(ddim_num_steps=S, ddim_eta=eta)
