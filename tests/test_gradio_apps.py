@@ -510,3 +510,22 @@ def test_browser_draws_a_circle_the_demo_controlnet_fills(browser, tmp_path):
     without = np.mean([iou(fill_region(image, red, blue), disc) for image in free])
     print(f"drawn circle: fill IoU {with_control:.3f} with control, {without:.3f} without")
     assert with_control >= 0.6 and with_control >= 2 * without, (with_control, without)
+
+
+def test_sdxl_configs_run_in_the_apps():
+    xl = create_model(ROOT / "models" / "cldm_xl.yaml", device="meta")
+    assert app_builder.resolution_range(xl) == (512, 1536, 1024)  # the sliders follow the config: 1024 px
+    torch.manual_seed(0)
+    tiny_config = ROOT / "models" / "cldm_tiny_xl.yaml"
+    tiny = create_model(tiny_config).eval()
+    randomize_zero_init(tiny.model.diffusion_model)  # as trained: a zero output layer would hide any control
+    randomize_zero_convs(tiny)
+    app = importlib.import_module("gradio_apps.gradio_canny2image").APP
+    pipeline = Pipeline(app, tiny, Detectors("cpu", random_init=True), ControlFiles(None, tiny, tiny_config, "own"))
+    side = app_builder.native_resolution(tiny)
+    settings = dict(unit1_enabled=True, unit1_preprocessor="canny", unit1_mode="control")
+    out = pipeline.process(picture(side, side), "a house", "", "", 1, side, "euler_a", 2, 5.0, 3, 0.0, **settings)
+    assert [o.shape for o in out] == [(side, side, 3)] * 2
+    off = pipeline.process(picture(side, side), "a house", "", "", 1, side, "euler_a", 2, 5.0, 3, 0.0,
+                           **{**settings, "unit1_strength": 0.0})
+    assert not np.array_equal(out[1], off[1])  # the ControlNet-XL steers the SDXL UNet through the app
