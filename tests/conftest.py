@@ -23,12 +23,19 @@ def reference_keys(name: str) -> dict[str, tuple[int, ...]]:
     return keys
 
 
+def model_as_trained(config, seed: int = 0):
+    """The config's model with random weights (seeded), its UNet's zero-initialised layers randomised: a zero
+    output layer would make eps, and so any control's effect, exactly zero."""
+    from cldm.model import create_model
+    torch.manual_seed(seed)
+    model = create_model(config)
+    randomize_zero_init(model.model.diffusion_model)
+    return model
+
+
 @pytest.fixture
 def tiny_model():
-    from cldm.model import create_model
-    torch.manual_seed(0)
-    model = create_model(ROOT / "models" / "cldm_tiny.yaml")
-    randomize_zero_init(model.model.diffusion_model)
+    model = model_as_trained(ROOT / "models" / "cldm_tiny.yaml")
     return model
 
 

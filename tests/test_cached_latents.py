@@ -8,8 +8,8 @@ from torch.utils.data import default_collate
 
 import tool_cache_latents
 from cldm.data.latent_cache import CachedDataset, cache_latents
-from cldm.model import create_model, load_state_dict, save_state_dict
-from conftest import ROOT, randomize_zero_convs, randomize_zero_init
+from cldm.model import load_state_dict, save_state_dict
+from conftest import ROOT, model_as_trained, randomize_zero_convs
 from ldm.checkpoint import UserError
 from tool_make_fill50k import make_fill50k
 from tutorial_dataset import MyDataset
@@ -94,9 +94,7 @@ def test_cache_files_and_refusals(cached, data_root, tmp_path):
 
 def initial_checkpoint(path, seed: int):
     """Initial weights as tool_add_control.py would give them, of a tiny model that can learn."""
-    torch.manual_seed(seed)
-    model = create_model(TINY)
-    randomize_zero_init(model.model.diffusion_model)
+    model = model_as_trained(TINY, seed)
     return save_state_dict(model.state_dict(), path)
 
 

@@ -19,8 +19,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from cldm.model import create_model, save_state_dict
-from conftest import ROOT, randomize_zero_init
+from cldm.model import save_state_dict
+from conftest import ROOT, model_as_trained
 from tool_make_fill50k import make_fill50k
 
 TINY, TINY_V21 = ROOT / "models" / "cldm_tiny.yaml", ROOT / "models" / "cldm_tiny_v21.yaml"
@@ -36,9 +36,7 @@ class _RunsCode:
 def bad(tmp_path_factory) -> SimpleNamespace:
     """The bad inputs, and a few good ones to combine them with, in one folder (`bad.dir`)."""
     d = tmp_path_factory.mktemp("bad_inputs")
-    torch.manual_seed(0)
-    model = create_model(TINY)
-    randomize_zero_init(model.model.diffusion_model)
+    model = model_as_trained(TINY)
     state = model.state_dict()
     sd = {k: v for k, v in state.items() if not k.startswith("control_model.")}
     nan = dict(state, **{"control_model.zero_convs.0.0.weight": torch.full_like(

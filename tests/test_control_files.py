@@ -9,7 +9,7 @@ from cldm.control import ControlUnit
 from cldm.control_files import CONTROL_LORA, CONTROLNET, LLLITE, control_kind, controlnet_params, load_control_network
 from cldm.diffusers_names import diffusers_module_names, rename_module
 from cldm.model import create_model, save_state_dict
-from conftest import ROOT, randomize_zero_convs, randomize_zero_init
+from conftest import ROOT, model_as_trained, randomize_zero_convs
 from ldm.checkpoint import CheckpointError, UserError
 
 TINY = ROOT / "models" / "cldm_tiny.yaml"
@@ -19,9 +19,7 @@ TINY_V21 = ROOT / "models" / "cldm_tiny_v21.yaml"
 
 
 def build(config, seed: int = 0):
-    torch.manual_seed(seed)
-    model = create_model(config).eval()
-    randomize_zero_init(model.model.diffusion_model)
+    model = model_as_trained(config, seed).eval()
     return model
 
 

@@ -7,8 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from cldm.control import ControlUnit
-from cldm.model import create_model
-from conftest import REFERENCE, ROOT, randomize_zero_convs, randomize_zero_init
+from conftest import REFERENCE, ROOT, model_as_trained, randomize_zero_convs
 from ldm.models.diffusion.ddim import DDIMSampler, uniform_timesteps
 
 
@@ -25,9 +24,7 @@ def test_uniform_timesteps_for_every_step_count():
 def golden_model(config: str):
     """The models tests/reference/ddim_golden.safetensors was sampled from (commit 7c07b2b, before the sampler
     moved onto the guidance and sampler modules)."""
-    torch.manual_seed(0)
-    model = create_model(ROOT / "models" / f"{config}.yaml")
-    randomize_zero_init(model.model.diffusion_model)
+    model = model_as_trained(ROOT / "models" / f"{config}.yaml")
     if config == "cldm_tiny_lllite":
         gen = torch.Generator().manual_seed(4)
         with torch.no_grad():

@@ -33,7 +33,7 @@ from cldm.control_files import load_control_network
 from cldm.fidelity import fill_region, iou
 from cldm.model import create_model, save_state_dict
 from cldm.pipeline import sample
-from conftest import randomize_zero_convs, randomize_zero_init
+from conftest import model_as_trained, randomize_zero_convs
 from gradio_apps import app_builder
 from gradio_apps.app_builder import CONTROL_MODES, ControlFiles, Detectors, Pipeline
 from gradio_apps.preprocessors import PREPROCESSORS
@@ -85,9 +85,7 @@ def component(demo: gr.Blocks, label: str) -> list[dict]:
 
 
 def tiny_served_model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    model = create_model(TINY_CONFIG).eval()
-    randomize_zero_init(model.model.diffusion_model)
+    model = model_as_trained(TINY_CONFIG).eval()
     randomize_zero_convs(model)
     return model
 
@@ -515,10 +513,8 @@ def test_browser_draws_a_circle_the_demo_controlnet_fills(browser, tmp_path):
 def test_sdxl_configs_run_in_the_apps():
     xl = create_model(ROOT / "models" / "cldm_xl.yaml", device="meta")
     assert app_builder.resolution_range(xl) == (512, 1536, 1024)  # the sliders follow the config: 1024 px
-    torch.manual_seed(0)
     tiny_config = ROOT / "models" / "cldm_tiny_xl.yaml"
-    tiny = create_model(tiny_config).eval()
-    randomize_zero_init(tiny.model.diffusion_model)  # as trained: a zero output layer would hide any control
+    tiny = model_as_trained(tiny_config).eval()
     randomize_zero_convs(tiny)
     app = importlib.import_module("gradio_apps.gradio_canny2image").APP
     pipeline = Pipeline(app, tiny, Detectors("cpu", random_init=True), ControlFiles(None, tiny, tiny_config, "own"))

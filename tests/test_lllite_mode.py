@@ -15,7 +15,7 @@ from test_control import eps_pair, grads_after_step, make_batch
 from cldm.control import ControlUnit, unconditional_units
 from cldm.lllite import ControlNetLLLite, LLLiteControlLDM, lllite_targets, load_lllite
 from cldm.model import create_model, load_checkpoint, load_state_dict, save_state_dict
-from conftest import ROOT, randomize_zero_convs, randomize_zero_init
+from conftest import ROOT, model_as_trained, randomize_zero_convs, randomize_zero_init
 
 TINY_LLLITE = ROOT / "models" / "cldm_tiny_lllite.yaml"
 KEY = re.compile(r"^lllite_unet_(input_blocks_\d+_1|middle_block_1)_transformer_blocks_\d+_attn(1_to_[qkv]|2_to_q)"
@@ -41,9 +41,7 @@ def randomize_lllite(net: torch.nn.Module, seed: int = 4, std: float = 0.2) -> N
 
 @pytest.fixture
 def lllite_model():
-    torch.manual_seed(0)
-    model = create_model(TINY_LLLITE)
-    randomize_zero_init(model.model.diffusion_model)
+    model = model_as_trained(TINY_LLLITE)
     return model
 
 

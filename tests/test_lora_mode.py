@@ -21,7 +21,7 @@ from cldm.lora import (
     lora_controlnet_from_file,
 )
 from cldm.model import CONTROL_PREFIX, create_model, load_checkpoint, load_state_dict, save_state_dict
-from conftest import ROOT, randomize_zero_init
+from conftest import ROOT, model_as_trained
 from ldm.checkpoint import BASE_PREFIXES
 from ldm.util import instantiate_from_config
 from tool_make_fill50k import make_fill50k
@@ -34,9 +34,7 @@ TINY_LORA = ROOT / "models" / "cldm_tiny_lora.yaml"
 
 def lora_model(seed: int = 0):
     """The tiny LoRA-mode model on a UNet with no zero-initialised layers (as a trained one)."""
-    torch.manual_seed(seed)
-    model = create_model(TINY_LORA)
-    randomize_zero_init(model.model.diffusion_model)
+    model = model_as_trained(TINY_LORA, seed)
     return model
 
 

@@ -7,7 +7,7 @@ import torch
 
 from cldm.control import ControlUnit
 from cldm.model import create_model, load_checkpoint, load_state_dict
-from conftest import ROOT, randomize_zero_convs, randomize_zero_init
+from conftest import ROOT, model_as_trained, randomize_zero_convs
 from tool_make_fill50k import make_fill50k
 
 TINY_XL = ROOT / "models" / "cldm_tiny_xl.yaml"
@@ -23,9 +23,7 @@ def make_batch(n: int = 2, size: int = 64, seed: int = 0) -> dict:
 def tiny_xl():
     """The tiny SDXL ControlLDM as tool_add_control makes it: a UNet with all weights non-zero (as trained) and
     the ControlNet's copy of its encoder, zero convs at zero."""
-    torch.manual_seed(0)
-    model = create_model(TINY_XL)
-    randomize_zero_init(model.model.diffusion_model)
+    model = model_as_trained(TINY_XL)
     copy = model.control_model.load_state_dict(model.model.diffusion_model.state_dict(), strict=False)
     assert not copy.unexpected_keys or all(k.startswith(("output_blocks.", "out.")) for k in copy.unexpected_keys)
     return model

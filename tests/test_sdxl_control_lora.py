@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 import tool_fuse_control_lora
 from cldm.lora import LoRAControlNet
 from cldm.model import create_model, load_checkpoint, load_state_dict, save_state_dict
-from conftest import ROOT, randomize_zero_init, reference_keys
+from conftest import ROOT, model_as_trained, reference_keys
 from ldm.util import instantiate_from_config
 from tool_make_fill50k import make_fill50k
 
@@ -41,9 +41,7 @@ def unet_encoder(model) -> dict[str, torch.Tensor]:
 
 
 def lora_model(seed: int = 0):
-    torch.manual_seed(seed)
-    model = create_model(TINY_XL_LORA)
-    randomize_zero_init(model.model.diffusion_model)
+    model = model_as_trained(TINY_XL_LORA, seed)
     return model
 
 

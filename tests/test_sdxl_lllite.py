@@ -8,7 +8,7 @@ from test_lllite_mode import KEY, module_params, randomize_lllite
 from cldm.control import ControlUnit
 from cldm.lllite import ControlNetLLLite, LLLiteControlLDM, load_lllite
 from cldm.model import create_model, load_checkpoint, load_state_dict, save_state_dict
-from conftest import ROOT, randomize_zero_init, reference_keys
+from conftest import ROOT, model_as_trained, randomize_zero_init, reference_keys
 from ldm.checkpoint import UserError
 from tool_make_fill50k import make_fill50k
 
@@ -60,9 +60,7 @@ def test_a_file_in_kohyas_sdxl_layout_loads_strictly(xl_lllite):
 
 @pytest.fixture
 def tiny_lllite():
-    torch.manual_seed(0)
-    model = create_model(TINY_XL_LLLITE)
-    randomize_zero_init(model.model.diffusion_model)
+    model = model_as_trained(TINY_XL_LLLITE)
     return model
 
 

@@ -19,9 +19,9 @@ from open_clip.tokenizer import SimpleTokenizer
 
 import tool_convert_diffusers
 from benchmarks.bench_sample import peer_scheduler
-from cldm.model import create_model, save_state_dict
+from cldm.model import save_state_dict
 from cldm.pipeline import sample
-from conftest import ROOT, randomize_zero_convs, randomize_zero_init
+from conftest import ROOT, model_as_trained, randomize_zero_convs, randomize_zero_init
 
 TINY_XL = ROOT / "models" / "cldm_tiny_xl.yaml"
 BOS, EOT = 49406, 49407
@@ -83,9 +83,7 @@ def diffusers_unet(model) -> diffusers.UNet2DConditionModel:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    torch.manual_seed(0)
-    model = create_model(TINY_XL).eval()
-    randomize_zero_init(model.model.diffusion_model)
+    model = model_as_trained(TINY_XL).eval()
     randomize_zero_init(model.control_model)  # its ResBlocks' and transformers' zero-initialised outputs
     randomize_zero_convs(model)
     unet = diffusers_unet(model)

@@ -8,7 +8,7 @@ from test_tools_add_control import run_script
 import tool_convert_diffusers
 import tool_transfer_control
 from cldm.model import CONTROL_PREFIX, create_model, load_checkpoint, load_state_dict, save_state_dict
-from conftest import ROOT, randomize_zero_init
+from conftest import ROOT, model_as_trained
 from ldm.checkpoint import BASE_PREFIXES, UNET_PREFIX
 
 TINY_XL = ROOT / "models" / "cldm_tiny_xl.yaml"
@@ -16,9 +16,7 @@ TINY_XL = ROOT / "models" / "cldm_tiny_xl.yaml"
 
 def sgm_base(seed: int = 0, optional_keys: bool = True) -> dict[str, torch.Tensor]:
     """A tiny base in sd_xl_base_1.0.safetensors' layout (float16), with or without its two optional keys."""
-    torch.manual_seed(seed)
-    model = create_model(TINY_XL)
-    randomize_zero_init(model.model.diffusion_model)
+    model = model_as_trained(TINY_XL, seed)
     sd = {k: v.half() for k, v in model.state_dict().items() if not k.startswith(CONTROL_PREFIX)}
     if optional_keys:
         sd["conditioner.embedders.0.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
@@ -106,9 +104,7 @@ def test_eval_control_samples_sdxl_through_the_pipeline(tmp_path):
     import tool_eval_control
     from conftest import randomize_zero_convs
     from tool_make_fill50k import make_fill50k
-    torch.manual_seed(0)
-    model = create_model(TINY_XL)
-    randomize_zero_init(model.model.diffusion_model)
+    model = model_as_trained(TINY_XL)
     model.control_model.load_state_dict(model.model.diffusion_model.state_dict(), strict=False)
     randomize_zero_convs(model)
     ckpt = save_state_dict(model.state_dict(), tmp_path / "full.safetensors")

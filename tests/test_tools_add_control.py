@@ -11,7 +11,7 @@ import tool_add_control
 import tool_transfer_control
 from cldm.cli import run_tool
 from cldm.model import CONTROL_PREFIX, create_model, load_checkpoint, load_state_dict, save_state_dict
-from conftest import ROOT, randomize_zero_init
+from conftest import ROOT, model_as_trained
 from ldm.checkpoint import UNET_PREFIX
 
 TINY, TINY_V21 = ROOT / "models" / "cldm_tiny.yaml", ROOT / "models" / "cldm_tiny_v21.yaml"
@@ -20,9 +20,7 @@ NEW_LAYERS = tuple(CONTROL_PREFIX + name for name in ("zero_convs.", "middle_blo
 
 def sd_checkpoint(config) -> dict[str, torch.Tensor]:
     """An SD-style checkpoint: no control_model.* nor logvar (as SD1.5), plus EMA and position_ids keys."""
-    torch.manual_seed(0)
-    model = create_model(config)
-    randomize_zero_init(model.model.diffusion_model)
+    model = model_as_trained(config)
     sd = {k: v for k, v in model.state_dict().items() if not k.startswith(CONTROL_PREFIX) and k != "logvar"}
     sd["model_ema.x"] = torch.ones(3)
     sd["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from cldm.cldm import ControlLDM
 from cldm.logger import ImageLogger
 from cldm.model import create_model, load_checkpoint, load_state_dict, save_state_dict
-from conftest import ROOT, randomize_zero_init, write_temps_to_dev_full
+from conftest import ROOT, model_as_trained, write_temps_to_dev_full
 from ldm.checkpoint import DiskFullError, UserError, read_checkpoint
 from ldm.models.diffusion.ddpm import TrainingStopped
 from tool_make_fill50k import make_fill50k
@@ -32,9 +32,7 @@ def data_root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def initial(tmp_path_factory):
     """Initial weights as tool_add_control.py gives them, of a tiny model whose UNet passes gradients."""
-    torch.manual_seed(0)
-    model = create_model(TINY)
-    randomize_zero_init(model.model.diffusion_model)
+    model = model_as_trained(TINY)
     return save_state_dict(model.state_dict(), tmp_path_factory.mktemp("initial") / "control_tiny_ini.ckpt")
 
 

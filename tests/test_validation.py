@@ -14,9 +14,9 @@ from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cldm.fidelity import Scorers, evaluate, load_samples
-from cldm.model import create_model, save_state_dict
+from cldm.model import save_state_dict
 from cldm.validation import ControlValidation, HeldOut, choose_metrics, no_control_trains, read_held_out, shards_weights
-from conftest import ROOT, randomize_zero_convs, randomize_zero_init
+from conftest import ROOT, model_as_trained, randomize_zero_convs
 from ldm.checkpoint import UserError
 from tool_make_fill50k import make_fill50k
 
@@ -33,9 +33,7 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def initial(tmp_path_factory):
     """A tiny model whose control acts from the start (random zero convs), as after some training."""
-    torch.manual_seed(0)
-    model = create_model(TINY)
-    randomize_zero_init(model.model.diffusion_model)
+    model = model_as_trained(TINY)
     randomize_zero_convs(model)
     return save_state_dict(model.state_dict(), tmp_path_factory.mktemp("initial") / "ini.ckpt")
 
@@ -105,9 +103,7 @@ def test_validation_samples_under_the_trainings_autocast_with_a_half_precision_f
 
 def test_samples_without_control_are_resampled_only_when_their_weights_train(monkeypatch):
     import cldm.validation
-    torch.manual_seed(0)
-    model = create_model(TINY)
-    randomize_zero_init(model.model.diffusion_model)
+    model = model_as_trained(TINY)
     randomize_zero_convs(model)
     images = np.random.default_rng(0).integers(0, 256, (2, 2, 32, 32, 3), dtype=np.uint8)
     held_out = HeldOut("held", ["red circle with blue background"] * 2, *images)
