@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from cldm import cli
-from cldm.model import atomic_output
+from ldm.checkpoint import write_text
 
 ROOT = Path(__file__).resolve().parent
 CONFIG = ROOT / "models" / "cldm_demo.yaml"
@@ -203,11 +203,6 @@ press Run:</p><pre>{html.escape(metrics["app_command"])}</pre></body></html>"""
     path = out / "report.html"
     write_text(path, page)
     return path
-
-
-def write_text(path: Path, text: str) -> None:
-    with atomic_output(path, force=True) as tmp:
-        Path(tmp).write_text(text, encoding="utf-8")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

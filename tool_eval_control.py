@@ -20,7 +20,8 @@ import torch
 
 from cldm.cli import run_tool
 from cldm.fidelity import Scorers, evaluate, format_table, load_samples, save_sheet, summarize
-from cldm.model import atomic_output, create_model, load_checkpoint, load_state_dict
+from cldm.model import create_model, load_checkpoint, load_state_dict
+from ldm.checkpoint import write_text
 from ldm.models.diffusion.samplers import SAMPLERS
 
 
@@ -83,8 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
                "data_root": str(args.data_root), "metrics": summarize(scores), "skipped": scorers.skipped}
     print(format_table(summary["metrics"]))
     if args.out:
-        with atomic_output(args.out, force=True) as tmp:
-            Path(tmp).write_text(json.dumps(summary, indent=2))
+        write_text(args.out, json.dumps(summary, indent=2))
     if args.sheet:
         save_sheet(args.sheet, hints, targets, images, prompts)
     return summary

@@ -38,9 +38,9 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from cldm.cli import run_tool
 from cldm.data.circles import render, sample_circle
-from cldm.fidelity import COLOR_TOLERANCE, color_error, disc_fit_iou, fill_region, generate, score_fill
-from cldm.model import CONTROL_PREFIX, atomic_output, create_model, load_checkpoint, save_state_dict
-from ldm.checkpoint import BASE_PREFIXES, TEXT_ENCODER_PREFIX, UNET_PREFIX
+from cldm.fidelity import COLOR_TOLERANCE, color_error, disc_fit_iou, fill_region, generate, save_png, score_fill
+from cldm.model import CONTROL_PREFIX, create_model, load_checkpoint, save_state_dict
+from ldm.checkpoint import BASE_PREFIXES, TEXT_ENCODER_PREFIX, UNET_PREFIX, write_text
 
 ROOT = Path(__file__).resolve().parent
 PASS_DISC_IOU, PASS_RATE = 0.8, 0.8
@@ -239,9 +239,7 @@ def save_grid(path: str | Path, images: np.ndarray, circles: list[dict], columns
         for line, text in enumerate((c["color_name"], "on " + c["background_name"])):
             cv2.putText(sheet, text[:21], (x + 2, y + h + 10 + 11 * line), cv2.FONT_HERSHEY_PLAIN, 0.7,
                         (0, 0, 0), 1, cv2.LINE_AA)
-    ok, png = cv2.imencode(".png", cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
-    with atomic_output(path, force=True) as tmp:
-        Path(tmp).write_bytes(png.tobytes())
+    save_png(path, sheet)
 
 
 def machine() -> str:
@@ -343,8 +341,7 @@ def main(argv: list[str] | None = None) -> dict:
         load_checkpoint(model, str(weights))
     report["scale_factor"] = float(model.scale_factor)
     run_checks(model, args, report, grid)
-    with atomic_output(report_path, force=True) as tmp:
-        Path(tmp).write_text(json.dumps(report, indent=1))
+    write_text(report_path, json.dumps(report, indent=1))
     print(f"weights: {weights}\nreport: {report_path}\nsamples: {grid}")
     return report
 

@@ -16,7 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 from cldm.cldm import ControlNet
 from cldm.cli import refuse_existing
 from cldm.diffusers_names import diffusers_module_names, rename_module
-from cldm.model import CONTROL_PREFIX, atomic_output, load_state_dict, save_state_dict
+from cldm.model import CONTROL_PREFIX, load_state_dict, save_state_dict
+from ldm.checkpoint import write_text
 from ldm.modules.diffusionmodules.openaimodel import UNetSpec
 
 log = logging.getLogger(__name__)
@@ -275,11 +276,6 @@ def check_config(found: dict, expected: dict, source: str) -> None:
                          + "; ".join(diffs))
 
 
-def write_text_atomic(text: str, path: Path) -> None:
-    with atomic_output(path, force=True) as tmp:
-        Path(tmp).write_text(text)
-
-
 def convert_to_diffusers(in_path: str | os.PathLike, out_dir: str | os.PathLike,
                          config_path: str | os.PathLike = DEFAULT_CONFIG, force: bool = False) -> Path:
     """Write OUT_DIR/config.json and OUT_DIR/diffusion_pytorch_model.safetensors from original weights."""
@@ -295,7 +291,7 @@ def convert_to_diffusers(in_path: str | os.PathLike, out_dir: str | os.PathLike,
     out_dir.mkdir(parents=True, exist_ok=True)
     # Weights first: a folder with a config.json is a finished export.
     save_state_dict(weights, targets[0], force=force)
-    write_text_atomic(json.dumps(mapping.config, indent=2) + "\n", targets[1])
+    write_text(targets[1], json.dumps(mapping.config, indent=2) + "\n")
     return out_dir
 
 

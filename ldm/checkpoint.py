@@ -335,6 +335,13 @@ def atomic_output(path: str | os.PathLike, force: bool = False) -> Iterator[str]
             os.unlink(tmp)
 
 
+def write_text(path: str | os.PathLike, text: str, force: bool = True) -> Path:
+    """A UTF-8 text file written through a temp file renamed into place (see atomic_output)."""
+    with atomic_output(path, force) as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")
+    return Path(path)
+
+
 def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike, force: bool = False) -> Path:
     """Write .safetensors or .ckpt/.pth by extension, through a temp file renamed into place."""
     path = Path(path)
