@@ -20,7 +20,6 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
-from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from torch.utils.data import Dataset
 
 from cldm.cli import devices_arg, given_on_command_line, refuse_existing, str2bool
@@ -38,7 +37,9 @@ from cldm.training import (
     check_fresh_output,
     given_options,
     load_resumed_weights,
+    progress_bar,
     read_resume_checkpoint,
+    run_loggers,
 )
 from cldm.validation import DEFAULTS as VALIDATION
 from cldm.validation import ControlValidation, read_held_out
@@ -294,7 +295,7 @@ def main(argv: list[str] | None = None, config: str = "./models/cldm_v15.yaml",
         model.cast_frozen(FROZEN_DTYPES[args.frozen_dtype][0])
     report_captions_for(model, dataset)
     data = TrainData(dataset, args.batch_size, args.num_workers, seed=args.seed or 0, skip_bad=args.skip_bad_samples)
-    skipped = SkippedSamples()
+    skipped = [SkippedSamples()] if args.skip_bad_samples else []
     image_logger = ImageLogger(batch_frequency=args.logger_freq, log_images_kwargs={"ddim_steps": args.sample_steps})
     checkpoints = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="step-{step:06d}",
                                   every_n_train_steps=args.checkpoint_every, save_top_k=1, save_last=True,
@@ -302,9 +303,9 @@ def main(argv: list[str] | None = None, config: str = "./models/cldm_v15.yaml",
     trainer = pl.Trainer(accelerator=args.accelerator, devices=args.devices, strategy=args.strategy,
                          precision=args.precision, max_steps=args.max_steps, log_every_n_steps=args.log_every_n_steps,
                          accumulate_grad_batches=args.accumulate_grad_batches, num_nodes=args.num_nodes,
-                         callbacks=[image_logger, checkpoints, skipped] + ([validation] if validation else []),
-                         use_distributed_sampler=False,
-                         logger=[TensorBoardLogger(output_dir), CSVLogger(output_dir)], default_root_dir=output_dir,
+                         callbacks=[image_logger, checkpoints, *skipped, *progress_bar()]
+                         + ([validation] if validation else []),
+                         use_distributed_sampler=False, logger=run_loggers(output_dir), default_root_dir=output_dir,
                          plugins=[AtomicCheckpointIO()])
 
     try:
@@ -319,6 +320,8 @@ def main(argv: list[str] | None = None, config: str = "./models/cldm_v15.yaml",
     trainer.save_checkpoint(output_dir / "checkpoints" / "last.ckpt", weights_only=False)
     if trainer.is_global_zero:
         save_state_dict(model.control_state_dict(), export, force=args.force)
-        log.info("Control-only weights: %s\nCheckpoints: %s\nImage grids: %s\nLosses: %s/metrics.csv", export,
-                 output_dir / "checkpoints", output_dir / "image_log" / "train", trainer.loggers[1].log_dir)
+        written = {"Control-only weights": export, "Checkpoints": output_dir / "checkpoints",
+                   "Image grids": output_dir / "image_log" / "train",
+                   "Losses": Path(trainer.loggers[1].log_dir) / "metrics.csv"}
+        log.info("\n".join(f"{what}: {path}" for what, path in written.items() if path.exists()))
     return trainer

@@ -14,12 +14,17 @@
 
 import logging
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import RichProgressBar
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.plugins import TorchCheckpointIO
+from pytorch_lightning.utilities.imports import _RICH_AVAILABLE
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from ldm.checkpoint import (
@@ -264,3 +269,29 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict, path: str | os.PathLike, storage_options: Any | None = None) -> None:
         with atomic_output(path, force=True) as tmp:
             save_torch(checkpoint, tmp)
+
+
+def run_loggers(output_dir: str | os.PathLike) -> list[pl.loggers.Logger]:
+    """TensorBoard and CSV loggers writing into one `lightning_logs/version_N` (each would pick its own N)."""
+    # The CSV logger warns that it "will delete" earlier files when its folder holds any: here TensorBoard's, of
+    # this run, which it leaves alone (it removes only a metrics.csv, and the folder is new).
+    warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
+    tensorboard = TensorBoardLogger(output_dir)
+    return [tensorboard, CSVLogger(output_dir, version=tensorboard.version)]
+
+
+class EpochProgressBar(RichProgressBar):
+    """Lightning's progress bar, which shows "Epoch 3/-2" when the run is bounded by steps (max_epochs -1): then
+    it shows the epoch alone, the global step being in the bar's metrics."""
+
+    def _get_train_description(self, current_epoch: int) -> str:  # the one hook Lightning gives for the label
+        if self.trainer.max_epochs is not None and self.trainer.max_epochs >= 0:
+            return super()._get_train_description(current_epoch)
+        label = f"Epoch {current_epoch}"
+        return f"{label:{len(self.validation_description)}}"
+
+
+def progress_bar() -> list[pl.Callback]:
+    """The progress bar to add to a Trainer's callbacks (Lightning's own TQDM bar, which has no such label, when
+    rich is not installed)."""
+    return [EpochProgressBar()] if _RICH_AVAILABLE else []

@@ -323,3 +323,23 @@ def test_two_process_ddp_on_cpu(data_root, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "ddp" / "control_model.safetensors").is_file()
     assert (tmp_path / "ddp" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_a_run_bounded_by_steps_reports_only_what_it_did(data_root, tmp_path, caplog):
+    """No word of skipped samples without --skip_bad_samples, no image folder that was never written, one version
+    folder for both loggers, and an epoch label without a negative epoch count."""
+    out = tmp_path / "run"
+    with caplog.at_level("INFO"):
+        trainer = train(data_root, out, "--max_steps", "2", "--sd_locked", "False", "--logger_freq", "100")
+    assert not any("bad samples" in m for m in caplog.messages)
+    summary = next(m for m in caplog.messages if m.startswith("Control-only weights: "))
+    assert "Image grids" not in summary and not (out / "image_log").exists()
+    assert f"Losses: {out / 'lightning_logs' / 'version_0' / 'metrics.csv'}" in summary
+    versions = sorted(p.name for p in (out / "lightning_logs").iterdir())
+    assert versions == ["version_0"]
+    assert any(p.name.startswith("events.out.tfevents") for p in (out / "lightning_logs" / "version_0").iterdir())
+    assert trainer.progress_bar_callback._get_train_description(3).strip() == "Epoch 3"
+    resumed = train(data_root, out, "--resume", out / "checkpoints" / "last.ckpt", "--max_steps", "3", "--force",
+                    "--sd_locked", "False", "--logger_freq", "100")
+    assert sorted(p.name for p in (out / "lightning_logs").iterdir()) == ["version_0", "version_1"]
+    assert os.path.exists(os.path.join(resumed.loggers[1].log_dir, "metrics.csv"))

@@ -170,8 +170,10 @@ class SkippedSamples(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.total = int(trainer.strategy.reduce(torch.tensor(float(self.count), device=pl_module.device),
                                                  reduce_op="sum"))
-        if trainer.is_global_zero:
+        if trainer.is_global_zero and self.total:
             log.warning("skipped %d bad samples in training (--skip_bad_samples); each is named above", self.total)
+        elif trainer.is_global_zero:
+            log.info("no bad samples were met in training (--skip_bad_samples)")
 
 
 def report_captions(dataset: PairedImageDataset, count_tokens: Callable[[str], int] | None = None,
