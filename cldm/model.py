@@ -3,7 +3,9 @@
 import contextlib
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import OmegaConf
@@ -20,14 +22,18 @@ log = logging.getLogger(__name__)
 CONTROL_PREFIX = "control_model."
 
 
-def create_model(config_path: str | os.PathLike, device: str | torch.device | None = None) -> torch.nn.Module:
-    """Instantiate `model:` of a YAML config (on `device`, or the current default device)."""
+def create_model(config_path: str | os.PathLike, device: str | torch.device | None = None,
+                 params: Mapping[str, Any] | None = None) -> torch.nn.Module:
+    """Instantiate `model:` of a YAML config (on `device`, or the current default device); `params` override
+    the config's `model.params` (a training's command-line options)."""
     config_path = Path(config_path)
     if not config_path.is_file():
         raise FileNotFoundError(f"Model config not found: {config_path}")
     config = OmegaConf.load(config_path)
     if "model" not in config:
         raise ValueError(f"{config_path} has no top-level `model:` section")
+    if params:
+        config.model.params = OmegaConf.merge(config.model.get("params") or {}, dict(params))
     with torch.device(device) if device is not None else contextlib.nullcontext():
         model = instantiate_from_config(config.model)
     log.info("Loaded model config from [%s]", config_path)

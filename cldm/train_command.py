@@ -32,9 +32,10 @@ from cldm.logger import ImageLogger
 from cldm.model import CONTROL_PREFIX, create_model, load_checkpoint, save_state_dict
 from cldm.training import (
     AtomicCheckpointIO,
-    apply_training_options,
     check_cache,
     check_fresh_output,
+    compare_with_resumed,
+    config_overrides,
     given_options,
     load_resumed_weights,
     progress_bar,
@@ -78,9 +79,9 @@ def build_parser(config: str, resume_path: str) -> argparse.ArgumentParser:
                        help="adamw (fused kernel where the device has one; the default) or adamw8bit (needs "
                             "bitsandbytes)")
     p.add_argument("--max_steps", type=int, default=-1, help="-1: until max_epochs (Lightning's default 1000)")
-    p.add_argument("--max_nan_steps", type=int, default=0,
-                   help="skip up to N steps whose loss is NaN or infinite before stopping (default: stop at the "
-                        "first)")
+    model.add_argument("--max_nan_steps", type=int, default=None,
+                       help="skip up to N steps whose loss is NaN or infinite before stopping (default: stop at the "
+                            "first)")
     p.add_argument("--accumulate_grad_batches", type=int, default=1)
     p.add_argument("--precision", default="32", help="32, 16-mixed, bf16-mixed, ...")
     p.add_argument("--logger_freq", type=int, default=300, help="ImageLogger: every N global steps")
@@ -178,8 +179,8 @@ def load_initial_weights(model: pl.LightningModule, path: str, config: str) -> N
 def build_model(args: argparse.Namespace, resume_path: str) -> pl.LightningModule:
     """The model of --config with the weights of --resume (a Lightning checkpoint of this config) or of
     --resume_path (initial weights), and the training settings of the config and the command line."""
-    model = create_model(args.config).cpu()
-    resumed = None
+    given = given_options(args)
+    model = create_model(args.config, params=config_overrides(args.config, given)).cpu()
     if args.resume is not None:
         if args.resume_path is not None:
             raise UserError("--resume_path is not used with --resume: the weights come from the checkpoint",
@@ -187,10 +188,9 @@ def build_model(args: argparse.Namespace, resume_path: str) -> pl.LightningModul
         resumed = read_resume_checkpoint(args.resume)
         if resumed is not None:
             load_resumed_weights(model, resumed, args.resume, args.config, CONTROL_PREFIX)
+            compare_with_resumed(model, given, resumed, args.resume)
     elif (args.resume_path or resume_path).lower() != "none":
         load_initial_weights(model, args.resume_path or resume_path, args.config)
-    apply_training_options(model, given_options(args), resumed, args.resume)
-    model.max_nan_steps = args.max_nan_steps
     if args.gradient_checkpointing is not None:
         set_gradient_checkpointing(model, args.gradient_checkpointing)
     if args.channels_last:

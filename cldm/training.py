@@ -12,6 +12,7 @@
   of their weights, not a path).
 """
 
+import inspect
 import logging
 import os
 import warnings
@@ -21,6 +22,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from omegaconf import OmegaConf
 from pytorch_lightning.callbacks import RichProgressBar
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.plugins import TorchCheckpointIO
@@ -39,13 +41,16 @@ from ldm.checkpoint import (
     state_dict_of,
     weights_fingerprint,
 )
+from ldm.util import get_obj_from_str
 
 log = logging.getLogger(__name__)
 info = rank_zero_only(log.info)
 
-# Command-line option -> the model attribute it sets (the YAML's parameter of the same name, where it has one).
+# Training settings: the config's model parameter (and command-line option) of each name -> the model attribute
+# that holds it. The config governs; an option given on the command line overrides it.
 TRAINING_OPTIONS = {"learning_rate": "learning_rate", "sd_locked": "sd_locked", "only_mid_control": "only_mid_control",
-                    "drop_prompt_rate": "drop_prompt_rate", "optimizer": "optimizer_name"}
+                    "drop_prompt_rate": "drop_prompt_rate", "optimizer": "optimizer_name",
+                    "max_nan_steps": "max_nan_steps"}
 # Settings whose change on resume cannot take effect: the optimizer state is the optimizer's own.
 FIXED_ON_RESUME = ("optimizer",)
 # Where a ControlLDM checkpoint records its training settings and its optimizer's parameter names.
@@ -64,17 +69,32 @@ def given_options(args: Any) -> dict[str, Any]:
     return {option: getattr(args, option) for option in TRAINING_OPTIONS if getattr(args, option) is not None}
 
 
-def apply_training_options(model: torch.nn.Module, given: Mapping[str, Any], resumed: Mapping | None = None,
-                           resume_path: str | os.PathLike | None = None) -> None:
-    """Set the options given on the command line over the config's values; on resume, compare with the
-    checkpoint's run: each difference is logged, or refused where it cannot take effect."""
-    config = training_settings(model)
+def config_settings(config: str | os.PathLike) -> dict[str, Any]:
+    """The training settings a model config gives: its `model.params`, else the defaults of the model class."""
+    model = OmegaConf.load(config).model
+    params = model.get("params") or {}
+    defaults: dict[str, Any] = {}
+    for cls in reversed(get_obj_from_str(model.target).__mro__):  # a subclass's default wins
+        if "__init__" in vars(cls):
+            defaults |= {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()
+                         if p.default is not inspect.Parameter.empty}
+    return {option: params[option] if option in params else defaults.get(option) for option in TRAINING_OPTIONS}
+
+
+def config_overrides(config: str | os.PathLike, given: Mapping[str, Any]) -> dict[str, Any]:
+    """The model parameters that the options given on the command line override (create_model's `params`); each
+    that differs from the config is logged."""
+    configured = config_settings(config)
     for option, value in given.items():
-        setattr(model, TRAINING_OPTIONS[option], value)
-        if value != config[option]:
-            info("%s = %s (from the command line; the config says %s)", option, value, config[option])
-    if resumed is None:
-        return
+        if value != configured[option]:
+            info("%s = %s (from the command line; the config says %s)", option, value, configured[option])
+    return dict(given)
+
+
+def compare_with_resumed(model: torch.nn.Module, given: Mapping[str, Any], resumed: Mapping,
+                         resume_path: str | os.PathLike) -> None:
+    """On resume, compare the model's settings with the checkpoint's run: each difference is logged, or refused
+    where it cannot take effect."""
     saved = resumed.get(TRAINING_STATE, {})
     for option, value in training_settings(model).items():
         if option not in saved or saved[option] == value:

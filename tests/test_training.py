@@ -88,22 +88,25 @@ def test_training_logs_checkpoints_resumes_and_exports(data_root, tmp_path):
 def test_the_config_governs_unless_an_option_is_given(tmp_path, caplog):
     from cldm.train_command import build_model, parse_args
     config = OmegaConf.load(TINY)
-    config.model.params.update(learning_rate=3e-4, sd_locked=False, only_mid_control=True, drop_prompt_rate=0.25)
+    config.model.params.update(learning_rate=3e-4, sd_locked=False, only_mid_control=True, drop_prompt_rate=0.25,
+                               max_nan_steps=3)
     yaml = tmp_path / "tiny_unlocked.yaml"
     OmegaConf.save(config, yaml)
 
     def settings(*options):
         model = build_model(parse_args(["--config", str(yaml), *options], TINY, "none"), "none")
         return (model.learning_rate, model.sd_locked, model.only_mid_control, model.drop_prompt_rate,
-                model.optimizer_name)
+                model.optimizer_name, model.max_nan_steps)
 
-    assert settings() == (3e-4, False, True, 0.25, "adamw")
+    assert settings() == (3e-4, False, True, 0.25, "adamw", 3)
     with caplog.at_level("INFO"):
         given = settings("--learning_rate", "1e-3", "--sd_locked", "True", "--only_mid_control", "False",
-                         "--drop_prompt_rate", "0", "--optimizer", "adamw")
-    assert given == (1e-3, True, False, 0.0, "adamw")
+                         "--drop_prompt_rate", "0", "--optimizer", "adamw", "--max_nan_steps", "0")
+    assert given == (1e-3, True, False, 0.0, "adamw", 0)
+    assert "optimizer = adamw" not in caplog.text  # the class's default, which the config leaves as is
     assert "learning_rate = 0.001 (from the command line; the config says 0.0003)" in caplog.messages
     assert "only_mid_control = False (from the command line; the config says True)" in caplog.messages
+    assert "max_nan_steps = 0 (from the command line; the config says 3)" in caplog.messages
 
 
 def test_resume_switches_only_mid_control_back_and_forth(data_root, tmp_path, caplog):

@@ -79,8 +79,6 @@ class DiffusionWrapper(nn.Module):
 class DDPM(pl.LightningModule):
     """Gaussian diffusion in pixel space (the base of LatentDiffusion)."""
 
-    optimizer_name = "adamw"  # one of OPTIMIZERS; tutorial_train's --optimizer
-    max_nan_steps = 0  # steps with a non-finite loss skipped before training stops; tutorial_train's --max_nan_steps
     nonfinite_steps = 0
     gradients_checked = False
 
@@ -93,10 +91,17 @@ class DDPM(pl.LightningModule):
                  original_elbo_weight: float = 0.0, v_posterior: float = 0.0, l_simple_weight: float = 1.0,
                  conditioning_key: str | None = None, parameterization: str = "eps",
                  scheduler_config: Any = None, use_positional_encodings: bool = False,
-                 learn_logvar: bool = False, logvar_init: float = 0.0, persistent_schedule: bool = True):
+                 learn_logvar: bool = False, logvar_init: float = 0.0, persistent_schedule: bool = True,
+                 optimizer: str = "adamw", max_nan_steps: int = 0):
         """`persistent_schedule`: whether the schedule buffers (and logvar) are saved in checkpoints, as the
-        original ldm does; sgm-layout models (SDXL) leave them out, as sgm does: they follow from the config."""
+        original ldm does; sgm-layout models (SDXL) leave them out, as sgm does: they follow from the config.
+        `optimizer`: one of OPTIMIZERS; `max_nan_steps`: steps with a non-finite loss skipped before training stops
+        (tutorial_train's --optimizer and --max_nan_steps)."""
         super().__init__()
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+        self.optimizer_name = optimizer
+        self.max_nan_steps = max_nan_steps
         self.persistent_schedule = persistent_schedule
         if parameterization not in ("eps", "x0", "v"):
             raise ValueError(f"parameterization must be 'eps', 'x0' or 'v', got {parameterization!r}")
