@@ -1,14 +1,18 @@
 """ControlNet: a trainable copy of the SD UNet encoder, joined to the locked UNet by zero convolutions."""
 
+import inspect
 import os
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import einops
 import torch
 import torch.nn as nn
+from omegaconf import DictConfig, OmegaConf
 
-from cldm.control import Contribution, ControlUnit, ResidualControl, repeat_to
-from cldm.model import CONTROL_PREFIX, LoadReport, load_checkpoint
+from cldm.control import Contribution, ControlMode, ControlUnit, ResidualControl, repeat_to
+from cldm.diffusers_names import diffusers_module_names, rename_module
+from cldm.model import CONTROL_PREFIX, LoadReport, load_checkpoint, load_state_dict
 from cldm.training import TRAINING_STATE, adapt_optimizer_state, training_state
 from ldm.checkpoint import UNET_PREFIX
 from ldm.models.diffusion.ddpm import LatentDiffusion
@@ -20,7 +24,7 @@ from ldm.modules.diffusionmodules.openaimodel import (
     embed_time_and_vector,
 )
 from ldm.modules.diffusionmodules.util import conv_nd, zero_module
-from ldm.util import instantiate_from_config, log_txt_as_img
+from ldm.util import get_obj_from_str, instantiate_from_config, log_txt_as_img
 
 
 def cat_one(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -127,9 +131,96 @@ class ControlNet(ResidualControl):
         return outs
 
 
+# A full ControlNet file holds its hint encoder and its copy of the UNet encoder (a control-LoRA holds only offsets
+# for the copy): layout -> the first conv of each, as that layout names them.
+CONTROLNET_LAYOUTS = {
+    "original": (f"{CONTROL_PREFIX}input_hint_block.0.weight", f"{CONTROL_PREFIX}input_blocks.0.0.weight"),
+    "unprefixed": ("input_hint_block.0.weight", "input_blocks.0.0.weight"),
+    "diffusers": ("controlnet_cond_embedding.conv_in.weight", "conv_in.weight"),
+}
+
+
+def hint_channels_of(state_dict: Mapping[str, torch.Tensor]) -> int | None:
+    """The input channels of the hint encoder's first conv, in any layout of a ControlNet or a control-LoRA
+    (None when absent)."""
+    for key in (f"{CONTROL_PREFIX}input_hint_block.0.weight", "input_hint_block.0.weight",
+                "controlnet_cond_embedding.conv_in.weight"):
+        if key in state_dict:
+            return int(state_dict[key].shape[1])
+    return None
+
+
+def controlnet_params(config: DictConfig, hint_channels: int | None = None) -> dict:
+    """The ControlNet constructor's arguments for the model of a ControlLDM config: its control network's when that
+    is a ControlNet (one of a subclass without the subclass's own arguments, e.g. LoRA ranks), else its UNet's (an
+    LLLite config has no ControlNet); `hint_channels` replaces the config's."""
+    params = config.model.params
+    control = params.control_stage_config
+    if "model_channels" in (control.get("params") or {}):
+        own = set(inspect.signature(ControlNet.__init__).parameters)
+        extra = set(inspect.signature(get_obj_from_str(control.target).__init__).parameters) - own
+        spec = {k: v for k, v in OmegaConf.to_container(control.params).items() if k not in extra}
+    else:
+        spec = {k: v for k, v in OmegaConf.to_container(params.unet_config.params).items() if k != "out_channels"}
+        spec.setdefault("hint_channels", 3)
+    if hint_channels is not None:
+        spec["hint_channels"] = hint_channels
+    return spec
+
+
+class ControlNetMode(ControlMode):
+    """Full ControlNet files: the original's whole checkpoints, ControlNet 1.1's control-only files and our exports
+    (`control_model.*`), the same keys without the prefix, or diffusers' ControlNetModel names."""
+
+    name = "controlnet"
+    files = ("a full ControlNet (control_model.* keys, the same without the prefix, or diffusers' ControlNetModel "
+             "names: a hint encoder and a copy of the UNet encoder)")
+
+    def layout(self, state_dict: Mapping[str, torch.Tensor]) -> str | None:
+        return next((name for name, keys in CONTROLNET_LAYOUTS.items() if all(k in state_dict for k in keys)), None)
+
+    def weights(self, state_dict: Mapping[str, torch.Tensor], net: ControlNet) -> dict[str, torch.Tensor]:
+        """A file's ControlNet tensors under our names, without the prefix (a whole checkpoint gives only them)."""
+        layout = self.layout(state_dict)
+        if layout == "original":
+            return {k[len(CONTROL_PREFIX):]: v for k, v in state_dict.items() if k.startswith(CONTROL_PREFIX)}
+        if layout == "diffusers":
+            table = {new: old for old, new in diffusers_module_names(net).items()}
+            return {rename_module(k, table): v for k, v in state_dict.items()}
+        return dict(state_dict)
+
+    def network(self, state_dict: Mapping[str, torch.Tensor], model: nn.Module, config: DictConfig) -> ControlNet:
+        with torch.device(next(model.model.diffusion_model.parameters()).device):
+            net = ControlNet(**controlnet_params(config, hint_channels_of(state_dict)))
+        report = load_checkpoint(net, self.weights(state_dict, net))
+        if not report.ok:
+            raise ValueError(f"its weights do not match: {report}")
+        return net
+
+    def export(self, model: "ControlLDM") -> dict[str, torch.Tensor]:
+        """`control_model.*` (the layout of the ControlNet 1.1 files); with sd_locked False also the UNet decoder
+        trained with them, so the file and the base give the trained model."""
+        out = {CONTROL_PREFIX + k: v for k, v in model.control_model.state_dict().items()}
+        if not model.sd_locked:
+            unet = model.model.diffusion_model
+            out |= {f"{UNET_PREFIX}{part}.{k}": v for part in ("output_blocks", "out")
+                    for k, v in unet.get_submodule(part).state_dict().items()}
+        return out
+
+    def load(self, model: "ControlLDM", state_dict: Mapping[str, torch.Tensor]) -> LoadReport:
+        if self.layout(state_dict) != "original":
+            state_dict = {CONTROL_PREFIX + k: v for k, v in self.weights(state_dict, model.control_model).items()}
+        return load_checkpoint(model, state_dict, prefixes=(CONTROL_PREFIX,))
+
+
+CONTROLNET = ControlNetMode()
+
+
 class ControlLDM(LatentDiffusion):
     """LatentDiffusion whose UNet is steered by a ControlNet on a hint image (batch[control_key])."""
 
+    # The mode of this model's own control network: its files, its export.
+    control_mode: ClassVar[ControlMode] = CONTROLNET
     # Key prefixes this mode initialises itself, so an initial checkpoint may lack them. The full
     # ControlNet has none: its copy must come from tool_add_control.py, as in the original.
     fresh_prefixes: tuple[str, ...] = ()
@@ -265,22 +356,16 @@ class ControlLDM(LatentDiffusion):
         super().set_denoiser_dtype(dtype)
         self.control_model.to(dtype)
 
-    def load_control(self, state_dict_or_path: dict | str | os.PathLike) -> LoadReport:
-        """Load a control-only file (the ControlNet 1.1 layout) over the base weights already in the model.
-
-        Modes with their own file layouts (LoRA-offset, LLLite) override this.
-        """
-        return load_checkpoint(self, state_dict_or_path, prefixes=(CONTROL_PREFIX,))
+    def load_control(self, state_dict_or_path: Mapping[str, torch.Tensor] | str | os.PathLike) -> LoadReport:
+        """Load a control file of this model's mode (any of its layouts) over the base weights already in the
+        model; the report names what it left unfilled and what the model does not use."""
+        state_dict = (state_dict_or_path if isinstance(state_dict_or_path, Mapping)
+                      else load_state_dict(state_dict_or_path))
+        return self.control_mode.load(self, state_dict)
 
     def control_state_dict(self) -> dict[str, torch.Tensor]:
-        """The control weights, as `control_model.*` (the layout of the ControlNet 1.1 files); with sd_locked
-        False also the UNet decoder trained with them, so the file and the base give the trained model."""
-        out = {CONTROL_PREFIX + k: v for k, v in self.control_model.state_dict().items()}
-        if not self.sd_locked:
-            unet = self.model.diffusion_model
-            out |= {f"{UNET_PREFIX}{part}.{k}": v for part in ("output_blocks", "out")
-                    for k, v in unet.get_submodule(part).state_dict().items()}
-        return out
+        """The control-only file of this model (its mode's export): what training writes at the end."""
+        return self.control_mode.export(self)
 
     @torch.no_grad()
     def log_images(self, batch: dict, N: int = 4, n_row: int = 2, sample: bool = False, ddim_steps: int = 50,

@@ -5,17 +5,23 @@ Two kinds of network steer the locked UNet from a hint image:
   middle block, which the UNet adds to its own features;
 - `InsideControl` networks (LLLite) change what the UNet's attention projections see, through an
   `InputAdapter` passed down the UNet's forward.
-Both implement `ControlNetwork.contribute`, so a caller never asks which kind a network is. A new mode is one
-module with a network that subclasses one of the two (docs/modes.md).
+Both implement `ControlNetwork.contribute`, so a caller never asks which kind a network is.
+
+Files are the other half of the contract: a `ControlMode` says how its files are recognised, how a file becomes
+its network on a loaded model, and how a trained model's control is exported and loaded back. A new mode is one
+module with a network that subclasses one of the two kinds and a ControlMode, listed in cldm/modes.py
+(docs/modes.md).
 """
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from omegaconf import DictConfig
 
+from ldm.checkpoint import LoadReport
 from ldm.modules.attention import InputAdapter
 
 CONTROL_MODES = ("balanced", "prompt", "control")
@@ -169,3 +175,36 @@ def repeat_to(t: torch.Tensor, n: int) -> torch.Tensor:
 def unconditional_units(units: Sequence[ControlUnit]) -> list[ControlUnit]:
     """The units that also act on the unconditional pass."""
     return [u for u in units if u.acts_on_uncond]
+
+
+class ControlMode(ABC):
+    """A kind of control file: how it is recognised, built into a network, exported and loaded back.
+
+    One object per mode, listed in cldm/modes.py MODES; a ControlLDM names its own in `control_mode`. `model` is a
+    ControlLDM with its base weights loaded, `config` the model's YAML (the `model:` section at least).
+    """
+
+    name: str  # how messages name the mode, e.g. "controlnet"
+    files: str  # what its files hold, for the message about a file that no mode recognises
+
+    @abstractmethod
+    def layout(self, state_dict: Mapping[str, torch.Tensor]) -> str | None:
+        """The name of this mode's layout the tensors are in (e.g. "diffusers"), or None when they are not a file
+        of this mode. It looks for what only this mode's files hold, so that a file of another mode gives None."""
+
+    @abstractmethod
+    def network(self, state_dict: Mapping[str, torch.Tensor], model: nn.Module, config: DictConfig
+                ) -> ControlNetwork:
+        """The network of a file of this mode (any of its layouts) for ControlUnits on `model`, built on the
+        model's UNet as far as the file does not say; raises ValueError, KeyError or RuntimeError naming what does
+        not fit. The caller moves it to the UNet's device and dtype and freezes it."""
+
+    @abstractmethod
+    def export(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The control-only file of a model of this mode: what training writes at the end."""
+
+    @abstractmethod
+    def load(self, model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> LoadReport:
+        """Load a file of this mode (any of its layouts) into the own control network of `model`, a model of this
+        mode. The report names, as the model's keys (`control_model.*`), what the file left unfilled, and the
+        file's keys that the model does not use."""

@@ -4,15 +4,15 @@ from collections.abc import Mapping
 
 import torch.nn as nn
 
-from cldm.cldm import ControlNet
 from ldm.modules.diffusionmodules.openaimodel import Downsample
 
 RESNET_LAYERS = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
                  "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
 
 
-def diffusers_module_names(net: ControlNet) -> dict[str, str]:
-    """ldm module path -> diffusers ControlNetModel module path, for every module of `net` holding weights.
+def diffusers_module_names(net: nn.Module) -> dict[str, str]:
+    """ldm module path -> diffusers ControlNetModel module path, for every module of `net` (a cldm.cldm.ControlNet)
+    holding weights.
 
     Used by tool_convert_diffusers and by the LoRA mode to read ControlLoRA v2's diffusers-named files.
     """

@@ -26,15 +26,16 @@ and loading infers every module's dims from its tensors.
 import math
 import os
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
 from einops import rearrange
+from omegaconf import DictConfig
 
 from cldm.cldm import ControlLDM
-from cldm.control import InsideControl, repeat_to
+from cldm.control import ControlMode, InsideControl, repeat_to
 from cldm.model import CONTROL_PREFIX, LoadReport, load_state_dict
 from ldm.modules.attention import BasicTransformerBlock
 from ldm.modules.diffusionmodules.openaimodel import Downsample
@@ -216,19 +217,55 @@ class ControlNetLLLite(InsideControl):
                         "LLLiteControlLDM.apply_model")
 
 
-def strip_control_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def strip_control_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k.removeprefix(CONTROL_PREFIX): v for k, v in state_dict.items()
             if k.startswith(PREFIX) or k.startswith(CONTROL_PREFIX + PREFIX)}
 
 
-def load_lllite(state_dict_or_path: dict | str | os.PathLike) -> ControlNetLLLite:
+def load_lllite(state_dict_or_path: Mapping[str, torch.Tensor] | str | os.PathLike) -> ControlNetLLLite:
     """An LLLite network from a kohya-named file (or `control_model.`-prefixed keys), dims from the file."""
-    sd = (state_dict_or_path if isinstance(state_dict_or_path, dict)
+    sd = (state_dict_or_path if isinstance(state_dict_or_path, Mapping)
           else load_state_dict(state_dict_or_path))
     lllite = strip_control_prefix(sd)
     if not lllite:
         raise ValueError(f"No LLLite weights ({PREFIX}* keys) in {len(sd)} keys, e.g. {list(sd)[:3]}")
     return ControlNetLLLite.from_state_dict(lllite)
+
+
+class LLLiteMode(ControlMode):
+    """kohya's ControlNet-LLLite files (`lllite_unet_*`, also under `control_model.`); the network's dims are read
+    from the file and it must fit the loaded model's UNet."""
+
+    name = "lllite"
+    files = f"an LLLite network ({PREFIX}* keys)"
+
+    def layout(self, state_dict: Mapping[str, torch.Tensor]) -> str | None:
+        return "kohya" if any(k.removeprefix(CONTROL_PREFIX).startswith(PREFIX) for k in state_dict) else None
+
+    def network(self, state_dict: Mapping[str, torch.Tensor], model: nn.Module, config: DictConfig
+                ) -> ControlNetLLLite:
+        net = load_lllite(state_dict)
+        net.check_fits(model.model.diffusion_model)
+        return net
+
+    def export(self, model: "LLLiteControlLDM") -> dict[str, torch.Tensor]:
+        """The LLLite weights under kohya's names (lllite_unet_*), as sd-scripts saves them."""
+        return dict(model.control_model.state_dict())
+
+    def load(self, model: "LLLiteControlLDM", state_dict: Mapping[str, torch.Tensor]) -> LoadReport:
+        """Replace the model's network by the file's, with the file's dims; the UNet targets the file leaves out
+        are reported missing. Do this before training starts (the optimizer holds the old network)."""
+        lllite = load_lllite(state_dict)
+        unet = model.model.diffusion_model
+        lllite.check_fits(unet)
+        old = next(model.control_model.parameters())
+        model.control_model = lllite.to(device=old.device, dtype=old.dtype).requires_grad_(old.requires_grad)
+        names = set(lllite.module_names())
+        return LoadReport(missing=[CONTROL_PREFIX + name for name in lllite_targets(unet) if name not in names],
+                          unexpected=[k for k in state_dict if not k.removeprefix(CONTROL_PREFIX).startswith(PREFIX)])
+
+
+LLLITE = LLLiteMode()
 
 
 class LLLiteControlLDM(ControlLDM):
@@ -238,6 +275,7 @@ class LLLiteControlLDM(ControlLDM):
     the UNet of `unet_config`. Only its tensors train. `control_scales` has one entry: the multiplier.
     """
 
+    control_mode = LLLITE
     # The LLLite network starts fresh, so a plain SD checkpoint is a complete initial checkpoint.
     fresh_prefixes = (CONTROL_PREFIX,)
 
@@ -252,18 +290,3 @@ class LLLiteControlLDM(ControlLDM):
         if not locked:
             raise ValueError("LLLite mode trains only the LLLite modules; the UNet stays locked (sd_locked)")
         ControlLDM.sd_locked.fset(self, locked)
-
-    def control_state_dict(self) -> dict[str, torch.Tensor]:
-        """The LLLite weights under kohya's names (lllite_unet_*), as sd-scripts saves them."""
-        return dict(self.control_model.state_dict())
-
-    def load_control(self, state_dict_or_path: dict | str | os.PathLike) -> LoadReport:
-        """Replace the LLLite network by the one in a file, with the file's dims; reports the UNet targets
-        the file leaves out as missing. Do this before training starts (the optimizer holds the old one)."""
-        lllite = load_lllite(state_dict_or_path)
-        unet = self.model.diffusion_model
-        lllite.check_fits(unet)
-        old = next(self.control_model.parameters())
-        self.control_model = lllite.to(device=old.device, dtype=old.dtype).requires_grad_(old.requires_grad)
-        missing = [name for name in lllite_targets(unet) if name not in set(lllite.module_names())]
-        return LoadReport(missing=missing)

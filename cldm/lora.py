@@ -6,23 +6,27 @@ checkpoints. Files use Stability's control-lora layout, which ComfyUI loads: `<l
 pairs, full hint block and zero convs, and a `lora_controlnet` marker key.
 """
 
-import os
+import math
 from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from omegaconf import OmegaConf
+from omegaconf import DictConfig
 
-from cldm.cldm import ControlLDM, ControlNet
+from cldm.cldm import ControlLDM, ControlNet, controlnet_params, hint_channels_of
+from cldm.control import ControlMode
 from cldm.diffusers_names import diffusers_module_names, rename_module
-from cldm.model import CONTROL_PREFIX, LoadReport, load_checkpoint, load_state_dict
+from cldm.model import CONTROL_PREFIX, LoadReport, load_checkpoint
 
 # The parts of the ControlNet that copy the UNet: they take the UNet's tensors and carry the offsets.
 SHARED_PREFIXES = ("time_embed.", "label_emb.", "input_blocks.", "middle_block.")
 # ComfyUI (comfy/controlnet.py load_controlnet) treats a file holding this key as a control-lora.
 MARKER = "lora_controlnet"
-# ResBlock layers -> diffusers ResnetBlock2D names (ControlLoRA v2 files are named after diffusers' modules).
+LORA_CONTROLNET_TARGET = "cldm.lora.LoRAControlNet"
+
+
 class LoRAOffset(nn.Module):
     """A frozen layer's weight W and bias b plus a trainable offset: W + scale * up @ down.
 
@@ -89,6 +93,19 @@ class LoRAConv2d(LoRAOffset):
             return out
         low = F.conv2d(x, self.down, None, self.stride, self.padding, self.dilation)
         return out + self.scale * F.conv2d(low, self.up)
+
+
+def check_offset_pair(name: str, weight: tuple[int, ...], up: tuple[int, ...], down: tuple[int, ...]) -> None:
+    """Refuse an offset pair that cannot be the layer's offset up.flatten(1) @ down.flatten(1), as ComfyUI computes
+    it: `up` (out, r[, 1, 1]) and `down` (r, in[, k, k]). A transposed `up` would otherwise reshape into place and
+    steer with garbage."""
+    out_channels, fan_in = weight[0], math.prod(weight[1:])
+    rank = down[0] if len(down) >= 2 else None
+    if rank is None or len(up) < 2 or (up[0], math.prod(up[1:])) != (out_channels, rank) \
+            or math.prod(down[1:]) != fan_in:
+        raise ValueError(f"{name}.up {tuple(up)} and {name}.down {tuple(down)} are not an offset of the layer's "
+                         f"weight {tuple(weight)}: expected up ({out_channels}, r[, 1, 1]) and down (r, "
+                         f"{', '.join(map(str, weight[1:]))}) (a transposed up?)")
 
 
 class LoRAControlNet(ControlNet):
@@ -211,7 +228,8 @@ class LoRAControlNet(ControlNet):
         return out
 
     def adopt_ranks(self, weights: dict[str, torch.Tensor]) -> None:
-        """Give every offset layer the rank of its pair in `weights`, the pair reshaped to the layer's shapes.
+        """Give every offset layer the rank of its pair in `weights`, the pair reshaped to the layer's shapes;
+        a pair whose up @ down does not give the layer's weight raises ValueError naming it.
 
         A kind of layer (Linear or Conv2d) with no pair at all in the file gets rank 0: ControlLoRA v2 trains
         conv offsets only on request.
@@ -226,6 +244,7 @@ class LoRAControlNet(ControlNet):
             down, up = weights.get(f"{name}.down"), weights.get(f"{name}.up")
             if down is None or up is None:
                 continue
+            check_offset_pair(name, layer.weight.shape, up.shape, down.shape)
             if down.shape[0] != layer.rank:
                 layer.set_rank(down.shape[0])
             weights[f"{name}.down"] = down.reshape(layer.down.shape)
@@ -262,6 +281,47 @@ def to_ldm_names(state_dict: Mapping[str, torch.Tensor], net: LoRAControlNet) ->
     return out
 
 
+class ControlLoRAMode(ControlMode):
+    """Control-LoRA files: ours and Stability's (the `lora_controlnet` marker), ControlLoRA v2's diffusers names
+    (`*.lora_layer.*`), or offset pairs under a ControlNet's names (a LoRA-mode model's state dict). The network
+    is a LoRAControlNet tied to the loaded model's UNet, its ranks those of the file."""
+
+    name = "control-lora"
+    files = (f"a control-LoRA (the {MARKER!r} marker, ControlLoRA v2's *.lora_layer.* names, or .down/.up offset "
+             "pairs under a ControlNet's names)")
+
+    def layout(self, state_dict: Mapping[str, torch.Tensor]) -> str | None:
+        keys = {k.removeprefix(CONTROL_PREFIX) for k in state_dict}
+        if MARKER in keys:
+            return "control-lora"
+        if any(".lora_layer." in k for k in keys):
+            return "ControlLoRA v2"
+        if any(k.startswith(SHARED_PREFIXES) and k.endswith(".down") and f"{k[:-5]}.up" in keys for k in keys):
+            return "offset pairs"
+        return None
+
+    def network(self, state_dict: Mapping[str, torch.Tensor], model: nn.Module, config: DictConfig
+                ) -> LoRAControlNet:
+        unet = model.model.diffusion_model
+        with torch.device(next(unet.parameters()).device):
+            net = LoRAControlNet(**controlnet_params(config, hint_channels_of(state_dict))).tie(unet)
+        report = net.load_lora(state_dict)
+        if not report.ok:
+            raise ValueError(f"its weights do not match: {report}")
+        return net
+
+    def export(self, model: "LoRAControlLDM") -> dict[str, torch.Tensor]:
+        """The small file: offsets, hint block, zero convs, marker (Stability's control-lora layout)."""
+        return model.control_model.lora_state_dict()
+
+    def load(self, model: "LoRAControlLDM", state_dict: Mapping[str, torch.Tensor]) -> LoadReport:
+        report = model.control_model.load_lora(state_dict)
+        return LoadReport([CONTROL_PREFIX + k for k in report.missing], report.unexpected)
+
+
+CONTROL_LORA = ControlLoRAMode()
+
+
 class LoRAControlLDM(ControlLDM):
     """ControlLDM in LoRA-offset mode: the control model is a LoRAControlNet tied to this model's UNet.
 
@@ -269,41 +329,17 @@ class LoRAControlLDM(ControlLDM):
     control file (`control_state_dict`) is Stability's control-lora layout.
     """
 
+    control_mode = CONTROL_LORA
     # Everything the control model saves starts fresh, so a plain SD checkpoint is a complete initial one.
     fresh_prefixes = (CONTROL_PREFIX,)
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        if not isinstance(self.control_model, LoRAControlNet):
-            raise TypeError(f"LoRAControlLDM needs control_stage_config target cldm.lora.LoRAControlNet, got "
-                            f"{type(self.control_model).__name__}")
-        self.control_model.tie(self.model.diffusion_model)
-        trainable = set(self.control_model.trainable_names())
-        for name, p in self.control_model.named_parameters():
+    def make_control_model(self, control_stage_config: Any) -> LoRAControlNet:
+        """The config's LoRAControlNet, tied to this model's UNet, with only its own tensors trainable."""
+        if control_stage_config.get("target") != LORA_CONTROLNET_TARGET:
+            raise ValueError(f"LoRAControlLDM needs control_stage_config target {LORA_CONTROLNET_TARGET}, got "
+                             f"{control_stage_config.get('target')}")
+        net = LoRAControlNet(**control_stage_config.get("params", {})).tie(self.model.diffusion_model)
+        trainable = set(net.trainable_names())
+        for name, p in net.named_parameters():
             p.requires_grad_(name in trainable)
-
-    def control_state_dict(self) -> dict[str, torch.Tensor]:
-        """The small file: offsets, hint block, zero convs, marker (Stability's control-lora layout)."""
-        return self.control_model.lora_state_dict()
-
-    def load_control(self, state_dict_or_path: Mapping[str, torch.Tensor] | str | os.PathLike) -> LoadReport:
-        """Load a control-lora file (ours, Stability's, ControlLoRA v2's) into the control model."""
-        state_dict = (state_dict_or_path if isinstance(state_dict_or_path, Mapping)
-                      else load_state_dict(state_dict_or_path))
-        return self.control_model.load_lora(state_dict)
-
-
-def lora_controlnet_from_file(path: str | os.PathLike, unet: nn.Module,
-                              config_path: str | os.PathLike) -> LoRAControlNet:
-    """A LoRA ControlNet tied to `unet`, with a control-lora file's weights, e.g. for a second ControlUnit.
-
-    `config_path` is a ControlLDM YAML whose control_stage_config describes this UNet's encoder.
-    """
-    params = OmegaConf.to_container(OmegaConf.load(config_path).model.params.control_stage_config.params)
-    reference = next(unet.parameters())
-    with torch.device(reference.device):
-        net = LoRAControlNet(**params).tie(unet)
-    report = net.load_lora(load_state_dict(path))
-    if not report.ok:
-        raise ValueError(f"{path} does not fit the LoRA ControlNet of {config_path}: {report}")
-    return net.to(dtype=reference.dtype).eval()
+        return net

@@ -1,12 +1,17 @@
-"""cldm/control_files.py: a control file of any kind (full ControlNet in each of its layouts, control-LoRA, LLLite)
-becomes a network that steers the loaded model exactly as the model it was saved from; other files get one message
-that names them."""
+"""cldm/control_files.py and cldm/modes.py: a control file of any kind (full ControlNet in each of its layouts,
+control-LoRA, LLLite) is recognised by its mode and becomes a network that steers the loaded model exactly as the
+model it was saved from; other files get one message that names them."""
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
+from cldm.cldm import CONTROLNET, controlnet_params
 from cldm.control import ControlUnit
-from cldm.control_files import CONTROL_LORA, CONTROLNET, LLLITE, control_kind, controlnet_params, load_control_network
+from cldm.control_files import load_control_network
+from cldm.lllite import LLLITE
+from cldm.lora import CONTROL_LORA
+from cldm.modes import recognise
 from cldm.diffusers_names import diffusers_module_names, rename_module
 from cldm.model import create_model, save_state_dict
 from conftest import ROOT, model_as_trained, randomize_zero_convs
@@ -61,7 +66,7 @@ def test_full_controlnet_in_each_layout_steers_like_its_model(tmp_path, layout):
     table = diffusers_module_names(source.control_model)
     files = {"control_only": control, "whole_checkpoint": source.state_dict(), "unprefixed": unprefixed,
              "diffusers": {rename_module(k, table): v for k, v in unprefixed.items()}}
-    assert control_kind(files[layout]) == CONTROLNET
+    assert recognise(files[layout]).mode is CONTROLNET
     path = save_state_dict(files[layout], tmp_path / "control.safetensors")
     target = same_base(source, TINY_LLLITE)  # a model whose own control is not a ControlNet at all
     net = load_control_network(path, target, TINY_LLLITE)
@@ -77,7 +82,7 @@ def test_control_lora_file_on_a_full_controlnet_model(tmp_path):
     path = save_state_dict(source.control_state_dict(), tmp_path / "control_lora.safetensors")
     target = same_base(source, TINY)
     net = load_control_network(path, target, TINY)
-    assert control_kind(source.control_state_dict()) == CONTROL_LORA
+    assert recognise(source.control_state_dict()).mode is CONTROL_LORA
     unet = target.model.diffusion_model
     assert net.middle_block[0].in_layers[2].weight is unet.middle_block[0].in_layers[2].weight  # tied, not copied
     expected = eps(source, own_hint=HINT)
@@ -89,7 +94,7 @@ def test_lllite_file_on_a_full_controlnet_model(tmp_path):
     source = build(TINY_LLLITE)
     randomize_all(source.control_model, std=0.2)
     path = save_state_dict(source.control_state_dict(), tmp_path / "lllite.safetensors")
-    assert control_kind(source.control_state_dict()) == LLLITE
+    assert recognise(source.control_state_dict()).mode is LLLITE
     target = same_base(source, TINY)
     net = load_control_network(path, target, TINY)
     expected = eps(source, own_hint=HINT)
@@ -98,11 +103,12 @@ def test_lllite_file_on_a_full_controlnet_model(tmp_path):
 
 
 def test_controlnet_params_follow_the_config():
-    assert controlnet_params(TINY) == {**controlnet_params(TINY_LLLITE), "hint_channels": 3}
-    assert controlnet_params(TINY_LORA) == controlnet_params(TINY)
-    assert controlnet_params(ROOT / "models" / "cldm_xl_lora.yaml") == controlnet_params(ROOT / "models" /
-                                                                                        "cldm_xl.yaml")
-    assert controlnet_params(TINY, hint_channels=1)["hint_channels"] == 1
+    def params(config, **kwargs):
+        return controlnet_params(OmegaConf.load(config), **kwargs)
+    assert params(TINY) == {**params(TINY_LLLITE), "hint_channels": 3}
+    assert params(TINY_LORA) == params(TINY)
+    assert params(ROOT / "models" / "cldm_xl_lora.yaml") == params(ROOT / "models" / "cldm_xl.yaml")
+    assert params(TINY, hint_channels=1)["hint_channels"] == 1
 
 
 def test_files_that_are_no_control_get_one_clear_message(tmp_path):
@@ -131,3 +137,51 @@ def test_files_that_are_no_control_get_one_clear_message(tmp_path):
     (tmp_path / "page.safetensors").write_text("<!doctype html><html><body>Sign in</body></html>")
     with pytest.raises(CheckpointError, match="looks like an HTML page"):
         load_control_network(tmp_path / "page.safetensors", model, TINY)
+
+
+def test_each_layout_is_recognised_by_exactly_its_mode():
+    """Every layout of every mode is told by its own mode alone; a file holding two kinds is refused by name."""
+    controlnet = build(TINY).control_state_dict()
+    lora_model = build(TINY_LORA)
+    randomize_all(lora_model.control_model)
+    lora = lora_model.control_state_dict()
+    lllite = build(TINY_LLLITE).control_state_dict()
+    table = diffusers_module_names(lora_model.control_model)
+    v2 = {rename_module(k[:-len(".down")], table) + ".lora_layer.down.weight" if k.endswith(".down") else k: v
+          for k, v in lora.items() if k != "lora_controlnet"}
+    files = [
+        (CONTROLNET, "original", controlnet),
+        (CONTROLNET, "unprefixed", {k.removeprefix("control_model."): v for k, v in controlnet.items()}),
+        (CONTROL_LORA, "control-lora", lora),
+        (CONTROL_LORA, "ControlLoRA v2", v2),
+        (CONTROL_LORA, "offset pairs",
+         {"control_model." + k: v for k, v in lora_model.control_model.state_dict().items()}),
+        (LLLITE, "kohya", lllite),
+        (LLLITE, "kohya", {"control_model." + k: v for k, v in lllite.items()}),
+    ]
+    for mode, layout, state in files:
+        found = recognise(state)
+        assert (found.mode, found.layout) == (mode, layout)
+    both = {**controlnet, **lllite}
+    with pytest.raises(UserError, match=r"both.safetensors holds the keys of 2 kinds of control file at once "
+                                        r"\(controlnet, original layout; lllite, kohya layout\)"):
+        recognise(both, "both.safetensors")
+
+
+def test_control_lora_with_transposed_up_matrices_is_refused_by_name(tmp_path):
+    """An `up` stored (r, out) instead of (out, r) has the same number of elements: reshaped into the layer it
+    would steer with garbage. ComfyUI's up.flatten(1) @ down.flatten(1) fails on it; so do we, naming the key."""
+    source = build(TINY_LORA)
+    randomize_all(source.control_model)
+    file = dict(source.control_state_dict())
+    key = "input_blocks.1.1.transformer_blocks.0.attn1.to_q.up"
+    assert file[key].shape == (32, 8)
+    file[key] = file[key].t().contiguous()
+    path = save_state_dict(file, tmp_path / "transposed.safetensors")
+    target = same_base(source, TINY)
+    with pytest.raises(UserError, match=r"transposed.safetensors \(control-lora\) does not fit the model.*"
+                                        r"attn1.to_q.up \(8, 32\)") as info:
+        load_control_network(path, target, TINY)
+    assert "transposed up" in str(info.value)
+    with pytest.raises(ValueError, match=r"to_q.up \(8, 32\) and .*to_q.down \(8, 32\) are not an offset"):
+        build(TINY_LORA).load_control(file)

@@ -148,7 +148,7 @@ def test_kohya_file_with_other_dims_loads_with_dims_inferred(lllite_model, tmp_p
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in source.state_dict().items())
     partial = {k: v for k, v in source.state_dict().items() if "attn2" not in k}
     report = lllite_model.load_control(partial)
-    assert sorted(report.missing) == sorted(n for n in lllite_targets(unet) if "attn2" in n)
+    assert sorted(report.missing) == sorted(f"control_model.{n}" for n in lllite_targets(unet) if "attn2" in n)
     stray = {k.replace("input_blocks_1_1", "input_blocks_2_1"): v for k, v in source.state_dict().items()}
     with pytest.raises(ValueError, match="no such layer"):
         lllite_model.load_control(stray)

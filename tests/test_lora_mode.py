@@ -14,12 +14,8 @@ from torch.utils.data import DataLoader
 import tool_fuse_control_lora
 from cldm.control import ControlUnit
 from cldm.diffusers_convert import build_mapping
-from cldm.lora import (
-    LoRAControlNet,
-    LoRAConv2d,
-    LoRALinear,
-    lora_controlnet_from_file,
-)
+from cldm.control_files import load_control_network
+from cldm.lora import LoRAControlNet, LoRAConv2d, LoRALinear
 from cldm.model import CONTROL_PREFIX, create_model, load_checkpoint, load_state_dict, save_state_dict
 from conftest import ROOT, model_as_trained
 from ldm.checkpoint import BASE_PREFIXES
@@ -315,7 +311,7 @@ def test_lora_controlnet_as_another_control_unit(tmp_path):
     randomize_trainable(model)
     path = save_state_dict(model.control_state_dict(), tmp_path / "control_lora.safetensors")
     unet = model.model.diffusion_model
-    net = lora_controlnet_from_file(path, unet, TINY_LORA)
+    net = load_control_network(path, model, TINY_LORA)
     assert isinstance(net, LoRAControlNet) and net.middle_block[0].in_layers[2].weight is \
         unet.middle_block[0].in_layers[2].weight
     gen = torch.Generator().manual_seed(6)
