@@ -25,6 +25,7 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -60,16 +61,50 @@ FAST = Settings(n_train=16, n_eval=4, steps=3, batch_size=2, learning_rate=1e-4,
                 logger_freq=3, sample_steps=2, ddim_steps=2, guidance_scale=3.0, log_every=1)
 
 
-def pick_threads() -> int:
-    """Torch threads = cores not busy with other processes (at least 1), from the 1-minute load average.
+def idle_cores(before: str, after: str, cpus: Collection[int]) -> tuple[float, int]:
+    """How many of `cpus` were idle between two readings of /proc/stat (idle and iowait time over all time, summed
+    over the CPUs), and how many CPUs that counts (the ones both readings list)."""
+    def times(stat: str) -> dict[int, tuple[int, int]]:  # cpu -> (idle, total) in clock ticks
+        out = {}
+        for line in stat.splitlines():
+            name, *fields = line.split()
+            if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+                ticks = [int(f) for f in fields[:8]]  # user nice system idle iowait irq softirq steal
+                out[int(name[3:])] = (ticks[3] + ticks[4], sum(ticks))
+        return out
 
-    Intra-op threads that share a core with a busy process stall each other. Measured on 2 cores (seconds
-    per training step): with other jobs running, 1 thread 0.28-0.32 and 2 threads 0.45-3.95; idle, 1 thread
-    0.33-0.35 and 2 threads 0.22-0.25.
+    first, second = times(before), times(after)
+    counted = [c for c in first if c in second and second[c][1] > first[c][1]]
+    idle = sum((second[c][0] - first[c][0]) / (second[c][1] - first[c][1]) for c in counted)
+    return idle, len(counted)
+
+
+def threads_for(idle: float, cores: int) -> int:
+    """Torch threads = the cores other processes leave idle, rounded (at least 1).
+
+    Intra-op threads that share a core with a busy process stall each other. Measured on 2 cores (seconds per
+    training step): with other jobs running, 1 thread 0.28-0.32 and 2 threads 0.45-3.95; idle, 1 thread 0.33-0.35
+    and 2 threads 0.22-0.25.
     """
-    cores = os.cpu_count() or 1
-    busy = int(os.getloadavg()[0] + 0.5) if hasattr(os, "getloadavg") else 0
-    return max(1, min(cores, cores - busy))
+    return max(1, min(cores, int(idle + 0.5)))
+
+
+def pick_threads(seconds: float = 1.0, stat: Path = Path("/proc/stat")) -> tuple[int, str]:
+    """The thread count for what the cores are doing now (sampled over `seconds`), and why, in words.
+
+    Not the load average: its one-minute window still holds work that has just ended (the demo's own pip install).
+    """
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    try:
+        before = stat.read_text()
+        time.sleep(seconds)
+        idle, counted = idle_cores(before, stat.read_text(), cpus)
+    except OSError:
+        counted = 0
+    if not counted:
+        return len(cpus), f"all {len(cpus)} cores this process may use ({stat} does not say how busy they are)"
+    threads = threads_for(idle, counted)
+    return threads, f"{idle:.1f} of the {counted} cores this process may use were idle over the last {seconds:g} s"
 
 
 def cpu_name() -> str:
@@ -85,14 +120,19 @@ def command(tool: str, argv: list[str]) -> str:
     return " ".join(["python", tool, *map(shlex.quote, argv)])
 
 
-def run_command(tool: str, argv: list[str], commands: list[str], threads: int) -> None:
-    """Run a tool as its own process, as a user would type it, after printing the command line."""
+def run_command(tool: str, argv: list[str], commands: list[str], threads: int | None) -> tuple[int, str]:
+    """Run a tool as its own process, as a user would type it, after printing the command line; with `threads`
+    torch threads, or (None) as many as the cores are idle right before it starts. Returns the count and why."""
+    why = "--threads"
+    if threads is None:
+        threads, why = pick_threads()
     line = command(tool, argv)
     commands.append(line)
-    print(f"\n$ {line}", flush=True)
+    print(f"\n$ {line}\n({threads} torch thread{'s' * (threads > 1)}: {why})", flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}  # torch's intra-op threads in the tool
     if subprocess.run([sys.executable, str(ROOT / tool), *argv], env=env).returncode != 0:
         raise ChildProcessError(f"{tool} failed (its message is above); the command was: {line}")
+    return threads, why
 
 
 def latest_metrics_csv(train_dir: Path) -> Path:
@@ -188,7 +228,7 @@ pre{{background:#f4f4f4;padding:8px;overflow-x:auto}}</style></head><body>
 {summary["n"]} held-out samples, {summary["sampler"]} {summary["steps"]} steps,
 guidance {summary["guidance_scale"]}.</p>
 <p>Took {metrics["seconds"]["total"] / 60:.1f} minutes on {html.escape(metrics["machine"])}
-with {metrics["threads"]} torch thread(s).</p>
+with {metrics["threads"]} torch thread(s) in training ({html.escape(metrics["threads_why"])}).</p>
 <h2>Samples</h2>{embed_png(sheet)}
 <h2>Metrics</h2><table><tr><th>metric</th><th>with control</th><th>without control</th>
 <th>difference (95% CI)</th></tr>{rows}</table>
@@ -211,7 +251,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default="demo_out", help="output folder (default %(default)s)")
     p.add_argument("--force", action="store_true", help="replace the results of an earlier run in --out")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: the cores not busy with other processes)")
+                   help="torch CPU threads (default: for each tool, the cores idle over the second before it starts)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: 1000, or 3 with --fast)")
     return p.parse_args(argv)
 
@@ -230,9 +270,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not BASE.is_file():
         raise FileNotFoundError(f"{BASE} not found: it ships with the repository (or rebuild it with "
                                 "tool_train_tiny_base.py)")
-    threads = args.threads or pick_threads()
-    torch.set_num_threads(threads)
-    print(f"ControlNet demo ({'fast' if args.fast else 'full'}): {settings}; {threads} torch thread(s)", flush=True)
+    threads = args.threads  # None: each tool gets the cores idle when it starts
+    print(f"ControlNet demo ({'fast' if args.fast else 'full'}): {settings}", flush=True)
 
     seconds, commands = {}, []
     data, train_dir, ini = out / "data", out / "train", out / "control_demo_ini.safetensors"
@@ -255,7 +294,7 @@ def main(argv: list[str] | None = None) -> dict:
                   "--log_every_n_steps", str(settings.log_every), "--checkpoint_every", str(settings.steps),
                   "--output_dir", str(train_dir), "--export", str(control), "--accelerator", "cpu",
                   "--devices", "1", "--seed", "0", "--force"]
-    run_command("tutorial_train.py", train_argv, commands, threads)
+    train_threads, train_threads_why = run_command("tutorial_train.py", train_argv, commands, threads)
     seconds["train"] = time.monotonic() - t
     curve = loss_curve(latest_metrics_csv(train_dir))
 
@@ -272,7 +311,8 @@ def main(argv: list[str] | None = None) -> dict:
     seconds["total"] = time.monotonic() - started
 
     grids = last_grids(train_dir / "image_log" / "train")
-    metrics = {"goal": goal(summary), "eval": summary, "settings": asdict(settings), "threads": threads,
+    metrics = {"goal": goal(summary), "eval": summary, "settings": asdict(settings),
+               "threads": train_threads, "threads_why": train_threads_why,
                "machine": f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}",
                "seconds": {k: round(v, 1) for k, v in seconds.items()}, "commands": commands,
                "app_command": app_command(control, settings.guidance_scale), "loss_curve": curve}
@@ -282,8 +322,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\nHeld-out fill IoU: {g['fill_iou_control']:.3f} with control, {g['fill_iou_no_control']:.3f} without "
           f"({g['ratio']:.1f}x); goal ({g['target']}) {'reached' if g['reached'] else 'NOT reached'}"
           f"{' (a smoke run: its few steps are not meant to train the control)' if args.fast else ''}.")
-    print(f"Done in {seconds['total'] / 60:.1f} minutes. Report: {report}\nMetrics: {out / 'metrics.json'}\n"
-          f"Image grids: {train_dir / 'image_log' / 'train'}\n"
+    shown = f"Image grids: {grids[0].parent}\n" if grids else ""
+    print(f"Done in {seconds['total'] / 60:.1f} minutes. Report: {report}\nMetrics: {out / 'metrics.json'}\n{shown}"
           f"See the control in a browser (draw a circle, prompt e.g. \"red circle with blue background\"):\n"
           f"  {metrics['app_command']}")
     return metrics

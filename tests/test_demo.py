@@ -198,9 +198,45 @@ def test_depth_rmse_and_seg_miou_known_answers(monkeypatch):
     assert seg(image, annotator.uniformer.colorize(5 - classes), image)["seg_miou"] == 0.0
 
 
-def test_threads_are_the_idle_cores(monkeypatch):
+def stat(*cpus: tuple[int, int, int]) -> str:
+    """A /proc/stat of CPUs given as (busy, idle, iowait) clock ticks."""
+    total = [sum(c[i] for c in cpus) for i in range(3)]
+    lines = [f"cpu  {total[0]} 0 0 {total[1]} {total[2]} 0 0 0 0 0"]
+    lines += [f"cpu{i} {busy // 2} 3 {busy - busy // 2 - 3} {idle} {iowait} 0 0 0 0 0"
+              for i, (busy, idle, iowait) in enumerate(cpus)]
+    return "\n".join(lines + ["intr 12345 0 0", "ctxt 999", "btime 1700000000", "procs_running 3"]) + "\n"
+
+
+def test_threads_are_the_cores_idle_between_two_stat_readings():
     import demo
-    monkeypatch.setattr(demo.os, "cpu_count", lambda: 2)
-    for load, threads in ((0.1, 2), (0.7, 1), (1.2, 1), (5.0, 1)):
-        monkeypatch.setattr(demo.os, "getloadavg", lambda load=load: (load, load, load))
-        assert demo.pick_threads() == threads
+    before = stat((1000, 5000, 10), (2000, 4000, 20))
+    # over 100 ticks each: cpu0 busy 95 (idle 5), cpu1 idle 90 and waiting on I/O 10 (an idle core)
+    after = stat((1095, 5005, 10), (2000, 4090, 30))
+    idle, counted = demo.idle_cores(before, after, {0, 1})
+    assert counted == 2 and idle == pytest.approx(5 / 100 + 100 / 100)
+    assert demo.threads_for(idle, counted) == 1
+    assert demo.idle_cores(before, after, {1}) == (pytest.approx(1.0), 1)  # a process allowed on cpu1 only
+    quiet = stat((1010, 5090, 10), (2005, 4095, 20))
+    assert demo.threads_for(*demo.idle_cores(before, quiet, {0, 1})) == 2  # 0.9 + 0.95 idle
+    busy = stat((1100, 5000, 10), (2070, 4030, 20))
+    assert demo.threads_for(*demo.idle_cores(before, busy, {0, 1})) == 1  # 0.0 + 0.3 idle: still one thread
+    assert demo.threads_for(2.0, 4) == 2 and demo.threads_for(3.49, 4) == 3 and demo.threads_for(3.5, 4) == 4
+
+
+def test_threads_follow_the_last_second_not_the_load_average(tmp_path, monkeypatch):
+    """The defect: a pip install that has just ended still holds the one-minute load average at 1.5, so two idle
+    cores got one thread."""
+    import demo
+    path = tmp_path / "stat"
+    path.write_text(stat((1000, 5000, 0), (1000, 5000, 0)))
+    monkeypatch.setattr(demo.os, "getloadavg", lambda: (1.5, 1.0, 0.5))
+    monkeypatch.setattr(demo.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(demo.time, "sleep", lambda s: path.write_text(stat((1002, 5098, 0), (1001, 5099, 0))))
+    threads, why = demo.pick_threads(stat=path)
+    assert threads == 2
+    assert why == "2.0 of the 2 cores this process may use were idle over the last 1 s"
+    path.write_text(stat((1000, 5000, 0), (1000, 5000, 0)))
+    monkeypatch.setattr(demo.time, "sleep", lambda s: path.write_text(stat((1060, 5040, 0), (1100, 5000, 0))))
+    assert demo.pick_threads(stat=path) == (1, "0.4 of the 2 cores this process may use were idle over the last 1 s")
+    assert demo.pick_threads(stat=tmp_path / "missing") == (
+        2, f"all 2 cores this process may use ({tmp_path / 'missing'} does not say how busy they are)")
