@@ -33,6 +33,7 @@ from benchmarks.common import machine  # noqa: E402
 from cldm.data import Fill50KDataset, HFDataset, KohyaDataset, Resize, ShardDataset  # noqa: E402
 from cldm.data.loading import TrainData  # noqa: E402
 from cldm.data.shards import write_shards  # noqa: E402
+from ldm.batch import CAPTION  # noqa: E402
 
 H200_TRAIN_RATE = 36.5  # samples/s, SD1.5 512 px batch 4 bf16-mixed cached latents (benchmarks/RESULTS.md)
 READERS = ("fill50k", "kohya", "hf", "shards")
@@ -90,7 +91,7 @@ def samples_per_second(dataset, batch_size: int, workers: int) -> float:
     next(batches)  # worker start-up and first reads left out
     count, start = 0, time.perf_counter()
     for batch in batches:
-        count += len(batch["txt"])
+        count += len(batch[CAPTION])
     return count / (time.perf_counter() - start)
 
 

@@ -31,7 +31,9 @@ from benchmarks.common import (  # noqa: E402
     tensor_bytes,
     timed,
 )
+from cldm.data.batch import HINT  # noqa: E402
 from cldm.model import create_model  # noqa: E402
+from ldm.batch import CAPTION, IMAGE  # noqa: E402
 
 HEADER = ("| mode | config | device | trainable params | control file fp16 / fp32 | static memory | "
           "peak training memory | steps/s |\n|---|---|---|---|---|---|---|---|")
@@ -58,9 +60,9 @@ def meta_row(model: torch.nn.Module) -> tuple[str, str, str]:
 def make_batch(model: torch.nn.Module, batch: int, device: torch.device) -> dict:
     size = model.image_size * model.vae_scale_factor
     gen = torch.Generator().manual_seed(0)
-    return {"jpg": (torch.rand(batch, size, size, 3, generator=gen) * 2 - 1).to(device),
-            "hint": torch.rand(batch, size, size, 3, generator=gen).to(device),
-            "txt": [f"a circle of colour {i} on a plain background" for i in range(batch)]}
+    return {IMAGE: (torch.rand(batch, size, size, 3, generator=gen) * 2 - 1).to(device),
+            HINT: torch.rand(batch, size, size, 3, generator=gen).to(device),
+            CAPTION: [f"a circle of colour {i} on a plain background" for i in range(batch)]}
 
 
 def measure(model: torch.nn.Module, args: argparse.Namespace, device: torch.device) -> tuple[str, str, str]:

@@ -42,22 +42,24 @@ from benchmarks.common import (  # noqa: E402
     tensor_bytes,
     without,
 )
+from cldm.data.batch import HINT  # noqa: E402
 from cldm.data.latent_cache import encode_images, encode_prompts  # noqa: E402
+from ldm.batch import CAPTION, IMAGE, MEAN, STD, TEXT_EMBEDDING  # noqa: E402
 from ldm.models.diffusion.ddpm import OPTIMIZERS  # noqa: E402
 
 
 def make_batch(model: torch.nn.Module, batch: int, resolution: int, device: torch.device, cached: bool) -> dict:
     """Random images, hints and prompts; with `cached`, the posterior and text embedding instead of images."""
     gen = torch.Generator().manual_seed(0)
-    data = {"jpg": torch.rand(batch, resolution, resolution, 3, generator=gen) * 2 - 1,
-            "hint": torch.rand(batch, resolution, resolution, 3, generator=gen),
-            "txt": [f"a circle of colour {i}, on a plain background" for i in range(batch)]}
+    data = {IMAGE: torch.rand(batch, resolution, resolution, 3, generator=gen) * 2 - 1,
+            HINT: torch.rand(batch, resolution, resolution, 3, generator=gen),
+            CAPTION: [f"a circle of colour {i}, on a plain background" for i in range(batch)]}
     if cached:
         # a few images at a time: the VAE encoder at 512 px needs more memory than the training step itself
-        parts = [encode_images(model, {model.first_stage_key: data["jpg"][i:i + 4]}) for i in range(0, batch, 4)]
-        data["mean"], data["std"] = (torch.cat(halves) for halves in zip(*parts))
-        data |= encode_prompts(model, data["txt"], 4)  # txt_emb (and for SDXL txt_pooled)
-        del data["jpg"]
+        parts = [encode_images(model, {model.first_stage_key: data[IMAGE][i:i + 4]}) for i in range(0, batch, 4)]
+        data[MEAN], data[STD] = (torch.cat(halves) for halves in zip(*parts))
+        data |= encode_prompts(model, data[CAPTION], 4)  # txt_emb (and for SDXL txt_pooled)
+        del data[IMAGE]
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in data.items()}
 
 
@@ -71,18 +73,18 @@ def peer_step(peer: Peer, batch: dict, optimizer: torch.optim.Optimizer, precisi
               scheduler: DDPMScheduler) -> None:
     """diffusers' train_controlnet.py step on the same batch (eps objective, ControlNet trained)."""
     with torch.no_grad(), precision.autocast():
-        if "mean" in batch:
-            latents = batch["mean"] + batch["std"] * torch.randn_like(batch["mean"])
-            context = batch["txt_emb"]
+        if MEAN in batch:
+            latents = batch[MEAN] + batch[STD] * torch.randn_like(batch[MEAN])
+            context = batch[TEXT_EMBEDDING]
         else:
-            pixels = batch["jpg"].permute(0, 3, 1, 2).contiguous()
+            pixels = batch[IMAGE].permute(0, 3, 1, 2).contiguous()
             latents = peer.vae.encode(pixels).latent_dist.sample()
-            context = peer.text_encoder(batch["txt"])
+            context = peer.text_encoder(batch[CAPTION])
         latents = latents.float() * peer.scale_factor
     noise = torch.randn_like(latents)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
     noisy = scheduler.add_noise(latents, noise, t)
-    hint = batch["hint"].permute(0, 3, 1, 2).contiguous()
+    hint = batch[HINT].permute(0, 3, 1, 2).contiguous()
     with precision.autocast():
         loss = F.mse_loss(peer_eps(peer, noisy, t, context, hint).float(), noise)
     precision.step(loss, optimizer)

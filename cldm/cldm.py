@@ -11,9 +11,11 @@ import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
 from cldm.control import Contribution, ControlMode, ControlUnit, ResidualControl, repeat_to
+from cldm.data.batch import ControlItem
 from cldm.diffusers_names import diffusers_module_names, rename_module
 from cldm.model import CONTROL_PREFIX, LoadReport, load_checkpoint, load_state_dict
 from cldm.training import TRAINING_STATE, adapt_optimizer_state, training_state
+from ldm.batch import TEXT_EMBEDDING, TEXT_POOLED, empty_prompt
 from ldm.checkpoint import UNET_PREFIX
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.modules.attention import InputAdapter
@@ -291,22 +293,22 @@ class ControlLDM(LatentDiffusion):
         """Replace each prompt by "" with probability drop_prompt_rate (the paper trains with 50%)."""
         return self.drop_prompt_batch({self.cond_stage_key: prompts})[self.cond_stage_key]
 
-    def drop_prompt_batch(self, batch: dict) -> dict:
+    def drop_prompt_batch(self, batch: ControlItem) -> ControlItem:
         """The batch with its prompts dropped (see drop_prompts); cached text encodings (`txt_emb`, and SDXL's
         `txt_pooled`) get the cached empty prompt's (`txt_emb_empty`, ...) in the same places, from the same
         random draw."""
         key = self.cond_stage_key
         keep = torch.rand(len(batch[key])) >= self.drop_prompt_rate
         out = {**batch, key: [p if k else "" for p, k in zip(batch[key], keep.tolist())]}
-        for emb_key in (f"{key}_emb", f"{key}_pooled"):
+        for emb_key in (TEXT_EMBEDDING, TEXT_POOLED):
             if emb_key in batch:
                 emb = batch[emb_key]
                 mask = keep.to(emb.device).view(-1, *([1] * (emb.dim() - 1)))
-                out[emb_key] = torch.where(mask, emb, batch[f"{emb_key}_empty"])
+                out[emb_key] = torch.where(mask, emb, batch[empty_prompt(emb_key)])
         return out
 
     @torch.no_grad()
-    def get_input(self, batch: dict, k: str, bs: int | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+    def get_input(self, batch: ControlItem, k: str, bs: int | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
         if self.training and self.drop_prompt_rate > 0:
             batch = self.drop_prompt_batch(batch)
         x, c = super().get_input(batch, self.first_stage_key, bs=bs)
@@ -368,7 +370,7 @@ class ControlLDM(LatentDiffusion):
         return self.control_mode.export(self)
 
     @torch.no_grad()
-    def log_images(self, batch: dict, N: int = 4, n_row: int = 2, sample: bool = False, ddim_steps: int = 50,
+    def log_images(self, batch: ControlItem, N: int = 4, n_row: int = 2, sample: bool = False, ddim_steps: int = 50,
                    ddim_eta: float = 0.0, unconditional_guidance_scale: float = 9.0, sampler: str = "ddim",
                    seed: int = 0) -> dict[str, torch.Tensor]:
         """Reconstruction, control, caption and samples for a batch, all in [-1, 1]; sample i from seed + i.

@@ -23,9 +23,11 @@ import numpy as np
 import torch
 
 from cldm.data import open_dataset
+from cldm.data.batch import HINT
 from cldm.data.circles import MIN_CONTRAST
 from cldm.model import atomic_output
 from cldm.pipeline import sample
+from ldm.batch import CAPTION, IMAGE
 
 COLOR_TOLERANCE = MIN_CONTRAST / 2  # RGB distance: half the least fill/background contrast of Fill50K
 CANNY_THRESHOLDS = (100, 200)
@@ -226,9 +228,9 @@ def load_samples(data_root: str | Path, n: int, **options) -> tuple[list[str], n
     if n > len(dataset):
         raise ValueError(f"{data_root} holds {len(dataset)} samples, fewer than the {n} asked for")
     items = [dataset[i] for i in range(n)]
-    hints = np.stack([(it["hint"] * 255).round().astype(np.uint8) for it in items])
-    targets = np.stack([((it["jpg"] + 1) * 127.5).round().astype(np.uint8) for it in items])
-    return [it["txt"] for it in items], hints, targets
+    hints = np.stack([(it[HINT] * 255).round().astype(np.uint8) for it in items])
+    targets = np.stack([((it[IMAGE] + 1) * 127.5).round().astype(np.uint8) for it in items])
+    return [it[CAPTION] for it in items], hints, targets
 
 
 def evaluate(model: torch.nn.Module, prompts: list[str], hints: np.ndarray, targets: np.ndarray,

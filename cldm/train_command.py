@@ -44,6 +44,7 @@ from cldm.training import (
 )
 from cldm.validation import DEFAULTS as VALIDATION
 from cldm.validation import ControlValidation, read_held_out
+from ldm.batch import BatchKeyError
 from ldm.checkpoint import UserError, require_finite
 from ldm.models.diffusion.ddpm import COMPILE_MODES, OPTIMIZERS, TrainingStopped
 from ldm.models.diffusion.samplers import SAMPLERS
@@ -310,7 +311,7 @@ def main(argv: list[str] | None = None, config: str = "./models/cldm_v15.yaml",
 
     try:
         trainer.fit(model, datamodule=data, ckpt_path=args.resume, weights_only=True)
-    except BadSampleError as err:
+    except (BadSampleError, BatchKeyError) as err:
         raise UserError(sample_error_message(err)) from err
     except TrainingStopped as err:
         last = checkpoints.last_model_path or args.resume

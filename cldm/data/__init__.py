@@ -1,4 +1,4 @@
-"""Training data: one reader per format, each returning the tutorial's item dict
+"""Training data: one reader per format, each returning the tutorial's item, defined once in cldm.data.batch
 (jpg = target HxWx3 float32 in [-1, 1], txt = caption, hint = HxWx3 float32 in [0, 1]). docs/data.md has the
 layouts; `open_dataset` picks the reader by name or by what the data root holds.
 """

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from cldm.data.batch import ControlImageItem
 from cldm.data.images import BadSampleError, Resize, decode, stored_size, to_item
 
 
@@ -22,7 +23,8 @@ class EncodedSample:
 
 
 class PairedImageDataset(Dataset, ABC):
-    """A reader: item i is dict(jpg=target HxWx3 float32 in [-1, 1], txt=caption, hint=HxWx3 float32 in [0, 1]).
+    """A reader: item i is a ControlImageItem (cldm.data.batch): jpg = the target, HxWx3 float32 in [-1, 1],
+    txt = the caption, hint = HxWx3 float32 in [0, 1], and SDXL's size conditioning of the resize.
 
     Subclasses say how many samples there are (`__len__`), how to read one as stored (`encoded`) and where its
     caption comes from (`caption_source`, for reports). With `resize.resolution` None all targets must share
@@ -57,7 +59,7 @@ class PairedImageDataset(Dataset, ABC):
         """Every target's (width, height), for aspect-ratio buckets."""
         return [self.target_size(i) for i in range(len(self))]
 
-    def __getitem__(self, idx: int) -> dict:
+    def __getitem__(self, idx: int) -> ControlImageItem:
         sample = self.encoded(idx)
         target = decode(sample.target, sample.target_name)
         hint = decode(sample.hint, sample.hint_name)

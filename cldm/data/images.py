@@ -17,6 +17,8 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from cldm.data.batch import HINT, ControlImageItem
+from ldm.batch import CAPTION, IMAGE
 from ldm.modules.encoders.conditioner import CROP, ORIGINAL_SIZE, TARGET_SIZE
 
 log = logging.getLogger(__name__)
@@ -179,8 +181,9 @@ def resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
     return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC)
 
 
-def to_item(target: np.ndarray, hint: np.ndarray, prompt: str, sizes: dict[str, np.ndarray] | None = None) -> dict:
-    """The training item: jpg = target as float32 HWC in [-1, 1], hint as float32 HWC in [0, 1], txt, and the
-    size conditioning of Resize.frame (SDXL reads it; other bases ignore it)."""
-    return dict(jpg=target.astype(np.float32) / 127.5 - 1.0, txt=prompt, hint=hint.astype(np.float32) / 255.0,
-                **(sizes or {}))
+def to_item(target: np.ndarray, hint: np.ndarray, prompt: str,
+            sizes: dict[str, np.ndarray] | None = None) -> ControlImageItem:
+    """The training item of uint8 images: the target as float32 HWC in [-1, 1], the hint as float32 HWC in [0, 1],
+    the caption, and the size conditioning of Resize.frame (SDXL reads it; other bases ignore it)."""
+    return ControlImageItem({IMAGE: target.astype(np.float32) / 127.5 - 1.0, CAPTION: prompt,
+                             HINT: hint.astype(np.float32) / 255.0, **(sizes or {})})

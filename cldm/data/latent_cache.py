@@ -17,28 +17,30 @@ import torch
 from numpy.lib.format import open_memmap
 from torch.utils.data import DataLoader
 
+from cldm.data.batch import HINT, ControlCachedItem
 from cldm.data.fill50k import Fill50KDataset
+from ldm.batch import CAPTION, MEAN, STD, TEXT_EMBEDDING, TEXT_POOLED, empty_prompt
 from ldm.checkpoint import TEMP_SUFFIX, remove_stale_temps, temp_prefix
 from ldm.models.diffusion.ddpm import DDPM
 from ldm.modules.encoders.conditioner import SIZE_KEYS
 
 log = logging.getLogger(__name__)
 
-# A latent cache (tool_cache_latents.py): meta.json plus one .npy per array. mean/std: (N, C, h, w) VAE posterior;
-# txt_emb: (U, L, D) embeddings of the U distinct prompts; txt_index: (N,) each sample's prompt;
-# txt_emb_empty: (L, D) the empty prompt's embedding. SDXL caches add txt_pooled (U, P) / txt_pooled_empty (P):
-# the pooled text, and the per-sample size conditioning (N, 2) under its batch keys (SIZE_KEYS).
+# A latent cache (tool_cache_latents.py): meta.json plus one .npy per array, named by its batch key (ldm.batch).
+# mean/std: (N, C, h, w) VAE posterior; txt_emb: (U, L, D) embeddings of the U distinct prompts; txt_index: (N,)
+# each sample's prompt; txt_emb_empty: (L, D) the empty prompt's embedding. SDXL caches add txt_pooled (U, P) /
+# txt_pooled_empty (P): the pooled text, and the per-sample size conditioning (N, 2) under its batch keys.
 CACHE_META = "meta.json"
-CACHE_ARRAYS = ("mean", "std", "txt_emb", "txt_index", "txt_emb_empty")
-VECTOR_CACHE_ARRAYS = ("txt_pooled", "txt_pooled_empty", *SIZE_KEYS)
-
+PROMPT_INDEX = "txt_index"
+CACHE_ARRAYS = (MEAN, STD, TEXT_EMBEDDING, PROMPT_INDEX, empty_prompt(TEXT_EMBEDDING))
+VECTOR_CACHE_ARRAYS = (TEXT_POOLED, empty_prompt(TEXT_POOLED), *SIZE_KEYS)
 
 
 class CachedDataset(Fill50KDataset):
     """A Fill50K-layout folder's hints and prompts, with the VAE posterior and text embeddings read from a latent cache.
 
-    `python tool_cache_latents.py` writes the cache. Items are dict(txt, hint, mean, std, txt_emb, txt_emb_empty),
-    and for SDXL also txt_pooled, txt_pooled_empty and the size conditioning:
+    `python tool_cache_latents.py` writes the cache. Items are ControlCachedItem (cldm.data.batch): txt, hint,
+    mean, std, txt_emb, txt_emb_empty, and for SDXL also txt_pooled, txt_pooled_empty and the size conditioning.
     ControlLDM.get_input draws the latents from mean and std and takes txt_emb as the text conditioning, so the
     frozen VAE and text encoder do not run in training; txt_emb_empty serves prompt dropout.
     """
@@ -52,7 +54,7 @@ class CachedDataset(Fill50KDataset):
                                     f"--data_root DATA --out {self.cache_dir}`")
         self.meta = json.loads(meta_file.read_text())
         super().__init__(data_root or self.meta["data_root"], size=self.meta["image_size"])
-        prompts, index = self.meta["prompts"], np.load(self.cache_dir / "txt_index.npy")
+        prompts, index = self.meta["prompts"], np.load(self.cache_dir / f"{PROMPT_INDEX}.npy")
         if len(index) != len(self.data) or any(prompts[i] != d[3] for i, d in zip(index.tolist(), self.data)):
             raise ValueError(f"{self.cache_dir} does not match {self.index} (prompts differ): rebuild it with "
                              "tool_cache_latents.py --force")
@@ -61,21 +63,23 @@ class CachedDataset(Fill50KDataset):
     def arrays(self) -> dict[str, np.ndarray]:
         # Memory-mapped on first use, so each DataLoader worker maps the files itself instead of copying them.
         if self._arrays is None:
-            vector = (self.cache_dir / "txt_pooled.npy").is_file()  # an SDXL cache
+            vector = (self.cache_dir / f"{TEXT_POOLED}.npy").is_file()  # an SDXL cache
             self._arrays = {name: np.load(self.cache_dir / f"{name}.npy", mmap_mode="r")
                             for name in CACHE_ARRAYS + (VECTOR_CACHE_ARRAYS if vector else ())}
         return self._arrays
 
-    def __getitem__(self, idx: int) -> dict:
+    def __getitem__(self, idx: int) -> ControlCachedItem:
         line_no, source_name, _, prompt = self.data[idx]
         a = self.arrays()
-        hint = self._read(source_name, line_no).astype(np.float32) / 255.0
-        item = dict(txt=prompt, hint=hint, mean=np.array(a["mean"][idx]), std=np.array(a["std"][idx]),
-                    txt_emb=np.array(a["txt_emb"][a["txt_index"][idx]]), txt_emb_empty=np.array(a["txt_emb_empty"]))
-        if "txt_pooled" in a:
-            item |= {"txt_pooled": np.array(a["txt_pooled"][a["txt_index"][idx]]),
-                     "txt_pooled_empty": np.array(a["txt_pooled_empty"]),
-                     **{key: np.array(a[key][idx]) for key in SIZE_KEYS}}
+        prompt_row = a[PROMPT_INDEX][idx]
+        text_keys = (TEXT_EMBEDDING, TEXT_POOLED) if TEXT_POOLED in a else (TEXT_EMBEDDING,)
+        item = ControlCachedItem({
+            CAPTION: prompt, HINT: self._read(source_name, line_no).astype(np.float32) / 255.0,
+            MEAN: np.array(a[MEAN][idx]), STD: np.array(a[STD][idx]),
+            **{key: np.array(a[key][prompt_row]) for key in text_keys},
+            **{empty_prompt(key): np.array(a[empty_prompt(key)]) for key in text_keys}})
+        if TEXT_POOLED in a:
+            item |= {key: np.array(a[key][idx]) for key in SIZE_KEYS}
         return item
 
 
@@ -96,9 +100,9 @@ def encode_prompts(model: torch.nn.Module, prompts: list[str], batch_size: int) 
         chunk = prompts[i:i + batch_size]
         if model.vector_conditioned:
             crossattn, pooled = model.conditioner.encode_text(chunk)
-            parts.append({"txt_emb": crossattn, "txt_pooled": pooled})
+            parts.append({TEXT_EMBEDDING: crossattn, TEXT_POOLED: pooled})
         else:
-            parts.append({"txt_emb": model.get_learned_conditioning(chunk)})
+            parts.append({TEXT_EMBEDDING: model.get_learned_conditioning(chunk)})
     return {name: torch.cat([p[name].float().cpu() for p in parts]) for name in parts[0]}
 
 
@@ -130,7 +134,7 @@ def cache_latents(model: torch.nn.Module, dataset: Fill50KDataset, out: str | os
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
         for batch in loader:
             mean, std = encode_images(model, batch)
-            per_sample = {"mean": mean, "std": std}
+            per_sample = {MEAN: mean, STD: std}
             if model.vector_conditioned:  # the size conditioning online training would use, per sample
                 per_sample |= model.batch_sizes(batch, len(mean), mean.shape[-2:])
             for name, value in per_sample.items():
@@ -144,10 +148,10 @@ def cache_latents(model: torch.nn.Module, dataset: Fill50KDataset, out: str | os
         empty = encode_prompts(model, [""], 1)
         for name, value in encode_prompts(model, distinct, batch_size).items():
             np.save(tmp / f"{name}.npy", value.numpy())
-            np.save(tmp / f"{name}_empty.npy", empty[name][0].numpy())
-        np.save(tmp / "txt_index.npy", np.array([position[p] for p in prompts], dtype=np.int64))
+            np.save(tmp / f"{empty_prompt(name)}.npy", empty[name][0].numpy())
+        np.save(tmp / f"{PROMPT_INDEX}.npy", np.array([position[p] for p in prompts], dtype=np.int64))
         meta = {"data_root": str(Path(dataset.root).resolve()), "image_size": dataset.size, "count": len(dataset),
-                "latent_shape": list(arrays["mean"].shape[1:]), **(source or {}), "prompts": distinct}
+                "latent_shape": list(arrays[MEAN].shape[1:]), **(source or {}), "prompts": distinct}
         (tmp / CACHE_META).write_text(json.dumps(meta, indent=1) + "\n")
         del arrays
         replace_dir(tmp, out)

@@ -16,13 +16,13 @@ from litdata import StreamingDataLoader
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from cldm.data.base import PairedImageDataset
+from cldm.data.batch import SKIPPED, ControlItem, ItemCheck
 from cldm.data.images import BadSampleError
 from cldm.data.shards import ShardDataset
 
 log = logging.getLogger(__name__)
 
 MAX_CONSECUTIVE_BAD = 32  # a skipping reader gives up after this many bad samples in a row: the data is broken
-SKIPPED_KEY = "skipped"  # per item: bad samples passed over before it (summed in training, logged at the end)
 
 
 class SkipBadSamples(Dataset):
@@ -35,11 +35,11 @@ class SkipBadSamples(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, idx: int) -> dict:
+    def __getitem__(self, idx: int) -> ControlItem:
         skipped, j = 0, idx
         while True:
             try:
-                return {**self.dataset[j], SKIPPED_KEY: skipped}
+                return {**self.dataset[j], SKIPPED: skipped}
             except BadSampleError as err:
                 skipped += 1
                 log.warning("skipped bad sample %d: %s", j, err)
@@ -116,10 +116,11 @@ class TrainData(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()
-        workers = dict(num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        check = ItemCheck(type(self.dataset).__name__)  # names the reader of a wrong item at the first batch
+        workers = dict(num_workers=self.num_workers, persistent_workers=self.num_workers > 0, collate_fn=check)
         if isinstance(self.dataset, ShardDataset):
             return StreamingDataLoader(self.dataset.for_this_process(), batch_size=self.batch_size,
-                                       num_workers=self.num_workers)
+                                       num_workers=self.num_workers, collate_fn=check)
         groups, valid = None, None
         if getattr(self.dataset, "resize", None) is not None and self.dataset.resize.mode == "buckets" \
                 and self.dataset.resize.resolution is not None:
@@ -153,7 +154,7 @@ class TrainData(pl.LightningDataModule):
 
 
 class SkippedSamples(pl.Callback):
-    """Sums the bad samples skipped in training (the SKIPPED_KEY of each batch) over steps and ranks; logs the
+    """Sums the bad samples skipped in training (the `skipped` of each batch) over steps and ranks; logs the
     running count as data/skipped_samples and the total at the end."""
 
     def __init__(self) -> None:
@@ -162,8 +163,8 @@ class SkippedSamples(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
-        if isinstance(batch, dict) and SKIPPED_KEY in batch:
-            self.count += int(torch.as_tensor(batch[SKIPPED_KEY]).sum())
+        if isinstance(batch, dict) and SKIPPED in batch:
+            self.count += int(torch.as_tensor(batch[SKIPPED]).sum())
             pl_module.log("data/skipped_samples", float(self.count), on_step=True, on_epoch=False, reduce_fx="sum",
                           sync_dist=False)
 
@@ -202,10 +203,11 @@ def report_captions(dataset: PairedImageDataset, count_tokens: Callable[[str], i
     return {"empty": len(empty), "too_long": len(long)}
 
 
-def sample_error_message(err: BadSampleError) -> str:
-    """The reader's own message of a BadSampleError, also when a DataLoader worker raised it (the loader
-    re-raises it in the main process with the worker's traceback as its text, the message on the last line)."""
+def sample_error_message(err: ValueError) -> str:
+    """The reader's own message of a BadSampleError or BatchKeyError, also when a DataLoader worker raised it (the
+    loader re-raises it in the main process with the worker's traceback as its text, the message on the last
+    line)."""
     text = str(err).strip()
     last = text.splitlines()[-1] if text else text
-    prefix = f"{BadSampleError.__module__}.{BadSampleError.__qualname__}: "
+    prefix = f"{type(err).__module__}.{type(err).__qualname__}: "
     return last[len(prefix):] if last.startswith(prefix) else text

@@ -17,6 +17,7 @@ from pathlib import Path
 from litdata import StreamingDataset, optimize
 
 from cldm.data.base import PairedImageDataset
+from cldm.data.batch import ControlImageItem
 from cldm.data.images import BadSampleError, Resize, decode, fit_hint, to_item
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ def is_shard_uri(root: str) -> bool:
 
 
 class ShardDataset(StreamingDataset):
-    """Training items streamed from `write_shards` output: dict(jpg, txt, hint) as every reader gives.
+    """Training items streamed from `write_shards` output: ControlImageItem, as every reader gives.
 
     `shuffle` reorders chunks and the items within them each epoch (seeded by `seed`); under several ranks
     each gets its own part, every sample once per epoch (drop_last evens the ranks out).
@@ -101,7 +102,7 @@ class ShardDataset(StreamingDataset):
         training loader builds it after the process group is up."""
         return ShardDataset(**self._arguments)
 
-    def __getitem__(self, index) -> dict:
+    def __getitem__(self, index) -> ControlImageItem:
         record = super().__getitem__(index)
         target, hint = decode(record["target"], record["key"]), decode(record["hint"], f"hint of {record['key']}")
         target, hint, sizes = self.resize.frame(target, hint, None, (record["key"], f"hint of {record['key']}"))

@@ -17,6 +17,7 @@ from einops import rearrange
 from omegaconf import ListConfig
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
+from ldm.batch import MEAN, STD, TEXT_EMBEDDING, TEXT_POOLED, CachedItem, ImageItem
 from ldm.checkpoint import DENOISER_PREFIX, LoadReport, UserError, load_checkpoint, load_state_dict, nonfinite_keys
 from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
@@ -32,8 +33,6 @@ OPTIMIZERS = ("adamw", "adamw8bit")
 FUSED_ADAMW_DEVICES = ("cuda", "cpu")
 # torch.compile modes that compile_denoiser accepts from the command lines.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-# Batch keys of a latent cache (tool_cache_latents.py): the VAE posterior's mean and standard deviation.
-CACHED_MEAN, CACHED_STD = "mean", "std"
 
 
 class TrainingStopped(UserError):
@@ -275,9 +274,9 @@ class DDPM(pl.LightningModule):
     def shared_step(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return self(self.get_input(batch, self.first_stage_key))
 
-    def samples_in(self, batch: dict) -> int:
+    def samples_in(self, batch: ImageItem | CachedItem) -> int:
         """Samples in a batch of images or of cached latents."""
-        return len(batch[CACHED_MEAN] if CACHED_MEAN in batch else batch[self.first_stage_key])
+        return len(batch[MEAN] if MEAN in batch else batch[self.first_stage_key])
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         loss, loss_dict = self.shared_step(batch)
@@ -521,15 +520,15 @@ class LatentDiffusion(DDPM):
     def decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
         return self.first_stage_model.decode(z / self.scale_factor)
 
-    def get_input(self, batch: dict, k: str, bs: int | None = None) -> tuple[torch.Tensor, Any]:
+    def get_input(self, batch: ImageItem | CachedItem, k: str, bs: int | None = None) -> tuple[torch.Tensor, Any]:
         """Latents of batch[k] (the first bs) and the encoded conditioning of batch[cond_stage_key].
 
-        Batches read from a latent cache (tool_cache_latents.py) carry the VAE posterior as `mean` and `std`
-        and the text embedding as `{cond_key}_emb`; these replace the frozen VAE and text encoder, and the
-        latents are drawn from the cached posterior exactly as from the online one.
+        Batches read from a latent cache (tool_cache_latents.py, ldm.batch.CachedItem) carry the VAE posterior
+        as `mean` and `std` and the text embedding as `txt_emb`; these replace the frozen VAE and text encoder,
+        and the latents are drawn from the cached posterior exactly as from the online one.
         """
-        if CACHED_MEAN in batch:
-            mean, std = (batch[key][:bs].to(self.device).float() for key in (CACHED_MEAN, CACHED_STD))
+        if MEAN in batch:
+            mean, std = (batch[key][:bs].to(self.device).float() for key in (MEAN, STD))
             z = self.cached_first_stage_encoding(mean, std)
         else:
             x = super().get_input(batch, k)[:bs].to(self.device)
@@ -542,29 +541,29 @@ class LatentDiffusion(DDPM):
             if isinstance(xc, (list, tuple, ListConfig)) and bs is not None:
                 xc = list(xc)[:bs]
             if self.vector_conditioned:
-                c = self.vector_cond(self.batch_conditioning(batch, cond_key, xc, z.shape[0], z.shape[-2:]))
-            elif f"{cond_key}_emb" in batch and not self.cond_stage_trainable:
-                c = batch[f"{cond_key}_emb"].to(self.device)
+                c = self.vector_cond(self.batch_conditioning(batch, xc, z.shape[0], z.shape[-2:]))
+            elif TEXT_EMBEDDING in batch and not self.cond_stage_trainable:
+                c = batch[TEXT_EMBEDDING].to(self.device)
             else:
                 c = xc if self.cond_stage_trainable else self.get_learned_conditioning(xc)
             if bs is not None and isinstance(c, torch.Tensor):
                 c = c[:bs]
         return z, c
 
-    def batch_conditioning(self, batch: dict, cond_key: str, prompts: list[str], n: int,
+    def batch_conditioning(self, batch: ImageItem | CachedItem, prompts: list[str], n: int,
                            latent_size: torch.Size) -> dict[str, torch.Tensor]:
-        """The conditioner's output for the first n samples of a batch: the text from its cache
-        (`{cond_key}_emb` and `{cond_key}_pooled`) or encoded now; the size entries the batch carries, else
-        those of its images (original = target = image size, crop (0, 0))."""
+        """The conditioner's output for the first n samples of a batch: the text from its cache (`txt_emb` and
+        `txt_pooled`) or encoded now; the size entries the batch carries, else those of its images (original =
+        target = image size, crop (0, 0))."""
         sizes = self.batch_sizes(batch, n, latent_size)
-        cached = [f"{cond_key}_emb", f"{cond_key}_pooled"]
+        cached = [TEXT_EMBEDDING, TEXT_POOLED]
         if all(k in batch for k in cached):
             crossattn, text_vector = (batch[k][:n].to(self.device) for k in cached)
         else:
             crossattn, text_vector = self.conditioner.encode_text(prompts)
         return self.conditioner.assemble(crossattn, text_vector, sizes)
 
-    def batch_sizes(self, batch: dict, n: int, latent_size: torch.Size) -> dict[str, torch.Tensor]:
+    def batch_sizes(self, batch: ImageItem | CachedItem, n: int, latent_size: torch.Size) -> dict[str, torch.Tensor]:
         """The size conditioning of the first n samples: the batch's size entries (a data set that resized or
         cropped may record them), else original = target = the image size (from the latents), crop (0, 0)."""
         f = self.vae_scale_factor
