@@ -2,7 +2,7 @@
 
 import inspect
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import einops
@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
-from cldm.control import Contribution, ControlMode, ControlUnit, ResidualControl, repeat_to
+from cldm.control import Contribution, ControlMode, ControlUnit, HintCache, ResidualControl, repeat_to
 from cldm.data.batch import ControlItem
 from cldm.diffusers_names import diffusers_module_names, rename_module
 from cldm.model import CONTROL_PREFIX, LoadReport, load_checkpoint, load_state_dict
@@ -20,6 +20,7 @@ from ldm.checkpoint import UNET_PREFIX
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.modules.attention import InputAdapter
 from ldm.modules.diffusionmodules.openaimodel import (
+    BlockHook,
     TimestepEmbedSequential,
     UNetModel,
     UNetSpec,
@@ -40,22 +41,23 @@ class ControlledUnetModel(UNetModel):
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None,
                 control: list[torch.Tensor] | None = None, only_mid_control: bool = False,
-                adapter: InputAdapter | None = None, y: torch.Tensor | None = None) -> torch.Tensor:
-        """eps (or v) with `control` (one residual per skip, then the middle's) added; `adapter` acts inside;
-        `y`: the vector of vector-conditioned bases (SDXL)."""
+                adapter: InputAdapter | None = None, y: torch.Tensor | None = None,
+                hooks: Sequence[BlockHook] = ()) -> torch.Tensor:
+        """eps (or v) with `control` (one residual per skip, then the middle's) added; `adapter` acts inside the
+        attention projections and `hooks` around the blocks; `y`: the vector of vector-conditioned bases (SDXL)."""
         # The encoder half is locked, so it runs without building a graph unless something in it trains (an
-        # adapter's network, or a mode that unlocks it); the parameter scan runs only while gradients are
-        # recorded (not at every sampling step).
+        # adapter's or a hook's network, or a mode that unlocks it); the parameter scan runs only while
+        # gradients are recorded (not at every sampling step).
         encoder_trains = torch.is_grad_enabled() and (
-            adapter is not None or any(p.requires_grad for p in self.input_blocks.parameters()))
+            adapter is not None or bool(hooks) or any(p.requires_grad for p in self.input_blocks.parameters()))
         with torch.set_grad_enabled(encoder_trains):
-            h, emb, hs = self.encode(x, timesteps, context, y, adapter)
+            h, emb, hs = self.encode(x, timesteps, context, y, adapter, hooks)
         if control is not None:
             control = list(control)
             h = h + control.pop()
             if not only_mid_control:
                 hs = [skip + residual for skip, residual in zip(hs, control)]
-        return self.decode(h, emb, context, hs, adapter)
+        return self.decode(h, emb, context, hs, adapter, hooks)
 
 
 class ControlNet(ResidualControl):
@@ -73,7 +75,7 @@ class ControlNet(ResidualControl):
         self.zero_convs = nn.ModuleList([self.make_zero_conv(ch) for ch in input_block_chans])
         self.middle_block = b.middle_block()
         self.middle_block_out = self.make_zero_conv(b.bottom()[0])
-        self._hint_cache: tuple | None = None
+        self._hint_cache = HintCache()
 
     @staticmethod
     def make_hint_block(hint_channels: int, model_channels: int, dims: int = 2) -> TimestepEmbedSequential:
@@ -96,22 +98,9 @@ class ControlNet(ResidualControl):
         return self(x, repeat_to(hint, x.shape[0]), timesteps, context, guided_hint=guided_hint, y=y)
 
     def encode_hint(self, hint: torch.Tensor) -> torch.Tensor:
-        """input_hint_block(hint), computed once per hint while sampling (no grad).
-
-        The hint block sees the hint alone, not x, t or the text, so its output repeats over the sampling
-        steps and both guidance passes. The output for the last hint tensor is kept and reused while that
-        tensor, the block's weights and the autocast state stay unchanged.
-        """
-        device = hint.device.type
-        weights = list(self.input_hint_block.parameters())
-        key = (0 if hint.is_inference() else hint._version, torch.is_autocast_enabled(device),
-               torch.get_autocast_dtype(device), weights[0].dtype, weights[0].device, *(p._version for p in weights))
-        cached = self._hint_cache
-        if cached is not None and cached[0] is hint and cached[1] == key:
-            return cached[2]
-        out = self.input_hint_block(hint.to(weights[0].dtype), None, None)
-        self._hint_cache = (hint, key, out)
-        return out
+        """input_hint_block(hint), computed once per hint while sampling (no grad; see HintCache)."""
+        dtype = next(self.input_hint_block.parameters()).dtype
+        return self._hint_cache(hint, self.input_hint_block, lambda h: self.input_hint_block(h.to(dtype), None, None))
 
     def forward(self, x: torch.Tensor, hint: torch.Tensor, timesteps: torch.Tensor,
                 context: torch.Tensor | None, guided_hint: torch.Tensor | None = None,
@@ -345,7 +334,8 @@ class ControlLDM(LatentDiffusion):
         contribution = sum((u.contribute(x, t, context, y, unet) for u in units if u.active(sampling_step)),
                            Contribution())
         eps = unet(x=x, timesteps=t, context=context, control=contribution.residuals,
-                   only_mid_control=self.only_mid_control, adapter=contribution.adapter(), y=y)
+                   only_mid_control=self.only_mid_control, adapter=contribution.adapter(), y=y,
+                   hooks=contribution.hooks)
         return eps.to(x_noisy.dtype)
 
     def compile_denoiser(self, **kwargs) -> None:

@@ -1,20 +1,23 @@
 """The control contract: what a control network is, and how a ControlUnit applies one while sampling.
 
-Two kinds of network steer the locked UNet from a hint image:
+Three kinds of network steer the locked UNet from a hint image:
 - `ResidualControl` networks (ControlNet, LoRA-offset) compute one residual per skip connection plus the
   middle block, which the UNet adds to its own features;
 - `InsideControl` networks (LLLite) change what the UNet's attention projections see, through an
-  `InputAdapter` passed down the UNet's forward.
-Both implement `ControlNetwork.contribute`, so a caller never asks which kind a network is.
+  `InputAdapter` passed down the UNet's forward;
+- `BlockControl` networks (T2I-Adapter; ControlNet-XS) act on the UNet's hidden states between its blocks,
+  through a `BlockHook` passed down the UNet's forward: adding their own features to the encoder's, or
+  exchanging features with it.
+All implement `ControlNetwork.contribute`, so a caller never asks which kind a network is.
 
 Files are the other half of the contract: a `ControlMode` says how its files are recognised, how a file becomes
 its network on a loaded model, and how a trained model's control is exported and loaded back. A new mode is one
-module with a network that subclasses one of the two kinds and a ControlMode, listed in cldm/modes.py
+module with a network that subclasses one of the kinds and a ControlMode, listed in cldm/modes.py
 (docs/modes.md).
 """
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +26,7 @@ from omegaconf import DictConfig
 
 from ldm.checkpoint import LoadReport
 from ldm.modules.attention import InputAdapter
+from ldm.modules.diffusionmodules.openaimodel import BlockHook, BlockSite
 
 CONTROL_MODES = ("balanced", "prompt", "control")
 SOFT_DECAY = 0.825  # the original's guess-mode weight ratio between neighbouring residual levels
@@ -31,17 +35,19 @@ Step = tuple[int, int]
 
 @dataclass
 class Contribution:
-    """What the active units give one UNet forward: residuals to add, and adapters acting inside."""
+    """What the active units give one UNet forward: residuals to add to the skips and the middle, adapters
+    acting inside the attention projections, and hooks acting around the blocks (called in order)."""
 
     residuals: list[torch.Tensor] | None = None
     adapters: tuple[InputAdapter, ...] = ()
+    hooks: tuple[BlockHook, ...] = ()
 
     def __add__(self, other: "Contribution") -> "Contribution":
         if self.residuals is None or other.residuals is None:
             residuals = self.residuals if other.residuals is None else other.residuals
         else:
             residuals = [a + b for a, b in zip(self.residuals, other.residuals)]
-        return Contribution(residuals, self.adapters + other.adapters)
+        return Contribution(residuals, self.adapters + other.adapters, self.hooks + other.hooks)
 
     def adapter(self) -> InputAdapter | None:
         """The adapters as one (their residuals add up, each computed on the original input), or None."""
@@ -98,6 +104,71 @@ class InsideControl(ControlNetwork):
         if not multiplier:
             return Contribution()
         return Contribution(adapters=(self.adapter(unet, unit.hint, multiplier),))
+
+
+class BlockControl(ControlNetwork):
+    """A control that acts on the UNet's hidden states around its blocks, through a BlockHook for one forward."""
+
+    @abstractmethod
+    def num_levels(self) -> int:
+        """How many weights the unit gives this network (unit.level_scales(num_levels()))."""
+
+    @abstractmethod
+    def hook(self, unet: nn.Module, hint: torch.Tensor, scales: list[float], x: torch.Tensor,
+             timesteps: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None) -> BlockHook:
+        """The hook that applies this network, weighted level by level by `scales`, to `unet`'s forward on x
+        with the UNet's own inputs; `hint` has len(x) images or a divisor of that (see repeat_to)."""
+
+    def contribute(self, unit: "ControlUnit", x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                   y: torch.Tensor | None, unet: nn.Module) -> Contribution:
+        scales = unit.level_scales(self.num_levels())
+        if not any(scales):
+            return Contribution()
+        return Contribution(hooks=(self.hook(unet, unit.hint, scales, x, timesteps, context, y),))
+
+
+class FeatureAddition(BlockHook):
+    """A hook that adds a tensor to the output of some blocks: to the skip connection and the next block's
+    input alike when the block is an input block (T2I-Adapter's features)."""
+
+    def __init__(self, features: Mapping[BlockSite, torch.Tensor]):
+        self.features = dict(features)
+
+    def block_output(self, site: BlockSite, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        feature = self.features.get(site)
+        if feature is None:
+            return h
+        if feature.shape != h.shape:
+            raise ValueError(f"a control feature for {site.part} block {site.index} has shape "
+                             f"{tuple(feature.shape)}, the block's output {tuple(h.shape)}: the hint must be 8x "
+                             "the latent size and the control made for this base model")
+        return h + feature.to(h.dtype)
+
+
+class HintCache:
+    """The output of a network's hint encoder for the last hint tensor, reused while sampling.
+
+    A hint encoder sees the hint alone, not x, t or the text, so its output repeats over the sampling steps and
+    both guidance passes. The output is kept for the last hint tensor and reused while that tensor, the
+    encoder's weights and the autocast state stay unchanged; with gradients on it is always computed.
+    """
+
+    def __init__(self):
+        self._entry: tuple | None = None
+
+    def __call__(self, hint: torch.Tensor, encoder: nn.Module, encode: Callable[[torch.Tensor], object]):
+        if torch.is_grad_enabled():
+            return encode(hint)
+        device = hint.device.type
+        weights = list(encoder.parameters())
+        key = (0 if hint.is_inference() else hint._version, torch.is_autocast_enabled(device),
+               torch.get_autocast_dtype(device), weights[0].dtype, weights[0].device, *(p._version for p in weights))
+        entry = self._entry
+        if entry is not None and entry[0] is hint and entry[1] == key:
+            return entry[2]
+        out = encode(hint)
+        self._entry = (hint, key, out)
+        return out
 
 
 @dataclass

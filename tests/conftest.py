@@ -39,6 +39,26 @@ def tiny_model():
     return model
 
 
+def diffusers_unet(model, config):
+    """diffusers' UNet2DConditionModel holding `model`'s UNet, through diffusers' own LDM converter. Its config
+    guesses SDXL's text_time embedding from a 2048/1280 context width, so at toy widths a base with size
+    embedders gets the addition embedding as the SDXL converter sets it."""
+    import diffusers
+    from diffusers.loaders import single_file_utils as convert
+    from omegaconf import OmegaConf
+
+    original = OmegaConf.to_container(OmegaConf.load(config), resolve=True)
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    unet_config = convert.create_unet_diffusers_config_from_ldm(original, sd)
+    embedders = original["model"]["params"].get("conditioner_config", {}).get("params", {}).get("emb_models", [])
+    sizes = [m["params"]["outdim"] for m in embedders if m["target"].endswith(".ConcatTimestepEmbedderND")]
+    if sizes:
+        unet_config.update(class_embed_type=None, addition_embed_type="text_time", addition_time_embed_dim=sizes[0])
+    unet = diffusers.UNet2DConditionModel(**unet_config).eval()
+    unet.load_state_dict(convert.convert_ldm_unet_checkpoint(sd, unet_config), strict=True)
+    return unet
+
+
 def randomize_zero_init(module: torch.nn.Module, std: float = 0.05) -> None:
     """Give the zero-initialised layers of a fresh UNet random weights, so it acts like a trained one."""
     gen = torch.Generator().manual_seed(2)

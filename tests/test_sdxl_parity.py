@@ -21,7 +21,7 @@ import tool_convert_diffusers
 from benchmarks.bench_sample import peer_scheduler
 from cldm.model import save_state_dict
 from cldm.pipeline import sample
-from conftest import ROOT, model_as_trained, randomize_zero_convs, randomize_zero_init
+from conftest import ROOT, diffusers_unet, model_as_trained, randomize_zero_convs, randomize_zero_init
 
 TINY_XL = ROOT / "models" / "cldm_tiny_xl.yaml"
 BOS, EOT = 49406, 49407
@@ -68,25 +68,12 @@ def hf_text_encoders(model) -> tuple:
     return encoder_l, encoder_g
 
 
-def diffusers_unet(model) -> diffusers.UNet2DConditionModel:
-    """diffusers' LDM converter on our UNet; its config guesses SDXL's text_time embedding from a 2048/1280
-    context width, so at toy widths the addition embedding is set as the SDXL converter sets it."""
-    original = OmegaConf.to_container(OmegaConf.load(TINY_XL), resolve=True)
-    sd = {k: v.detach() for k, v in model.state_dict().items()}
-    config = convert.create_unet_diffusers_config_from_ldm(original, sd)
-    outdim = original["model"]["params"]["conditioner_config"]["params"]["emb_models"][2]["params"]["outdim"]
-    config.update(class_embed_type=None, addition_embed_type="text_time", addition_time_embed_dim=outdim)
-    unet = diffusers.UNet2DConditionModel(**config).eval()
-    unet.load_state_dict(convert.convert_ldm_unet_checkpoint(sd, config), strict=True)
-    return unet
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     model = model_as_trained(TINY_XL).eval()
     randomize_zero_init(model.control_model)  # its ResBlocks' and transformers' zero-initialised outputs
     randomize_zero_convs(model)
-    unet = diffusers_unet(model)
+    unet = diffusers_unet(model, TINY_XL)
     tokenizer, tokenizer_2 = hf_tokenizers(tmp_path_factory.mktemp("tokenizer"))
     encoder_l, encoder_g = hf_text_encoders(model)
     pipe = diffusers.StableDiffusionXLPipeline(

@@ -2,7 +2,7 @@
 
 from abc import abstractmethod
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn as nn
@@ -18,6 +18,41 @@ from ldm.modules.diffusionmodules.util import (
     timestep_embedding,
     zero_module,
 )
+
+
+class BlockSite(NamedTuple):
+    """One block of the UNet: `part` is "input", "middle" or "output", `index` its place in input_blocks or
+    output_blocks (0 for the middle block)."""
+
+    part: str
+    index: int
+
+
+MIDDLE = BlockSite("middle", 0)
+
+
+class BlockHook:
+    """What a control does to the UNet's hidden states around its blocks during one forward.
+
+    The UNet calls every hook it is given, in order, at each block; each method returns what the UNet goes on
+    with, and the defaults change nothing. A control that adds its own features to the encoder's (T2I-Adapter)
+    overrides block_output; one that exchanges features with the UNet in both directions (ControlNet-XS) reads
+    the blocks' inputs and outputs, keeps its own state in the hook, and adds to the decoder's inputs too. A
+    hook lives for one forward: it is an argument, nothing of it stays on the UNet.
+    """
+
+    def time_embedding(self, emb: torch.Tensor) -> torch.Tensor:
+        """The timestep embedding, before the vector y's embedding is added (SDXL)."""
+        return emb
+
+    def block_input(self, site: BlockSite, h: torch.Tensor) -> torch.Tensor:
+        """h about to enter the block at `site`; for an output block, before the skip is concatenated to it."""
+        return h
+
+    def block_output(self, site: BlockSite, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """h = block(x) just computed at `site` (x with the skip concatenated for an output block). An input
+        block's result is the skip connection and the next block's input alike."""
+        return h
 
 
 class TimestepBlock(nn.Module):
@@ -294,39 +329,61 @@ class UNetModel(nn.Module):
         return self.time_embed[0].weight.dtype
 
     def encode(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None,
-               y: torch.Tensor | None = None, adapter: InputAdapter | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+               y: torch.Tensor | None = None, adapter: InputAdapter | None = None,
+               hooks: Sequence[BlockHook] = ()) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """Down path and middle: returns the middle output, the time embedding and the skip features."""
-        emb = embed_time_and_vector(self, x, timesteps, y)
+        emb = embed_time_and_vector(self, x, timesteps, y, hooks)
         hs, h = [], x
-        for module in self.input_blocks:
-            h = module(h, emb, context, adapter)
+        for i, module in enumerate(self.input_blocks):
+            h = run_block(module, BlockSite("input", i), h, hooks, emb, context, adapter)
             hs.append(h)
-        return self.middle_block(h, emb, context, adapter), emb, hs
+        return run_block(self.middle_block, MIDDLE, h, hooks, emb, context, adapter), emb, hs
 
     def decode(self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None,
-               skips: list[torch.Tensor], adapter: InputAdapter | None = None) -> torch.Tensor:
+               skips: list[torch.Tensor], adapter: InputAdapter | None = None,
+               hooks: Sequence[BlockHook] = ()) -> torch.Tensor:
         """Up path, consuming the skip features deepest first."""
-        for module in self.output_blocks:
-            h = module(torch.cat([h, skips.pop()], dim=1), emb, context, adapter)
+        for i, module in enumerate(self.output_blocks):
+            site = BlockSite("output", i)
+            for hook in hooks:
+                h = hook.block_input(site, h)
+            x = torch.cat([h, skips.pop()], dim=1)
+            h = module(x, emb, context, adapter)
+            for hook in hooks:
+                h = hook.block_output(site, x, h)
         return self.out(h)
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None,
-                y: torch.Tensor | None = None, adapter: InputAdapter | None = None) -> torch.Tensor:
+                y: torch.Tensor | None = None, adapter: InputAdapter | None = None,
+                hooks: Sequence[BlockHook] = ()) -> torch.Tensor:
         """eps (or v); `y`: the vector of vector-conditioned bases (SDXL); `adapter` acts on the attention
-        projections' inputs during this forward."""
-        h, emb, hs = self.encode(x, timesteps, context, y, adapter)
-        return self.decode(h, emb, context, hs, adapter)
+        projections' inputs and `hooks` around the blocks during this forward."""
+        h, emb, hs = self.encode(x, timesteps, context, y, adapter, hooks)
+        return self.decode(h, emb, context, hs, adapter, hooks)
 
 
-def embed_time_and_vector(net: nn.Module, x: torch.Tensor, timesteps: torch.Tensor,
-                          y: torch.Tensor | None) -> torch.Tensor:
-    """time_embed(timestep features), plus label_emb(y) for a vector-conditioned net (UNet or ControlNet alike).
+def run_block(module: TimestepEmbedSequential, site: BlockSite, h: torch.Tensor, hooks: Sequence[BlockHook],
+              emb: torch.Tensor, context: torch.Tensor | None, adapter: InputAdapter | None) -> torch.Tensor:
+    """module(h) with the hooks' block_input before it and block_output after it."""
+    for hook in hooks:
+        h = hook.block_input(site, h)
+    out = module(h, emb, context, adapter)
+    for hook in hooks:
+        out = hook.block_output(site, h, out)
+    return out
+
+
+def embed_time_and_vector(net: nn.Module, x: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor | None,
+                          hooks: Sequence[BlockHook] = ()) -> torch.Tensor:
+    """time_embed(timestep features), passed through the hooks, plus label_emb(y) for a vector-conditioned net
+    (UNet or ControlNet alike).
 
     A vector-conditioned net refuses to run without y and a plain one refuses a y: either would silently
     compute another function than the checkpoint was trained for.
     """
     emb = net.time_embed(timestep_embedding(timesteps, net.model_channels).to(x.dtype))
+    for hook in hooks:
+        emb = hook.time_embedding(emb)
     if net.label_emb is None:
         if y is not None:
             raise ValueError("this network has no vector conditioning (num_classes unset) but got y")
