@@ -1,6 +1,7 @@
 """Control files as networks for a ControlUnit: the file's mode (cldm/modes.py) builds its network on a loaded
 model. A ControlNet's structure is the copy of the model's UNet encoder (the config's control network, or its UNet);
-a control-LoRA is tied to the model's UNet tensors; an LLLite network must fit the UNet's attention layers.
+a control-LoRA is tied to the model's UNet tensors; an LLLite network must fit the UNet's attention layers; a
+T2I-Adapter's structure comes from its tensors and must fit the UNet's resolution levels.
 Any other file gets one message that says what it holds and what was expected.
 """
 

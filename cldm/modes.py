@@ -14,9 +14,10 @@ from cldm.cldm import CONTROLNET
 from cldm.control import ControlMode
 from cldm.lllite import LLLITE
 from cldm.lora import CONTROL_LORA
+from cldm.t2i_adapter import T2I_ADAPTER
 from ldm.checkpoint import BASE_PREFIXES, UserError
 
-MODES: tuple[ControlMode, ...] = (CONTROLNET, CONTROL_LORA, LLLITE)
+MODES: tuple[ControlMode, ...] = (CONTROLNET, CONTROL_LORA, LLLITE, T2I_ADAPTER)
 
 
 @dataclass(frozen=True)
