@@ -1,16 +1,23 @@
-"""Convert ControlNet weights between the original layout and a diffusers `ControlNetModel` folder.
+"""Convert ControlNet and T2I-Adapter weights between their original layouts and diffusers' folders.
 
     python tool_convert_diffusers.py to-diffusers ./models/control_sd15_canny.pth ./models/canny_diffusers
     python tool_convert_diffusers.py from-diffusers ./models/canny_diffusers ./models/control_canny.pth
     (add --config ./models/cldm_v21.yaml for SD2.x ControlNets, --force to overwrite)
 
-to-diffusers reads a full ControlLDM checkpoint or a `control_model.*`-only file and writes
-OUT_DIR/config.json and OUT_DIR/diffusion_pytorch_model.safetensors. from-diffusers writes a `control_model.*`
-file (.safetensors, .ckpt or .pth by extension) that `load_checkpoint` puts into a ControlLDM built from the
-same config.
+    python tool_convert_diffusers.py to-diffusers ./models/t2iadapter_depth_sd15v2.pth ./models/depth_adapter \
+        --config ./models/cldm_v15_t2i.yaml
+    python tool_convert_diffusers.py from-diffusers ./models/t2i-adapter-canny-sdxl-1.0 ./models/canny_xl.pth \
+        --config ./models/cldm_xl_t2i.yaml
 
-The conversion itself is cldm/diffusers_convert.py: tensors are renamed, never changed, so a round trip is
-bit-exact.
+The --config's mode says what is converted. A ControlNet: to-diffusers reads a full ControlLDM checkpoint or a
+`control_model.*`-only file and writes OUT_DIR/config.json and OUT_DIR/diffusion_pytorch_model.safetensors (a
+`ControlNetModel`); from-diffusers writes a `control_model.*` file that `load_checkpoint` puts into a ControlLDM
+built from the same config. A T2I-Adapter: to-diffusers reads TencentARC's layout or this project's export and
+writes a `T2IAdapter` folder; from-diffusers reads such a folder (or its weights file alone) and writes
+TencentARC's layout. Files are .safetensors, .ckpt or .pth by extension.
+
+The conversions are cldm/diffusers_convert.py and cldm/t2i_adapter.py: tensors are renamed, never changed, so a
+round trip is bit-exact.
 """
 
 import argparse
@@ -18,8 +25,10 @@ import logging
 import sys
 from pathlib import Path
 
+from cldm import t2i_adapter
 from cldm.cli import run_tool
 from cldm.diffusers_convert import DEFAULT_CONFIG, convert_from_diffusers, convert_to_diffusers
+from cldm.modes import config_mode
 
 log = logging.getLogger(__name__)
 
@@ -28,18 +37,25 @@ def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    to = commands.add_parser("to-diffusers", help="original checkpoint -> diffusers ControlNet folder")
-    to.add_argument("input", help="full ControlLDM or control_model.* checkpoint (.ckpt/.pth/.safetensors)")
+    to = commands.add_parser("to-diffusers", help="original checkpoint -> diffusers ControlNet or T2IAdapter folder")
+    to.add_argument("input", help="full ControlLDM or control_model.* checkpoint, or a T2I-Adapter file "
+                                  "(.ckpt/.pth/.safetensors)")
     to.add_argument("output", help="folder to write config.json and diffusion_pytorch_model.safetensors into")
-    back = commands.add_parser("from-diffusers", help="diffusers ControlNet folder -> control_model.* file")
-    back.add_argument("input", help="diffusers ControlNet folder (config.json + weights)")
+    back = commands.add_parser("from-diffusers", help="diffusers ControlNet or T2IAdapter folder -> original layout")
+    back.add_argument("input", help="diffusers folder (config.json + weights); for a T2I-Adapter also its weights "
+                                    "file alone")
     back.add_argument("output", help="checkpoint to write (.safetensors, .ckpt or .pth)")
     for command in (to, back):
         command.add_argument("--config", default=str(DEFAULT_CONFIG),
                              help="ControlLDM YAML the weights belong to")
         command.add_argument("--force", action="store_true", help="overwrite existing outputs")
     args = parser.parse_args(argv)
-    convert = convert_to_diffusers if args.command == "to-diffusers" else convert_from_diffusers
+    # a T2I-Adapter config converts the adapter; any other converts a ControlNet (which refuses what is none)
+    if config_mode(args.config) is t2i_adapter.T2I_ADAPTER:
+        convert = (t2i_adapter.convert_to_diffusers if args.command == "to-diffusers"
+                   else t2i_adapter.convert_from_diffusers)
+    else:
+        convert = convert_to_diffusers if args.command == "to-diffusers" else convert_from_diffusers
     out = convert(args.input, args.output, args.config, args.force)
     log.info("Wrote %s", out)
     return out

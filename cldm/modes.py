@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
+from omegaconf import OmegaConf
 
 from cldm.cldm import CONTROLNET
 from cldm.control import ControlMode
@@ -16,6 +17,7 @@ from cldm.lllite import LLLITE
 from cldm.lora import CONTROL_LORA
 from cldm.t2i_adapter import T2I_ADAPTER
 from ldm.checkpoint import BASE_PREFIXES, UserError
+from ldm.util import get_obj_from_str
 
 MODES: tuple[ControlMode, ...] = (CONTROLNET, CONTROL_LORA, LLLITE, T2I_ADAPTER)
 
@@ -29,6 +31,12 @@ class Recognised:
 
     def __str__(self) -> str:
         return f"{self.mode.name}, {self.layout} layout"
+
+
+def config_mode(config_path: str | os.PathLike) -> ControlMode:
+    """The mode of the model a YAML builds (its class's control_mode)."""
+    target = OmegaConf.load(config_path).model.target
+    return get_obj_from_str(target).control_mode
 
 
 def expected_files() -> str:

@@ -33,13 +33,13 @@ import os
 import re
 import weakref
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from cldm.cldm import ControlLDM
 from cldm.control import BlockControl, ControlMode, FeatureAddition, HintCache, repeat_to
@@ -433,6 +433,44 @@ def load_t2i_adapter(source: Mapping[str, torch.Tensor] | str | os.PathLike,
     # strict: any other layout raises with the offending keys
     net.load_state_dict({k: v.to(dtype) for k, v in weights.items()}, assign=True)
     return net
+
+
+def config_adapter(config_path: str | os.PathLike) -> AdapterConfig:
+    """The adapter a T2IAdapterControlLDM YAML builds."""
+    params = OmegaConf.load(config_path).model.params.control_stage_config.get("params") or {}
+    return AdapterConfig(**OmegaConf.to_container(params))
+
+
+def check_structure(net: T2IAdapter, expected: AdapterConfig, source: str | os.PathLike) -> None:
+    """Refuse an adapter of another structure than the config's (the hint's channels may differ: gray or colour)."""
+    if replace(net.config, in_channels=expected.in_channels) != expected:
+        raise ValueError(f"{source} is a T2I-Adapter of another structure than the --config builds: {net.config}, "
+                         f"expected {expected} (right --config?)")
+
+
+def convert_to_diffusers(in_path: str | os.PathLike, out_dir: str | os.PathLike, config_path: str | os.PathLike,
+                         force: bool = False) -> Path:
+    """A T2I-Adapter file in any layout (TencentARC's .pth, this project's export) -> a diffusers T2IAdapter folder;
+    the config says which kind a full adapter is (SD's or SDXL's)."""
+    expected = config_adapter(config_path)
+    weights = adapter_weights(load_state_dict(in_path))
+    net = load_t2i_adapter(weights, infer_config(weights, expected.adapter_type))
+    check_structure(net, expected, in_path)
+    return save_adapter_folder(net, out_dir, force)
+
+
+def convert_from_diffusers(in_path: str | os.PathLike, out_path: str | os.PathLike, config_path: str | os.PathLike,
+                           force: bool = False) -> Path:
+    """A diffusers T2IAdapter folder (or its weights file alone) -> TencentARC's layout, .pth or .safetensors by
+    the extension (the layout TencentARC's code, the A1111 extension and ComfyUI load)."""
+    expected = config_adapter(config_path)
+    if Path(in_path).is_dir():
+        net = load_t2i_adapter(in_path)
+    else:
+        weights = adapter_weights(load_state_dict(in_path))
+        net = load_t2i_adapter(weights, infer_config(weights, expected.adapter_type))
+    check_structure(net, expected, in_path)
+    return save_state_dict(diffusers_to_original(net.state_dict(), net.config), out_path, force=force)
 
 
 def replace_network(model: ControlLDM, net: T2IAdapter) -> None:

@@ -367,3 +367,29 @@ def test_controlnet_t2i_adapter_and_lllite_files_in_one_sample(tmp_path):
         fewer = sample(model, PROMPTS, units=units[:left_out] + units[left_out + 1:], steps=4, seed=SEEDS,
                        decode=False).latents
         assert (fewer - together).abs().max() > 1e-3 * together.abs().max(), f"unit {left_out} does nothing"
+
+
+def test_tool_convert_diffusers_both_ways_for_t2i_adapters(tmp_path):
+    import tool_convert_diffusers
+    torch.manual_seed(0)
+    net = T2IAdapter(**asdict(create_model(TINY_XL, device="meta").control_model.config) | {"in_channels": 1})
+    original = save_state_dict(diffusers_to_original(net.state_dict(), net.config), tmp_path / "tencentarc.pth")
+    folder = tool_convert_diffusers.main(["to-diffusers", str(original), str(tmp_path / "diffusers"),
+                                          "--config", str(TINY_XL)])
+    theirs = diffusers.T2IAdapter.from_pretrained(folder).eval()
+    assert theirs.config.adapter_type == "full_adapter_xl" and theirs.config.in_channels == 1
+    hint = torch.rand(1, 1, 64, 64)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(net(hint), theirs(hint)))
+    for source in (folder, folder / "diffusion_pytorch_model.safetensors"):
+        back = tool_convert_diffusers.main(["from-diffusers", str(source), str(tmp_path / "back.pth"),
+                                            "--config", str(TINY_XL), "--force"])
+        before, after = load_state_dict(original), load_state_dict(back)
+        assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    # an SDXL adapter named with an SD config: the unshuffle factor does not fit
+    with pytest.raises(ValueError, match="first conv takes 256 channels: not a gray or colour hint unshuffled by"):
+        tool_convert_diffusers.main(["to-diffusers", str(original), str(tmp_path / "other"), "--config", str(TINY)])
+    # an adapter of other widths
+    with pytest.raises(ValueError, match="another structure than the --config builds"):
+        tool_convert_diffusers.main(["from-diffusers", str(folder), str(tmp_path / "other.pth"),
+                                     "--config", str(MODELS / "cldm_xl_t2i.yaml")])
