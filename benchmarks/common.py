@@ -1,9 +1,7 @@
 """What both benchmarks share: our model and diffusers' on the same weights, precision, timing, memory, tables.
 
-The peer is diffusers' UNet2DConditionModel + ControlNetModel (+ AutoencoderKL) built from our state dict
-with diffusers' own LDM converters (UNet, VAE) and cldm/diffusers_convert.py (ControlNet). diffusers' text
-encoder would need transformers, which is not a dependency, so both sides use our text encoder: it runs
-only without cached latents, and then for both alike.
+The peer is cldm.diffusers_peer's: diffusers' UNet2DConditionModel + ControlNetModel (+ AutoencoderKL) on our
+state dict; both sides use our text encoder: it runs only without cached latents, and then for both alike.
 
 Memory is reported as static + transient: the bytes of the side's own weights, buffers and optimizer state,
 plus the peak of the tensors allocated during one step above the level at its start (PeakMemory: the CUDA
@@ -18,7 +16,6 @@ import sys
 import tempfile
 import time
 import unittest.mock
-from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
@@ -29,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from cldm.diffusers_peer import Peer, build_peer, peer_eps  # noqa: E402, F401  (the benchmarks' peer)
 from cldm.model import create_model  # noqa: E402
 from ldm.modules.diffusionmodules.openaimodel import set_gradient_checkpointing  # noqa: E402
 
@@ -60,54 +58,6 @@ def build_ours(config: str | Path, device: torch.device, seed: int = 0) -> nn.Mo
     randomize_zero_layers(model.model)
     randomize_zero_layers(model.control_model)
     return model
-
-
-@dataclass
-class Peer:
-    """diffusers' modules holding our model's weights; the text encoder is ours (shared)."""
-
-    unet: nn.Module
-    controlnet: nn.Module
-    vae: nn.Module
-    text_encoder: nn.Module
-    scale_factor: float
-
-    @property
-    def modules(self) -> list[nn.Module]:
-        return [self.unet, self.controlnet, self.vae, self.text_encoder]
-
-
-def build_peer(model: nn.Module, config: str | Path, device: torch.device) -> Peer:
-    """diffusers' UNet, ControlNet and VAE loaded (strictly) with `model`'s weights."""
-    import diffusers
-    from diffusers.loaders import single_file_utils as convert
-    from omegaconf import OmegaConf
-
-    from cldm.diffusers_convert import build_mapping, to_diffusers
-
-    original = OmegaConf.to_container(OmegaConf.load(config), resolve=True)
-    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    with torch.device(device):
-        unet_config = convert.create_unet_diffusers_config_from_ldm(original, sd)
-        unet = diffusers.UNet2DConditionModel(**unet_config)
-        unet.load_state_dict(convert.convert_ldm_unet_checkpoint(sd, unet_config))
-        mapping = build_mapping(config)
-        controlnet = diffusers.ControlNetModel.from_config(mapping.config)
-        controlnet.load_state_dict(to_diffusers(sd, mapping))
-        vae_config = convert.create_vae_diffusers_config_from_ldm(original, sd)
-        vae = diffusers.AutoencoderKL(**vae_config)
-        vae.load_state_dict(convert.convert_ldm_vae_checkpoint(sd, vae_config))
-    unet.requires_grad_(False)
-    vae.requires_grad_(False)
-    return Peer(unet.eval(), controlnet, vae.eval(), model.cond_stage_model, model.scale_factor)
-
-
-def peer_eps(peer: Peer, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
-             hint: torch.Tensor) -> torch.Tensor:
-    """diffusers' ControlNet residuals added into its UNet, as StableDiffusionControlNetPipeline does."""
-    down, mid = peer.controlnet(x, t, encoder_hidden_states=context, controlnet_cond=hint, return_dict=False)
-    return peer.unet(x, t, encoder_hidden_states=context, down_block_additional_residuals=down,
-                     mid_block_additional_residual=mid, return_dict=False)[0]
 
 
 @torch.no_grad()

@@ -27,6 +27,7 @@ from ldm.modules.diffusionmodules.openaimodel import (
     embed_time_and_vector,
 )
 from ldm.modules.diffusionmodules.util import conv_nd, zero_module
+from ldm.modules.encoders.conditioner import CROP, ORIGINAL_SIZE, TARGET_SIZE
 from ldm.util import get_obj_from_str, instantiate_from_config, log_txt_as_img
 
 
@@ -379,6 +380,10 @@ class ControlLDM(LatentDiffusion):
         log["conditioning"] = log_txt_as_img((hint.shape[3], hint.shape[2]), prompts, size=16)
         units = [self.unit(hint, scales=self.control_scales)]
         run = dict(units=units, sampler=sampler, steps=ddim_steps, eta=ddim_eta, seed=seed)
+        if self.vector_conditioned:  # the size conditioning the batch records (else its images' size), as trained
+            sizes = self.batch_sizes(batch, N, z.shape[-2:])
+            run |= dict(original_size=sizes[ORIGINAL_SIZE], crops_coords_top_left=sizes[CROP],
+                        target_size=sizes[TARGET_SIZE])
         if sample:
             log["samples"] = sample_images(self, prompts, cfg_scale=1.0, **run).tensors
         if unconditional_guidance_scale > 1.0:

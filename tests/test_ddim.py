@@ -169,3 +169,102 @@ def test_unimplemented_arguments_are_refused_not_ignored(tiny_model, argument, v
     sampler.sample(2, 1, (4, 4, 4), {"c_crossattn": [text]}, verbose=False, quantize_x0=False, noise_dropout=0.0)
     with pytest.raises(TypeError, match="unexpected keyword argument 'guidance'"):
         sampler.sample(2, 1, (4, 4, 4), {"c_crossattn": [text]}, verbose=False, guidance=3.0)
+
+
+def guided_eps(model, x, t, cond, uncond, scale):
+    with torch.no_grad():
+        c, uc = model.apply_model(x, t, cond), model.apply_model(x, t, uncond)
+    return uc + scale * (c - uc)
+
+
+def test_stochastic_encode_then_decode_as_the_original_img2img(tiny_model):
+    """The original's img2img: z = stochastic_encode(x0, t_enc) noised to DDIM index t_enc, then decode(z, c,
+    t_enc) runs the DDIM steps from index t_enc - 1 down; each written out by hand here."""
+    model = tiny_model.eval()
+    randomize_zero_convs(model)
+    gen = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(2, 4, 4, 4, generator=gen), torch.randn(2, 4, 4, 4, generator=gen)
+    hint = torch.rand(2, 3, 32, 32, generator=gen)
+    text, empty = model.get_learned_conditioning(["a circle"] * 2), model.get_learned_conditioning([""] * 2)
+    cond, uncond = {"c_concat": [hint], "c_crossattn": [text]}, {"c_concat": [hint], "c_crossattn": [empty]}
+    sampler = DDIMSampler(model)
+    sampler.make_schedule(ddim_num_steps=10, ddim_eta=0.0)
+    ac = model.alphas_cumprod
+    timesteps = list(range(1, 1000, 100))  # DDIM's 10 uniform steps
+    t_enc = torch.tensor([2, 2])
+    z = sampler.stochastic_encode(x0, t_enc, noise=noise)
+    torch.testing.assert_close(z, ac[timesteps[2]].sqrt() * x0 + (1 - ac[timesteps[2]]).sqrt() * noise)
+    # the original's rule: one noise level per sample; default noise from the global generator
+    mixed = sampler.stochastic_encode(x0, torch.tensor([0, 9]), noise=noise)
+    torch.testing.assert_close(mixed[1], ac[timesteps[9]].sqrt() * x0[1] + (1 - ac[timesteps[9]]).sqrt() * noise[1])
+    torch.manual_seed(4)
+    drawn = sampler.stochastic_encode(x0, t_enc)
+    torch.manual_seed(4)
+    torch.testing.assert_close(drawn, sampler.stochastic_encode(x0, t_enc, noise=torch.randn_like(x0)))
+    # every training step: t is a training timestep
+    every = sampler.stochastic_encode(x0, torch.tensor([500, 500]), use_original_steps=True, noise=noise)
+    torch.testing.assert_close(every, ac[500].sqrt() * x0 + (1 - ac[500]).sqrt() * noise)
+
+    called = []
+    decoded = sampler.decode(z, cond, 2, unconditional_guidance_scale=5.0, unconditional_conditioning=uncond,
+                             callback=called.append)
+    x = z
+    for t, t_prev in ((timesteps[1], timesteps[0]), (timesteps[0], None)):
+        a, a_prev = ac[t], ac[t_prev] if t_prev is not None else ac[0]
+        eps = guided_eps(model, x, torch.tensor([t, t]), cond, uncond, 5.0)
+        pred_x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+        x = a_prev.sqrt() * pred_x0 + (1 - a_prev).sqrt() * eps
+    torch.testing.assert_close(decoded, x)
+    assert called == [0, 1]
+    with pytest.raises(ValueError, match="t_start must be between 1 and 10"):
+        sampler.decode(z, cond, 11)
+    with pytest.raises(RuntimeError, match="call make_schedule"):
+        DDIMSampler(model).decode(z, cond, 2)
+
+
+@pytest.mark.parametrize("config", ["cldm_tiny", "cldm_tiny_v21"])
+def test_encode_is_ddim_inversion_at_the_schedules_timesteps(config):
+    """encode(x0, c, t_enc): step i moves x from DDIM level i - 1 to level i with the model's eps at the schedule's
+    timestep i (a v-prediction model's output converted to eps), as the original's ddim_hacked.py computes it."""
+    model = golden_model(config)
+    gen = torch.Generator().manual_seed(1)
+    x0, hint = torch.randn(2, 4, 4, 4, generator=gen), torch.rand(2, 3, 32, 32, generator=gen)
+    text, empty = model.get_learned_conditioning(["a circle"] * 2), model.get_learned_conditioning([""] * 2)
+    cond, uncond = {"c_concat": [hint], "c_crossattn": [text]}, {"c_concat": [hint], "c_crossattn": [empty]}
+    sampler = DDIMSampler(model)
+    sampler.make_schedule(ddim_num_steps=5)
+    ac = model.alphas_cumprod
+    timesteps = list(range(1, 1000, 200))
+    encoded, out = sampler.encode(x0, cond, 3, unconditional_guidance_scale=4.0, unconditional_conditioning=uncond,
+                                  return_intermediates=1)
+    x, levels = x0, [ac[0], *[ac[t] for t in timesteps]]
+    for i in range(3):
+        t = torch.tensor([timesteps[i]] * 2)
+        eps = guided_eps(model, x, t, cond, uncond, 4.0)
+        if model.parameterization == "v":
+            eps = ac[t].sqrt().view(-1, 1, 1, 1) * eps + (1 - ac[t]).sqrt().view(-1, 1, 1, 1) * x
+        a, a_next = levels[i], levels[i + 1]
+        x = (a_next / a).sqrt() * x + a_next.sqrt() * ((1 / a_next - 1).sqrt() - (1 / a - 1).sqrt()) * eps
+    torch.testing.assert_close(encoded, x)
+    torch.testing.assert_close(out["x_encoded"], x)
+    assert out["intermediate_steps"] == [0, 1, 2] and len(out["intermediates"]) == 3
+    assert (encoded - x0).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="t_enc must be between 0 and 5"):
+        sampler.encode(x0, cond, 6)
+
+
+def test_inpainting_of_the_wrong_shape_is_refused_by_name(tiny_model):
+    text = tiny_model.get_learned_conditioning(["a circle"])
+    sampler = DDIMSampler(tiny_model)
+    mask, x0 = torch.ones(1, 1, 4, 4), torch.zeros(1, 4, 4, 4)
+
+    def run(m, x):
+        return sampler.sample(2, 1, (4, 4, 4), {"c_crossattn": [text]}, mask=m, x0=x, verbose=False)
+
+    with pytest.raises(ValueError, match=r"inpainting mask has shape \(1, 1, 32, 32\); expected \(1, 1, 4, 4\) or "
+                                         r"\(1, 4, 4, 4\): a mask at latent size"):
+        run(torch.ones(1, 1, 32, 32), x0)
+    with pytest.raises(ValueError, match=r"inpainting x0 has shape \(1, 3, 32, 32\); expected \(1, 4, 4, 4\): "
+                                         r"latents \(encode an image"):
+        run(mask, torch.zeros(1, 3, 32, 32))
+    run(mask, x0)

@@ -7,6 +7,7 @@ import torch
 
 from cldm.control import ControlUnit
 from cldm.model import create_model, load_checkpoint, load_state_dict
+from cldm.pipeline import sample
 from conftest import ROOT, model_as_trained, randomize_zero_convs
 from tool_make_fill50k import make_fill50k
 
@@ -178,3 +179,19 @@ def test_the_readers_size_conditioning_reaches_the_vector(tiny_xl):
     _, cond = tiny_xl.get_input(batch, "jpg")
     expected = tiny_xl.text_conditioning(["a red circle"] * 2, (64, 64), original_size=(96, 80), crop=crop)
     torch.testing.assert_close(cond["c_adm"], expected["c_adm"])
+
+
+def test_log_images_samples_with_the_size_conditioning_the_batch_records(tiny_xl):
+    randomize_zero_convs(tiny_xl)
+    model = tiny_xl.eval()
+    sizes = {"original_size_as_tuple": torch.tensor([[512.0, 384.0], [96.0, 128.0]]),
+             "crop_coords_top_left": torch.tensor([[16.0, 0.0], [0.0, 8.0]])}
+    batch = {**make_batch(), **sizes}
+    logged = model.log_images(batch, N=2, ddim_steps=2, unconditional_guidance_scale=3.0, seed=5)
+    guided = logged["samples_cfg_scale_3.00"]
+    hint = batch["hint"].permute(0, 3, 1, 2)
+    expected = sample(model, batch["txt"], units=[model.unit(hint)], steps=2, cfg_scale=3.0, seed=5,
+                      original_size=sizes["original_size_as_tuple"], crops_coords_top_left=sizes["crop_coords_top_left"])
+    torch.testing.assert_close(guided, expected.tensors)
+    default = sample(model, batch["txt"], units=[model.unit(hint)], steps=2, cfg_scale=3.0, seed=5)
+    assert (default.tensors - guided).abs().max() > 1e-4  # the recorded sizes changed the samples

@@ -18,10 +18,11 @@ from omegaconf import OmegaConf
 from open_clip.tokenizer import SimpleTokenizer
 
 import tool_convert_diffusers
-from benchmarks.bench_sample import peer_scheduler
 from cldm.model import save_state_dict
 from cldm.pipeline import sample
 from conftest import ROOT, diffusers_unet, model_as_trained, randomize_zero_convs, randomize_zero_init
+from diffusers_schedulers import documented_scheduler
+from ldm.models.diffusion.samplers import SAMPLERS
 
 TINY_XL = ROOT / "models" / "cldm_tiny_xl.yaml"
 BOS, EOT = 49406, 49407
@@ -176,13 +177,11 @@ def test_controlnet_xl_residuals_match_diffusers_through_our_conversion(tiny, tm
         assert (a - b).abs().max().item() <= 1e-5, f"residual {i} differs by {(a - b).abs().max().item()}"
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "euler_a"])
-def test_sampling_matches_diffusers_sdxl_controlnet_pipeline(tiny, tmp_path, sampler):
-    """cldm.pipeline.sample on the tiny SDXL ControlLDM = StableDiffusionXLControlNetPipeline on the same weights,
-    noise and generators (no negative prompt: zeros on both sides), final latents within float32 tolerance."""
-    model, pipe = tiny
-    save_state_dict(model.control_state_dict(), tmp_path / "control.safetensors")
-    tool_convert_diffusers.main(["to-diffusers", str(tmp_path / "control.safetensors"), str(tmp_path / "cn"),
+def sdxl_controlnet_pipeline(model, pipe, folder, sampler: str) -> diffusers.StableDiffusionXLControlNetPipeline:
+    """StableDiffusionXLControlNetPipeline on the tiny model's weights (its ControlNet converted by
+    tool_convert_diffusers), with the scheduler diffusers documents for the sampler's A1111 name."""
+    save_state_dict(model.control_state_dict(), folder / "control.safetensors")
+    tool_convert_diffusers.main(["to-diffusers", str(folder / "control.safetensors"), str(folder / "cn"),
                                  "--config", str(TINY_XL)])
     original = OmegaConf.to_container(OmegaConf.load(TINY_XL), resolve=True)
     sd = model.state_dict()
@@ -192,9 +191,18 @@ def test_sampling_matches_diffusers_sdxl_controlnet_pipeline(tiny, tmp_path, sam
     xl = diffusers.StableDiffusionXLControlNetPipeline(
         vae=vae.eval(), text_encoder=pipe.text_encoder, text_encoder_2=pipe.text_encoder_2,
         tokenizer=pipe.tokenizer, tokenizer_2=pipe.tokenizer_2, unet=pipe.unet,
-        controlnet=diffusers.ControlNetModel.from_pretrained(tmp_path / "cn").eval(),
-        scheduler=peer_scheduler(model, sampler))
+        controlnet=diffusers.ControlNetModel.from_pretrained(folder / "cn").eval(),
+        scheduler=documented_scheduler(SAMPLERS[sampler].label))
     xl.set_progress_bar_config(disable=True)
+    return xl
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "euler_a"])
+def test_sampling_matches_diffusers_sdxl_controlnet_pipeline(tiny, tmp_path, sampler):
+    """cldm.pipeline.sample on the tiny SDXL ControlLDM = StableDiffusionXLControlNetPipeline on the same weights,
+    noise and generators (no negative prompt: zeros on both sides), final latents within float32 tolerance."""
+    model, pipe = tiny
+    xl = sdxl_controlnet_pipeline(model, pipe, tmp_path, sampler)
     seeds, steps, scale = [7, 8], 6, 6.0
     hint = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     ours = sample(model, PROMPTS, units=[model.unit(hint)], sampler=sampler, steps=steps, cfg_scale=scale,
@@ -208,3 +216,46 @@ def test_sampling_matches_diffusers_sdxl_controlnet_pipeline(tiny, tmp_path, sam
     assert error < 1e-5, f"{sampler}: relative difference {error:.2e}"
     plain = sample(model, PROMPTS, sampler=sampler, steps=steps, cfg_scale=scale, seed=seeds, decode=False)
     assert (plain.latents - ours).abs().max() > 1e-2 * ours.abs().max()  # the ControlNet-XL acts
+
+
+SIZES = {"original_size": (96, 80), "crops_coords_top_left": (8, 16), "target_size": (48, 64),
+         "negative_original_size": (32, 40), "negative_crops_coords_top_left": (4, 0), "negative_target_size": (64, 56)}
+
+
+def test_size_conditioning_matches_diffusers_sdxl_controlnet_pipeline(tiny, tmp_path):
+    """A diffusers SDXL ControlNet call that sets the six size arguments (and a negative prompt), reproduced by
+    sample() with the same arguments; each of them changes the result.
+
+    One image per call: with several, diffusers 0.42.1 repeats [negative, positive] size ids along the batch,
+    which pairs image 2's unconditional half with the positive sizes. Ours batches as one image at a time."""
+    model, pipe = tiny
+    xl = sdxl_controlnet_pipeline(model, pipe, tmp_path, "euler")
+    steps, scale = 4, 5.0
+    hint = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+
+    def ours(prompts=PROMPTS[:1], negative=NEGATIVE[:1], seeds=(3,), **sizes):
+        return sample(model, list(prompts), negative_prompt=list(negative), units=[model.unit(hint)],
+                      sampler="euler", steps=steps, cfg_scale=scale, seed=list(seeds), decode=False, **sizes).latents
+
+    generator = torch.Generator().manual_seed(3)
+    latents = randn_tensor((1, 4, 8, 8), generator=generator)
+    with torch.no_grad():
+        theirs = xl(PROMPTS[:1], negative_prompt=NEGATIVE[:1], image=hint, height=64, width=64,
+                    num_inference_steps=steps, guidance_scale=scale, generator=generator, latents=latents,
+                    output_type="latent", **SIZES).images
+    with_sizes = ours(**SIZES)
+    error = (with_sizes - theirs).abs().max() / theirs.abs().max()
+    assert error < 1e-5, f"relative difference {error:.2e}"
+    for name in SIZES:
+        without = ours(**{k: v for k, v in SIZES.items() if k != name})
+        assert (without - with_sizes).abs().max() > 1e-4 * with_sizes.abs().max(), f"{name} has no effect"
+    # in a batch, each image gets the sizes given for it (one pair for all, or one per image)
+    other_sizes = {k: (v[1], v[0]) for k, v in SIZES.items()}
+    batch = ours(PROMPTS, NEGATIVE, (3, 4), **{k: [v, other_sizes[k]] for k, v in SIZES.items()})
+    for got, alone in ((batch[:1], with_sizes), (batch[1:], ours(PROMPTS[1:], NEGATIVE[1:], (4,), **other_sizes))):
+        assert (got - alone).abs().max() < 1e-5 * alone.abs().max()
+
+
+def test_size_conditioning_is_refused_where_it_cannot_apply(tiny_model):
+    with pytest.raises(ValueError, match="original_size, target_size: size conditioning applies to SDXL-type"):
+        sample(tiny_model, "a", steps=1, original_size=(64, 64), target_size=(32, 32))

@@ -5,9 +5,11 @@ produced S+1 timesteps, and an index past the schedule, whenever T/S left no rem
 27, 36, 37).
 
 `sample_ddim` is a function over a denoiser (guidance sits outside it, in guidance.py); `DDIMSampler` keeps
-the original's class and `sample()` signature on top of it.
+the original's class, its `sample()` signature and its img2img methods (`stochastic_encode`, `decode`, and
+`encode`, DDIM inversion) on top of it.
 """
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -18,6 +20,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from tqdm import tqdm
 
 from ldm.models.diffusion.guidance import Denoiser, GuidedDenoiser
+
+logger = logging.getLogger(__name__)
 
 Generators = torch.Generator | list[torch.Generator] | None
 # (step index, latents after the step, the step's x0 prediction or None)
@@ -65,6 +69,26 @@ class DDIMSchedule:
         sigmas = eta * torch.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
         return cls(timesteps, a.float(), a_prev.float(), sigmas.float(), torch.sqrt(1.0 - a).float(), eta)
 
+    @classmethod
+    def every_step(cls, alphas_cumprod: torch.Tensor, alphas_cumprod_prev: torch.Tensor, eta: float = 0.0
+                   ) -> "DDIMSchedule":
+        """All training steps, each stepping to the one before it (the original's use_original_steps=True)."""
+        a, a_prev = (buf.detach().double().cpu() for buf in (alphas_cumprod, alphas_cumprod_prev))
+        sigmas = eta * torch.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
+        return cls(np.arange(len(a)), a.float(), a_prev.float(), sigmas.float(), torch.sqrt(1.0 - a).float(), eta)
+
+
+def denoising_steps(steps: int, strength: float) -> int:
+    """How many of `steps` an img2img run takes at denoising `strength`: the last int(steps * strength) of the
+    schedule, as diffusers' img2img pipelines count them (get_timesteps)."""
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"denoising strength must be in (0, 1], got {strength}")
+    run = min(int(steps * strength), steps)
+    if run < 1:
+        raise ValueError(f"denoising strength {strength} of {steps} steps runs no step (int(steps * strength) is 0); "
+                         "raise the strength or the steps")
+    return run
+
 
 @dataclass(frozen=True)
 class Inpainting:
@@ -76,23 +100,53 @@ class Inpainting:
     mask: torch.Tensor
     x0: torch.Tensor
 
+    def check(self, latents: torch.Size) -> None:
+        """Refuse a mask or x0 that does not fit latents of shape (B, C, h, w), naming the argument and the shape
+        expected (both are at latent size, pixel size / the VAE factor; x0 is latents, not an RGB image)."""
+        b, c, h, w = latents
+        fits = {"mask": (self.mask, (1, c)), "x0": (self.x0, (c,))}
+        for name, (tensor, channels) in fits.items():
+            if tensor.dim() != 4 or tensor.shape[0] not in (1, b) or tensor.shape[1] not in channels or (
+                    tuple(tensor.shape[-2:]) != (h, w)):
+                want = " or ".join(f"({n}, {k}, {h}, {w})" for n in dict.fromkeys((b, 1)) for k in channels)
+                what = ("latents (encode an image with model.get_first_stage_encoding(model.encode_first_stage(x)))"
+                        if name == "x0" else "a mask at latent size, 1 where x0 is kept")
+                raise ValueError(f"inpainting {name} has shape {tuple(tensor.shape)}; expected {want}: {what}")
+
     def blend(self, x: torch.Tensor, x0_noised: torch.Tensor) -> torch.Tensor:
         return x0_noised * self.mask + (1.0 - self.mask) * x
 
 
 def sample_ddim(denoiser: Denoiser, x: torch.Tensor, schedule: NoiseSchedule, steps: int, eta: float = 0.0,
                 generator: Generators = None, callback: StepCallback | None = None,
-                inpainting: Inpainting | None = None, temperature: float = 1.0, progress: bool = False
-                ) -> torch.Tensor:
-    """DDIM from noise x (x_T) in `steps` steps; eta 0 is deterministic, eta 1 is DDPM-like."""
+                inpainting: Inpainting | None = None, temperature: float = 1.0, progress: bool = False,
+                init: torch.Tensor | None = None, strength: float = 1.0) -> torch.Tensor:
+    """DDIM from noise x (x_T) in `steps` steps; eta 0 is deterministic, eta 1 is DDPM-like.
+
+    img2img: `init` (latents) noised with x to the level of the first step run, then the last
+    int(steps * strength) steps of the schedule (as diffusers' img2img pipelines with DDIMScheduler).
+    """
     ddim = DDIMSchedule.make(schedule.alphas_cumprod, steps, eta)
-    total = len(ddim.timesteps)
-    for i, step in enumerate(tqdm(np.flip(ddim.timesteps), desc="DDIM Sampler", total=total, disable=not progress)):
-        index = total - i - 1
-        t = torch.full((x.shape[0],), int(step), device=x.device, dtype=torch.long)
+    run = len(ddim.timesteps)
+    if init is not None:
+        run = denoising_steps(steps, strength)
+        t = torch.full((x.shape[0],), int(ddim.timesteps[run - 1]), device=x.device, dtype=torch.long)
+        x = noised(schedule, init, t, x)
+    return ddim_steps(denoiser, x, schedule, ddim, run, generator, callback, inpainting, temperature, progress)
+
+
+def ddim_steps(denoiser: Denoiser, x: torch.Tensor, schedule: NoiseSchedule, ddim: DDIMSchedule, run: int,
+               generator: Generators = None, callback: StepCallback | None = None,
+               inpainting: Inpainting | None = None, temperature: float = 1.0, progress: bool = False,
+               desc: str = "DDIM Sampler") -> torch.Tensor:
+    """The DDIM updates from ddim.timesteps[run - 1] down to the first timestep, reported as steps (i, run)."""
+    if inpainting is not None:
+        inpainting.check(x.shape)
+    for i, index in enumerate(tqdm(range(run - 1, -1, -1), desc=desc, total=run, disable=not progress)):
+        t = torch.full((x.shape[0],), int(ddim.timesteps[index]), device=x.device, dtype=torch.long)
         if inpainting is not None:
             x = inpainting.blend(x, q_sample(schedule, inpainting.x0, t, generator))
-        out = denoiser(x, t, (i, total))
+        out = denoiser(x, t, (i, run))
         x, pred_x0 = ddim_step(schedule, ddim, index, x, t, out, generator, temperature)
         if callback is not None:
             callback(i, x, pred_x0)
@@ -100,8 +154,12 @@ def sample_ddim(denoiser: Denoiser, x: torch.Tensor, schedule: NoiseSchedule, st
 
 
 def q_sample(schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor, generator: Generators) -> torch.Tensor:
-    """x0 noised to timestep t: sqrt(a_t) x0 + sqrt(1 - a_t) noise."""
-    noise = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    """x0 noised to timestep t with noise drawn from `generator`."""
+    return noised(schedule, x0, t, randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype))
+
+
+def noised(schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """x0 at timesteps t (one per sample): sqrt(a_t) x0 + sqrt(1 - a_t) noise."""
     shape = (-1, *(1,) * (x0.dim() - 1))
     return (schedule.sqrt_alphas_cumprod[t].view(shape) * x0
             + schedule.sqrt_one_minus_alphas_cumprod[t].view(shape) * noise)
@@ -202,3 +260,81 @@ class DDIMSampler:
         samples = sample_ddim(denoiser, img, self.model, S, eta=eta, generator=generator, callback=record,
                               inpainting=inpainting, temperature=temperature, progress=verbose)
         return samples, intermediates
+
+    def schedule(self, use_original_steps: bool) -> DDIMSchedule:
+        """The DDIM schedule of the last make_schedule (or sample), or every training step."""
+        if use_original_steps:
+            return DDIMSchedule.every_step(self.model.alphas_cumprod, self.model.alphas_cumprod_prev,
+                                           getattr(self, "ddim_eta", 0.0))
+        if not hasattr(self, "ddim_timesteps"):
+            raise RuntimeError("DDIMSampler: call make_schedule(ddim_num_steps) (or sample) before encoding or "
+                               "decoding, or pass use_original_steps=True")
+        return DDIMSchedule(self.ddim_timesteps, self.ddim_alphas, self.ddim_alphas_prev, self.ddim_sigmas,
+                            self.ddim_sqrt_one_minus_alphas, self.ddim_eta)
+
+    @torch.no_grad()
+    def stochastic_encode(self, x0: torch.Tensor, t: torch.Tensor, use_original_steps: bool = False,
+                          noise: torch.Tensor | None = None) -> torch.Tensor:
+        """x0 noised to the level of DDIM step index t (one per sample; a training timestep with
+        use_original_steps): the original img2img's first half, followed by decode(z, cond, t_start)."""
+        ddim = self.schedule(use_original_steps)
+        if noise is None:
+            noise = torch.randn_like(x0)
+        shape = (-1, *(1,) * (x0.dim() - 1))
+        index = t.long().cpu()
+        sqrt_alpha = ddim.alphas.sqrt()[index].to(x0.device).view(shape)
+        sqrt_one_minus_alpha = ddim.sqrt_one_minus_alphas[index].to(x0.device).view(shape)
+        return sqrt_alpha * x0 + sqrt_one_minus_alpha * noise
+
+    @torch.no_grad()
+    def decode(self, x_latent: torch.Tensor, cond: Any, t_start: int, unconditional_guidance_scale: float = 1.0,
+               unconditional_conditioning: Any = None, use_original_steps: bool = False,
+               callback: Callable[[int], None] | None = None) -> torch.Tensor:
+        """DDIM from the level of step index t_start - 1 down to the end of the schedule (the original img2img's
+        second half), with the eta of make_schedule; callback(i) after each step."""
+        ddim = self.schedule(use_original_steps)
+        if not 1 <= t_start <= len(ddim.timesteps):
+            raise ValueError(f"t_start must be between 1 and {len(ddim.timesteps)}, got {t_start}")
+        logger.info("Running DDIM Sampling with %d timesteps", t_start)
+        denoiser = GuidedDenoiser(self.model, cond, unconditional_conditioning, unconditional_guidance_scale,
+                                  batch=self.batch_guidance)
+        step_done = None if callback is None else (lambda i, x, pred_x0: callback(i))
+        return ddim_steps(denoiser, x_latent, self.model, ddim, t_start, callback=step_done, progress=True,
+                          desc="Decoding image")
+
+    @torch.no_grad()
+    def encode(self, x0: torch.Tensor, c: Any, t_enc: int, use_original_steps: bool = False,
+               return_intermediates: int | None = None, unconditional_guidance_scale: float = 1.0,
+               unconditional_conditioning: Any = None, callback: Callable[[int], None] | None = None
+               ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """DDIM inversion: x0 run t_enc steps up the schedule, deterministically, so that decode(x, c, t_enc)
+        comes back to it; returns (x_encoded, {"x_encoded", "intermediate_steps"[, "intermediates"]}).
+
+        Step i asks the model at the schedule's timestep i (the fix the original's cldm/ddim_hacked.py carries;
+        its ldm copy passed the index i as the timestep) and, for a v-prediction model, converts the output to eps.
+        """
+        ddim = self.schedule(use_original_steps)
+        if not 0 <= t_enc <= len(ddim.timesteps):
+            raise ValueError(f"t_enc must be between 0 and {len(ddim.timesteps)}, got {t_enc}")
+        denoiser = GuidedDenoiser(self.model, c, unconditional_conditioning, unconditional_guidance_scale,
+                                  batch=self.batch_guidance)
+        shape = (x0.shape[0], 1, 1, 1)
+        x, intermediates, inter_steps = x0, [], []
+        for i in tqdm(range(t_enc), desc="Encoding Image"):
+            t = torch.full((x0.shape[0],), int(ddim.timesteps[i]), device=x0.device, dtype=torch.long)
+            out = denoiser(x, t, (i, t_enc))
+            if self.model.parameterization == "v":
+                out = (self.model.sqrt_alphas_cumprod[t].view(shape) * out
+                       + self.model.sqrt_one_minus_alphas_cumprod[t].view(shape) * x)
+            a_next, a = float(ddim.alphas[i]), float(ddim.alphas_prev[i])
+            x = (a_next / a) ** 0.5 * x + a_next ** 0.5 * ((1 / a_next - 1) ** 0.5 - (1 / a - 1) ** 0.5) * out
+            if return_intermediates and ((i % max(t_enc // return_intermediates, 1) == 0 and i < t_enc - 1)
+                                         or i >= t_enc - 2):
+                intermediates.append(x)
+                inter_steps.append(i)
+            if callback is not None:
+                callback(i)
+        out = {"x_encoded": x, "intermediate_steps": inter_steps}
+        if return_intermediates:
+            out["intermediates"] = intermediates
+        return x, out

@@ -30,13 +30,15 @@ ORIGINAL_SIZE, CROP, TARGET_SIZE = "original_size_as_tuple", "crop_coords_top_le
 SIZE_KEYS = (ORIGINAL_SIZE, CROP, TARGET_SIZE)
 
 
-def size_conditions(batch_size: int, image_size: tuple[int, int], original_size: tuple[int, int] | None = None,
-                    crop: tuple[int, int] = (0, 0), target_size: tuple[int, int] | None = None,
-                    device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
-    """The size entries of a batch: original and target size default to the generated image's (h, w), the crop
-    to (0, 0) (Stability's and diffusers' sampling defaults)."""
-    values = {ORIGINAL_SIZE: original_size or image_size, CROP: crop, TARGET_SIZE: target_size or image_size}
-    return {k: torch.tensor([list(v)] * batch_size, dtype=torch.float32, device=device) for k, v in values.items()}
+def size_conditions(batch_size: int, image_size: tuple[int, int], original_size: Any = None, crop: Any = (0, 0),
+                    target_size: Any = None, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+    """The size entries of a batch, (batch_size, 2) each: original and target size default to the generated
+    image's (h, w), the crop to (0, 0) (Stability's and diffusers' sampling defaults). Each value is one pair for
+    all samples, or one pair per sample."""
+    values = {ORIGINAL_SIZE: image_size if original_size is None else original_size, CROP: crop,
+              TARGET_SIZE: image_size if target_size is None else target_size}
+    return {k: torch.as_tensor(v, dtype=torch.float32).reshape(-1, 2).to(device).expand(batch_size, 2).contiguous()
+            for k, v in values.items()}
 
 
 class ConcatTimestepEmbedderND(nn.Module):
