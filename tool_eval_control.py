@@ -4,6 +4,8 @@
         --ckpt demo_out/control_demo_ini.safetensors demo_out/train/control_model.safetensors \\
         --data_root demo_out/data/val --n 128 --metrics fill canny ssim --out demo_out/eval.json
     python tool_eval_control.py ... --sampler dpmpp_2m_karras --steps 20
+    python tool_eval_control.py --config models/cldm_v15_lllite.yaml \
+        --ckpt models/v1-5-pruned.ckpt out/control_model.safetensors --data_root ...   # an LLLite or LoRA export
 
 The metrics (fill, canny, ssim, depth, seg) are defined in cldm/fidelity.py. Sample i starts from noise seeded
 by seed + i in both runs, so the two are paired; "without control" samples with no control at all.
@@ -20,35 +22,17 @@ import torch
 
 from cldm.cli import run_tool
 from cldm.fidelity import Scorers, evaluate, format_table, load_samples, save_sheet, summarize
-from cldm.model import create_model, load_checkpoint, load_state_dict
+from cldm.loader import load_model
 from ldm.checkpoint import write_text
 from ldm.models.diffusion.samplers import SAMPLERS
-
-
-def load_model(config: str | Path, checkpoints: list[str | Path], device: str | torch.device) -> torch.nn.Module:
-    """The config's model with the checkpoints loaded in order (e.g. initial weights, then a control export).
-
-    Every weight must come from some file; only the schedule buffers may come from the config.
-    """
-    model = create_model(config)
-    loaded: set[str] = set()
-    for path in checkpoints:
-        state_dict = load_state_dict(path)
-        load_checkpoint(model, state_dict)
-        loaded |= state_dict.keys()
-    missing = [k for k in model.state_dict() if k not in loaded and "." in k]
-    if missing:
-        raise ValueError(f"{len(missing)} weights of {config} are in none of {list(map(str, checkpoints))}, "
-                         f"e.g. {missing[:3]}")
-    return model.to(device).eval()
-
-
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="./models/cldm_demo.yaml")
-    p.add_argument("--ckpt", nargs="+", required=True, help="weights, loaded in order (full, or base then control)")
+    p.add_argument("--ckpt", nargs="+", required=True,
+                   help="weights, loaded in order: a whole checkpoint, or a base then a control export of the config's "
+                        "mode (full ControlNet, control-LoRA or LLLite, in any of its layouts)")
     p.add_argument("--data_root", required=True, help="held-out data (any format of docs/data.md, e.g. Fill50K's)")
     p.add_argument("--n", type=int, default=128, help="samples to evaluate (the first N of the data root)")
     p.add_argument("--metrics", nargs="+", default=["fill", "canny", "ssim"],
@@ -72,7 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
     for path in (args.out, args.sheet):
         if path and Path(path).exists() and not args.force:
             raise FileExistsError(f"{path} already exists; pass --force to overwrite it")
-    model = load_model(args.config, args.ckpt, args.device)
+    model = load_model(args.config, args.ckpt)[0].to(args.device).eval()
     prompts, hints, targets = load_samples(args.data_root, args.n)
     scorers = Scorers(args.metrics, args.detector, args.device)
     for name, why in scorers.skipped.items():

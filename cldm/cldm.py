@@ -16,7 +16,7 @@ from cldm.diffusers_names import diffusers_module_names, rename_module
 from cldm.model import CONTROL_PREFIX, LoadReport, load_checkpoint, load_state_dict
 from cldm.training import TRAINING_STATE, adapt_optimizer_state, training_state
 from ldm.batch import TEXT_EMBEDDING, TEXT_POOLED, empty_prompt
-from ldm.checkpoint import UNET_PREFIX
+from ldm.checkpoint import UNET_PREFIX, UserError
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.modules.attention import InputAdapter
 from ldm.modules.diffusionmodules.openaimodel import (
@@ -354,6 +354,9 @@ class ControlLDM(LatentDiffusion):
         model; the report names what it left unfilled and what the model does not use."""
         state_dict = (state_dict_or_path if isinstance(state_dict_or_path, Mapping)
                       else load_state_dict(state_dict_or_path))
+        if self.control_mode.layout(state_dict) is None:
+            source = "the state dict" if isinstance(state_dict_or_path, Mapping) else state_dict_or_path
+            raise UserError(f"{source} is not a {self.control_mode.name} file: expected {self.control_mode.files}")
         return self.control_mode.load(self, state_dict)
 
     def control_state_dict(self) -> dict[str, torch.Tensor]:

@@ -28,8 +28,9 @@ from cldm.data.images import RESIZE_MODES
 from cldm.data.latent_cache import CachedDataset
 from cldm.data.loading import SkippedSamples, TrainData, report_captions, sample_error_message
 from cldm.fidelity import METRICS
+from cldm.loader import load_model
 from cldm.logger import ImageLogger
-from cldm.model import CONTROL_PREFIX, create_model, load_checkpoint, save_state_dict
+from cldm.model import CONTROL_PREFIX, create_model, save_state_dict
 from cldm.training import (
     AtomicCheckpointIO,
     check_cache,
@@ -45,7 +46,7 @@ from cldm.training import (
 from cldm.validation import DEFAULTS as VALIDATION
 from cldm.validation import ControlValidation, read_held_out
 from ldm.batch import BatchKeyError
-from ldm.checkpoint import UserError, require_finite
+from ldm.checkpoint import UserError
 from ldm.models.diffusion.ddpm import COMPILE_MODES, OPTIMIZERS, TrainingStopped
 from ldm.models.diffusion.samplers import SAMPLERS
 from ldm.modules.diffusionmodules.openaimodel import set_gradient_checkpointing
@@ -160,38 +161,29 @@ def parse_args(argv: list[str] | None, config: str, resume_path: str) -> argpars
 FROZEN_DTYPES = {"bf16": (torch.bfloat16, "bf16-mixed"), "fp16": (torch.float16, "16-mixed")}
 
 
-def load_initial_weights(model: pl.LightningModule, path: str, config: str) -> None:
-    """--resume_path: every weight must come from the file except those the mode initialises itself
-    (model.fresh_prefixes), and all must be finite."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"Initial checkpoint not found: {path}; make it from an SD checkpoint first, e.g. "
-                                f"python tool_add_control.py ./models/v1-5-pruned.ckpt {path}")
-    report = load_checkpoint(model, path)
-    missing = [k for k in report.missing if not k.startswith(model.fresh_prefixes)]
-    if missing:
-        raise UserError(f"{path} lacks {len(missing)} weights of {config}, e.g. {missing[:3]}",
-                        "for a full ControlNet, make the initial checkpoint with tool_add_control.py")
-    if report.unexpected:
-        log.info("Ignoring %d keys of %s the model does not use, e.g. %s", len(report.unexpected), path,
-                 report.unexpected[:3])
-    require_finite(model.state_dict(), path)
-
-
 def build_model(args: argparse.Namespace, resume_path: str) -> pl.LightningModule:
     """The model of --config with the weights of --resume (a Lightning checkpoint of this config) or of
     --resume_path (initial weights), and the training settings of the config and the command line."""
     given = given_options(args)
-    model = create_model(args.config, params=config_overrides(args.config, given)).cpu()
+    params = config_overrides(args.config, given)
+    initial = args.resume_path or resume_path
     if args.resume is not None:
         if args.resume_path is not None:
             raise UserError("--resume_path is not used with --resume: the weights come from the checkpoint",
                             "drop --resume_path, or drop --resume to start a new run from its weights")
+        model = create_model(args.config, params=params).cpu()
         resumed = read_resume_checkpoint(args.resume)
         if resumed is not None:
             load_resumed_weights(model, resumed, args.resume, args.config, CONTROL_PREFIX)
             compare_with_resumed(model, given, resumed, args.resume)
-    elif (args.resume_path or resume_path).lower() != "none":
-        load_initial_weights(model, args.resume_path or resume_path, args.config)
+    elif initial.lower() == "none":
+        model = create_model(args.config, params=params).cpu()
+    else:
+        if not Path(initial).is_file():
+            raise FileNotFoundError(f"Initial checkpoint not found: {initial}; make it from an SD checkpoint first, "
+                                    f"e.g. python tool_add_control.py ./models/v1-5-pruned.ckpt {initial}")
+        # every weight from the file but what the mode initialises itself (model.fresh_prefixes); all finite
+        model, _ = load_model(args.config, [initial], params=params, initial=True)
     if args.gradient_checkpointing is not None:
         set_gradient_checkpointing(model, args.gradient_checkpointing)
     if args.channels_last:

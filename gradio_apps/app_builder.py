@@ -11,6 +11,7 @@ together through cldm.pipeline.sample, and the VAE decodes. Guess mode is "Contr
 
 import argparse
 import importlib
+import logging
 import math
 import sys
 import threading
@@ -28,16 +29,17 @@ import torch
 
 import config
 from annotator.util import HWC3, resize_image
+from cldm import loader
 from cldm.cli import CLI_ERRORS, EXIT_ERROR, error_lines
 from cldm.control import ControlNetwork, ControlUnit
-from cldm.control_files import load_control_network
-from cldm.model import create_model, load_checkpoint
+from cldm.model import create_model
 from cldm.pipeline import sample
 from gradio_apps.preprocessors import PREPROCESSORS, Option, Preprocessor, Slider
-from ldm.checkpoint import BASE_PREFIXES, UserError
+from ldm.checkpoint import UserError
 from ldm.models.diffusion.ddpm import COMPILE_MODES
 from ldm.models.diffusion.samplers import SAMPLERS
 
+log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
 CONTROLNET_URL = "https://huggingface.co/lllyasviel/ControlNet/tree/main/models"
@@ -144,7 +146,7 @@ class ControlFiles:
         with self._lock:
             if key not in self._loaded:
                 try:
-                    net = load_control_network(path, self.model, self.config_path)
+                    net = loader.load_control_network(path, self.model, self.config_path)
                 except CLI_ERRORS as err:  # unreadable, no control weights, not fitting: say which and why
                     raise user_error(" ".join(error_lines(err)).removeprefix("error: "),
                                      f"Unit {unit}: cannot use the control file") from err
@@ -576,34 +578,22 @@ def load_model(args: argparse.Namespace, default_checkpoint: str, device: torch.
         fail(f"Model config not found: {config_path}", f"the configs ship with this repository in {MODELS}")
     ckpt = Path(args.ckpt) if args.ckpt else MODELS / default_checkpoint
     base = Path(args.base) if args.base else None
-    if not args.random_weights:
-        require_checkpoint(ckpt)
-        if base is not None and not base.is_file():
-            fail(f"Base checkpoint not found: {base}",
-                 f"download a Stable Diffusion 1.5 checkpoint, e.g. {SD15_URL}, and give its path to --base")
-    model = create_model(config_path)
     if args.random_weights:
-        print("--random-weights: model and detectors have random weights; for tests and demos only.")
-    else:
-        # a base checkpoint fills the UNet, VAE and text encoder; the control-only file then the control
-        # (in the mode's own layout: ControlNet 1.1, control-lora or LLLite)
-        if base is not None:
-            steps = [(base, lambda path: load_checkpoint(model, path, prefixes=BASE_PREFIXES)),
-                     (ckpt, model.load_control)]
-        else:
-            steps = [(ckpt, lambda path: load_checkpoint(model, path))]
-        for path, load in steps:
-            try:
-                report = load(path)
-            except CLI_ERRORS as err:  # unreadable, unsafe or mismatched: say why and stop
-                fail(f"Could not load {path}: {err}", err.advice if isinstance(err, UserError) else None)
-            if report.missing:
-                fail(f"{path} does not fill the model of {config_path}: {report}",
-                     None if base else "a control-only (ControlNet 1.1) file also needs --base "
-                                       "<a Stable Diffusion 1.5 checkpoint>")
-            if report.unexpected:
-                print(f"{path}: ignored {len(report.unexpected)} keys this model does not use, "
-                      f"e.g. {report.unexpected[0]}")
+        log.warning("--random-weights: model and detectors have random weights; for tests and demos only.")
+        return create_model(config_path).to(device).eval()
+    require_checkpoint(ckpt)
+    if base is not None and not base.is_file():
+        fail(f"Base checkpoint not found: {base}",
+             f"download a Stable Diffusion 1.5 checkpoint, e.g. {SD15_URL}, and give its path to --base")
+    # a base checkpoint fills the UNet, VAE and text encoder; the control file (ControlNet, control-LoRA or LLLite,
+    # in any of its layouts) then the control network
+    try:
+        model, _ = loader.load_model(config_path, [base, ckpt] if base is not None else [ckpt])
+    except loader.MissingWeightsError as err:
+        fail(str(err), err.advice if base else "a control-only file (e.g. ControlNet 1.1's) also needs --base "
+                                                 "<a Stable Diffusion checkpoint>")
+    except CLI_ERRORS as err:  # unreadable, unsafe or mismatched: say why and stop
+        fail(str(err), err.advice if isinstance(err, UserError) else None)
     return model.to(device).eval()
 
 

@@ -219,13 +219,16 @@ class LoadReport:
 
 
 def load_checkpoint(model: torch.nn.Module, state_dict_or_path: Mapping | str | os.PathLike,
-                    strict: bool = False, prefixes: tuple[str, ...] | None = None) -> LoadReport:
+                    strict: bool = False, prefixes: tuple[str, ...] | None = None,
+                    source: str | os.PathLike | None = None) -> LoadReport:
     """Load weights into `model` and report missing and unexpected keys by name.
 
     `prefixes` limits "missing" to the given key prefixes (e.g. (CONTROL_PREFIX,) for a control-only file).
-    Shape mismatches raise with the key and both shapes. With strict=True any unmatched key raises.
+    Shape mismatches raise with the key and both shapes. With strict=True any unmatched key raises. Errors name
+    `source` (default: the path, or "checkpoint" for a state dict).
     """
-    source = "checkpoint" if isinstance(state_dict_or_path, Mapping) else str(state_dict_or_path)
+    if source is None:
+        source = "checkpoint" if isinstance(state_dict_or_path, Mapping) else str(state_dict_or_path)
     state_dict = (state_dict_or_path if isinstance(state_dict_or_path, Mapping)
                   else load_state_dict(state_dict_or_path))
     own = model.state_dict()

@@ -1,4 +1,4 @@
-"""cldm/control_files.py and cldm/modes.py: a control file of any kind (full ControlNet in each of its layouts,
+"""cldm/loader.py and cldm/modes.py: a control file of any kind (full ControlNet in each of its layouts,
 control-LoRA, LLLite) is recognised by its mode and becomes a network that steers the loaded model exactly as the
 model it was saved from; other files get one message that names them."""
 
@@ -8,12 +8,12 @@ from omegaconf import OmegaConf
 
 from cldm.cldm import CONTROLNET, controlnet_params
 from cldm.control import ControlUnit
-from cldm.control_files import load_control_network
-from cldm.lllite import LLLITE
-from cldm.lora import CONTROL_LORA
-from cldm.modes import recognise
 from cldm.diffusers_names import diffusers_module_names, rename_module
+from cldm.lllite import LLLITE
+from cldm.loader import load_control_network
+from cldm.lora import CONTROL_LORA
 from cldm.model import create_model, save_state_dict
+from cldm.modes import recognise
 from conftest import ROOT, model_as_trained, randomize_zero_convs
 from ldm.checkpoint import CheckpointError, UserError
 

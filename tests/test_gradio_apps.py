@@ -29,8 +29,8 @@ from PIL import Image
 from annotator.hed import HEDdetector
 from annotator.util import CKPTS_ENV, HWC3, resize_image
 from cldm.control import ControlUnit
-from cldm.control_files import load_control_network
 from cldm.fidelity import fill_region, iou
+from cldm.loader import load_control_network
 from cldm.model import create_model, save_state_dict
 from cldm.pipeline import sample
 from conftest import model_as_trained, randomize_zero_convs

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 import tool_fuse_control_lora
 from cldm.control import ControlUnit
 from cldm.diffusers_convert import build_mapping
-from cldm.control_files import load_control_network
+from cldm.loader import load_control_network
 from cldm.lora import LoRAControlNet, LoRAConv2d, LoRALinear
 from cldm.model import CONTROL_PREFIX, create_model, load_checkpoint, load_state_dict, save_state_dict
 from conftest import ROOT, model_as_trained

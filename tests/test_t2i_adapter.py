@@ -12,7 +12,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from cldm.control import ControlUnit, FeatureAddition
-from cldm.control_files import load_control_network
+from cldm.loader import load_control_network
 from cldm.model import create_model, load_state_dict, save_state_dict
 from cldm.modes import recognise
 from cldm.pipeline import sample
