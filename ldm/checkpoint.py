@@ -57,16 +57,6 @@ class UnsafeCheckpointError(CheckpointError):
     """A pickle whose unpickling would need more than tensors (possibly code execution)."""
 
 
-class DiskFullError(OSError):
-    """No space left on a device while writing a file (the message names both)."""
-
-    def __init__(self, message: str):
-        super().__init__(errno.ENOSPC, message)
-
-    def __str__(self) -> str:
-        return self.strerror
-
-
 # What a file is, by its first bytes.
 TORCH_ZIP, PICKLE, SAFETENSORS = "a PyTorch checkpoint", "a pickle", "a safetensors file"
 LFS_POINTER = "a Git LFS pointer (the real file was never downloaded)"
@@ -248,10 +238,20 @@ def load_checkpoint(model: torch.nn.Module, state_dict_or_path: Mapping | str | 
     return report
 
 
-# Temp files of atomic_output: `.NAME.PID-HOST.RANDOM.tmp` beside NAME. A temp file of this host whose process is
-# gone is stale (its writer was killed); those of other hosts (a shared file system) are left alone.
+# Temps of atomic writes: `.NAME.PID-HOST.RANDOM.tmp` beside NAME (a file or a folder), and `.NAME.PID-HOST.RANDOM
+# .old.tmp` for a folder NAME moved aside while a new one takes its place. A temp of this host whose process is gone
+# is stale (its writer was killed): the next write into the folder removes it, or puts a folder moved aside back
+# when nothing took its place. Temps of live processes and of other hosts (a shared file system) are left alone.
 TEMP_SUFFIX = ".tmp"
+DISPLACED = ".old"
 HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())
+_TEMP_NAME = re.compile(rf"^\.(?P<name>.+)\.(?P<pid>\d+)-{re.escape(HOST)}\.[A-Za-z0-9_]+"
+                        rf"(?P<displaced>{re.escape(DISPLACED)})?{re.escape(TEMP_SUFFIX)}$")
+_swept: set[Path] = set()  # folders whose stale temps this process has removed (once per folder is enough)
+# errno values of a write that failed midway for a reason the user can fix, with the words of its message
+WRITE_ERRORS = {errno.ENOSPC: "no space left", errno.EDQUOT: "disk quota exceeded",
+                errno.EFBIG: "file too large for the file system or the file size limit (ulimit -f)",
+                errno.EIO: "input/output error (a failing disk or a network file system)"}
 
 
 def _pid_alive(pid: int) -> bool:
@@ -264,24 +264,91 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
-    """Remove temp files (or folders) that atomic writes of `path` left behind when their process was killed."""
-    path = Path(path)
+def live_temps(folder: str | os.PathLike) -> list[tuple[Path, int]]:
+    """Temps in `folder` of writers of this host that are still running, with their process ids."""
+    folder = Path(folder)
+    matches = [(entry, _TEMP_NAME.match(entry.name)) for entry in folder.iterdir()] if folder.is_dir() else []
+    return [(entry, int(m["pid"])) for entry, m in matches if m and _pid_alive(int(m["pid"]))]
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temps that killed writes left in `folder` (of any name); a folder moved aside by a swap that
+    was killed before the new one took its place is put back instead. Returns what was removed."""
+    folder = Path(folder)
     stale = []
-    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(\d+)-{re.escape(HOST)}\.[^.]+{re.escape(TEMP_SUFFIX)}$")
-    if path.parent.is_dir():
-        for entry in path.parent.iterdir():
-            match = pattern.match(entry.name)
-            if match and int(match.group(1)) != os.getpid() and not _pid_alive(int(match.group(1))):
-                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
-                stale.append(entry)
+    for entry in sorted(folder.iterdir()) if folder.is_dir() else ():
+        match = _TEMP_NAME.match(entry.name)
+        if not match or int(match["pid"]) == os.getpid() or _pid_alive(int(match["pid"])):
+            continue
+        try:  # (another process may be sweeping the same folder)
+            if match["displaced"] and not os.path.lexists(folder / match["name"]):
+                os.replace(entry, folder / match["name"])
+                log.warning("Put %s back: a write that replaced it was killed before the new one took its place",
+                            folder / match["name"])
+                continue
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        except FileNotFoundError:
+            continue
+        stale.append(entry)
     for entry in stale:
-        log.info("Removed %s, left by an interrupted write of %s", entry, path)
+        log.info("Removed %s, left by an interrupted write", entry)
+    _swept.add(folder.resolve())
     return stale
 
 
 def temp_prefix(path: Path) -> str:
     return f".{path.name}.{os.getpid()}-{HOST}."
+
+
+def prepare_folder(folder: str | os.PathLike) -> Path:
+    """Make `folder` if needed and remove the stale temps in it, the first time this process writes there."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if folder.resolve() not in _swept:
+        remove_stale_temps(folder)
+    return folder
+
+
+def new_temp(path: str | os.PathLike, folder: bool = False) -> Path:
+    """A new temp file (or folder) beside `path`, named as its own (process and host included), with the
+    permissions open() (or mkdir) would give it."""
+    path = Path(path)
+    prepare_folder(path.parent)
+    if folder:
+        tmp = tempfile.mkdtemp(dir=path.parent, prefix=temp_prefix(path), suffix=TEMP_SUFFIX)
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp gives 0700
+    else:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path), suffix=TEMP_SUFFIX)
+        os.close(fd)
+    return Path(tmp)
+
+
+def _umask() -> int:
+    try:  # Linux says it without changing it (os.umask would change it for every thread for a moment)
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration):
+        umask = os.umask(0)
+        os.umask(umask)
+        return umask
+
+
+def move_into_place(new: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Rename the finished file or folder `new` onto `path`. A file replaces a file in one rename; a folder in
+    the place of a folder is first moved aside (a temp a killed swap leaves is restored or removed by the next write),
+    and removed once the new one is in."""
+    new, path = Path(new), Path(path)
+    if not new.is_dir() or new.is_symlink():
+        os.chmod(new, 0o666 & ~_umask())  # mkstemp gives 0600; a symlink (a test's /dev/full) is never reached
+        os.replace(new, path)
+        return
+    if not os.path.lexists(path):
+        os.replace(new, path)
+        return
+    aside = Path(tempfile.mkdtemp(dir=path.parent, prefix=temp_prefix(path), suffix=DISPLACED + TEMP_SUFFIX))
+    os.replace(path, aside)  # (a folder onto an empty folder: one rename)
+    os.replace(new, path)
+    shutil.rmtree(aside)
 
 
 def mount_point(path: Path) -> Path:
@@ -291,58 +358,103 @@ def mount_point(path: Path) -> Path:
     return path
 
 
-def is_disk_full(err: BaseException, where: Path) -> bool:
-    """Whether a failed write failed for lack of space: ENOSPC itself, the message of a library that wraps it
-    (safetensors), or a torch writer's bare "file write failed" on a device with (almost) no space left."""
-    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-        return True
-    if "No space left on device" in str(err) or "os error 28" in str(err):
-        return True
-    if not isinstance(err, (OSError, RuntimeError)):
-        return False
-    try:
-        return shutil.disk_usage(where).free < 1 << 20
-    except OSError:
-        return False
+def write_errno(err: BaseException, written: Path | None = None) -> int | None:
+    """The errno of a failed write, when it is one a user can fix (WRITE_ERRORS): an OSError's own, the "os error
+    N" of a library that wraps it (safetensors), or, for a writer that only says "file write failed" or gives
+    a short count (torch, numpy), the error a one-byte write at the end of `written` gets now."""
+    code = err.errno if isinstance(err, OSError) else None
+    if code is None:
+        found = re.search(r"os error (\d+)", str(err))
+        code = int(found.group(1)) if found else None
+    if code is None and written is not None and isinstance(err, (OSError, RuntimeError)) and written.is_file():
+        try:
+            fd = os.open(written, os.O_WRONLY | os.O_APPEND)
+            try:
+                os.write(fd, b"\0")
+            finally:
+                os.close(fd)
+        except OSError as probe:
+            code = probe.errno
+    return code if code in WRITE_ERRORS else None
+
+
+class WriteError(OSError):
+    """A write that failed for a reason the user can fix (a full disk, a quota, a size limit, an I/O error): the
+    message names the file being written and the reason."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(code, message)
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+class DiskFullError(WriteError):
+    """No space left on a device while writing a file (the message names both)."""
+
+    def __init__(self, message: str):
+        super().__init__(errno.ENOSPC, message)
+
+
+def write_error(err: BaseException, path: Path, written: Path | None = None) -> WriteError | None:
+    """`err` as a WriteError naming `path`, when it is a write error a user can fix (see write_errno); else None."""
+    code = write_errno(err, written)
+    if code is None and "No space left on device" in str(err):
+        code = errno.ENOSPC
+    if code is None and isinstance(err, (OSError, RuntimeError)):  # a torch writer's bare "file write failed"
+        try:
+            code = errno.ENOSPC if shutil.disk_usage(path.parent).free < 1 << 20 else None
+        except OSError:
+            pass
+    if code == errno.ENOSPC:
+        return DiskFullError(f"no space left on {mount_point(path.parent)} while writing {path}")
+    return WriteError(code, f"could not write {path}: {WRITE_ERRORS[code]}") if code is not None else None
 
 
 @contextlib.contextmanager
-def atomic_output(path: str | os.PathLike, force: bool = False) -> Iterator[str]:
-    """Yield a temp path beside `path`; on success it is renamed onto `path`, on failure removed.
+def atomic_output(path: str | os.PathLike, force: bool = False, folder: bool = False) -> Iterator[str]:
+    """Yield a temp path beside `path` (an empty folder with folder=True); on success it is moved onto `path`
+    (move_into_place), on failure removed, so `path` is either the old or the whole new output.
 
-    An existing `path` is refused unless force=True, and is never touched if writing fails. A full disk is
-    reported as DiskFullError naming the device and the file. Temp files of killed earlier writes are removed.
+    An existing `path` is refused unless force=True, and is never touched if writing fails. A write error the user
+    can fix (a full disk, a quota, a size limit, an I/O error) is raised as WriteError naming `path`; the temps of
+    killed earlier writes into the same folder are removed.
     """
     path = Path(path)
-    if path.is_dir():
+    prepare_folder(path.parent)  # first: a folder a killed swap moved aside is back before `path` is checked
+    if path.is_dir() and not folder:
         raise IsADirectoryError(f"{path} is a folder; give the path of a file to write")
+    if path.exists() and not path.is_dir() and folder:
+        raise NotADirectoryError(f"{path} is a file; give the path of a folder to write")
     if path.exists() and not force:
         raise FileExistsError(f"{path} already exists; pass --force to overwrite it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path), suffix=TEMP_SUFFIX)
-    os.close(fd)
+    tmp = new_temp(path, folder)
     try:
         try:
-            yield tmp
+            yield str(tmp)
         except Exception as err:
-            if is_disk_full(err, path.parent):
-                raise DiskFullError(f"no space left on {mount_point(path.parent)} while writing {path}") from err
+            translated = write_error(err, path, None if folder else tmp)
+            if translated is not None:
+                raise translated from err
             raise
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the permissions open() would
-        os.replace(tmp, path)
+        move_into_place(tmp, path)
     finally:
-        if os.path.lexists(tmp):
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp)
+        elif os.path.lexists(tmp):
             os.unlink(tmp)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes, force: bool = True) -> Path:
+    """A file written through a temp file renamed into place (see atomic_output)."""
+    with atomic_output(path, force) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+    return Path(path)
 
 
 def write_text(path: str | os.PathLike, text: str, force: bool = True) -> Path:
     """A UTF-8 text file written through a temp file renamed into place (see atomic_output)."""
-    with atomic_output(path, force) as tmp:
-        Path(tmp).write_text(text, encoding="utf-8")
-    return Path(path)
+    return write_bytes(path, text.encode("utf-8"), force)
 
 
 def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike, force: bool = False) -> Path:

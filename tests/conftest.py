@@ -93,3 +93,11 @@ def write_temps_to_dev_full(monkeypatch, prefix: str = "") -> None:
         return os.open(name, os.O_WRONLY), name
 
     monkeypatch.setattr(ldm.checkpoint.tempfile, "mkstemp", full_device)
+
+
+def dead_pid() -> int:
+    """The id of a process that has exited (a writer killed with kill -9, for the temp names it left)."""
+    import subprocess
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid

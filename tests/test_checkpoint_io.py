@@ -3,16 +3,18 @@
 import errno
 import os
 import pickle
+import stat
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
 
 import ldm.checkpoint as ckpt
 from cldm.model import load_checkpoint, load_state_dict, save_state_dict
-from conftest import ROOT, write_temps_to_dev_full
+from conftest import ROOT, dead_pid, write_temps_to_dev_full
 from ldm.checkpoint import CheckpointError, DiskFullError, UnsafeCheckpointError
 
 
@@ -173,6 +175,48 @@ def test_temp_files_of_killed_writes_are_removed_on_the_next_write(tmp_path):
     save_state_dict({"a": torch.ones(1)}, path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["last.ckpt", alive.name, other_host.name,
                                                                  foreign.name])
+
+
+def test_a_killed_saves_temp_of_another_name_goes_with_the_next_write_into_its_folder(tmp_path):
+    """A run killed while saving step-000300.ckpt and resumed with another --checkpoint_every never saves that
+    name again: its checkpoint-sized temp must go all the same."""
+    dead = f"{dead_pid()}-{ckpt.HOST}"
+    stale = tmp_path / f".step-000300.ckpt.{dead}.abcd1234.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    alive = tmp_path / f".step-000200.ckpt.{os.getppid()}-{ckpt.HOST}.ijkl9012.tmp"
+    alive.write_bytes(b"being written")
+    save_state_dict({"a": torch.ones(1)}, tmp_path / "last.ckpt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["last.ckpt", alive.name])
+
+
+def test_folder_outputs_swap_whole_with_open_permissions_and_survive_a_killed_swap(tmp_path):
+    out = tmp_path / "shards"
+    with ckpt.atomic_output(out, folder=True) as tmp:
+        (Path(tmp) / "index.json").write_text("old")
+    with pytest.raises(FileExistsError, match="force"):
+        with ckpt.atomic_output(out, folder=True):
+            pass
+    umask = os.umask(0o022)
+    try:
+        with ckpt.atomic_output(out, force=True, folder=True) as tmp:
+            (Path(tmp) / "index.json").write_text("new")
+        with ckpt.atomic_output(tmp_path / "file.json") as tmp:
+            Path(tmp).write_text("{}")
+    finally:
+        os.umask(umask)
+    assert (out / "index.json").read_text() == "new"
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755 and stat.S_IMODE((tmp_path / "file.json").stat().st_mode) == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.json", "shards"]
+
+    # killed between moving the old folder aside and moving the new one in: the next write puts the old back
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    os.replace(out, moved / f".shards.{dead_pid()}-{ckpt.HOST}.abcd1234.old.tmp")
+    (moved / f".shards.{dead_pid()}-{ckpt.HOST}.efgh5678.tmp").mkdir()  # the new one, never moved in
+    with pytest.raises(FileExistsError, match="force"):
+        with ckpt.atomic_output(moved / "shards", folder=True):
+            pass
+    assert os.listdir(moved) == ["shards"] and (moved / "shards" / "index.json").read_text() == "new"
 
 
 def test_truncated_and_missing_files_give_clear_errors(tmp_path):

@@ -1,5 +1,6 @@
 """Fill50K generator (tool_make_fill50k.py) and reader (tutorial_dataset.py) on tiny generated sets."""
 import json
+import os
 import re
 import runpy
 import shutil
@@ -12,7 +13,8 @@ import pytest
 
 from cldm.data.circles import COLORS, MIN_CONTRAST, sample_circle
 from cldm.data.images import BadSampleError, Resize
-from conftest import ROOT
+from conftest import ROOT, dead_pid
+from ldm.checkpoint import HOST
 from tool_make_fill50k import make_fill50k
 from tutorial_dataset import MyDataset
 
@@ -254,10 +256,23 @@ def test_interrupted_force_leaves_the_old_set(tmp_path, monkeypatch):
         make_fill50k(out, n=6, size=32, seed=1, force=True)
     assert all_files(out) == before  # the old set, whole, and nothing left of the new one
 
-    (out / ".fill50k-killed").mkdir()  # what a kill -9 would leave behind
+    killed = out / f".fill50k.{dead_pid()}-{HOST}.abcd1234.tmp"  # what a kill -9 would leave behind
+    (killed / "source").mkdir(parents=True)
     monkeypatch.undo()
     make_fill50k(out, n=4, size=32, seed=1, force=True)
     after = all_files(out)
-    assert after["keep.txt"] == b"mine" and not (out / ".fill50k-killed").exists()
+    assert after["keep.txt"] == b"mine" and not killed.exists()
     assert sorted(k for k in after if k.startswith("source/")) == [f"source/{i}.png" for i in range(4)]
     assert after == {**all_files(make_fill50k(tmp_path / "fresh", n=4, size=32, seed=1)), "keep.txt": b"mine"}
+
+
+def test_a_second_run_leaves_a_running_ones_staging_alone(tmp_path):
+    """A run still writing into --out (its hidden folder names a live process of this host) is neither deleted
+    nor raced: the second run refuses by name, even with --force, and the first one's files stay."""
+    out = tmp_path / "out"
+    running = out / f".fill50k.{os.getppid()}-{HOST}.abcd1234.tmp"
+    (running / "source").mkdir(parents=True)
+    (running / "source" / "0.png").write_bytes(b"being written")
+    with pytest.raises(FileExistsError, match=rf"another run \(process {os.getppid()}\) is writing a data set into"):
+        make_fill50k(out, n=2, size=32, seed=0, force=True)
+    assert (running / "source" / "0.png").read_bytes() == b"being written"

@@ -91,7 +91,7 @@ def test_builds_resumes_lists_bad_files_and_trains(photos, tmp_path, capsys):
 def test_interrupted_build_resumes(photos, tmp_path, monkeypatch):
     import cldm.data.build as build
     out, calls = tmp_path / "part", []
-    write = build._write_atomic
+    write = build.write_bytes
 
     def dying(path, data):
         calls.append(path)
@@ -99,7 +99,7 @@ def test_interrupted_build_resumes(photos, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         write(path, data)
 
-    monkeypatch.setattr(build, "_write_atomic", dying)
+    monkeypatch.setattr(build, "write_bytes", dying)
     argv = [str(photos), "--out", str(out), "--detector", "canny", "--detect_resolution", "64", "--workers", "0"]
     with pytest.raises(KeyboardInterrupt):
         main(argv)

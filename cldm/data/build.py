@@ -14,8 +14,6 @@ and listed in the report, never fatal; nothing in the image folder is modified.
 import csv
 import json
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +27,8 @@ from tqdm import tqdm
 from cldm.data.fill50k import INDEX
 from cldm.data.images import BadSampleError, decode
 from cldm.data.kohya import image_files
+from cldm.data.loading import DieWithParent
+from ldm.checkpoint import write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -146,18 +146,6 @@ def _as_is(item: tuple) -> tuple:
     return item
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def build_from_images(root: str | Path, out: str | Path, make_hint: Callable[[np.ndarray], np.ndarray],
                       captions: Captions | None = None, min_size: int = 64, workers: int = 0,
                       progress: bool = True) -> Report:
@@ -188,7 +176,7 @@ def build_from_images(root: str | Path, out: str | Path, make_hint: Callable[[np
         else:
             pending.append(i)
     loader = DataLoader(_Pending(root, [images[i] for i in pending], captions, min_size), batch_size=None,
-                        num_workers=workers, collate_fn=_as_is)
+                        num_workers=workers, collate_fn=_as_is, worker_init_fn=DieWithParent())
     for j, image, data, _, problem in tqdm(loader, total=len(pending), disable=not progress, unit="image",
                                            desc="hints"):
         path = images[pending[j]]
@@ -200,8 +188,8 @@ def build_from_images(root: str | Path, out: str | Path, make_hint: Callable[[np
         ok, png = cv2.imencode(".png", cv2.cvtColor(hint, cv2.COLOR_RGB2BGR))
         if not ok:
             raise OSError(f"could not encode the hint of {path}")
-        _write_atomic(out / target, data)
-        _write_atomic(out / source, png.tobytes())  # last: its presence marks the image done
+        write_bytes(out / target, data)
+        write_bytes(out / source, png.tobytes())  # last: its presence marks the image done
         entries[pending[j]] = (target, source)
         report.made += 1
 
@@ -215,8 +203,8 @@ def build_from_images(root: str | Path, out: str | Path, make_hint: Callable[[np
             continue
         lines.append(json.dumps({"source": source, "target": target, "prompt": caption}))
     report.seconds = time.perf_counter() - started
-    _write_atomic(out / REPORT, (json.dumps({**report.__dict__}, indent=1) + "\n").encode())
-    _write_atomic(out / INDEX, "".join(line + "\n" for line in lines).encode())
+    write_bytes(out / REPORT, (json.dumps({**report.__dict__}, indent=1) + "\n").encode())
+    write_bytes(out / INDEX, "".join(line + "\n" for line in lines).encode())
     for item in report.skipped:
         log.warning("skipped %s: %s", item["file"], item["reason"])
     return report

@@ -8,8 +8,6 @@ same. Each distinct prompt is encoded once, and the empty prompt once more for p
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +17,9 @@ from torch.utils.data import DataLoader
 
 from cldm.data.batch import HINT, ControlCachedItem
 from cldm.data.fill50k import Fill50KDataset
+from cldm.data.loading import DieWithParent
 from ldm.batch import CAPTION, MEAN, STD, TEXT_EMBEDDING, TEXT_POOLED, empty_prompt
-from ldm.checkpoint import TEMP_SUFFIX, remove_stale_temps, temp_prefix
+from ldm.checkpoint import atomic_output
 from ldm.models.diffusion.ddpm import DDPM
 from ldm.modules.encoders.conditioner import SIZE_KEYS
 
@@ -106,32 +105,17 @@ def encode_prompts(model: torch.nn.Module, prompts: list[str], batch_size: int) 
     return {name: torch.cat([p[name].float().cpu() for p in parts]) for name in parts[0]}
 
 
-def replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished `tmp` onto `out`; an old `out` (allowed by --force) is removed only afterwards."""
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=temp_prefix(out), suffix=TEMP_SUFFIX))
-        os.replace(out, old / out.name)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old)
-
-
 def cache_latents(model: torch.nn.Module, dataset: Fill50KDataset, out: str | os.PathLike, batch_size: int = 8,
                   num_workers: int = 0, force: bool = False, source: dict | None = None) -> Path:
     """Write the cache of `dataset` under `out` (see tutorial_dataset.CACHE_ARRAYS); `source` goes into meta.json."""
-    out = Path(out)
-    if out.exists() and not force:
-        raise FileExistsError(f"{out} already exists; pass --force to overwrite it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(out)
     prompts = [item[3] for item in dataset.data]
     distinct = list(dict.fromkeys(prompts))
     position = {p: i for i, p in enumerate(distinct)}
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=temp_prefix(out), suffix=TEMP_SUFFIX))
-    try:
+    with atomic_output(out, force, folder=True) as folder:
+        tmp = Path(folder)
         arrays, start = {}, 0
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                            worker_init_fn=DieWithParent())
         for batch in loader:
             mean, std = encode_images(model, batch)
             per_sample = {MEAN: mean, STD: std}
@@ -154,8 +138,4 @@ def cache_latents(model: torch.nn.Module, dataset: Fill50KDataset, out: str | os
                 "latent_shape": list(arrays[MEAN].shape[1:]), **(source or {}), "prompts": distinct}
         (tmp / CACHE_META).write_text(json.dumps(meta, indent=1) + "\n")
         del arrays
-        replace_dir(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return out
+    return Path(out)

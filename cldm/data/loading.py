@@ -2,18 +2,27 @@
 aspect-ratio bucket batches, skipping bad samples with a count, and the caption report.
 
 Sharding is explicit rather than Lightning's sampler injection (the Trainer runs with
-use_distributed_sampler=False): map-style readers get a DistributedSampler, buckets a batch sampler that deals
-whole batches to ranks, and streams shard themselves (litdata), their position kept in Lightning's checkpoints
-by litdata's StreamingDataLoader.
+use_distributed_sampler=False): map-style readers get a distributed sampler, buckets a batch sampler that deals
+whole batches to ranks, and streams shard themselves (litdata). Every loader's position goes into Lightning's
+checkpoints, so a run resumes mid-epoch exactly: torchdata's StatefulDataLoader with stateful samplers for
+map-style readers, litdata's StreamingDataLoader for streams.
 """
+import ctypes
 import logging
+import os
+import signal
+import sys
 from collections.abc import Callable, Iterator
+from functools import partial
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from lightning_fabric.utilities.seed import pl_worker_init_function
 from litdata import StreamingDataLoader
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
+from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
 from cldm.data.base import PairedImageDataset
 from cldm.data.batch import SKIPPED, ControlItem, ItemCheck
@@ -22,7 +31,28 @@ from cldm.data.shards import ShardDataset
 
 log = logging.getLogger(__name__)
 
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
 MAX_CONSECUTIVE_BAD = 32  # a skipping reader gives up after this many bad samples in a row: the data is broken
+
+
+class DieWithParent:
+    """A DataLoader's worker_init_fn: the worker is killed when the process that made the loader dies (Linux), so
+    a kill -9 of a tool or a training run leaves no worker behind, blocked on a full pipe and holding its memory.
+    `then(worker_id)` runs after, e.g. Lightning's worker seeding."""
+
+    def __init__(self, then: Callable[[int], None] | None = None) -> None:
+        self.parent, self.then = os.getpid(), then
+
+    def __call__(self, worker_id: int) -> None:
+        if sys.platform.startswith("linux"):
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+                log.warning("DataLoader worker %d may outlive a killed parent: prctl failed (errno %d)", worker_id,
+                            ctypes.get_errno())
+            if os.getppid() != self.parent:  # it died before the signal was set
+                os._exit(1)
+        if self.then is not None:
+            self.then(worker_id)
 
 
 class SkipBadSamples(Dataset):
@@ -57,6 +87,28 @@ class SkipBadSamples(Dataset):
         return j
 
 
+def resume_point(epoch: int, yielded: int, length: int) -> tuple[int, int]:
+    """Where a loader resumes from a checkpoint taken after `yielded` of an epoch's `length` items: the same
+    epoch there, or, when the epoch was finished, the start of the next (not an empty epoch Lightning would
+    count)."""
+    return (epoch, yielded) if yielded < length else (epoch + 1, 0)
+
+
+class ResumableSampler(StatefulDistributedSampler):
+    """Each rank's part of a map-style reader, shuffled per epoch by (seed, epoch) as DistributedSampler does,
+    whose state (the epoch and how far into it) torchdata's StatefulDataLoader keeps in Lightning's checkpoints:
+    a run resumed mid-epoch goes on with the very samples an uninterrupted run would get, even before Lightning
+    sets the epoch (loader workers fetch ahead as soon as the loader is resumed)."""
+
+    def state_dict(self) -> dict[str, int]:
+        return {**super().state_dict(), "epoch": self.epoch}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        epoch, yielded = resume_point(state_dict["epoch"], state_dict[self._YIELDED], len(self))
+        self.set_epoch(epoch)
+        super().load_state_dict({self._YIELDED: yielded})
+
+
 class EpochCounter:
     """The epoch Lightning sets on `batch_sampler.sampler` (set_epoch) each epoch, read by BucketBatchSampler."""
 
@@ -69,13 +121,15 @@ class EpochCounter:
 
 class BucketBatchSampler:
     """Batches drawn from one aspect-ratio bucket each, shuffled per epoch by (seed, epoch), dealt to ranks in
-    turn; every rank gets the same number of batches (the few left over are dropped, a new order each epoch)."""
+    turn; every rank gets the same number of batches (the few left over are dropped, a new order each epoch).
+    Its state (the epoch and the batches taken) resumes as ResumableSampler's does."""
 
     def __init__(self, groups: list[int], batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                  valid: list[bool] | None = None) -> None:
         self.groups, self.batch_size, self.rank, self.world_size, self.seed = groups, batch_size, rank, world_size, seed
         self.valid = valid
         self.sampler = EpochCounter()
+        self.yielded = self.start = 0
 
     def _all_batches(self) -> list[list[int]]:
         rng = np.random.default_rng([self.seed, self.sampler.epoch])
@@ -95,10 +149,19 @@ class BucketBatchSampler:
     def __iter__(self) -> Iterator[list[int]]:
         batches = self._all_batches()
         per_rank = len(batches) // self.world_size
-        yield from batches[self.rank:per_rank * self.world_size:self.world_size]
+        self.yielded, self.start = self.start, 0
+        for batch in batches[self.rank:per_rank * self.world_size:self.world_size][self.yielded:]:
+            self.yielded += 1
+            yield batch
 
     def __len__(self) -> int:
         return len(self._all_batches()) // self.world_size
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.sampler.epoch, "yielded": self.yielded}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.sampler.epoch, self.start = resume_point(state_dict["epoch"], state_dict["yielded"], len(self))
 
 
 class TrainData(pl.LightningDataModule):
@@ -117,10 +180,15 @@ class TrainData(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()
         check = ItemCheck(type(self.dataset).__name__)  # names the reader of a wrong item at the first batch
-        workers = dict(num_workers=self.num_workers, persistent_workers=self.num_workers > 0, collate_fn=check)
+        # Lightning seeds the workers only when no worker_init_fn is set; PL_SEED_WORKERS is how
+        # seed_everything(workers=True) asks for it
+        seeding = partial(pl_worker_init_function, rank=rank) if os.environ.get("PL_SEED_WORKERS") == "1" else None
+        workers = dict(num_workers=self.num_workers, persistent_workers=self.num_workers > 0, collate_fn=check,
+                       worker_init_fn=DieWithParent(seeding))
         if isinstance(self.dataset, ShardDataset):
             return StreamingDataLoader(self.dataset.for_this_process(), batch_size=self.batch_size,
-                                       num_workers=self.num_workers, collate_fn=check)
+                                       num_workers=self.num_workers, collate_fn=check,
+                                       worker_init_fn=DieWithParent(seeding))
         groups, valid = None, None
         if getattr(self.dataset, "resize", None) is not None and self.dataset.resize.mode == "buckets" \
                 and self.dataset.resize.resolution is not None:
@@ -128,9 +196,9 @@ class TrainData(pl.LightningDataModule):
         dataset = SkipBadSamples(self.dataset, groups) if self.skip_bad else self.dataset
         if groups is not None:
             batches = BucketBatchSampler(groups, self.batch_size, rank, world, self.seed, valid)
-            return DataLoader(dataset, batch_sampler=batches, **workers)
-        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, **workers)
+            return StatefulDataLoader(dataset, batch_sampler=batches, **workers)
+        sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
+        return StatefulDataLoader(dataset, batch_size=self.batch_size, sampler=sampler, **workers)
 
     def _bucket_groups(self) -> tuple[list[int], list[bool]]:
         """Each sample's bucket (an index into resize.buckets) from its header; unreadable ones are refused,

@@ -9,8 +9,6 @@ readers (aspect-ratio buckets need a map-style reader, since a stream cannot gro
 """
 import logging
 import os
-import shutil
-import tempfile
 from functools import partial
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from litdata import StreamingDataset, optimize
 from cldm.data.base import PairedImageDataset
 from cldm.data.batch import ControlImageItem
 from cldm.data.images import BadSampleError, Resize, decode, fit_hint, to_item
+from ldm.checkpoint import atomic_output
 
 log = logging.getLogger(__name__)
 
@@ -48,31 +47,16 @@ def write_shards(reader: PairedImageDataset, out: str | Path, num_workers: int =
                  chunk_bytes: str = DEFAULT_CHUNK_BYTES, force: bool = False) -> Path:
     """Write every readable sample of `reader` as LitData shards in `out` and return it.
 
-    Written into a temporary folder beside `out` and renamed at the end, so `out` holds either no shards or
-    complete ones; an existing `out` is replaced only with `force`.
+    Written into a temporary folder beside `out` and swapped in at the end (ldm.checkpoint.atomic_output), so
+    `out` holds the old shards or the whole new ones; an existing `out` is replaced only with `force`.
     """
-    out = Path(out)
-    if out.exists() and not force:
-        raise FileExistsError(f"{out} already exists; pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
-        optimize(fn=partial(_emit, reader), inputs=list(range(len(reader))), output_dir=str(tmp),
+    with atomic_output(out, force, folder=True) as tmp:
+        optimize(fn=partial(_emit, reader), inputs=list(range(len(reader))), output_dir=tmp,
                  chunk_bytes=chunk_bytes, num_workers=max(1, num_workers), mode="overwrite", verbose=False,
                  start_method="fork" if os.name == "posix" else None)
-        if not (tmp / SHARD_INDEX).is_file():
+        if not (Path(tmp) / SHARD_INDEX).is_file():
             raise BadSampleError(f"no sample of {len(reader)} could be read, so no shards were written")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return out
+    return Path(out)
 
 
 def is_shard_uri(root: str) -> bool:
