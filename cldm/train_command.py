@@ -80,6 +80,15 @@ def build_parser(config: str, resume_path: str) -> argparse.ArgumentParser:
     model.add_argument("--optimizer", default=None, choices=OPTIMIZERS,
                        help="adamw (fused kernel where the device has one; the default) or adamw8bit (needs "
                             "bitsandbytes)")
+    loss = p.add_argument_group("training objective (docs/train.md; each off unless the config or the option sets it)")
+    loss.add_argument("--snr_gamma", type=float, default=None,
+                      help="min-SNR-gamma loss weighting (Hang et al. 2023; 5 is the paper's value)")
+    loss.add_argument("--noise_offset", type=float, default=None,
+                      help="add this times a per-channel Gaussian to the noise (0.05-0.1 usual; helps very dark or "
+                           "bright images)")
+    loss.add_argument("--zero_terminal_snr", type=str2bool, default=None,
+                      help="True rescales the noise schedule so that its last step is pure noise (Lin et al. 2024); "
+                           "v-prediction configs only")
     p.add_argument("--max_steps", type=int, default=-1, help="-1: until max_epochs (Lightning's default 1000)")
     model.add_argument("--max_nan_steps", type=int, default=None,
                        help="skip up to N steps whose loss is NaN or infinite before stopping (default: stop at the "

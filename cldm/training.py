@@ -17,6 +17,7 @@ import logging
 import os
 import warnings
 from collections.abc import Mapping
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ from ldm.checkpoint import (
     state_dict_of,
     weights_fingerprint,
 )
+from ldm.models.diffusion.ddpm import SCHEDULE_BUFFERS
 from ldm.util import get_obj_from_str
 
 log = logging.getLogger(__name__)
@@ -50,7 +52,8 @@ info = rank_zero_only(log.info)
 # that holds it. The config governs; an option given on the command line overrides it.
 TRAINING_OPTIONS = {"learning_rate": "learning_rate", "sd_locked": "sd_locked", "only_mid_control": "only_mid_control",
                     "drop_prompt_rate": "drop_prompt_rate", "optimizer": "optimizer_name",
-                    "max_nan_steps": "max_nan_steps"}
+                    "max_nan_steps": "max_nan_steps", "snr_gamma": "objective.snr_gamma",
+                    "noise_offset": "objective.noise_offset", "zero_terminal_snr": "zero_terminal_snr"}
 # Settings whose change on resume cannot take effect: the optimizer state is the optimizer's own.
 FIXED_ON_RESUME = ("optimizer",)
 # Where a ControlLDM checkpoint records its training settings and its optimizer's parameter names.
@@ -61,7 +64,7 @@ FINGERPRINT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "flo
 
 
 def training_settings(model: torch.nn.Module) -> dict[str, Any]:
-    return {option: getattr(model, attr) for option, attr in TRAINING_OPTIONS.items()}
+    return {option: attrgetter(attr)(model) for option, attr in TRAINING_OPTIONS.items()}
 
 
 def given_options(args: Any) -> dict[str, Any]:
@@ -138,9 +141,11 @@ def read_resume_checkpoint(path: str | os.PathLike) -> dict | None:
 
 def load_resumed_weights(model: torch.nn.Module, checkpoint: dict, path: str | os.PathLike,
                          config: str | os.PathLike, control_prefix: str) -> None:
-    """The weights of a --resume checkpoint, which must be exactly this config's model's, all finite."""
-    state = state_dict_of(checkpoint, path)
-    own = model.state_dict()
+    """The weights of a --resume checkpoint, which must be exactly this config's model's, all finite (the noise
+    schedule excepted, which follows from the config: a resumed run may rescale it to zero terminal SNR)."""
+    derived = set(SCHEDULE_BUFFERS) - dict(model.named_parameters()).keys()  # a learned logvar is a weight
+    state = {k: v for k, v in state_dict_of(checkpoint, path).items() if k not in derived}
+    own = {k: v for k, v in model.state_dict().items() if k not in derived}
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
@@ -154,7 +159,7 @@ def load_resumed_weights(model: torch.nn.Module, checkpoint: dict, path: str | o
         raise UserError(f"--resume {path} was not trained with {config}: {', '.join(found)}",
                         "pass the --config it was trained with")
     require_finite(state, path)
-    model.load_state_dict(state)
+    model.load_state_dict(state, strict=False)  # every key but the schedule's is checked above
 
 
 def check_fresh_output(checkpoint_dir: str | os.PathLike, resume: str | None, force: bool) -> None:

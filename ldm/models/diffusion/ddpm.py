@@ -19,7 +19,8 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from ldm.batch import MEAN, STD, TEXT_EMBEDDING, TEXT_POOLED, CachedItem, ImageItem
 from ldm.checkpoint import DENOISER_PREFIX, LoadReport, UserError, load_checkpoint, load_state_dict, nonfinite_keys
-from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule
+from ldm.models.diffusion.objective import Objective
+from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule, rescale_zero_terminal_snr
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
 from ldm.modules.encoders.conditioner import size_conditions
@@ -33,6 +34,12 @@ OPTIMIZERS = ("adamw", "adamw8bit")
 FUSED_ADAMW_DEVICES = ("cuda", "cpu")
 # torch.compile modes that compile_denoiser accepts from the command lines.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# The buffers that follow from the config's schedule (register_schedule, and logvar unless learned): saved in the
+# original's checkpoints, not in sgm's or when the schedule is rescaled to zero terminal SNR.
+SCHEDULE_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+                    "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+                    "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
+                    "posterior_mean_coef1", "posterior_mean_coef2", "logvar")
 
 
 class TrainingStopped(UserError):
@@ -91,16 +98,27 @@ class DDPM(pl.LightningModule):
                  conditioning_key: str | None = None, parameterization: str = "eps",
                  scheduler_config: Any = None, use_positional_encodings: bool = False,
                  learn_logvar: bool = False, logvar_init: float = 0.0, persistent_schedule: bool = True,
-                 optimizer: str = "adamw", max_nan_steps: int = 0):
+                 optimizer: str = "adamw", max_nan_steps: int = 0, snr_gamma: float | None = None,
+                 noise_offset: float = 0.0, zero_terminal_snr: bool = False):
         """`persistent_schedule`: whether the schedule buffers (and logvar) are saved in checkpoints, as the
         original ldm does; sgm-layout models (SDXL) leave them out, as sgm does: they follow from the config.
         `optimizer`: one of OPTIMIZERS; `max_nan_steps`: steps with a non-finite loss skipped before training stops
-        (tutorial_train's --optimizer and --max_nan_steps)."""
+        (tutorial_train's --optimizer and --max_nan_steps). `snr_gamma`, `noise_offset`: the training objective's
+        options (objective.py); `zero_terminal_snr`: rescale the schedule so that its last timestep is pure noise
+        (v-prediction only; util.rescale_zero_terminal_snr), its buffers then follow from the config and are not
+        saved (SD's files hold the unrescaled ones)."""
         super().__init__()
+        if zero_terminal_snr and parameterization != "v":
+            raise ValueError(f"zero_terminal_snr needs a v-prediction model (parameterization: v), not "
+                             f"{parameterization!r}: at zero SNR the input is pure noise, so an eps prediction says "
+                             f"nothing of the image")
+        persistent_schedule = persistent_schedule and not zero_terminal_snr
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
         self.optimizer_name = optimizer
         self.max_nan_steps = max_nan_steps
+        self.objective = Objective(snr_gamma, noise_offset)
+        self.zero_terminal_snr = zero_terminal_snr
         self.persistent_schedule = persistent_schedule
         if parameterization not in ("eps", "x0", "v"):
             raise ValueError(f"parameterization must be 'eps', 'x0' or 'v', got {parameterization!r}")
@@ -128,7 +146,8 @@ class DDPM(pl.LightningModule):
             self.monitor = monitor
         self.loss_type = loss_type
         self.schedule_config = dict(given_betas=given_betas, beta_schedule=beta_schedule, timesteps=timesteps,
-                                    linear_start=linear_start, linear_end=linear_end, cosine_s=cosine_s)
+                                    linear_start=linear_start, linear_end=linear_end, cosine_s=cosine_s,
+                                    zero_terminal_snr=zero_terminal_snr)
         self.learn_logvar = learn_logvar
         self.logvar_init = logvar_init
         self.init_schedule()
@@ -147,13 +166,15 @@ class DDPM(pl.LightningModule):
 
     def register_schedule(self, given_betas: list | None = None, beta_schedule: str = "linear",
                           timesteps: int = 1000, linear_start: float = 1e-4, linear_end: float = 2e-2,
-                          cosine_s: float = 8e-3) -> None:
+                          cosine_s: float = 8e-3, zero_terminal_snr: bool = False) -> None:
         """The 12 schedule buffers of the original, in float32."""
         if exists(given_betas):
             betas = np.asarray(given_betas, dtype=np.float64)
         else:
             betas = make_beta_schedule(beta_schedule, timesteps, linear_start=linear_start,
                                        linear_end=linear_end, cosine_s=cosine_s)
+        if zero_terminal_snr:
+            betas = rescale_zero_terminal_snr(betas)
         alphas = 1.0 - betas
         alphas_cumprod = np.cumprod(alphas, axis=0)
         alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
@@ -168,8 +189,9 @@ class DDPM(pl.LightningModule):
         register("sqrt_alphas_cumprod", to_torch(np.sqrt(alphas_cumprod)))
         register("sqrt_one_minus_alphas_cumprod", to_torch(np.sqrt(1.0 - alphas_cumprod)))
         register("log_one_minus_alphas_cumprod", to_torch(np.log(1.0 - alphas_cumprod)))
-        register("sqrt_recip_alphas_cumprod", to_torch(np.sqrt(1.0 / alphas_cumprod)))
-        register("sqrt_recipm1_alphas_cumprod", to_torch(np.sqrt(1.0 / alphas_cumprod - 1)))
+        with np.errstate(divide="ignore"):  # infinite at the last step of a zero-terminal-SNR schedule
+            register("sqrt_recip_alphas_cumprod", to_torch(np.sqrt(1.0 / alphas_cumprod)))
+            register("sqrt_recipm1_alphas_cumprod", to_torch(np.sqrt(1.0 / alphas_cumprod - 1)))
         posterior_variance = ((1 - self.v_posterior) * betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
                               + self.v_posterior * betas)
         register("posterior_variance", to_torch(posterior_variance))
@@ -242,16 +264,20 @@ class DDPM(pl.LightningModule):
 
     def p_losses(self, x_start: torch.Tensor, cond: Any, t: torch.Tensor,
                  noise: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The simple (MSE) loss, reweighted by logvar, plus the optional VLB term."""
-        noise = default(noise, lambda: torch.randn_like(x_start))
+        """The training loss: each sample's denoising loss (MSE or L1 of eps, v or x0) weighted by the objective
+        (min-SNR-gamma), reweighted by logvar, plus the optional VLB term; the noise drawn by the objective (noise
+        offset) unless given. Logged: loss_simple (the unweighted denoising loss, comparable across objectives),
+        loss_vlb and loss (what is optimised)."""
+        noise = default(noise, lambda: self.objective.noise_like(x_start))
         x_noisy = self.q_sample(x_start=x_start, t=t, noise=noise)
         model_output = self.apply_model(x_noisy, t, cond)
         target = self.get_target(x_start, noise, t)
         prefix = "train" if self.training else "val"
         loss_per_sample = self.get_loss(model_output.float(), target.float(), mean=False).mean(dim=[1, 2, 3])
         loss_dict = {f"{prefix}/loss_simple": loss_per_sample.mean()}
+        weighted = loss_per_sample * self.objective.sample_weights(self, t)
         logvar_t = self.logvar[t]
-        loss = self.l_simple_weight * (loss_per_sample / torch.exp(logvar_t) + logvar_t).mean()
+        loss = self.l_simple_weight * (weighted / torch.exp(logvar_t) + logvar_t).mean()
         if self.learn_logvar:
             loss_dict.update({f"{prefix}/loss_gamma": loss, "logvar": self.logvar.data.mean()})
         loss_vlb = (self.lvlb_weights[t] * loss_per_sample).mean()

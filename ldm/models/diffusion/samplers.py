@@ -51,12 +51,16 @@ class Sampler:
     stochastic: bool = False  # draws fresh noise at every step (eta > 0 makes DDIM so too)
 
     def make_scheduler(self, schedule: NoiseSchedule) -> SchedulerMixin:
-        """The scheduler on the model's training betas and prediction type."""
+        """The scheduler on the model's training betas and prediction type; a schedule rescaled to zero terminal
+        SNR gets the scheduler's own switch for it, whose rescaling leaves it as is and which keeps the first
+        sigma finite (2**-24 for the last alphas_cumprod, as diffusers does)."""
         if schedule.parameterization not in PREDICTION_TYPES:
             raise ValueError(f"unknown parameterization {schedule.parameterization!r}")
+        zero_terminal_snr = {"rescale_betas_zero_snr": True} if float(schedule.alphas_cumprod[-1]) == 0 else {}
         return self.scheduler(num_train_timesteps=schedule.num_timesteps,
                               trained_betas=schedule.betas.detach().cpu().double().numpy(),
-                              prediction_type=PREDICTION_TYPES[schedule.parameterization], **self.settings)
+                              prediction_type=PREDICTION_TYPES[schedule.parameterization], **self.settings,
+                              **zero_terminal_snr)
 
 
 SAMPLERS: dict[str, Sampler] = {s.name: s for s in (

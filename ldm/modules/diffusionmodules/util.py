@@ -30,6 +30,19 @@ def make_beta_schedule(schedule: str, n_timestep: int, linear_start: float = 1e-
     return betas.numpy()
 
 
+def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+    """Betas whose last timestep has zero signal-to-noise ratio (Lin et al. 2024, "Common Diffusion Noise
+    Schedules and Sample Steps are Flawed", Algorithm 1): sqrt(alphas_cumprod) shifted so its last value is 0 and
+    scaled so its first is unchanged. Without it the model never sees pure noise in training, yet sampling starts
+    from it, so images keep a medium brightness. For v-prediction only: at SNR 0 the noise is the whole input."""
+    root = np.sqrt(np.cumprod(1.0 - np.asarray(betas, dtype=np.float64)))
+    first, last = root[0], root[-1]
+    root = (root - last) * first / (first - last)
+    alphas_cumprod = root ** 2
+    alphas = np.concatenate([alphas_cumprod[:1], alphas_cumprod[1:] / alphas_cumprod[:-1]])
+    return 1.0 - alphas
+
+
 def extract_into_tensor(a: torch.Tensor, t: torch.Tensor, x_shape: torch.Size) -> torch.Tensor:
     """Gather a[t] per batch element and shape it to broadcast over x."""
     out = a.gather(-1, t)
