@@ -121,10 +121,12 @@ class CountingDetectors(Detectors):
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """All ten apps over one tiny random model, each served on 127.0.0.1 by this process (as main() serves it), and
-    a control folder with an LLLite file, a control-LoRA file and an HTML page saved as a checkpoint."""
+    a control folder with an LLLite file, a control-LoRA file, a T2I-Adapter file and an HTML page saved as a
+    checkpoint."""
     folder = tmp_path_factory.mktemp("controls")
     random_control_file("cldm_tiny_lllite.yaml", folder / "lllite_tiny.safetensors", 0.2)
     random_control_file("cldm_tiny_lora.yaml", folder / "lora" / "control_lora_tiny.safetensors", 0.05)
+    random_control_file("cldm_tiny_t2i.yaml", folder / "t2i_tiny.safetensors", 0.05)
     (folder / "broken.ckpt").write_text("<!doctype html><html><body>Sign in to download</body></html>")
     model = tiny_served_model()
     detectors = CountingDetectors("cpu", random_init=True)
@@ -233,6 +235,27 @@ def test_three_units_with_lllite_and_control_lora_files_sample_as_the_pipeline(s
     for unit in ("unit2", "unit3"):
         fewer = process(entry.client, value, **{**settings, f"{unit}_enabled": False})
         assert len(fewer) == 2 + 2 and not np.array_equal(np.stack(fewer[2:]), expected.images), unit
+
+
+def test_controlnet_t2i_adapter_and_lllite_units_in_one_request(served, tmp_path):
+    entry = served.apps["canny2image"]
+    img = picture(64, 64)
+    settings = dict(num_samples=1, steps=3, scale=5.0, seed=78,
+                    unit2_enabled=True, unit2_control_file="t2i_tiny.safetensors", unit2_preprocessor="none",
+                    unit2_strength=0.7, unit2_end=0.5,
+                    unit3_enabled=True, unit3_control_file="lllite_tiny.safetensors", unit3_preprocessor="none")
+    value = handle_file(write_png(tmp_path / "in.png", img))
+    out = process(entry.client, value, **settings)
+    model = served.model
+    hint = lambda a: torch.from_numpy(a).float().permute(2, 0, 1)[None] / 255.0  # noqa: E731
+    t2i = load_control_network(served.folder / "t2i_tiny.safetensors", model, TINY_CONFIG)
+    lllite = load_control_network(served.folder / "lllite_tiny.safetensors", model, TINY_CONFIG)
+    units = [model.unit(hint(255 - out[0])), ControlUnit(t2i, hint(img), strength=0.7, end=0.5),
+             ControlUnit(lllite, hint(img))]
+    expected = sample(model, "a house, ", "", units=units, sampler="ddim", steps=3, cfg_scale=5.0, seed=78)
+    np.testing.assert_array_equal(out[3], expected.images[0])
+    without = process(entry.client, value, **{**settings, "unit2_enabled": False})
+    assert not np.array_equal(without[2], out[3])  # the T2I-Adapter unit acted
 
 
 def test_bad_inputs_give_messages_and_the_server_keeps_answering(served, tmp_path):
