@@ -21,7 +21,7 @@ import torch
 from omegaconf import OmegaConf
 
 from cldm.cli import refuse_existing, run_tool
-from cldm.lora import LoRAControlNet
+from cldm.lora import LORA_CONTROLNET_TARGET, LoRAControlNet
 from cldm.model import CONTROL_PREFIX, load_state_dict, save_state_dict
 from ldm.checkpoint import UNET_PREFIX
 
@@ -34,8 +34,8 @@ def lora_controlnet(config_path: str | os.PathLike) -> LoRAControlNet:
     if not Path(config_path).is_file():
         raise FileNotFoundError(f"Model config not found: {config_path}")
     control = OmegaConf.load(config_path).get("model", {}).get("params", {}).get("control_stage_config", {})
-    if control.get("target") != "cldm.lora.LoRAControlNet":
-        raise ValueError(f"{config_path}: control model {control.get('target')} is not cldm.lora.LoRAControlNet")
+    if control.get("target") != LORA_CONTROLNET_TARGET:
+        raise ValueError(f"{config_path}: control model {control.get('target')} is not {LORA_CONTROLNET_TARGET}")
     return LoRAControlNet(**OmegaConf.to_container(control.params))
 
 

@@ -39,11 +39,21 @@ def fillable(key: str) -> bool:
     return "." not in key or key.endswith(OPTIONAL_KEY_SUFFIXES)
 
 
+def base_family(config: str | Path) -> str:
+    """Which Stable Diffusion a ControlLDM YAML builds on, by its text conditioning: SDXL's conditioner, SD2.x's
+    OpenCLIP encoder, else SD1.x's CLIP."""
+    params = OmegaConf.load(config).model.params
+    if "conditioner_config" in params:
+        return "SDXL"
+    return "SD2.x" if params.cond_stage_config.target.endswith(".FrozenOpenCLIPEmbedder") else "SD1.x"
+
+
 class Fit:
     """Collects the keys a checkpoint lacks and the shapes that differ, so that one error names them all."""
 
     def __init__(self, path: str | Path, config: str | Path):
         self.path, self.config = path, config
+        self.family = base_family(config)
         self.missing: list[str] = []
         self.mismatched: list[str] = []
 
@@ -62,7 +72,8 @@ class Fit:
                     for what, items in found if items]
         if problems:
             raise CheckpointError(f"{self.path} does not fit {self.config}: {', '.join(problems)}",
-                                  "is --config the right one for this checkpoint (SD1.x vs SD2.x)?")
+                                  f"--config {self.config} builds on {self.family}: is the checkpoint an "
+                                  f"{self.family} one? (SD1.x, SD2.x and SDXL each have their configs)")
 
 
 def add_control(sd: dict[str, torch.Tensor], scratch: dict[str, torch.Tensor], fit: Fit

@@ -17,7 +17,7 @@ from cldm.cldm import ControlNet
 from cldm.cli import refuse_existing
 from cldm.diffusers_names import diffusers_module_names, rename_module
 from cldm.model import CONTROL_PREFIX, load_state_dict, save_state_dict
-from ldm.checkpoint import write_text
+from ldm.checkpoint import require_finite, write_text
 from ldm.modules.diffusionmodules.openaimodel import UNetSpec
 
 log = logging.getLogger(__name__)
@@ -234,16 +234,28 @@ def comparable(config: dict) -> dict:
     return out
 
 
-def json_types(value: object) -> tuple[type, ...]:
-    """The JSON types a field may hold where ours holds `value` (diffusers takes an int or a per-level list
-    for the head and depth fields)."""
-    if isinstance(value, bool):
-        return (bool,)
-    if isinstance(value, (int, list)):
-        return (int, list)
-    if isinstance(value, float):
+# Fields diffusers' ControlNetModel takes as one value for every level or as a list with one per level.
+PER_LEVEL_FIELDS = ("attention_head_dim", "num_attention_heads", "transformer_layers_per_block",
+                    "only_cross_attention")
+JSON_TYPE_NAMES = {bool: "true or false", int: "a whole number", float: "a number", str: "a string",
+                   list: "a list"}
+
+
+def json_types(key: str, ours: object) -> tuple[type, ...]:
+    """The JSON types field `key` of a config.json may hold where our config holds `ours`."""
+    if key in PER_LEVEL_FIELDS:
+        return (bool, list) if isinstance(ours, bool) else (int, list)
+    if isinstance(ours, float):
         return (int, float)
-    return (type(value),)
+    return (type(ours),)
+
+
+def wrong_type(key: str, value: object, ours: object) -> str | None:
+    """What is wrong with the type of a config.json field (bool is no number here), or None."""
+    kinds = json_types(key, ours)
+    if (bool in kinds) if isinstance(value, bool) else isinstance(value, kinds):
+        return None
+    return f"{key} is {json.dumps(value)}, expected {' or '.join(JSON_TYPE_NAMES[t] for t in kinds)}"
 
 
 def read_config_json(path: Path) -> dict:
@@ -263,11 +275,10 @@ def check_config(found: dict, expected: dict, source: str) -> None:
     """Raise if a diffusers config.json describes another model than the YAML (omitted fields pass)."""
     if found.get("_class_name", "ControlNetModel") != "ControlNetModel":
         raise ValueError(f"{source} is a {found['_class_name']}, not a ControlNetModel")
-    wrong_type = [f"{k} is {json.dumps(v)}" for k, v in found.items()
-                  if expected.get(k) is not None and k not in IGNORED_CONFIG_FIELDS
-                  and not isinstance(v, json_types(expected[k]))]
-    if wrong_type:
-        raise ValueError(f"{source}: {'; '.join(wrong_type)}, not a value of a ControlNetModel config")
+    wrong = [problem for k, v in found.items() if expected.get(k) is not None and k not in IGNORED_CONFIG_FIELDS
+             and (problem := wrong_type(k, v, expected[k])) is not None]
+    if wrong:
+        raise ValueError(f"{source}: {'; '.join(wrong)}, as a ControlNetModel config.json has it")
     want = comparable(expected)
     have = comparable({**expected, **found})
     diffs = [f"{k}: folder has {have[k]}, config gives {v}" for k, v in want.items() if have.get(k) != v]
@@ -288,6 +299,7 @@ def convert_to_diffusers(in_path: str | os.PathLike, out_dir: str | os.PathLike,
         raise FileExistsError(f"{', '.join(existing)} already exists; pass --force to overwrite")
     mapping = build_mapping(config_path)
     weights = to_diffusers(load_state_dict(in_path), mapping, source=str(in_path))
+    require_finite(weights, in_path)  # the ControlNet's: a whole checkpoint's other parts are not converted
     out_dir.mkdir(parents=True, exist_ok=True)
     # Weights first: a folder with a config.json is a finished export.
     save_state_dict(weights, targets[0], force=force)
@@ -313,5 +325,7 @@ def convert_from_diffusers(in_dir: str | os.PathLike, out_path: str | os.PathLik
     mapping = build_mapping(config_path)
     check_config(read_config_json(config_file), mapping.config, str(config_file))
     weights_file = find_weights(in_dir)
-    weights = from_diffusers(load_state_dict(weights_file), mapping, source=str(weights_file))
+    state_dict = load_state_dict(weights_file)
+    require_finite(state_dict, weights_file)
+    weights = from_diffusers(state_dict, mapping, source=str(weights_file))
     return save_state_dict(weights, out_path, force=force)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import tool_convert_diffusers as tool
+from cldm.cli import run_tool
 from cldm.diffusers_convert import build_mapping
 from cldm.model import create_model, load_checkpoint, load_state_dict, save_state_dict
 from conftest import ROOT
@@ -105,3 +106,38 @@ def test_refusals_name_the_problem(exported):
         run("from-diffusers", tmp / "diffusers", tmp / "y.safetensors")
     written = json.loads((tmp / "diffusers" / "config.json").read_text())
     assert written["_class_name"] == "ControlNetModel" and written["conditioning_channels"] == 3
+
+
+def test_a_folder_of_nan_weights_or_a_mistyped_config_is_one_line_and_exit_1(exported, tmp_path, capsys):
+    """from-diffusers wrote a ControlNet of NaN weights with exit 0, and a config.json whose down_block_types is a
+    number ended in a TypeError traceback."""
+    config, _, tmp = exported
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    weights = load_state_dict(tmp / "diffusers" / "diffusion_pytorch_model.safetensors")
+    key = "controlnet_down_blocks.0.weight"
+    weights[key] = torch.full_like(weights[key], float("nan"))
+    save_state_dict(weights, folder / "diffusion_pytorch_model.safetensors")
+    written = json.loads((tmp / "diffusers" / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(written))
+    out = tmp_path / "control.safetensors"
+
+    def run(*args) -> str:
+        code = run_tool(tool.main, [*map(str, args), "--config", str(config)])
+        err = capsys.readouterr().err
+        assert code == 1 and "Traceback" not in err and not out.exists(), err
+        return err.splitlines()[0]
+
+    assert run("from-diffusers", folder, out) == (f"error: {folder / 'diffusion_pytorch_model.safetensors'} has "
+                                                  f"non-finite weights (NaN or inf) in 1 tensors, e.g. {key}")
+    (folder / "config.json").write_text(json.dumps({**written, "down_block_types": 4}))
+    assert run("from-diffusers", folder, out) == (f"error: {folder / 'config.json'}: down_block_types is 4, expected "
+                                                  "a list, as a ControlNetModel config.json has it")
+    (folder / "config.json").write_text(json.dumps({**written, "layers_per_block": True, "attention_head_dim": [2]}))
+    assert "layers_per_block is true, expected a whole number" in run("from-diffusers", folder, out)
+    # a NaN ControlNet is not exported the other way either
+    nan = {k: torch.full_like(v, float("nan")) if k == "control_model.zero_convs.0.0.weight" else v
+           for k, v in load_state_dict(tmp / "full.ckpt").items()}
+    save_state_dict(nan, tmp_path / "nan.ckpt")
+    out = tmp_path / "nan_diffusers"
+    assert "nan.ckpt has non-finite weights" in run("to-diffusers", tmp_path / "nan.ckpt", out)

@@ -55,6 +55,19 @@ def test_add_control_sdxl_copies_the_unet_encoder_label_emb_included(tmp_path, c
     assert added == {k for k in result if k.startswith(CONTROL_PREFIX) and k not in copied}
 
 
+def test_add_control_sdxl_on_an_sd15_checkpoint_says_sdxl(tmp_path, capsys, monkeypatch):
+    """The hint asked "(SD1.x vs SD2.x)" of an SDXL config."""
+    sd15 = {k: v for k, v in model_as_trained(ROOT / "models" / "cldm_tiny.yaml").state_dict().items()
+            if not k.startswith(CONTROL_PREFIX)}
+    src = save_state_dict(sd15, tmp_path / "v1-5.safetensors")
+    out = tmp_path / "control_sdxl_ini.safetensors"
+    assert run_script("tool_add_control_sdxl.py", [src, out, "--config", TINY_XL], monkeypatch) == 1
+    error, hint = capsys.readouterr().err.splitlines()
+    assert error.startswith(f"error: {src} does not fit {TINY_XL}: ") and not out.exists()
+    assert hint == (f"hint: --config {TINY_XL} builds on SDXL: is the checkpoint an SDXL one? (SD1.x, SD2.x and "
+                    "SDXL each have their configs)")
+
+
 def test_transfer_control_on_sdxl(tmp_path, capsys):
     base, target = sgm_base(0), sgm_base(1, optional_keys=False)
     gen = torch.Generator().manual_seed(5)

@@ -93,7 +93,8 @@ def test_sd2_checkpoint_into_sd1_config_names_keys_and_shapes(tmp_path, capsys):
     assert rc == 1 and not (tmp_path / "out.ckpt").exists()
     error, hint = err.splitlines()
     assert error.startswith("error: ")
-    assert hint == "hint: is --config the right one for this checkpoint (SD1.x vs SD2.x)?"
+    assert hint == (f"hint: --config {TINY} builds on SD1.x: is the checkpoint an SD1.x one? (SD1.x, SD2.x and "
+                    "SDXL each have their configs)")
     assert "keys missing (cond_stage_model.transformer." in err
     assert "shapes differ (model.diffusion_model." in err and " in file vs " in err
 

@@ -196,7 +196,6 @@ class Decoder(nn.Module):
 
         block_in = ch * ch_mult[-1]
         curr_res = resolution // 2 ** (self.num_resolutions - 1)
-        self.z_shape = (1, z_channels, curr_res, curr_res)
         self.conv_in = nn.Conv2d(z_channels, block_in, kernel_size=3, stride=1, padding=1)
 
         self.mid = nn.Module()
