@@ -114,7 +114,8 @@ CASES = {
                                  "{dir}/exists.ckpt already exists; pass --force"),
     "add: output is a folder": Case("tool_add_control.py", add("sd.ckpt", "out_dir"), "{dir}/out_dir is a folder"),
     "add: wrong config": Case("tool_add_control.py", lambda b: [b.dir / "sd.ckpt", b.dir / "o.ckpt", "--config",
-                                                                TINY_V21], "does not fit", "is --config the right one"),
+                                                                TINY_V21], "does not fit",
+                              "builds on SD2.x: is the checkpoint an SD2.x one?"),
     "add sd21: LFS pointer": Case("tool_add_control_sd21.py", add("lfs.ckpt"), "looks like a Git LFS pointer"),
     "add sdxl: HTML page": Case("tool_add_control_sdxl.py", add("page.ckpt"), "looks like an HTML page"),
     "add: usage": Case("tool_add_control.py", lambda b: [], "the following arguments are required", code=2),
@@ -136,7 +137,8 @@ CASES = {
         "{dir}/diffusers_list/config.json holds a JSON list, not the object of a diffusers config.json"),
     "from-diffusers: null fields": Case("tool_convert_diffusers.py", lambda b: [
         "from-diffusers", b.dir / "diffusers_nulls", b.dir / "c.ckpt", "--config", TINY],
-        "{dir}/diffusers_nulls/config.json: block_out_channels is null; down_block_types is null"),
+        "{dir}/diffusers_nulls/config.json: block_out_channels is null, expected a list; down_block_types is null, "
+        "expected a list"),
     "from-diffusers: invalid JSON": Case("tool_convert_diffusers.py", lambda b: [
         "from-diffusers", b.dir / "diffusers_broken", b.dir / "c.ckpt", "--config", TINY],
         "{dir}/diffusers_broken/config.json is not valid JSON"),
