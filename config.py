@@ -1,3 +1,3 @@
-# Set to True on GPUs with little memory: sliced attention, and the VAE and text encoder leave the GPU
-# while the UNet samples (ControlLDM.low_vram_shift).
+# The original's switch, read by share.py (which the tutorials and scripts written against the original import
+# first): True slices attention to save GPU memory. The apps take --low-vram instead and do not read this file.
 save_memory = False

@@ -281,15 +281,14 @@ def write_table(rows: list[tuple[str, str, str, str, str]], title: str, path: st
 def bench_main(name: str, args, run, argv: list[str] | None) -> dict:
     """The shared driver of the benchmarks: threads and attention slicing as asked, build ours and the
     peer, run(args, model, peer), print (and append) the table."""
-    from cldm.hack import enable_sliced_attention
+    from ldm.modules.attention import set_attention_slicing
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.sliced_attention:
-        enable_sliced_attention(args.sliced_attention)
     device = torch.device(args.device)
     if args.model_channels:
         args.config = str(narrowed_config(args.config, args.model_channels))
     model = build_ours(args.config, device)
+    set_attention_slicing(model, args.sliced_attention)
     peer = build_peer(model, args.config, device) if args.peer == "diffusers" else None
     result = run(args, model, peer)
     write_table(result["rows"], f"{name}: {' '.join(argv if argv is not None else sys.argv[1:])}", args.table)
@@ -319,7 +318,7 @@ def add_run_args(p) -> None:
                    help="build the config with N base channels (e.g. 32 for SD1.5's layers at a tenth of the "
                         "width: the host-bound regime of eager GPU sampling, on a CPU)")
     p.add_argument("--sliced_attention", type=int, default=None, metavar="N",
-                   help="our side attends N queries at a time (config.save_memory's switch; process-wide)")
+                   help="our side attends N queries at a time (the apps' --low-vram slicing)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                    help="cpu: CPU seconds of the process, for a loaded machine (with --threads 1)")

@@ -1,11 +1,17 @@
-"""Process-wide switches the tutorials and apps flip through share.py."""
+"""The original's process-wide switches, kept for scripts written against it (share.py flips them).
 
+Library code and the apps read nothing these set: the apps and tools pass attention slicing as an argument
+(ldm.modules.attention.set_attention_slicing) and low VRAM to cldm.pipeline.sample.
+"""
+
+import functools
 import logging
 import warnings
 
 from ldm.modules.attention import CrossAttention
 
 log = logging.getLogger(__name__)
+_UNPATCHED_INIT = CrossAttention.__init__
 
 
 def disable_verbosity() -> None:
@@ -19,6 +25,7 @@ def disable_verbosity() -> None:
 
 
 def enable_sliced_attention(slice_size: int = 1024) -> None:
-    """Attend `slice_size` queries at a time, trading speed for peak memory on large images."""
-    CrossAttention.slice_size = slice_size
+    """Every CrossAttention built from now on attends `slice_size` queries at a time (the class patched, as the
+    original patches it); build the model after calling this, as the original's scripts do (import share first)."""
+    CrossAttention.__init__ = functools.partialmethod(_UNPATCHED_INIT, slice_size=slice_size)
     log.info("Enabled sliced attention (%d queries per slice).", slice_size)

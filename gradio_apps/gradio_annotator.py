@@ -11,8 +11,9 @@ from annotator.midas import MidasDetector  # noqa: E402
 from annotator.mlsd import MLSDdetector  # noqa: E402
 from annotator.openpose import OpenposeDetector  # noqa: E402
 from annotator.uniformer import UniformerDetector  # noqa: E402
-from gradio_apps.app_builder import AnnotatorTab, annotator_main  # noqa: E402
+from gradio_apps.app_spec import AnnotatorTab  # noqa: E402
 from gradio_apps.preprocessors import Checkbox, Slider  # noqa: E402
+from gradio_apps.serving import annotator_main  # noqa: E402
 
 TABS = (
     AnnotatorTab(
@@ -48,4 +49,4 @@ TABS = (
 )
 
 if __name__ == "__main__":
-    annotator_main(TABS)
+    sys.exit(annotator_main(TABS))

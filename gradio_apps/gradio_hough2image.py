@@ -5,9 +5,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, when run as a script
 
-from gradio_apps.app_builder import ControlApp, main  # noqa: E402
+from gradio_apps.app_spec import ControlApp  # noqa: E402
+from gradio_apps.serving import main  # noqa: E402
 
 APP = ControlApp("Control Stable Diffusion with Hough Line Maps", "control_sd15_mlsd.pth", "mlsd")
 
 if __name__ == "__main__":
-    main(APP)
+    sys.exit(main(APP))

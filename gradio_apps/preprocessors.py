@@ -21,11 +21,13 @@ from annotator.midas import MidasDetector
 from annotator.mlsd import MLSDdetector
 from annotator.openpose import OpenposeDetector
 from annotator.uniformer import UniformerDetector
+from gradio_apps.messages import INVALID, check_number, user_error
 
 
 @dataclass(frozen=True)
 class Slider:
-    """A numeric setting shown in the UI and passed on as the keyword `name`."""
+    """A numeric setting shown in the UI and passed on as the keyword `name`; a request's value is checked
+    against the same bounds (check)."""
 
     name: str
     label: str
@@ -34,11 +36,20 @@ class Slider:
     value: float
     step: float
 
+    @property
+    def whole(self) -> bool:
+        """Whole-number steps: the value is an int, which OpenCV and the detectors expect."""
+        return float(self.step).is_integer()
+
     def make(self, **kwargs: Any) -> gr.Slider:
-        # whole-number steps hand the function ints, which OpenCV and the detectors expect
-        precision = 0 if float(self.step).is_integer() else None
-        return gr.Slider(label=self.label, minimum=self.minimum, maximum=self.maximum, value=self.value,
-                         step=self.step, precision=precision, **kwargs)
+        """The slider; `kwargs` add to or override its settings (e.g. another starting value)."""
+        return gr.Slider(**{"label": self.label, "minimum": self.minimum, "maximum": self.maximum, "value": self.value,
+                            "step": self.step, "precision": 0 if self.whole else None, **kwargs})
+
+    def check(self, value: Any, where: str = "") -> float | int:
+        """`value` within the bounds (an int for whole-number steps); refused by `where` and the label."""
+        number = check_number(f"{where}{self.label}", value, self.minimum, self.maximum)
+        return round(number) if self.whole else number
 
 
 @dataclass(frozen=True)
@@ -50,7 +61,12 @@ class Checkbox:
     value: bool = False
 
     def make(self, **kwargs: Any) -> gr.Checkbox:
-        return gr.Checkbox(label=self.label, value=self.value, **kwargs)
+        return gr.Checkbox(**{"label": self.label, "value": self.value, **kwargs})
+
+    def check(self, value: Any, where: str = "") -> bool:
+        if not isinstance(value, bool):
+            raise user_error(f"{where}{self.label} must be true or false, got {value!r}.", INVALID)
+        return value
 
 
 Option = Slider | Checkbox
@@ -93,6 +109,7 @@ class Preprocessor:
     interpolation: int = cv2.INTER_LINEAR  # how the detected map is resized to the image size
     refine: Callable[[np.ndarray], np.ndarray] = identity  # resized map -> the hint the ControlNet sees
     preview: Callable[[np.ndarray], np.ndarray] = identity  # hint -> the map shown before the samples
+    a1111_module: str = "none"  # the A1111 ControlNet extension's name for it, written into the images' parameters
 
     @property
     def settings(self) -> tuple[Option, ...]:
@@ -111,27 +128,31 @@ PREPROCESSORS: dict[str, Preprocessor] = {p.name: p for p in (
             image, low_threshold, high_threshold),
         CannyDetector, options=(Slider("low_threshold", "Canny low threshold", 1, 255, 100, 1),
                                 Slider("high_threshold", "Canny high threshold", 1, 255, 200, 1)),
-        preview=invert),
+        preview=invert, a1111_module="canny"),
     Preprocessor(
         "mlsd", "M-LSD straight lines (Hough)", lambda mlsd, image, value_threshold, distance_threshold: mlsd(
             image, value_threshold, distance_threshold),
         MLSDdetector, resolution("Hough Resolution", 512),
         (Slider("value_threshold", "Hough value threshold (MLSD)", 0.01, 2.0, 0.1, 0.01),
          Slider("distance_threshold", "Hough distance threshold (MLSD)", 0.01, 20.0, 0.1, 0.01)),
-        interpolation=cv2.INTER_NEAREST, preview=thick_inverted),
+        interpolation=cv2.INTER_NEAREST, preview=thick_inverted, a1111_module="mlsd"),
     Preprocessor("hed", "HED soft edges", lambda hed, image: hed(image), HEDdetector,
-                 resolution("HED Resolution", 512)),
-    Preprocessor("scribble", "scribble (dark lines on light paper)", dark_strokes, preview=invert),
+                 resolution("HED Resolution", 512), a1111_module="softedge_hed"),
+    Preprocessor("scribble", "scribble (dark lines on light paper)", dark_strokes, preview=invert,
+                 a1111_module="invert"),
     Preprocessor("fake_scribble", "fake scribble (from HED edges)", lambda hed, image: hed(image), HEDdetector,
-                 resolution("HED Resolution", 512), refine=fake_scribble, preview=invert),
+                 resolution("HED Resolution", 512), refine=fake_scribble, preview=invert,
+                 a1111_module="scribble_hed"),
     Preprocessor("openpose", "OpenPose human pose", lambda openpose, image: openpose(image)[0], OpenposeDetector,
-                 resolution("OpenPose Resolution", 512), interpolation=cv2.INTER_NEAREST),
+                 resolution("OpenPose Resolution", 512), interpolation=cv2.INTER_NEAREST,
+                 a1111_module="openpose"),
     Preprocessor("seg", "UniFormer ADE20K segmentation", lambda uniformer, image: uniformer(image),
-                 UniformerDetector, resolution("Segmentation Resolution", 512), interpolation=cv2.INTER_NEAREST),
+                 UniformerDetector, resolution("Segmentation Resolution", 512), interpolation=cv2.INTER_NEAREST,
+                 a1111_module="seg_ufade20k"),
     Preprocessor("depth", "MiDaS depth", lambda midas, image: midas(image)[0], MidasDetector,
-                 resolution("Depth Resolution", 384)),
+                 resolution("Depth Resolution", 384), a1111_module="depth_midas"),
     Preprocessor("normal", "normal map (from MiDaS)", lambda midas, image, bg_threshold: midas(
         image, bg_th=bg_threshold)[1], MidasDetector, resolution("Normal Resolution", 384),
         (Slider("bg_threshold", "Normal background threshold", 0.0, 1.0, 0.4, 0.01),),
-        refine=reverse_channels, preview=reverse_channels),
+        refine=reverse_channels, preview=reverse_channels, a1111_module="normal_midas"),
 )}

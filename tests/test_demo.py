@@ -25,7 +25,7 @@ def circle(seed: int = 0, size: int = 64) -> dict:
 
 def test_demo_fast_writes_report_and_metrics(tmp_path, monkeypatch):
     import demo
-    from gradio_apps import app_builder
+    from gradio_apps import serving
     out = tmp_path / "demo_out"
     metrics = demo.main(["--fast", "--out", str(out), "--threads", "1"])
     for name in ("report.html", "metrics.json", "samples.png", "eval.json", "control_demo_ini.safetensors"):
@@ -46,9 +46,9 @@ def test_demo_fast_writes_report_and_metrics(tmp_path, monkeypatch):
     assert argv[:2] == ["python", "gradio_apps/gradio_scribble2image_interactive.py"]
     assert saved["app_command"] in (out / "report.html").read_text()
     served = []
-    monkeypatch.setattr(app_builder, "launch", lambda page, args, block=True: served.append(page))
+    monkeypatch.setattr(serving, "launch", lambda page, args, block=True: served.append(page))
     monkeypatch.chdir(ROOT)
-    app_builder.main(importlib.import_module("gradio_apps.gradio_scribble2image_interactive").APP, argv[2:])
+    assert serving.main(importlib.import_module("gradio_apps.gradio_scribble2image_interactive").APP, argv[2:]) == 0
     scale = [c["props"] for c in served[0].config["components"] if c["props"].get("label") == "Guidance Scale"]
     assert [s["value"] for s in scale] == [demo.FAST.guidance_scale]
 
@@ -158,6 +158,17 @@ def test_train_tiny_base_runs_end_to_end(tmp_path):
     assert set(report["check"][0]) >= {"pass_rate", "disc_iou_mean", "color_acc", "good_enough"}
     with pytest.raises(FileExistsError, match="--force"):
         tool_train_tiny_base.main(["--out", str(out), "--device", "cpu"])
+
+
+def test_train_tiny_base_tokenizes_each_prompt_once_and_drops_to_the_empty_prompt():
+    import tool_train_tiny_base
+    model = create_model(DEMO_CONFIG)
+    encoder = model.cond_stage_model
+    prompts = ["red circle with blue background", "green circle", "red circle with blue background"]
+    pool, empty = tool_train_tiny_base.prompt_tokens(encoder, prompts)
+    assert torch.equal(pool, encoder.tokenize(prompts)) and torch.equal(empty, encoder.tokenize([""])[0])
+    with torch.no_grad():  # the tokens encode as the prompts do
+        assert torch.equal(encoder.encode_tokens(pool), model.get_learned_conditioning(prompts))
 
 
 def test_depth_and_seg_are_skipped_without_their_weights(tmp_path, monkeypatch):

@@ -1,13 +1,16 @@
 """The Gradio apps, served on 127.0.0.1 and driven through gradio_client: every app's `process` runs end to end on a
-tiny random model with its own detector; a request with three control units (the model's own network, an LLLite file
-and a control-LoRA file) gives exactly the images of cldm.pipeline.sample under the same units; bad input gets a
-message while the server keeps answering; headless Chromium shows and works the sampler and unit controls, and draws a
-circle that the demo's trained ControlNet fills in the prompted colours."""
+tiny random model with its own detector and shows the map the original app shows; a request with three control units
+(the model's own network, an LLLite file and a control-LoRA file) gives exactly the images of cldm.pipeline.sample
+under the same units, each captioned with its seed and carrying A1111's parameters in its PNG; bad input gets a
+message naming the setting and unit while the server keeps answering; headless Chromium shows and works the sampler
+and unit controls, and draws a circle that the demo's trained ControlNet fills in the prompted colours."""
 
+import hashlib
 import importlib
 import io
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -26,7 +29,12 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-from annotator.hed import HEDdetector
+from annotator.canny import CannyDetector
+from annotator.hed import HEDdetector, nms
+from annotator.midas import MidasDetector
+from annotator.mlsd import MLSDdetector
+from annotator.openpose import OpenposeDetector
+from annotator.uniformer import UniformerDetector
 from annotator.util import CKPTS_ENV, HWC3, resize_image
 from cldm.control import ControlUnit
 from cldm.fidelity import fill_region, iou
@@ -34,9 +42,12 @@ from cldm.loader import load_control_network
 from cldm.model import create_model, save_state_dict
 from cldm.pipeline import sample
 from conftest import model_as_trained, randomize_zero_convs
-from gradio_apps import app_builder
-from gradio_apps.app_builder import CONTROL_MODES, ControlFiles, Detectors, Pipeline
+from gradio_apps import handling, loading, page, serving
+from gradio_apps.handling import CONTROL_MODES, Pipeline
+from gradio_apps.loading import ControlFiles, Detectors, ModelFiles
+from gradio_apps.parameters import Parameters, UnitParameters
 from gradio_apps.preprocessors import PREPROCESSORS
+from ldm.checkpoint import UserError
 from ldm.models.diffusion.samplers import SAMPLERS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,8 +113,21 @@ def random_control_file(config: str, path: Path, std: float) -> Path:
     return save_state_dict(model.control_state_dict(), path)
 
 
+def seen(image: np.ndarray) -> np.ndarray:
+    """A map that shows what a detector saw (the picture's red channel at the size it was given): a random-weight
+    network finds no pose, depth or scribble, and a blank map would hide a wrong resolution or interpolation."""
+    return np.ascontiguousarray(image[:, :, 0])
+
+
+# each network detector's output replaced by `seen`, in the detector's own return structure
+STAND_INS = {MLSDdetector: lambda image, *_: seen(image), HEDdetector: seen, UniformerDetector: seen,
+             OpenposeDetector: lambda image, *_, **__: (seen(image), {}),
+             MidasDetector: lambda image, *_, **__: (seen(image), np.ascontiguousarray(image[:, :, ::-1]))}
+
+
 class CountingDetectors(Detectors):
-    """Detectors whose every call is counted by class name: proof that a request ran its detector."""
+    """Detectors whose every call is counted by class name (proof that a request ran its detector) and whose network
+    detectors answer with STAND_INS once they have run."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -114,7 +138,8 @@ class CountingDetectors(Detectors):
 
         def call(*args, **kwargs):
             self.calls[factory.__name__] += 1
-            return detector(*args, **kwargs)
+            out = detector(*args, **kwargs)
+            return STAND_INS[factory](*args, **kwargs) if factory in STAND_INS else out
         return call
 
 
@@ -122,25 +147,28 @@ class CountingDetectors(Detectors):
 def served(tmp_path_factory):
     """All ten apps over one tiny random model, each served on 127.0.0.1 by this process (as main() serves it), and
     a control folder with an LLLite file, a control-LoRA file, a T2I-Adapter file and an HTML page saved as a
-    checkpoint."""
+    checkpoint; the model's own control network comes from `own.safetensors` (a file of over 1 MiB, so its A1111 hash
+    reads real bytes)."""
     folder = tmp_path_factory.mktemp("controls")
     random_control_file("cldm_tiny_lllite.yaml", folder / "lllite_tiny.safetensors", 0.2)
     random_control_file("cldm_tiny_lora.yaml", folder / "lora" / "control_lora_tiny.safetensors", 0.05)
     random_control_file("cldm_tiny_t2i.yaml", folder / "t2i_tiny.safetensors", 0.05)
     (folder / "broken.ckpt").write_text("<!doctype html><html><body>Sign in to download</body></html>")
+    own = folder.parent / "own.safetensors"
+    own.write_bytes(os.urandom(3 * 2 ** 20))
     model = tiny_served_model()
     detectors = CountingDetectors("cpu", random_init=True)
-    control_files = ControlFiles(folder, model, TINY_CONFIG, "the model's own")
+    control_files = ControlFiles(folder, model, TINY_CONFIG, own)
     apps, downloads = {}, tmp_path_factory.mktemp("downloads")
     try:
         for name in CONTROL_APPS:
             app = importlib.import_module(f"gradio_apps.gradio_{name}").APP
-            pipeline = Pipeline(app, model, detectors, control_files)
-            demo = app_builder.build_demo(app, pipeline)
-            app_builder.launch(demo, SimpleNamespace(host="127.0.0.1", port=free_port(), share=False), block=False)
+            pipeline = Pipeline(app, model, detectors, control_files, model_name="tiny_base")
+            demo = page.build_demo(app, pipeline)
+            serving.launch(demo, SimpleNamespace(host="127.0.0.1", port=free_port(), share=False), block=False)
             client = Client(demo.local_url, verbose=False, download_files=str(downloads))
             apps[name] = SimpleNamespace(app=app, pipeline=pipeline, demo=demo, client=client, url=demo.local_url)
-        yield SimpleNamespace(apps=apps, model=model, detectors=detectors, folder=folder)
+        yield SimpleNamespace(apps=apps, model=model, detectors=detectors, folder=folder, own=own)
     finally:
         for entry in apps.values():
             entry.demo.close()
@@ -151,10 +179,15 @@ def images(out: list[dict]) -> list[np.ndarray]:
 
 
 def process(client: Client, image, **settings) -> list[np.ndarray]:
+    return images(process_raw(client, image, **settings))
+
+
+def process_raw(client: Client, image, **settings) -> list[dict]:
+    """The gallery items of one /process call: {"image": downloaded file, "caption": ...}."""
     run = dict(prompt="a house", a_prompt="", n_prompt="", num_samples=1, image_resolution=64, sampler="ddim",
                steps=2, seed=12345)
     run.update(settings)
-    return images(client.predict(image, api_name="/process", **run))
+    return client.predict(image, api_name="/process", **run)
 
 
 def sketch(tmp_path: Path, drawing: np.ndarray) -> dict:
@@ -168,49 +201,106 @@ def sketch(tmp_path: Path, drawing: np.ndarray) -> dict:
             "composite": handle_file(write_png(tmp_path / "composite.png", composite))}
 
 
+def original_app_map(app: str, detector, source: np.ndarray, resolution: int = 64, detect: int = 128) -> np.ndarray:
+    """The map lllyasviel/ControlNet's gradio_<app>.py shows for `source`, computed here step by step as those scripts
+    do (with the apps' default settings): detect on the picture resized to the detect resolution, resize the map to the
+    image resolution's size (nearest for lines, poses and labels), refine, show line maps dark on white."""
+    source = HWC3(source)
+    img = resize_image(source, resolution)
+    h, w = img.shape[:2]
+
+    def detected(run, interpolation=cv2.INTER_LINEAR):
+        return cv2.resize(HWC3(run(resize_image(source, detect))), (w, h), interpolation=interpolation)
+
+    if app == "canny2image":
+        return 255 - HWC3(detector(img, 100, 200))
+    if app in ("scribble2image", "scribble2image_interactive"):
+        hint = np.zeros_like(img)
+        hint[img.min(axis=2) < 127] = 255
+        return 255 - hint
+    if app == "hough2image":
+        lines = detected(lambda x: detector(x, 0.1, 0.1), cv2.INTER_NEAREST)
+        return 255 - cv2.dilate(lines, np.ones((3, 3), np.uint8), iterations=1)
+    if app == "fake_scribble2image":
+        hint = cv2.GaussianBlur(nms(detected(detector), 127, 3.0), (0, 0), 3.0)
+        hint[hint > 4] = 255
+        hint[hint < 255] = 0
+        return 255 - hint
+    return {"hed2image": lambda: detected(detector),
+            "pose2image": lambda: detected(lambda x: detector(x)[0], cv2.INTER_NEAREST),
+            "seg2image": lambda: detected(detector, cv2.INTER_NEAREST),
+            "depth2image": lambda: detected(lambda x: detector(x)[0]),
+            "normal2image": lambda: detected(lambda x: detector(x, bg_th=0.4)[1])}[app]()
+
+
+APP_DETECTORS = {"canny2image": CannyDetector, "hough2image": MLSDdetector, "hed2image": HEDdetector,
+                 "fake_scribble2image": HEDdetector, "pose2image": OpenposeDetector, "seg2image": UniformerDetector,
+                 "depth2image": MidasDetector, "normal2image": MidasDetector}
+
+
 def test_every_app_runs_its_preprocessor_end_to_end(served, tmp_path):
     img = picture(60, 100)
     drawing = np.full((60, 100, 3), 255, np.uint8)
     cv2.circle(drawing, (50, 30), 20, (0, 0, 0), 3)
-    maps = {}
     for name, entry in served.apps.items():
         preprocessor = PREPROCESSORS[entry.app.preprocessor]
         options = {f"unit1_{preprocessor.name}__detect_resolution": 128} if preprocessor.detect_resolution else {}
         source = drawing if entry.app.sketch else img
         value = sketch(tmp_path, drawing) if entry.app.sketch else handle_file(write_png(tmp_path / "in.png", img))
-        before = sum(served.detectors.calls.values())
+        before = served.detectors.calls.copy()
         out = process(entry.client, value, num_samples=2, **options)
         assert len(out) == 1 + 2 and all(o.shape == (64, 128, 3) for o in out), name  # short side 64, rounded
-        if preprocessor.detector is not None:  # its detector ran once for this request
-            assert served.detectors.calls[preprocessor.detector.__name__] >= 1, name
-            assert sum(served.detectors.calls.values()) == before + 1, name
-        detect_resolution = 128 if preprocessor.detect_resolution else None
-        expected = entry.pipeline.make_hint(preprocessor, source, (64, 128), 64, detect_resolution=detect_resolution,
-                                            **{o.name: o.value for o in preprocessor.options})[1]
-        np.testing.assert_array_equal(out[0], HWC3(expected), err_msg=name)
-        maps[name] = out[0]
-    # the canny map is OpenCV's Canny of the resized picture, shown dark on white as the original shows it
-    np.testing.assert_array_equal(maps["canny2image"], 255 - HWC3(cv2.Canny(resize_image(img, 64), 100, 200)))
-    # and the scribble drawn on the canvas is the scribble the interactive app saw
-    np.testing.assert_array_equal(maps["scribble2image_interactive"], maps["scribble2image_interactive"].min(2)[
-        :, :, None].repeat(3, 2))
-    assert {c for c, n in served.detectors.calls.items() if n} == {
+        # its own detector ran, once, for this request (none for the scribble apps)
+        factory = APP_DETECTORS.get(name)
+        assert served.detectors.calls - before == Counter({factory.__name__: 1} if factory else {}), name
+        detector = STAND_INS.get(factory) or factory and Detectors.get(served.detectors, factory)  # uncounted
+        np.testing.assert_array_equal(out[0], original_app_map(name, detector, source), err_msg=name)
+    assert served.detectors.calls.keys() == {
         "CannyDetector", "MLSDdetector", "HEDdetector", "OpenposeDetector", "UniformerDetector", "MidasDetector"}
+
+
+PARAMETER = re.compile(r'\s*([\w ]+):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+
+
+def read_parameters(path: str | Path) -> tuple[str, str, dict[str, str]]:
+    """(prompt, negative prompt, settings) of a PNG's A1111 `parameters` chunk, read as A1111's PNG Info reads it:
+    the last line holds `Key: value` pairs, JSON-quoted where a value has a comma or colon."""
+    text = Image.open(path).text["parameters"]
+    *lines, last = text.split("\n")
+    negative = [i for i, line in enumerate(lines) if line.startswith("Negative prompt: ")]
+    prompt = "\n".join(lines[:negative[0]] if negative else lines)
+    negative_prompt = "\n".join(lines[negative[0]:]).removeprefix("Negative prompt: ") if negative else ""
+    settings = {k: json.loads(v) if v.startswith('"') else v for k, v in PARAMETER.findall(last)}
+    return prompt, negative_prompt, settings
+
+
+def unit_fields(text: str) -> dict[str, str]:
+    """A ControlNet unit's fields, as the A1111 extension parses them back."""
+    return dict(item.strip().split(": ", 1) for item in text.split(","))
+
+
+def a1111_hash(path: Path) -> str:
+    with open(path, "rb") as f:
+        data = f.read()
+    return hashlib.sha256(data[0x100000:0x100000 + 0x10000]).hexdigest()[:8]
 
 
 def test_three_units_with_lllite_and_control_lora_files_sample_as_the_pipeline(served, tmp_path):
     entry = served.apps["canny2image"]
     img, own = picture(64, 64), picture(64, 64, seed=5)
-    settings = dict(num_samples=2, sampler="euler_a", steps=3, scale=5.0, seed=77,
-                    unit1_strength=0.7, unit1_mode="control",
+    lora_name = "control_lora_tiny.safetensors"
+    settings = dict(num_samples=2, sampler="euler_a", steps=3, scale=5.0, seed=77, n_prompt="blurry, lowres",
+                    unit1_strength=0.7, unit1_mode="control", unit1_canny__high_threshold=180,
                     unit2_enabled=True, unit2_image=handle_file(write_png(tmp_path / "own.png", own)),
                     unit2_control_file="lllite_tiny.safetensors", unit2_preprocessor="none", unit2_strength=0.8,
                     unit2_end=0.5, unit2_mode="prompt",
                     unit3_enabled=True, unit3_control_file="lora/control_lora_tiny.safetensors",
                     unit3_preprocessor="none", unit3_start=0.3)
     value = handle_file(write_png(tmp_path / "in.png", img))
-    out = process(entry.client, value, **settings)
+    items = process_raw(entry.client, value, **settings)
+    out = images(items)
     assert len(out) == 3 + 2
+    np.testing.assert_array_equal(out[0], 255 - HWC3(cv2.Canny(img, 100, 180)))
     np.testing.assert_array_equal(out[1], own)  # "none": the unit's own picture is its map
     np.testing.assert_array_equal(out[2], img)  # no picture of its own: the input image
 
@@ -221,20 +311,40 @@ def test_three_units_with_lllite_and_control_lora_files_sample_as_the_pipeline(s
     units = [model.unit(hint(255 - out[0]), strength=0.7, mode="control"),
              ControlUnit(lllite, hint(own), strength=0.8, end=0.5, mode="prompt"),
              ControlUnit(lora, hint(img), start=0.3)]
-    expected = sample(model, "a house, ", "", units=units, sampler="euler_a", steps=3, cfg_scale=5.0, seed=77,
-                      num_images=2)
+    run = dict(sampler="euler_a", steps=3, cfg_scale=5.0, seed=77, num_images=2)
+    expected = sample(model, "a house, ", "blurry, lowres", units=units, **run)
     np.testing.assert_array_equal(np.stack(out[3:]), expected.images)
-    # a file put into the folder later is a choice once the unit's list is refreshed (as the page's button does)
+    # each image shows its seed, and its PNG holds A1111's parameters, each unit as the ControlNet extension has it
+    assert [item["caption"] for item in items] == [f"Unit {k}: {PREPROCESSORS[p].label}" for k, p in
+                                                   ((1, "canny"), (2, "none"), (3, "none"))] + ["Seed: 77", "Seed: 78"]
+    for item, seed in zip(items[3:], (77, 78)):
+        prompt, negative, found = read_parameters(item["image"])
+        assert (prompt, negative) == ("a house, ", "blurry, lowres")
+        units_found = {k: unit_fields(found.pop(k)) for k in ("ControlNet 0", "ControlNet 1", "ControlNet 2")}
+        assert found == {"Steps": "3", "Sampler": "Euler a", "CFG scale": "5", "Seed": str(seed), "Size": "64x64",
+                         "Model": "tiny_base"}
+        common = {"Resize Mode": "Crop and Resize", "Pixel Perfect": "False"}
+        lllite_file, lora_file = served.folder / "lllite_tiny.safetensors", served.folder / "lora" / lora_name
+        assert units_found == {
+            "ControlNet 0": {"Module": "canny", "Model": f"own [{a1111_hash(served.own)}]", "Weight": "0.7",
+                             "Processor Res": "64", "Threshold A": "100", "Threshold B": "180", "Guidance Start": "0",
+                             "Guidance End": "1", "Control Mode": "ControlNet is more important", **common},
+            "ControlNet 1": {"Module": "none", "Model": f"lllite_tiny [{a1111_hash(lllite_file)}]", "Weight": "0.8",
+                             "Processor Res": "-1", "Threshold A": "-1", "Threshold B": "-1", "Guidance Start": "0",
+                             "Guidance End": "0.5", "Control Mode": "My prompt is more important", **common},
+            "ControlNet 2": {"Module": "none", "Model": f"control_lora_tiny [{a1111_hash(lora_file)}]", "Weight": "1",
+                             "Processor Res": "-1", "Threshold A": "-1", "Threshold B": "-1", "Guidance Start": "0.3",
+                             "Guidance End": "1", "Control Mode": "Balanced", **common}}
+    # a file put into the folder later is used at once (the page's ↻ lists it; a request is checked against the folder)
     random_control_file("cldm_tiny_lllite.yaml", served.folder / "later.safetensors", 0.2)
     later = dict(settings, unit2_control_file="later.safetensors")
-    with pytest.raises(AppError, match="not in the list of choices"):
-        process(entry.client, value, **later)
-    entry.client.predict(api_name="/refresh_unit2")
     np.testing.assert_array_equal(np.stack(process(entry.client, value, **later)[3:]), expected.images)
-    # each file's unit changes the images: the request used them all
-    for unit in ("unit2", "unit3"):
+    # without a file's unit, the images are those of the pipeline under the other two units
+    for index, unit in ((1, "unit2"), (2, "unit3")):
         fewer = process(entry.client, value, **{**settings, f"{unit}_enabled": False})
-        assert len(fewer) == 2 + 2 and not np.array_equal(np.stack(fewer[2:]), expected.images), unit
+        rest = sample(model, "a house, ", "blurry, lowres", units=units[:index] + units[index + 1:], **run)
+        assert len(fewer) == 2 + 2
+        np.testing.assert_array_equal(np.stack(fewer[2:]), rest.images, err_msg=unit)
 
 
 def test_controlnet_t2i_adapter_and_lllite_units_in_one_request(served, tmp_path):
@@ -255,35 +365,78 @@ def test_controlnet_t2i_adapter_and_lllite_units_in_one_request(served, tmp_path
     expected = sample(model, "a house, ", "", units=units, sampler="ddim", steps=3, cfg_scale=5.0, seed=78)
     np.testing.assert_array_equal(out[3], expected.images[0])
     without = process(entry.client, value, **{**settings, "unit2_enabled": False})
-    assert not np.array_equal(without[2], out[3])  # the T2I-Adapter unit acted
+    rest = sample(model, "a house, ", "", units=[units[0], units[2]], sampler="ddim", steps=3, cfg_scale=5.0, seed=78)
+    np.testing.assert_array_equal(without[2], rest.images[0])
+    assert not np.array_equal(rest.images, expected.images)  # the T2I-Adapter unit acted
 
 
-def test_bad_inputs_give_messages_and_the_server_keeps_answering(served, tmp_path):
+def test_a_random_seed_is_shown_and_reproduces_the_image(served, tmp_path):
+    entry = served.apps["canny2image"]
+    img = picture(64, 64)
+    items = process_raw(entry.client, handle_file(write_png(tmp_path / "in.png", img)), seed=-1, num_samples=2,
+                        unit1_enabled=False)
+    assert len(items) == 2
+    seeds = [int(item["caption"].removeprefix("Seed: ")) for item in items]
+    assert seeds[1] == seeds[0] + 1 and [read_parameters(i["image"])[2]["Seed"] for i in items] == list(map(str, seeds))
+    expected = sample(served.model, "a house, ", "", sampler="ddim", steps=2, cfg_scale=9.0, seed=seeds[0],
+                      num_images=2, height=64, width=64)
+    np.testing.assert_array_equal(np.stack(images(items)), expected.images)
+
+
+def test_parameters_text_as_a1111_writes_it():
+    unit = UnitParameters("depth_midas", "control_sd15_depth [fef5e48e]", 1.0, 0.0, 0.75, "Balanced", 384)
+    params = Parameters("a house, best quality", "", 20, "DPM++ 2M Karras", 7.5, 512, 768, model="v1-5-pruned",
+                        units=(unit,), extra={"Eta DDIM": "0.5"})
+    assert params.text(42) == (
+        "a house, best quality\n"
+        "Steps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7.5, Seed: 42, Size: 512x768, Model: v1-5-pruned, "
+        'ControlNet 0: "Module: depth_midas, Model: control_sd15_depth [fef5e48e], Weight: 1, Resize Mode: Crop and '
+        'Resize, Processor Res: 384, Threshold A: -1, Threshold B: -1, Guidance Start: 0, Guidance End: 0.75, '
+        'Pixel Perfect: False, Control Mode: Balanced", Eta DDIM: 0.5')
+    with_negative = Parameters("a, b", "lowres, \"bad\"", 1, "DDIM", 9, 64, 64, denoising_strength=0.6)
+    assert with_negative.text(7).splitlines() == [
+        "a, b", 'Negative prompt: lowres, "bad"', "Steps: 1, Sampler: DDIM, CFG scale: 9, Seed: 7, Size: 64x64, "
+        "Denoising strength: 0.6"]
+
+
+def test_bad_inputs_give_messages_naming_the_setting_and_the_server_keeps_answering(served, tmp_path):
     client = served.apps["canny2image"].client
     good = handle_file(write_png(tmp_path / "good.png", picture(64, 64)))
     (tmp_path / "notes.txt").write_text("not a picture\n")
+    notes = handle_file(tmp_path / "notes.txt")
     refused = {
         "Upload an input image": (None, {}),
-        "Could not read notes.txt as an image": (handle_file(tmp_path / "notes.txt"), {}),
+        r"Input image: could not read notes.txt as an image \(not a picture\)": (notes, {}),
+        "Unit 2: control image: could not read notes.txt as an image": (good, {"unit2_enabled": True,
+                                                                               "unit2_image": notes}),
         "sides may differ at most": (handle_file(write_png(tmp_path / "strip.png", picture(10, 200))), {}),
-        "greater than maximum value 1": (good, {"eta": 3.0}),
+        r"eta \(DDIM\) must be between 0 and 1, got 3": (good, {"eta": 3.0}),
         "eta is DDIM's; the Euler sampler has none": (good, {"sampler": "euler", "eta": 0.5}),
-        "Starting Control Step .0.6. must come before the Ending Control Step .0.4.": (
+        "Steps must be between 1 and 100, got 500": (good, {"steps": 500}),
+        "Image Resolution must be between 64 and 128, got 4096": (good, {"image_resolution": 4096}),
+        "Unit 2: Control Strength must be between 0 and 2, got 3": (good, {"unit2_enabled": True, "unit2_strength": 3}),
+        "Unit 1: Canny high threshold must be between 1 and 255, got 300": (good, {"unit1_canny__high_threshold": 300}),
+        "Unit 1: unknown control mode 'guess'": (good, {"unit1_mode": "guess"}),
+        "Unknown sampler 'lms'": (good, {"sampler": "lms"}),
+        "Unit 1: the Starting Control Step .0.6. must come before the Ending Control Step .0.4.": (
             good, {"unit1_start": 0.6, "unit1_end": 0.4}),
         "broken.ckpt is not a checkpoint: it looks like an HTML page": (
             good, {"unit2_enabled": True, "unit2_control_file": "broken.ckpt"}),
-        "not in the list of choices": (good, {"unit2_enabled": True, "unit2_control_file": "../../etc/passwd"}),
+        r"Unit 2: no control file '../../etc/passwd' in the control folder": (
+            good, {"unit2_enabled": True, "unit2_control_file": "../../etc/passwd"}),
     }
     for message, (image, settings) in refused.items():
-        with pytest.raises(AppError, match=message):
+        with pytest.raises(AppError, match=message) as refusal:
             process(client, image, **settings)
+        assert "/tmp" not in str(refusal.value), str(refusal.value)  # no server path in a message
     # NaN and infinity pass Gradio's bounds checks; JSON clients other than gradio_client can send them
     url = served.apps["canny2image"].url
     nonfinite = {"Guidance Scale must be a finite number": {"scale": float("nan")},
                  "Unit 1: Control Strength must be a finite number": {"unit1_strength": float("nan")},
-                 "eta must be a finite number": {"eta": float("nan")},
+                 "eta (DDIM) must be a finite number": {"eta": float("nan")},
                  "Unit 2: Control Strength must be a finite number": {"unit2_enabled": True,
-                                                                     "unit2_strength": float("nan")}}
+                                                                     "unit2_strength": float("nan")},
+                 "Unit 3: Enable must be true or false, got 'yes'": {"unit3_enabled": "yes"}}
     for message, settings in nonfinite.items():
         assert message in raw_process(client, url, None, **settings)  # checked before the picture is
     big = tmp_path / "huge.png"
@@ -331,16 +484,36 @@ def test_every_app_shows_sampler_and_three_units(served):
         assert len(files) == 1
         files = files.pop()
         assert "lllite_tiny.safetensors" in files and "lora/control_lora_tiny.safetensors" in files
+        assert "the model's own: own.safetensors (--ckpt)" in files
     tabs = importlib.import_module("gradio_apps.gradio_annotator").TABS
-    annotator = app_builder.build_annotator_demo(tabs, Detectors("cpu", random_init=True))
+    annotator = page.build_annotator_demo(tabs, Detectors("cpu", random_init=True))
     assert {"canny", "hed", "mlsd", "midas", "openpose", "uniformer"} <= {fn.api_name for fn in annotator.fns.values()}
     # resolution and canvas from the model's training size: 256-768 (512) for SD1.x, 64-128 (64) for the demo's
     sd, demo_model = (SimpleNamespace(image_size=s, vae_scale_factor=8) for s in (64, 8))
-    assert app_builder.resolution_range(sd) == (256, 768, 512) and app_builder.canvas_size(sd) == (512, 6)
-    assert app_builder.resolution_range(demo_model) == (64, 128, 64) and app_builder.canvas_size(demo_model) == (256, 6)
+    assert handling.resolution_range(sd) == (256, 768, 512) and page.canvas_size(sd) == (512, 6)
+    assert handling.resolution_range(demo_model) == (64, 128, 64) and page.canvas_size(demo_model) == (256, 6)
 
 
-def test_precision_and_compile_options(tiny_model):
+def test_annotator_app_names_its_settings(tmp_path):
+    """The detectors-only app: a tab's maps through the API; a setting out of range is refused by its name."""
+    tabs = importlib.import_module("gradio_apps.gradio_annotator").TABS
+    demo = page.build_annotator_demo(tabs, Detectors("cpu", random_init=True))
+    serving.launch(demo, SimpleNamespace(host="127.0.0.1", port=free_port(), share=False), block=False)
+    try:
+        client = Client(demo.local_url, verbose=False, download_files=str(tmp_path))
+        img = picture(64, 96)
+        value = handle_file(write_png(tmp_path / "in.png", img))
+        [shown] = images(client.predict(value, resolution=256, low_threshold=50, high_threshold=150, api_name="/canny"))
+        np.testing.assert_array_equal(shown, HWC3(cv2.Canny(resize_image(img, 256), 50, 150)))
+        with pytest.raises(AppError, match="high_threshold must be between 1 and 255, got 256"):
+            client.predict(value, resolution=256, high_threshold=256, api_name="/canny")
+        with pytest.raises(AppError, match="resolution must be between 256 and 1024, got 64"):
+            client.predict(value, resolution=64, api_name="/canny")
+    finally:
+        demo.close()
+
+
+def test_precision_low_vram_and_compile_options(tiny_model):
     randomize_zero_convs(tiny_model)
     gen = torch.Generator().manual_seed(0)
     x, t = torch.randn(2, 4, 8, 8, generator=gen), torch.tensor([10, 900])
@@ -348,21 +521,27 @@ def test_precision_and_compile_options(tiny_model):
             "c_crossattn": [tiny_model.get_learned_conditioning(["a house", "a tree"])]}
     with torch.no_grad():
         eps32 = tiny_model.apply_model(x, t, cond)
-        app_builder.speed_up(tiny_model, "bf16", None)
+        loading.speed_up(tiny_model, "bf16", None, low_vram=True)
         eps16 = tiny_model.apply_model(x, t, cond)
     assert {p.dtype for p in tiny_model.model.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in tiny_model.control_model.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in tiny_model.first_stage_model.parameters()} == {torch.float32}
     assert eps16.dtype == torch.float32 and (eps16 - eps32).abs().max() < 0.05 * eps32.abs().max()
+    slices = {m.slice_size for m in tiny_model.modules() if type(m).__name__ == "CrossAttention"}
+    assert slices == {loading.LOW_VRAM_SLICE}  # --low-vram slices attention, as an argument to this model only
     app = importlib.import_module("gradio_apps.gradio_canny2image").APP
     pipeline = Pipeline(app, tiny_model, Detectors("cpu", random_init=True),
-                        ControlFiles(None, tiny_model, TINY_CONFIG, "own"))
-    out = pipeline.process(picture(64, 64), "a house", "", "", 1, 64, "ddim", 2, 9.0, 3, 0.0, unit1_enabled=True,
+                        ControlFiles(None, tiny_model, TINY_CONFIG), low_vram=True)
+    img = picture(64, 64)
+    out = pipeline.process(img, "a house", "", "", 1, 64, "ddim", 2, 9.0, 3, 0.0, unit1_enabled=True,
                            unit1_preprocessor="canny")
-    assert [o.shape for o in out] == [(64, 64, 3)] * 2
-    app_builder.speed_up(tiny_model, "fp32", "reduce-overhead")  # lazy: compiles at the first image
+    hint = torch.from_numpy(HWC3(cv2.Canny(img, 100, 200))).float().permute(2, 0, 1)[None] / 255.0
+    expected = sample(tiny_model, "a house, ", "", units=[tiny_model.unit(hint)], steps=2, seed=3, low_vram=True)
+    np.testing.assert_array_equal(np.asarray(out[1][0]), expected.images[0])
+    loading.speed_up(tiny_model, "fp32", "reduce-overhead")  # lazy: compiles at the first image
     assert tiny_model.model.diffusion_model._compiled_call_impl is not None
     assert tiny_model.control_model._compiled_call_impl is not None
+    assert {m.slice_size for m in tiny_model.modules() if type(m).__name__ == "CrossAttention"} == {None}
 
 
 def test_missing_detector_weights_is_a_message(tmp_path, monkeypatch):
@@ -381,22 +560,21 @@ def test_missing_checkpoint_exits_1_with_where_to_get_it(tmp_path):
     assert "Traceback" not in run.stderr
 
 
-def test_base_checkpoint_plus_control_only_file(tiny_model, tmp_path, capsys):
+def test_base_checkpoint_plus_control_only_file(tiny_model, tmp_path):
     state = tiny_model.state_dict()
     base = {k: v for k, v in state.items() if not k.startswith("control_model.")}
     control = {k: v for k, v in state.items() if k.startswith("control_model.")}
     torch.save(base, tmp_path / "base.ckpt")
     torch.save(control, tmp_path / "control_v11p_sd15_canny.pth")
-    args = SimpleNamespace(config=str(TINY_CONFIG), ckpt=str(tmp_path / "control_v11p_sd15_canny.pth"),
-                           base=str(tmp_path / "base.ckpt"), random_weights=False)
+    files = ModelFiles(TINY_CONFIG, tmp_path / "control_v11p_sd15_canny.pth", tmp_path / "base.ckpt")
     cpu = torch.device("cpu")
-    loaded = app_builder.load_model(args, "control_sd15_canny.pth", cpu).state_dict()
+    loaded = loading.load_model(files, cpu).state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in state.items())
+    assert files.name() == "base"  # the base model names the images' Model
     # the control-only file alone leaves the UNet, VAE and text encoder empty: refused, with the way out
-    with pytest.raises(SystemExit) as exit_info:
-        app_builder.load_model(SimpleNamespace(**{**vars(args), "base": None}), "control_sd15_canny.pth", cpu)
-    assert exit_info.value.code == 1
-    assert "--base" in capsys.readouterr().err
+    with pytest.raises(UserError, match="lacks .* weights") as refusal:
+        loading.load_model(ModelFiles(TINY_CONFIG, files.checkpoint), cpu)
+    assert "--base" in refusal.value.advice
 
 
 # ---- in a browser ----
@@ -535,16 +713,19 @@ def test_browser_draws_a_circle_the_demo_controlnet_fills(browser, tmp_path):
 
 def test_sdxl_configs_run_in_the_apps():
     xl = create_model(ROOT / "models" / "cldm_xl.yaml", device="meta")
-    assert app_builder.resolution_range(xl) == (512, 1536, 1024)  # the sliders follow the config: 1024 px
+    assert handling.resolution_range(xl) == (512, 1536, 1024)  # the sliders follow the config: 1024 px
     tiny_config = ROOT / "models" / "cldm_tiny_xl.yaml"
     tiny = model_as_trained(tiny_config).eval()
     randomize_zero_convs(tiny)
     app = importlib.import_module("gradio_apps.gradio_canny2image").APP
-    pipeline = Pipeline(app, tiny, Detectors("cpu", random_init=True), ControlFiles(None, tiny, tiny_config, "own"))
-    side = app_builder.native_resolution(tiny)
+    pipeline = Pipeline(app, tiny, Detectors("cpu", random_init=True), ControlFiles(None, tiny, tiny_config))
+    side = handling.native_resolution(tiny)
+    img = picture(side, side)
     settings = dict(unit1_enabled=True, unit1_preprocessor="canny", unit1_mode="control")
-    out = pipeline.process(picture(side, side), "a house", "", "", 1, side, "euler_a", 2, 5.0, 3, 0.0, **settings)
-    assert [o.shape for o in out] == [(side, side, 3)] * 2
-    off = pipeline.process(picture(side, side), "a house", "", "", 1, side, "euler_a", 2, 5.0, 3, 0.0,
-                           **{**settings, "unit1_strength": 0.0})
-    assert not np.array_equal(out[1], off[1])  # the ControlNet-XL steers the SDXL UNet through the app
+    hint = torch.from_numpy(HWC3(cv2.Canny(img, 100, 200))).float().permute(2, 0, 1)[None] / 255.0
+    run = dict(sampler="euler_a", steps=2, cfg_scale=5.0, seed=3)
+    for strength in (1.0, 0.0):  # the ControlNet-XL steers the SDXL UNet through the app exactly as through sample
+        out = pipeline.process(img, "a house", "", "", 1, side, "euler_a", 2, 5.0, 3, 0.0,
+                               **settings, unit1_strength=strength)
+        expected = sample(tiny, "a house, ", "", units=[tiny.unit(hint, strength=strength, mode="control")], **run)
+        np.testing.assert_array_equal(np.asarray(out[1][0]), expected.images[0], err_msg=str(strength))

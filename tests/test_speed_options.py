@@ -1,14 +1,19 @@
-"""Speed options change speed and memory only: batched guidance, hint reuse, bf16 GroupNorm, checkpointing, AdamW."""
+"""Speed options change speed and memory only: batched guidance, hint reuse, bf16 GroupNorm, checkpointing, AdamW,
+sliced attention."""
 
+import subprocess
 import sys
 
 import pytest
 import torch
 
+import ldm.modules.attention as attention
+from cldm.model import create_model
 from conftest import ROOT, randomize_zero_convs
 from ldm.checkpoint import UserError
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.guidance import batch_conditionings
+from ldm.modules.attention import CrossAttention, set_attention_slicing
 from ldm.modules.diffusionmodules.openaimodel import ResBlock, set_gradient_checkpointing
 from ldm.modules.diffusionmodules.util import GroupNorm32
 
@@ -137,3 +142,34 @@ def test_compile_keeps_the_checkpoint_keys(tiny_model):
     assert list(tiny_model.state_dict()) == keys
     assert tiny_model.model.diffusion_model._compiled_call_impl is not None
     assert tiny_model.control_model._compiled_call_impl is not None
+
+
+def test_sliced_attention_is_an_argument_of_one_model_and_changes_only_memory(tiny_model, monkeypatch):
+    randomize_zero_convs(tiny_model)
+    cond, _ = conditioning(tiny_model)
+    x, t = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(1)), torch.tensor([10, 700])
+    attend, passes = attention.F.scaled_dot_product_attention, []
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention",
+                        lambda q, *args, **kwargs: passes.append(q.shape[2]) or attend(q, *args, **kwargs))
+    with torch.no_grad():
+        whole = tiny_model.apply_model(x, t, cond)
+        queries, passes[:] = list(passes), []
+        other = create_model(ROOT / "models" / "cldm_tiny.yaml")
+        layers = [m for m in tiny_model.modules() if isinstance(m, CrossAttention)]
+        assert set_attention_slicing(tiny_model, 5) == len(layers) == len(queries)
+        sliced = tiny_model.apply_model(x, t, cond)
+    assert max(passes) == 5 and sum(passes) == sum(queries) and len(passes) > len(queries)
+    torch.testing.assert_close(sliced, whole, rtol=1e-5, atol=1e-6)
+    assert {m.slice_size for m in other.modules() if isinstance(m, CrossAttention)} == {None}  # no process state
+    with pytest.raises(ValueError, match="slice_size"):
+        set_attention_slicing(tiny_model, 0)
+
+
+def test_share_slices_attention_for_scripts_written_against_the_original():
+    """config.save_memory, then `import share` (the original's way): every CrossAttention built afterwards slices."""
+    script = ("from ldm.modules.attention import CrossAttention\n"
+              "before = CrossAttention(8).slice_size\n"
+              "import config\nconfig.save_memory = True\nimport share\n"
+              "print(before, CrossAttention(8).slice_size, CrossAttention(8, slice_size=7).slice_size)")
+    run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.stdout.split() == ["None", "1024", "7"], run.stderr

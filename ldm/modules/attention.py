@@ -48,12 +48,10 @@ def adapted(adapter: InputAdapter, projection: nn.Linear, x: torch.Tensor) -> to
 class CrossAttention(nn.Module):
     """Multi-head attention of x over context (self-attention when context is None)."""
 
-    # Queries per chunk when memory matters (set by cldm.hack.enable_sliced_attention); None = one pass.
-    slice_size: int | None = None
-
     def __init__(self, query_dim: int, context_dim: int | None = None, heads: int = 8, dim_head: int = 64,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, slice_size: int | None = None):
         super().__init__()
+        self.slice_size = slice_size  # queries per chunk when memory matters (set_attention_slicing); None = one pass
         inner_dim = dim_head * heads
         context_dim = context_dim or query_dim
         self.heads = heads
@@ -81,6 +79,17 @@ class CrossAttention(nn.Module):
             out = torch.cat([F.scaled_dot_product_attention(q[:, :, i:i + self.slice_size], k, v, attn_mask=mask)
                              for i in range(0, q.shape[2], self.slice_size)], dim=2)
         return self.to_out(out.transpose(1, 2).flatten(2))  # b h n d -> b n (h d)
+
+
+def set_attention_slicing(module: nn.Module, slice_size: int | None) -> int:
+    """Every CrossAttention in `module` attends `slice_size` queries at a time (None: all at once), trading speed
+    for peak memory on large images; returns how many layers it set. Same numbers either way."""
+    if slice_size is not None and slice_size < 1:
+        raise ValueError(f"slice_size must be a positive number of queries or None, got {slice_size}")
+    layers = [m for m in module.modules() if isinstance(m, CrossAttention)]
+    for layer in layers:
+        layer.slice_size = slice_size
+    return len(layers)
 
 
 class BasicTransformerBlock(nn.Module):

@@ -145,8 +145,12 @@ class FrozenCLIPEmbedder(AbstractEncoder):
         return tokens.masked_fill(torch.arange(tokens.shape[1], device=tokens.device) > first_eot, eot)
 
     def forward(self, text: str | list[str]) -> torch.Tensor:
+        return self.encode_tokens(self.tokenize(text))
+
+    def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The embedding of tokens from `tokenize` (for callers that tokenize once and encode many times)."""
         text_model = self.transformer.text_model
-        tokens = self.tokenize(text).to(text_model.embeddings.token_embedding.weight.device)
+        tokens = tokens.to(text_model.embeddings.token_embedding.weight.device)
         z = text_model(tokens)[self.layer_idx]
         if self.layer == "hidden":
             return z
