@@ -33,7 +33,7 @@ from ldm.checkpoint import BASE_PREFIXES, UserError, require_finite
 
 log = logging.getLogger(__name__)
 
-WeightFile = str | os.PathLike
+FilePath = str | os.PathLike
 
 
 class MissingWeightsError(UserError):
@@ -64,12 +64,12 @@ def holds_base(state_dict: Mapping[str, torch.Tensor]) -> bool:
     return any(k.startswith(BASE_PREFIXES) for k in state_dict)
 
 
-def read_config(config: WeightFile | DictConfig) -> DictConfig:
+def read_config(config: FilePath | DictConfig) -> DictConfig:
     return config if isinstance(config, DictConfig) else OmegaConf.load(config)
 
 
 @contextlib.contextmanager
-def fitting(source: WeightFile, mode: ControlMode) -> Iterator[None]:
+def fitting(source: FilePath, mode: ControlMode) -> Iterator[None]:
     """Turn what a mode raises for a file that does not fit the model into one line naming the file."""
     try:
         yield
@@ -80,7 +80,7 @@ def fitting(source: WeightFile, mode: ControlMode) -> Iterator[None]:
                         ) from err
 
 
-def load_control(model: ControlLDM, state_dict: Mapping[str, torch.Tensor], source: WeightFile) -> LoadReport:
+def load_control(model: ControlLDM, state_dict: Mapping[str, torch.Tensor], source: FilePath) -> LoadReport:
     """A control file into the model's own control network, by the file's mode, which must be the model's."""
     found = recognise(state_dict, source)
     own = model.control_mode
@@ -93,8 +93,8 @@ def load_control(model: ControlLDM, state_dict: Mapping[str, torch.Tensor], sour
         return own.load(model, state_dict)
 
 
-def load_files(model: ControlLDM, files: Sequence[WeightFile], initial: bool = False,
-               config: WeightFile = "the config") -> ModelReport:
+def load_files(model: ControlLDM, files: Sequence[FilePath], initial: bool = False,
+               config: FilePath = "the config") -> ModelReport:
     """Load `files` in order into `model`, the model of `config` (see the module's docstring); non-finite
     weights, and weights no file gives, raise UserError naming the files. `initial`: the files are a training's
     initial weights, so what the mode initialises itself (the model's fresh_prefixes) may be missing."""
@@ -134,7 +134,7 @@ def missing_advice(model: ControlLDM, missing: list[str]) -> str:
     return "give the Stable Diffusion checkpoint the control was trained on first, then the control file"
 
 
-def load_model(config: WeightFile, files: Sequence[WeightFile], params: Mapping[str, Any] | None = None,
+def load_model(config: FilePath, files: Sequence[FilePath], params: Mapping[str, Any] | None = None,
                initial: bool = False) -> tuple[ControlLDM, ModelReport]:
     """The ControlLDM of `config` (its model.params overridden by `params`) with `files` loaded in order, e.g. a
     Stable Diffusion checkpoint, then a control file of the config's mode in any of its layouts; on the CPU, in
@@ -144,8 +144,8 @@ def load_model(config: WeightFile, files: Sequence[WeightFile], params: Mapping[
     return model, load_files(model, files, initial, config)
 
 
-def control_network(state_dict: Mapping[str, torch.Tensor], model: nn.Module, config: WeightFile | DictConfig,
-                    source: WeightFile = "the file") -> ControlNetwork:
+def control_network(state_dict: Mapping[str, torch.Tensor], model: nn.Module, config: FilePath | DictConfig,
+                    source: FilePath = "the file") -> ControlNetwork:
     """The network of a control file's tensors, ready for a ControlUnit on `model` (a ControlLDM of `config`):
     on the UNet's device and dtype, in eval mode, frozen. Raises UserError, naming `source`, for a file that holds
     no control weights, has non-finite ones, or does not fit the model."""
@@ -157,7 +157,7 @@ def control_network(state_dict: Mapping[str, torch.Tensor], model: nn.Module, co
     return net.to(device=reference.device, dtype=reference.dtype).eval().requires_grad_(False)
 
 
-def load_control_network(path: WeightFile, model: nn.Module, config: WeightFile | DictConfig) -> ControlNetwork:
+def load_control_network(path: FilePath, model: nn.Module, config: FilePath | DictConfig) -> ControlNetwork:
     """The network of the control file at `path` for `model` (see control_network); unreadable files raise
     CheckpointError, saying what the file looks like."""
     return control_network(load_state_dict(path), model, config, source=Path(path))
