@@ -202,8 +202,20 @@ def build_model(args: argparse.Namespace, resume_path: str) -> pl.LightningModul
     return model
 
 
-def build_dataset(args: argparse.Namespace) -> Dataset:
-    """The reader of --data_root (any format), or the latent cache's with --cached_latents."""
+# Options of the readers, which a latent cache replaces: the cache fixed the sizing, the format and the captions.
+READER_OPTIONS = ("data_format", "resolution", "resize", "conditioning_data_dir", "caption_extension", "image_column",
+                  "conditioning_image_column", "caption_column", "split", "allow_outside_root", "skip_bad_samples")
+
+
+def build_dataset(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Dataset:
+    """The reader of --data_root (any format), or the latent cache's with --cached_latents (then the readers'
+    options given are refused by name: none would take effect)."""
+    if args.cached_latents is not None:
+        ignored = [f"--{name}" for name in READER_OPTIONS if getattr(args, name) != parser.get_default(name)]
+        if ignored:
+            raise UserError(f"{', '.join(ignored)} does not apply to --cached_latents {args.cached_latents}: the "
+                            f"cache holds the latents of images read and sized when it was made",
+                            "drop it, or make a cache with the sizing you want (tool_cache_latents.py --image_size)")
     if args.cached_latents is None:
         if args.image_size is not None and args.resolution is not None:
             raise UserError("give --image_size (stretch) or --resolution (with --resize), not both")
@@ -290,7 +302,7 @@ def main(argv: list[str] | None = None, config: str = "./models/cldm_v15.yaml",
                         f"{FROZEN_DTYPES[args.frozen_dtype][1]}, got --precision {args.precision}",
                         "the frozen weights compute under that precision's autocast")
     model = build_model(args, resume_path)
-    dataset = build_dataset(args)
+    dataset = build_dataset(args, parser)
     if args.cached_latents is not None:
         check_cache(model, dataset.meta, args.cached_latents)
     if args.frozen_dtype is not None:  # after the cache check, whose fingerprint is of the float32 weights

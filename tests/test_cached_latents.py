@@ -132,6 +132,16 @@ def test_a_cache_of_other_encoder_weights_is_refused(data_root, tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.parametrize("option", [["--resolution", "64"], ["--resize", "random_crop"], ["--skip_bad_samples"],
+                                    ["--data_format", "fill50k"], ["--caption_extension", ".caption"]])
+def test_reader_options_a_cache_would_ignore_are_refused_by_name(cached, option, tmp_path):
+    """A run asked for 64 px must not train at the cache's 32 without a word."""
+    from tutorial_train import main
+    with pytest.raises(UserError, match=f"^{option[0]} does not apply to --cached_latents {cached[1]}"):
+        main(["--config", TINY, "--resume_path", "none", "--cached_latents", str(cached[1]), *option,
+              "--max_steps", "1", "--accelerator", "cpu", "--devices", "1", "--output_dir", str(tmp_path / "run")])
+
+
 def test_a_resumed_run_with_bf16_frozen_weights_keeps_its_cache(data_root, tmp_path):
     """--frozen_dtype bf16 saves the frozen encoders rounded to bf16; the cache of their float32 weights still
     fits the resumed run (the SDXL 24 GB recipe resumes so)."""
