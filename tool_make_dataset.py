@@ -4,6 +4,7 @@
     python tool_make_dataset.py ./photos --out ./training/photos_depth --detector midas --prompt "a room"
     python tool_make_dataset.py ./photos --out ./training/shards --detector hed --format shards
     python tool_make_dataset.py --convert ./training/fill50k --out ./training/fill50k_shards --format shards
+    python tool_make_dataset.py --convert ./train --conditioning_data_dir ./conditioning --out ./shards --format shards
 
 Images: jpg, png, webp, ... in any subfolder, any size. Captions: same-basename .txt files (--caption_extension),
 a metadata.jsonl / metadata.csv (file_name, text) in the folder or named by --metadata, or --prompt for all.
@@ -19,11 +20,15 @@ import torch
 
 from annotator.hints import HINTS
 from cldm.cli import run_tool
+from cldm.data import FORMATS as DATA_FORMATS
 from cldm.data import open_dataset
 from cldm.data.build import build_from_images, default_captions
+from cldm.data.images import set_max_image_pixels
 from cldm.data.shards import write_shards
 
 FORMATS = ("fill50k", "shards")
+READER_OPTIONS = ("data_format", "conditioning_data_dir", "image_column", "conditioning_image_column", "caption_column",
+                  "split", "allow_outside_root")  # how --convert reads its data root
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -45,6 +50,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="where the detector runs: auto (cuda when present), cpu, cuda:0")
     p.add_argument("--workers", type=int, default=2, help="processes decoding images (default %(default)s)")
     p.add_argument("--force", action="store_true", help="with --format shards: replace existing shards")
+    p.add_argument("--max_image_pixels", type=int, default=None,
+                   help="images claiming more pixels are skipped as decompression bombs (default PIL's, 89478485)")
+    reader = p.add_argument_group("--convert: how to read DATA_ROOT (docs/data.md; each applies to its format)")
+    reader.add_argument("--data_format", choices=DATA_FORMATS, default=None,
+                        help="the format of DATA_ROOT (default: told by its files)")
+    reader.add_argument("--conditioning_data_dir", default=None, help="kohya format: the folder of hint images")
+    reader.add_argument("--image_column", default="image", help="hf format: the target image column")
+    reader.add_argument("--conditioning_image_column", default="conditioning_image", help="hf format: the hint column")
+    reader.add_argument("--caption_column", default="text", help="hf format: the caption column")
+    reader.add_argument("--split", default="train", help="hf format: the split to convert")
+    reader.add_argument("--allow_outside_root", action="store_true",
+                        help="fill50k and hf formats: read image paths that are absolute or contain '..'")
     p.add_argument("--random_weights", action="store_true",
                    help="FOR TESTS ONLY: the detector keeps random weights (no weight files needed)")
     options = p.add_argument_group("detector options (each applies to the detectors that take it)")
@@ -64,13 +81,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("give an image folder and --detector (or --convert DATA_ROOT --format shards)")
     if args.convert is not None and args.format != "shards":
         p.error("--convert writes shards: add --format shards")
+    if args.convert is None:
+        given = [f"--{name}" for name in READER_OPTIONS if getattr(args, name) != p.get_default(name)]
+        if given:
+            p.error(f"{given[0]} describes the data root of --convert, which is not given")
     return args
 
 
 def make(args: argparse.Namespace) -> str:
     out = Path(args.out)
+    if args.max_image_pixels is not None:
+        set_max_image_pixels(args.max_image_pixels)
     if args.convert is not None:
-        write_shards(open_dataset(args.convert), out, num_workers=args.workers, force=args.force)
+        reader = open_dataset(args.convert, args.data_format, conditioning_data_dir=args.conditioning_data_dir,
+                              caption_extension=args.caption_extension, image_column=args.image_column,
+                              conditioning_image_column=args.conditioning_image_column,
+                              caption_column=args.caption_column, split=args.split,
+                              allow_outside_root=args.allow_outside_root)
+        write_shards(reader, out, num_workers=args.workers, force=args.force)
         return f"shards of {args.convert} written to {out}"
     if args.format == "shards" and out.exists() and not args.force:
         raise FileExistsError(f"{out} already exists; pass --force to replace the shards")

@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 
 from cldm.cli import devices_arg, given_on_command_line, refuse_existing, str2bool
 from cldm.data import FORMATS, BadSampleError, PairedImageDataset, Resize, detect_format, open_dataset
-from cldm.data.images import RESIZE_MODES
+from cldm.data.images import RESIZE_MODES, set_max_image_pixels
 from cldm.data.latent_cache import CachedDataset
 from cldm.data.loading import SkippedSamples, TrainData, report_captions, sample_error_message
 from cldm.fidelity import METRICS
@@ -124,9 +124,13 @@ def build_parser(config: str, resume_path: str) -> argparse.ArgumentParser:
     data.add_argument("--caption_column", default="text", help="hf format: the caption column")
     data.add_argument("--split", default="train", help="hf format: the split to train on")
     data.add_argument("--allow_outside_root", action="store_true",
-                      help="fill50k format: read prompt.json entries that are absolute or contain '..'")
+                      help="fill50k and hf formats: read image paths (prompt.json entries, path columns) that are "
+                           "absolute or contain '..'")
     data.add_argument("--skip_bad_samples", action="store_true",
                       help="log, count and skip unreadable or misfit samples instead of stopping")
+    data.add_argument("--max_image_pixels", type=int, default=None,
+                      help="images claiming more pixels are bad samples, as decompression bombs (default PIL's, "
+                           "89478485)")
     data.add_argument("--num_nodes", type=int, default=1, help="machines in the run (launch: docs/data.md)")
     val = p.add_argument_group("control fidelity while training (docs/train.md; off unless --val_data is given)")
     val.add_argument("--val_data", default=None,
@@ -262,7 +266,8 @@ def build_validation(args: argparse.Namespace) -> ControlValidation | None:
               "kohya": dict(conditioning_data_dir=args.val_conditioning_data_dir,
                             caption_extension=args.caption_extension),
               "hf": dict(image_column=args.image_column, conditioning_image_column=args.conditioning_image_column,
-                         caption_column=args.caption_column, split=args.val_split or "train"),
+                         caption_column=args.caption_column, split=args.val_split or "train",
+                         allow_outside_root=args.allow_outside_root),
               "shards": {}}[data_format]
     held_out = read_held_out(args.val_data, settings["samples"], data_format=data_format, resize=resize, **schema)
     return ControlValidation(held_out, settings["every"], args.val_metrics, settings["sampler"], settings["steps"],
@@ -302,6 +307,8 @@ def main(argv: list[str] | None = None, config: str = "./models/cldm_v15.yaml",
                         f"{FROZEN_DTYPES[args.frozen_dtype][1]}, got --precision {args.precision}",
                         "the frozen weights compute under that precision's autocast")
     model = build_model(args, resume_path)
+    if args.max_image_pixels is not None:
+        set_max_image_pixels(args.max_image_pixels)
     dataset = build_dataset(args, parser)
     if args.cached_latents is not None:
         check_cache(model, dataset.meta, args.cached_latents)

@@ -220,7 +220,8 @@ def test_hf_reader_three_layouts_same_items(hf_roots):
     resize = Resize(32)
     reference = [(target, caption) for target, _, caption in make_pairs()]
     columns = {"image_column": "photo", "conditioning_image_column": "edges", "caption_column": "prompt"}
-    for layout, options in (("imagefolder", {}), ("disk", {}), ("parquet", columns)):
+    # the parquet file's images are paths into the imagefolder beside it, outside its own root
+    for layout, options in (("imagefolder", {}), ("disk", {}), ("parquet", {**columns, "allow_outside_root": True})):
         assert detect_format(hf_roots[layout]) == "hf"
         dataset = HFDataset(hf_roots[layout], resize=resize, cache_dir=hf_roots["cache"], **options)
         assert len(dataset) == len(reference)

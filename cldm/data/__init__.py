@@ -57,7 +57,8 @@ def open_dataset(root: str | Path, data_format: str | None = None, resize: Resiz
              "--caption_column": caption_column != "text", "--split": split != "train",
              "--allow_outside_root": allow_outside_root}
     used = {"fill50k": {"--allow_outside_root"}, "kohya": {"--conditioning_data_dir", "--caption_extension"},
-            "hf": {"--image_column", "--conditioning_image_column", "--caption_column", "--split"}, "shards": set()}
+            "hf": {"--image_column", "--conditioning_image_column", "--caption_column", "--split",
+                   "--allow_outside_root"}, "shards": set()}
     unused = [option for option, is_given in given.items() if is_given and option not in used[data_format]]
     if unused:
         raise ValueError(f"{', '.join(unused)} does not apply to the {data_format} format of {root}")
@@ -70,7 +71,7 @@ def open_dataset(root: str | Path, data_format: str | None = None, resize: Resiz
     if data_format == "hf":
         return HFDataset(root, resize=resize, split=split, image_column=image_column,
                          conditioning_image_column=conditioning_image_column, caption_column=caption_column,
-                         cache_dir=cache_dir)
+                         cache_dir=cache_dir, allow_outside_root=allow_outside_root)
     if resize is not None and resize.mode == "buckets":
         raise ValueError("aspect-ratio buckets need a map-style format (fill50k, kohya, hf), not a stream: "
                          "use --resize center_crop or random_crop with shards")

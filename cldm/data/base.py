@@ -2,6 +2,7 @@
 decodes them, brings them to the training size with one `Resize` and returns the training item."""
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import PurePosixPath, PureWindowsPath
 
 import numpy as np
 import torch
@@ -9,6 +10,13 @@ from torch.utils.data import Dataset
 
 from cldm.data.batch import ControlImageItem
 from cldm.data.images import BadSampleError, Resize, decode, stored_size, to_item
+
+
+def leaves_root(name: str) -> bool:
+    """Whether a path named in a data set (an index line, a column) points outside its data root (absolute, or
+    through `..`); readers read such paths only when allow_outside_root says so."""
+    posix, windows = PurePosixPath(name), PureWindowsPath(name)
+    return posix.is_absolute() or windows.is_absolute() or bool(windows.drive) or ".." in windows.parts
 
 
 @dataclass(frozen=True)

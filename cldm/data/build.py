@@ -12,8 +12,10 @@ hint last), so a second run only does what is missing. Unreadable, tiny or capti
 and listed in the report, never fatal; nothing in the image folder is modified.
 """
 import csv
+import errno
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from cldm.data.fill50k import INDEX
-from cldm.data.images import BadSampleError, decode
+from cldm.data.images import IMAGE_EXTENSIONS, BadSampleError, decode
 from cldm.data.kohya import image_files
 from cldm.data.loading import DieWithParent
 from ldm.checkpoint import write_bytes
@@ -146,6 +148,21 @@ def _as_is(item: tuple) -> tuple:
     return item
 
 
+def broken_links(root: Path) -> list[dict[str, str]]:
+    """Symlinks named like images that lead nowhere (dangling, or in a loop), as report entries: the image
+    listing passes over them, since they are not files."""
+    found = []
+    for path in sorted(root.rglob("*")):
+        if path.suffix.lower() not in IMAGE_EXTENSIONS or not path.is_symlink():
+            continue
+        try:
+            path.stat()
+        except OSError as err:
+            reason = "a symlink loop" if err.errno == errno.ELOOP else f"a dangling symlink to {os.readlink(path)}"
+            found.append({"file": str(path), "reason": f"{path} is {reason}"})
+    return found
+
+
 def build_from_images(root: str | Path, out: str | Path, make_hint: Callable[[np.ndarray], np.ndarray],
                       captions: Captions | None = None, min_size: int = 64, workers: int = 0,
                       progress: bool = True) -> Report:
@@ -158,9 +175,10 @@ def build_from_images(root: str | Path, out: str | Path, make_hint: Callable[[np
     captions = captions or default_captions(root)
     started = time.perf_counter()
     images = sorted(image_files(root).values())
-    if not images:
+    broken = broken_links(root)
+    if not images and not broken:
         raise FileNotFoundError(f"{root} holds no images")
-    report = Report(images=len(images))
+    report = Report(images=len(images) + len(broken), skipped=broken)
     entries: dict[int, tuple[str, str]] = {}  # index -> (target, source), the caption read again at the end
 
     def names(path: Path) -> tuple[str, str]:

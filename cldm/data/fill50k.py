@@ -10,11 +10,11 @@ read only when `allow_outside_root` says so.
 """
 import json
 import logging
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path
 
 import numpy as np
 
-from cldm.data.base import EncodedSample, PairedImageDataset
+from cldm.data.base import EncodedSample, PairedImageDataset, leaves_root
 from cldm.data.images import BadSampleError, Resize, decode, resize
 
 log = logging.getLogger(__name__)
@@ -26,12 +26,6 @@ FIELDS = ("source", "target", "prompt")
 def _json_type(value: object) -> str:
     return {type(None): "null", bool: "true/false", int: "a number", float: "a number", list: "a list",
             dict: "an object"}.get(type(value), type(value).__name__)
-
-
-def leaves_root(name: str) -> bool:
-    """Whether a path named in an index points outside its data root (absolute, or through `..`)."""
-    posix, windows = PurePosixPath(name), PureWindowsPath(name)
-    return posix.is_absolute() or windows.is_absolute() or bool(windows.drive) or ".." in windows.parts
 
 
 class Fill50KDataset(PairedImageDataset):

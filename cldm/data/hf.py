@@ -9,7 +9,7 @@ images (the datasets `Image` feature) or file paths relative to the data root.
 import logging
 from pathlib import Path
 
-from cldm.data.base import EncodedSample, PairedImageDataset
+from cldm.data.base import EncodedSample, PairedImageDataset, leaves_root
 from cldm.data.images import BadSampleError, Resize
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,7 @@ def hf_layout(root: Path) -> str | None:
 def load_split(root: Path, split: str, cache_dir: str | None = None):
     """The `split` of the data set at `root` as a datasets.Dataset (image columns not decoded)."""
     import datasets
+    from datasets.exceptions import DatasetGenerationError
 
     layout = hf_layout(root)
     if layout is None:
@@ -47,7 +48,12 @@ def load_split(root: Path, split: str, cache_dir: str | None = None):
             by_split.setdefault(name if name in ("train", "validation", "test") else "train", []).append(file)
         loaded = datasets.load_dataset("parquet", data_files=by_split, cache_dir=cache_dir)
     else:
-        loaded = datasets.load_dataset("imagefolder", data_dir=str(root), cache_dir=cache_dir)
+        try:
+            loaded = datasets.load_dataset("imagefolder", data_dir=str(root), cache_dir=cache_dir)
+        except DatasetGenerationError as err:  # its reason (e.g. a file_name outside the folder) is the cause
+            metadata = next(root / name for name in ("metadata.jsonl", "metadata.csv") if (root / name).is_file())
+            reason = str(err.__cause__ or err).strip().splitlines()[0]
+            raise ValueError(f"{metadata}: {reason}") from err
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
             raise ValueError(f"{root} has no split {split!r} (it has {', '.join(loaded)}); choose one with --split")
@@ -61,11 +67,12 @@ class HFDataset(PairedImageDataset):
 
     def __init__(self, root: str | Path, resize: Resize | None = None, split: str = "train",
                  image_column: str = "image", conditioning_image_column: str = "conditioning_image",
-                 caption_column: str = "text", cache_dir: str | None = None) -> None:
+                 caption_column: str = "text", cache_dir: str | None = None, allow_outside_root: bool = False
+                 ) -> None:
         import datasets
 
         super().__init__(resize)
-        self.root = Path(root)
+        self.root, self.allow_outside_root = Path(root), allow_outside_root
         table = load_split(self.root, split, cache_dir)
         columns = {"--image_column": image_column, "--conditioning_image_column": conditioning_image_column,
                    "--caption_column": caption_column}
@@ -79,21 +86,42 @@ class HFDataset(PairedImageDataset):
             if isinstance(table.features[column], datasets.Image):
                 table = table.cast_column(column, datasets.Image(decode=False))  # we decode (EXIF, 16-bit, ...)
         self.table = table
+        self._check_paths()
         self.captions = table[caption_column]
         bad = [i for i, c in enumerate(self.captions) if not isinstance(c, str)]
         if bad:
             raise ValueError(f"{self.root}: column {caption_column!r} row {bad[0]} is not text "
                              f"({type(self.captions[bad[0]]).__name__}); {len(bad)} such rows")
 
+    def _check_paths(self) -> None:
+        """Refuse file paths in the image columns that leave the data root (absolute, or with `..`), naming the
+        first, unless allow_outside_root; then count them in the log."""
+        outside = 0
+        for column in (self.image_column, self.hint_column):
+            if self.table.features[column].dtype not in ("string", "large_string"):
+                continue  # images (the Image feature) are checked when read
+            for row, name in enumerate(self.table[column]):
+                if isinstance(name, str) and leaves_root(name):
+                    if not self.allow_outside_root:
+                        raise ValueError(f"{self.root} row {row} column {column!r}: {name!r} points outside the "
+                                         f"data root {self.root}; pass --allow_outside_root to read it")
+                    outside += 1
+        if outside:
+            log.warning("%s: %d image paths outside it are read (allowed by allow_outside_root)", self.root, outside)
+
     def __len__(self) -> int:
         return len(self.table)
 
     def _image_bytes(self, value: object, column: str, idx: int) -> tuple[bytes, str]:
         where = f"{self.root} row {idx} column {column!r}"
-        if isinstance(value, dict):  # the Image feature: {"bytes": ..., "path": ...}
+        if isinstance(value, dict):  # the Image feature: {"bytes": ..., "path": ...}, the path resolved already
             if value.get("bytes"):
                 return value["bytes"], f"{where} ({value.get('path') or 'embedded'})"
             value = value.get("path")
+            if isinstance(value, str) and not self.allow_outside_root and \
+                    not Path(value).resolve().is_relative_to(self.root.resolve()):
+                raise BadSampleError(f"{where}: {value} is outside the data root {self.root}; pass "
+                                     "--allow_outside_root to read it")
         if isinstance(value, str) and value:
             path = Path(value) if Path(value).is_absolute() else self.root / value
             try:

@@ -7,9 +7,13 @@ resized and centre- or randomly cropped to a square, or to the nearest aspect-ra
 area. The hint is first brought to its target's size (it must have the same aspect ratio), then both get the
 same resize and the same crop, so hint pixels stay aligned with the target's.
 """
+import contextlib
 import io
 import logging
 import math
+import re
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,16 +40,44 @@ class BadSampleError(ValueError):
     """A sample that cannot be read or used; the message names the file (and index line) and what is wrong."""
 
 
+def set_max_image_pixels(pixels: int) -> None:
+    """The most pixels (width x height) an image may claim to be decoded; larger ones are bad samples (a header
+    claiming 50000x50000 is a decompression bomb). This is PIL's own process-wide limit (Image.MAX_IMAGE_PIXELS,
+    89,478,485 unless set), which DataLoader workers inherit; --max_image_pixels sets it."""
+    if pixels < 1:
+        raise ValueError(f"--max_image_pixels must be positive, got {pixels}")
+    Image.MAX_IMAGE_PIXELS = pixels
+
+
+@contextlib.contextmanager
+def _within_pixel_limit(name: str) -> Iterator[None]:
+    """Opening an image over the limit of set_max_image_pixels raises BadSampleError naming it (PIL only warns up
+    to twice its limit, and then raises an error of its own)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        claimed = re.search(r"\((\d+) pixels\)", str(err))
+        size = f"{int(claimed.group(1)):,} pixels" if claimed else "too many pixels"
+        raise BadSampleError(f"{name} claims {size}, over the limit of {Image.MAX_IMAGE_PIXELS:,} (a decompression "
+                             "bomb?); if the image is real, raise the limit with --max_image_pixels") from None
+
+
 def decode(source: str | Path | bytes | Image.Image, name: str | None = None) -> np.ndarray:
-    """uint8 HxWx3 RGB from a file, encoded bytes or a PIL image; BadSampleError naming `name` if unreadable."""
+    """uint8 HxWx3 RGB from a file, encoded bytes or a PIL image; BadSampleError naming `name` if unreadable or
+    over the pixel limit (set_max_image_pixels)."""
     name = name or str(source if not isinstance(source, (bytes, Image.Image)) else "image")
     try:
         if isinstance(source, Image.Image):
             image = source
         else:
-            image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+            with _within_pixel_limit(name):
+                image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
         image.load()
         return to_rgb(image)
+    except BadSampleError:
+        raise
     except FileNotFoundError:
         raise BadSampleError(f"{name} not found") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
@@ -74,9 +106,12 @@ def stored_size(source: str | Path | bytes, name: str | None = None) -> tuple[in
     """(width, height) as `decode` will return the image, read from the header only."""
     name = name or str(source if not isinstance(source, bytes) else "image")
     try:
-        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+        with _within_pixel_limit(name), Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) \
+                as image:
             w, h = image.size
             return (h, w) if image.getexif().get(EXIF_ORIENTATION) in _TRANSPOSED else (w, h)
+    except BadSampleError:
+        raise
     except FileNotFoundError:
         raise BadSampleError(f"{name} not found") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:

@@ -4,8 +4,8 @@ object-store URI (s3://, gs://, azure://), split across nodes, ranks and workers
 Lightning checkpoints through litdata.StreamingDataLoader.
 
 A sample is stored as written by its reader, not re-encoded: {"target": file bytes, "hint": file bytes,
-"txt": caption, "key": the sample's name}. Resizing happens when reading, with the same `Resize` as the other
-readers (aspect-ratio buckets need a map-style reader, since a stream cannot group by size ahead).
+"txt": caption, "key": the sample's name (UTF-8)}. Resizing happens when reading, with the same `Resize` as the
+other readers (aspect-ratio buckets need a map-style reader, since a stream cannot group by size ahead).
 """
 import logging
 import os
@@ -34,7 +34,9 @@ def _record(reader: PairedImageDataset, idx: int) -> dict | None:
     except BadSampleError as err:
         log.warning("left out of the shards: %s", err)
         return None
-    return {"target": sample.target, "hint": sample.hint, "txt": sample.caption, "key": sample.target_name}
+    # the name as bytes: litdata stores a string naming an existing image file as that file's pixels
+    return {"target": sample.target, "hint": sample.hint, "txt": sample.caption,
+            "key": sample.target_name.encode("utf-8")}
 
 
 def _emit(reader: PairedImageDataset, idx: int):
@@ -88,6 +90,7 @@ class ShardDataset(StreamingDataset):
 
     def __getitem__(self, index) -> ControlImageItem:
         record = super().__getitem__(index)
-        target, hint = decode(record["target"], record["key"]), decode(record["hint"], f"hint of {record['key']}")
-        target, hint, sizes = self.resize.frame(target, hint, None, (record["key"], f"hint of {record['key']}"))
+        key = record["key"] if isinstance(record["key"], str) else bytes(record["key"]).decode("utf-8")
+        target, hint = decode(record["target"], key), decode(record["hint"], f"hint of {key}")
+        target, hint, sizes = self.resize.frame(target, hint, None, (key, f"hint of {key}"))
         return to_item(target, hint, record["txt"], sizes)
