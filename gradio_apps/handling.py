@@ -45,6 +45,8 @@ ENABLE = Checkbox("enabled", "Enable")
 STRENGTH = Slider("strength", "Control Strength", 0.0, 2.0, 1.0, 0.01)
 START = Slider("start", "Starting Control Step", 0.0, 1.0, 0.0, 0.01)
 END = Slider("end", "Ending Control Step", 0.0, 1.0, 1.0, 0.01)
+DENOISING = Slider("denoising_strength", "Denoising strength", 0.01, 1.0, 0.75, 0.01)  # img2img, A1111's default
+MAX_SIZE_CONDITION = 8192  # SDXL's size conditioning, in pixels: beyond any size it was trained at
 
 GalleryItem = tuple[np.ndarray | PIL.Image.Image, str]  # a picture and its caption
 
@@ -160,6 +162,78 @@ class UnitRequest:
         return {o.name: o.check(given.get(o.name, o.value), self.where) for o in preprocessor.settings}
 
 
+@dataclass
+class SizeRequest:
+    """SDXL's size conditioning as a request gives it (sdxl_<field>; 0: the default), in pixels: the original size
+    and target size (default: the image's), the crop's top-left corner (default 0, 0), and each again for the
+    negative prompt (negative_<field>, default: as for the prompt)."""
+
+    values: dict[str, Any] = field(default_factory=dict)
+
+    FIELDS = {"original_width": "Original width", "original_height": "Original height", "crop_top": "Crop top",
+              "crop_left": "Crop left", "target_width": "Target width", "target_height": "Target height"}
+    PREFIX = "sdxl_"
+
+    @classmethod
+    def sliders(cls, negative: bool = False) -> list[Slider]:
+        """The settings as the page shows them (0: the default)."""
+        name = "negative_" if negative else ""
+        return [Slider(f"{cls.PREFIX}{name}{key}", f"Negative {text.lower()}" if negative else text, 0,
+                       MAX_SIZE_CONDITION, 0, 1) for key, text in cls.FIELDS.items()]
+
+    @classmethod
+    def parse(cls, controls: dict[str, Any]) -> "SizeRequest":
+        return cls({k: controls.pop(k) for k in list(controls) if k.startswith(cls.PREFIX)})
+
+    def check(self, vector_conditioned: bool) -> dict[str, int]:
+        """The request's values checked by name (0 for those not given); refused where the model has no size
+        conditioning."""
+        sliders = {s.name: s for s in (*self.sliders(), *self.sliders(negative=True))}
+        unknown = sorted(set(self.values) - set(sliders))
+        if unknown:
+            raise user_error(f"Unknown setting {unknown[0]!r}.", INVALID)
+        checked = {key: slider.check(self.values.get(key, 0)) for key, slider in sliders.items()}
+        given = [sliders[k].label for k, v in checked.items() if v]
+        if given and not vector_conditioned:
+            raise user_error(f"{given[0]}: size conditioning is SDXL's; this model has none.", INVALID)
+        return {k.removeprefix(self.PREFIX): v for k, v in checked.items()}
+
+    @staticmethod
+    def conditioning(checked: dict[str, int], height: int, width: int) -> tuple[dict[str, tuple[int, int]],
+                                                                               dict[str, str]]:
+        """(sample()'s size arguments, (h, w) and (top, left) with the defaults filled in; the same as `Key: value`
+        pairs for the images' parameters, the negative ones only where they differ)."""
+        def pairs(name: str, fallback: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
+            def pick(key: str, h: str, w: str) -> tuple[int, int]:
+                given = (checked[f"{name}{h}"], checked[f"{name}{w}"])
+                return given if any(given) else fallback[key]
+            return {"original_size": pick("original_size", "original_height", "original_width"),
+                    "crops_coords_top_left": pick("crops_coords_top_left", "crop_top", "crop_left"),
+                    "target_size": pick("target_size", "target_height", "target_width")}
+
+        positive = pairs("", {"original_size": (height, width), "crops_coords_top_left": (0, 0),
+                              "target_size": (height, width)})
+        negative = pairs("negative_", positive)
+        text = {"Original size": "{1}x{0}".format(*positive["original_size"]),
+                "Crop top": positive["crops_coords_top_left"][0], "Crop left": positive["crops_coords_top_left"][1],
+                "Target size": "{1}x{0}".format(*positive["target_size"])}
+        if negative != positive:
+            text |= {"Negative original size": "{1}x{0}".format(*negative["original_size"]),
+                     "Negative crop top": negative["crops_coords_top_left"][0],
+                     "Negative crop left": negative["crops_coords_top_left"][1],
+                     "Negative target size": "{1}x{0}".format(*negative["target_size"])}
+        return positive | {f"negative_{k}": v for k, v in negative.items()}, text
+
+
+def init_tensor(image: np.ndarray, height: int, width: int, resolution: int) -> torch.Tensor:
+    """img2img's initial picture as 1x3xHxW in [0, 1]: cut to the images' aspect ratio and resized to their size
+    (the A1111 extension's "Crop and Resize"; area averaging to shrink, Lanczos to enlarge, as resize_image)."""
+    image = crop_to_aspect(prepare(image, resolution), height, width)
+    shrink = height * width < image.shape[0] * image.shape[1]
+    image = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LANCZOS4)
+    return torch.from_numpy(image.copy()).float().permute(2, 0, 1)[None] / 255.0
+
+
 class Pipeline:
     """process(): the enabled units' hints, then one sampling run under all of them; bad input raises gr.Error.
 
@@ -179,14 +253,17 @@ class Pipeline:
     def process(self, input_image: np.ndarray | dict | None, prompt: str, a_prompt: str, n_prompt: str,
                 num_samples: int, image_resolution: int, sampler: str, steps: int, scale: float, seed: int,
                 eta: float, progress: gr.Progress = gr.Progress(), unit2_image: np.ndarray | None = None,
-                unit3_image: np.ndarray | None = None, **controls: Any) -> list[GalleryItem]:
+                unit3_image: np.ndarray | None = None, init_image: np.ndarray | None = None,
+                denoising_strength: float = DENOISING.value, **controls: Any) -> list[GalleryItem]:
         """[each enabled unit's control map] + num_samples images of the resized input's size, each captioned
         with its seed and carrying its parameters (a PIL image with A1111's `parameters` text).
 
-        `controls`: each unit's settings as unit<k>_<field> (see UnitRequest); the pictures of units 2 and 3 are
-        named here, so API clients may leave them out.
+        init_image: img2img's initial picture (None: from noise), denoised by `denoising_strength`.
+        `controls`: each unit's settings as unit<k>_<field> (see UnitRequest) and, for SDXL, the size conditioning
+        as sdxl_<field> (see SizeRequest); the pictures are named here, so API clients may leave them out.
         """
         controls |= {"unit2_image": unit2_image, "unit3_image": unit3_image}
+        sizes = SizeRequest.parse(controls).check(self.model.vector_conditioned)
         if sampler not in SAMPLERS:
             raise user_error(f"Unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}.", INVALID)
         steps, num_samples, seed = STEPS.check(steps), IMAGES.check(num_samples), SEED.check(seed)
@@ -195,13 +272,19 @@ class Pipeline:
         if eta and sampler != "ddim":
             raise user_error(f"eta is DDIM's; the {SAMPLERS[sampler].label} sampler has none: set it to 0.", INVALID)
         resolution = resolution_slider(self.model).check(image_resolution)
+        if init_image is not None:
+            denoising_strength = DENOISING.check(denoising_strength)
+            if int(steps * denoising_strength) < 1:
+                raise user_error(f"{DENOISING.label} {denoising_strength:g} of {steps} steps runs no step; raise "
+                                 "either.", INVALID)
         main = sketch_to_paper(input_image) if self.app.sketch else input_image
         units = [UnitRequest.parse(k, controls) for k in range(1, MAX_UNITS + 1)]
         units = [u for u in units if ENABLE.check(u.enabled, u.where)]
         for unit in units:
             unit.check()
-        # the picture that sets the size: the input image, else the first unit's own one
-        reference = main if main is not None else next((u.image for u in units if u.image is not None), None)
+        # the picture that sets the size: the input image, else the first unit's own one, else the initial one
+        pictures = [main, *(u.image for u in units), init_image]
+        reference = next((picture for picture in pictures if picture is not None), None)
         if reference is not None:
             height, width = resize_image(prepare(reference, resolution), resolution).shape[:2]
         elif units:
@@ -223,17 +306,24 @@ class Pipeline:
             shown.append((preview, f"Unit {unit.index}: {preprocessor.label}"))
             unit_parameters.append(self.unit_parameters(unit, preprocessor, options, resolution))
         full_prompt, negative = f"{prompt or ''}, {a_prompt or ''}", n_prompt or ""
+        size_kwargs, size_text = SizeRequest.conditioning(sizes, height, width) if self.model.vector_conditioned \
+            else ({}, {})
+        img2img = {} if init_image is None else dict(
+            init_image=init_tensor(init_image, height, width, resolution), denoising_strength=denoising_strength)
         try:
             samples = sample(self.model, full_prompt, negative, units=control_units, sampler=sampler, steps=steps,
                              cfg_scale=scale, seed=None if seed == -1 else seed, num_images=num_samples,
-                             height=height, width=width, eta=eta, low_vram=self.low_vram,
+                             height=height, width=width, eta=eta, low_vram=self.low_vram, **img2img, **size_kwargs,
                              callback=lambda done, total: progress((done, total), desc="Sampling", unit="steps"))
         except torch.OutOfMemoryError as err:
             raise user_error("Out of GPU memory: use fewer Images, a lower Image Resolution, or --low-vram.",
                              "Out of memory") from err
+        except ValueError as err:  # a sampler's own limits (e.g. its step counts)
+            raise user_error(str(err), INVALID) from err
         parameters = Parameters(full_prompt, negative, steps, SAMPLERS[sampler].label, scale, width, height,
-                                model=self.model_name, units=tuple(unit_parameters),
-                                extra={"Eta DDIM": number(eta)} if eta else {})
+                                model=self.model_name, denoising_strength=img2img.get("denoising_strength"),
+                                units=tuple(unit_parameters),
+                                extra=({"Eta DDIM": number(eta)} if eta else {}) | size_text)
         return [*shown, *((with_parameters(image, parameters.text(s)), f"Seed: {s}")
                           for image, s in zip(samples.images, samples.seeds))]
 

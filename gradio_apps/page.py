@@ -21,6 +21,7 @@ import torch
 from gradio_apps.app_spec import AnnotatorTab, ControlApp
 from gradio_apps.handling import (
     CONTROL_MODES,
+    DENOISING,
     ENABLE,
     END,
     ETA,
@@ -32,6 +33,7 @@ from gradio_apps.handling import (
     STEPS,
     STRENGTH,
     Pipeline,
+    SizeRequest,
     annotate_fn,
     native_resolution,
     resolution_slider,
@@ -144,6 +146,16 @@ def unit_controls(index: int, app: ControlApp, control_files: ControlFiles) -> d
     return controls
 
 
+def size_controls() -> dict[str, gr.components.Component]:
+    """SDXL's size conditioning (0: the default, the image's size and no crop; the negative ones: as above)."""
+    controls = {}
+    with gr.Accordion("SDXL size conditioning (0: the image's size, no crop)", open=False):
+        for negative in (False, True):
+            with gr.Row():
+                controls |= {s.name: s.make() for s in SizeRequest.sliders(negative)}
+    return controls
+
+
 def sampler_settings(name: str) -> tuple[gr.Slider, gr.Slider]:
     """A sampler's default steps; eta only for DDIM (0 for the others, which have none)."""
     ddim = name == "ddim"
@@ -158,6 +170,9 @@ def build_demo(app: ControlApp, pipeline: Pipeline, guidance_scale: float = GUID
         with gr.Row():
             with gr.Column():
                 input_image = sketch_input(pipeline.model) if app.sketch else image_input()
+                with gr.Accordion("img2img: initial image (optional)", open=False):
+                    init_image = image_input("Initial image (empty: start from noise)")
+                    denoising_strength = DENOISING.make()
                 prompt = gr.Textbox(label="Prompt", elem_id="prompt")
                 run_button = gr.Button("Run", variant="primary", elem_id="run")
                 with gr.Row():
@@ -177,20 +192,24 @@ def build_demo(app: ControlApp, pipeline: Pipeline, guidance_scale: float = GUID
                     eta = ETA.make()
                     a_prompt = gr.Textbox(label="Added Prompt", value=A_PROMPT)
                     n_prompt = gr.Textbox(label="Negative Prompt", value=N_PROMPT)
+                if pipeline.model.vector_conditioned:
+                    controls |= size_controls()
             with gr.Column():
                 result_gallery = gallery()
         sampler.change(sampler_settings, inputs=[sampler], outputs=[steps, eta], api_visibility="private")
         inputs = dict(input_image=input_image, prompt=prompt, a_prompt=a_prompt, n_prompt=n_prompt,
                       num_samples=num_samples, image_resolution=image_resolution, sampler=sampler, steps=steps,
-                      scale=scale, seed=seed, eta=eta) | controls
-        pictures = {"input_image": (input_image, "Scribble" if app.sketch else "Input image")}
+                      scale=scale, seed=seed, eta=eta, init_image=init_image,
+                      denoising_strength=denoising_strength) | controls
+        pictures = {"input_image": (input_image, "Scribble" if app.sketch else "Input image"),
+                    "init_image": (init_image, "Initial image")}
         pictures |= {f"unit{k}_image": (controls[f"unit{k}_image"], f"Unit {k}: control image")
                      for k in range(2, MAX_UNITS + 1)}
 
-        # units 2 and 3 named with a default: API clients may leave their pictures out
+        # the optional pictures named with a default: API clients may leave them out
         def run(progress: gr.Progress = gr.Progress(), unit2_image: dict | None = None,
-                unit3_image: dict | None = None, **payloads: Any) -> list:
-            payloads |= {"unit2_image": unit2_image, "unit3_image": unit3_image}
+                unit3_image: dict | None = None, init_image: dict | None = None, **payloads: Any) -> list:
+            payloads |= {"unit2_image": unit2_image, "unit3_image": unit3_image, "init_image": init_image}
             return pipeline.process(progress=progress, **read_pictures(payloads, pictures))
 
         run_button.click(run, inputs_kwargs=inputs, outputs=[result_gallery], api_name="process", preprocess=False)

@@ -383,6 +383,25 @@ def test_a_random_seed_is_shown_and_reproduces_the_image(served, tmp_path):
     np.testing.assert_array_equal(np.stack(images(items)), expected.images)
 
 
+def test_img2img_from_an_initial_image_samples_as_the_pipeline(served, tmp_path):
+    entry = served.apps["canny2image"]
+    img, init = picture(64, 64), picture(96, 128, seed=9)
+    settings = dict(steps=5, seed=21, init_image=handle_file(write_png(tmp_path / "init.png", init)),
+                    denoising_strength=0.6)
+    items = process_raw(entry.client, handle_file(write_png(tmp_path / "in.png", img)), **settings)
+    # the initial picture cut to the images' aspect ratio (its centre 96x96) and shrunk to 64x64
+    start = cv2.resize(init[:, 16:112], (64, 64), interpolation=cv2.INTER_AREA)
+    start = torch.from_numpy(start).float().permute(2, 0, 1)[None] / 255.0
+    hint = torch.from_numpy(HWC3(cv2.Canny(img, 100, 200))).float().permute(2, 0, 1)[None] / 255.0
+    expected = sample(served.model, "a house, ", "", units=[served.model.unit(hint)], steps=5, seed=21,
+                      init_image=start, denoising_strength=0.6)
+    np.testing.assert_array_equal(images(items)[1], expected.images[0])
+    assert read_parameters(items[1]["image"])[2]["Denoising strength"] == "0.6"
+    with pytest.raises(AppError, match="Denoising strength 0.1 of 5 steps runs no step"):
+        process(entry.client, handle_file(write_png(tmp_path / "in.png", img)), **{**settings,
+                                                                                    "denoising_strength": 0.1})
+
+
 def test_parameters_text_as_a1111_writes_it():
     unit = UnitParameters("depth_midas", "control_sd15_depth [fef5e48e]", 1.0, 0.0, 0.75, "Balanced", 384)
     params = Parameters("a house, best quality", "", 20, "DPM++ 2M Karras", 7.5, 512, 768, model="v1-5-pruned",
@@ -729,3 +748,22 @@ def test_sdxl_configs_run_in_the_apps():
                                **settings, unit1_strength=strength)
         expected = sample(tiny, "a house, ", "", units=[tiny.unit(hint, strength=strength, mode="control")], **run)
         np.testing.assert_array_equal(np.asarray(out[1][0]), expected.images[0], err_msg=str(strength))
+    # SDXL's size conditioning: what is given, the image's size and no crop where 0, the negative as the positive
+    sizes = dict(sdxl_original_width=2048, sdxl_original_height=1536, sdxl_crop_top=32, sdxl_negative_target_width=96,
+                 sdxl_negative_target_height=80)
+    out = pipeline.process(img, "a house", "", "", 1, side, "euler_a", 2, 5.0, 3, 0.0, **settings, **sizes)
+    expected = sample(tiny, "a house, ", "", units=[tiny.unit(hint, mode="control")], **run,
+                      original_size=(1536, 2048), crops_coords_top_left=(32, 0), target_size=(side, side),
+                      negative_original_size=(1536, 2048), negative_crops_coords_top_left=(32, 0),
+                      negative_target_size=(80, 96))
+    np.testing.assert_array_equal(np.asarray(out[1][0]), expected.images[0])
+    text = out[1][0].info["parameters"]
+    assert (f"Original size: 2048x1536, Crop top: 32, Crop left: 0, Target size: {side}x{side}, Negative original "
+            f"size: 2048x1536, Negative crop top: 32, Negative crop left: 0, Negative target size: 96x80") in text
+    # the page shows the size settings for SDXL configs only
+    assert len(component(page.build_demo(app, pipeline), "Original width")) == 1
+    sd = tiny_served_model()
+    sd_pipeline = Pipeline(app, sd, Detectors("cpu", random_init=True), ControlFiles(None, sd, TINY_CONFIG))
+    assert component(page.build_demo(app, sd_pipeline), "Original width") == []
+    with pytest.raises(gr.Error, match="Original width: size conditioning is SDXL's; this model has none"):
+        sd_pipeline.process(img, "a house", "", "", 1, 64, "ddim", 2, 5.0, 3, 0.0, sdxl_original_width=1024)
