@@ -369,7 +369,8 @@ class ControlLDM(LatentDiffusion):
                    seed: int = 0) -> dict[str, torch.Tensor]:
         """Reconstruction, control, caption and samples for a batch, all in [-1, 1]; sample i from seed + i.
 
-        `sample` adds samples without guidance; guided ones come with a scale above 1.
+        `sample` adds samples without guidance; guided ones come with a scale above 1. While training with an
+        EMA, the samples are of the EMA weights.
         """
         from cldm.pipeline import sample as sample_images  # the pipeline builds on this module
 
@@ -387,11 +388,12 @@ class ControlLDM(LatentDiffusion):
             sizes = self.batch_sizes(batch, N, z.shape[-2:])
             run |= dict(original_size=sizes[ORIGINAL_SIZE], crops_coords_top_left=sizes[CROP],
                         target_size=sizes[TARGET_SIZE])
-        if sample:
-            log["samples"] = sample_images(self, prompts, cfg_scale=1.0, **run).tensors
-        if unconditional_guidance_scale > 1.0:
-            guided = sample_images(self, prompts, cfg_scale=unconditional_guidance_scale, **run).tensors
-            log[f"samples_cfg_scale_{unconditional_guidance_scale:.2f}"] = guided
+        with self.ema_scope("Plotting"):  # the EMA weights, when training keeps them (as the original samples)
+            if sample:
+                log["samples"] = sample_images(self, prompts, cfg_scale=1.0, **run).tensors
+            if unconditional_guidance_scale > 1.0:
+                guided = sample_images(self, prompts, cfg_scale=unconditional_guidance_scale, **run).tensors
+                log[f"samples_cfg_scale_{unconditional_guidance_scale:.2f}"] = guided
         return log
 
     def low_vram_shift(self, is_diffusing: bool) -> None:

@@ -33,6 +33,7 @@ from cldm.logger import ImageLogger
 from cldm.model import CONTROL_PREFIX, create_model, save_state_dict
 from cldm.training import (
     AtomicCheckpointIO,
+    RandomState,
     check_cache,
     check_fresh_output,
     compare_with_resumed,
@@ -80,6 +81,15 @@ def build_parser(config: str, resume_path: str) -> argparse.ArgumentParser:
     model.add_argument("--optimizer", default=None, choices=OPTIMIZERS,
                        help="adamw (fused kernel where the device has one; the default) or adamw8bit (needs "
                             "bitsandbytes)")
+    ema = p.add_argument_group("EMA of the trained weights (docs/train.md; off unless the config or an option sets it)")
+    ema.add_argument("--use_ema", type=str2bool, default=None,
+                     help="keep an exponential moving average of the trained weights; the logged samples, --val_data "
+                          "and the export use it (the config's use_ema, False in ours)")
+    ema.add_argument("--ema_decay", type=float, default=None,
+                     help="the EMA's decay, and turns it on (the config's ema_decay; 0.9999 as the original ldm)")
+    ema.add_argument("--ema_export", choices=EMA_EXPORTS, default=None,
+                     help="with EMA: the export holds the EMA weights (ema, the default), the raw ones (raw), or the "
+                          "EMA ones with the raw ones beside them in EXPORT_raw.safetensors (both)")
     loss = p.add_argument_group("training objective (docs/train.md; each off unless the config or the option sets it)")
     loss.add_argument("--snr_gamma", type=float, default=None,
                       help="min-SNR-gamma loss weighting (Hang et al. 2023; 5 is the paper's value)")
@@ -168,6 +178,27 @@ def build_parser(config: str, resume_path: str) -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None, config: str, resume_path: str) -> argparse.Namespace:
     return build_parser(config, resume_path).parse_args(argv)
+
+
+# --ema_export: what the control-only export holds when the run keeps an EMA (default "ema").
+EMA_EXPORTS = ("ema", "raw", "both")
+
+
+def raw_export_path(export: Path) -> Path:
+    """Where --ema_export both writes the raw weights: beside the export, `_raw` added to its name."""
+    return export.with_name(f"{export.stem}_raw{export.suffix}")
+
+
+def write_exports(model: pl.LightningModule, export: Path, ema_export: str, force: bool) -> list[Path]:
+    """The control-only export(s) at the end of training: the EMA weights, the raw ones, or both (--ema_export)."""
+    written = []
+    if ema_export in ("raw", "both"):
+        written.append(raw_export_path(export) if ema_export == "both" else export)
+        save_state_dict(model.control_state_dict(), written[-1], force=force)
+    if ema_export in ("ema", "both"):
+        with model.ema_scope():
+            written.append(save_state_dict(model.control_state_dict(), export, force=force))
+    return written
 
 
 # --frozen_dtype: the dtype of the frozen weights, and the --precision whose autocast they compute under.
@@ -295,6 +326,8 @@ def main(argv: list[str] | None = None, config: str = "./models/cldm_v15.yaml",
     output_dir = Path(args.output_dir)
     export = Path(args.export) if args.export else output_dir / "control_model.safetensors"
     refuse_existing(export, args.force)
+    if args.ema_export == "both":
+        refuse_existing(raw_export_path(export), args.force)
     check_fresh_output(output_dir / "checkpoints", args.resume, args.force)
     validation = build_validation(args)
     if args.seed is not None:
@@ -307,6 +340,13 @@ def main(argv: list[str] | None = None, config: str = "./models/cldm_v15.yaml",
                         f"{FROZEN_DTYPES[args.frozen_dtype][1]}, got --precision {args.precision}",
                         "the frozen weights compute under that precision's autocast")
     model = build_model(args, resume_path)
+    if args.ema_export is not None and not model.use_ema:
+        raise UserError(f"--ema_export {args.ema_export} is given, but the run keeps no EMA",
+                        "turn it on with --ema_decay (or --use_ema True), or drop --ema_export")
+    if model.use_ema and "deepspeed" in args.strategy:
+        raise UserError(f"--strategy {args.strategy} with an EMA: DeepSpeed keeps the optimizer's state of its own "
+                        f"flat partitions, where the EMA cannot follow the weights",
+                        "use --strategy fsdp (the EMA is sharded with the weights), or --use_ema False")
     if args.max_image_pixels is not None:
         set_max_image_pixels(args.max_image_pixels)
     dataset = build_dataset(args, parser)
@@ -325,7 +365,7 @@ def main(argv: list[str] | None = None, config: str = "./models/cldm_v15.yaml",
                          precision=args.precision, max_steps=args.max_steps, log_every_n_steps=args.log_every_n_steps,
                          accumulate_grad_batches=args.accumulate_grad_batches, num_nodes=args.num_nodes,
                          callbacks=[image_logger, checkpoints, *skipped, *progress_bar()]
-                         + ([validation] if validation else []),
+                         + ([validation] if validation else []) + [RandomState()],
                          use_distributed_sampler=False, logger=run_loggers(output_dir), default_root_dir=output_dir,
                          plugins=[AtomicCheckpointIO()])
 
@@ -340,8 +380,9 @@ def main(argv: list[str] | None = None, config: str = "./models/cldm_v15.yaml",
 
     trainer.save_checkpoint(output_dir / "checkpoints" / "last.ckpt", weights_only=False)
     if trainer.is_global_zero:
-        save_state_dict(model.control_state_dict(), export, force=args.force)
-        written = {"Control-only weights": export, "Checkpoints": output_dir / "checkpoints",
+        exports = write_exports(model, export, (args.ema_export or "ema") if model.use_ema else "raw", args.force)
+        written = {f"Control-only weights{' (EMA)' * (model.use_ema and path == export)}": path for path in exports}
+        written |= {"Checkpoints": output_dir / "checkpoints",
                    "Image grids": output_dir / "image_log" / "train",
                    "Losses": Path(trainer.loggers[1].log_dir) / "metrics.csv"}
         log.info("\n".join(f"{what}: {path}" for what, path in written.items() if path.exists()))

@@ -21,8 +21,10 @@ from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
+from lightning_fabric.utilities.seed import _collect_rng_states, _set_rng_states  # Lightning's own, unexported
 from omegaconf import OmegaConf
 from pytorch_lightning.callbacks import RichProgressBar
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
@@ -53,7 +55,8 @@ info = rank_zero_only(log.info)
 TRAINING_OPTIONS = {"learning_rate": "learning_rate", "sd_locked": "sd_locked", "only_mid_control": "only_mid_control",
                     "drop_prompt_rate": "drop_prompt_rate", "optimizer": "optimizer_name",
                     "max_nan_steps": "max_nan_steps", "snr_gamma": "objective.snr_gamma",
-                    "noise_offset": "objective.noise_offset", "zero_terminal_snr": "zero_terminal_snr"}
+                    "noise_offset": "objective.noise_offset", "zero_terminal_snr": "zero_terminal_snr",
+                    "use_ema": "use_ema", "ema_decay": "ema_decay"}
 # Settings whose change on resume cannot take effect: the optimizer state is the optimizer's own.
 FIXED_ON_RESUME = ("optimizer",)
 # Where a ControlLDM checkpoint records its training settings and its optimizer's parameter names.
@@ -68,8 +71,15 @@ def training_settings(model: torch.nn.Module) -> dict[str, Any]:
 
 
 def given_options(args: Any) -> dict[str, Any]:
-    """The training options given on the command line (argparse default None: not given)."""
-    return {option: getattr(args, option) for option in TRAINING_OPTIONS if getattr(args, option) is not None}
+    """The training options given on the command line (argparse default None: not given); --ema_decay alone also
+    turns the EMA on."""
+    given = {option: getattr(args, option) for option in TRAINING_OPTIONS if getattr(args, option) is not None}
+    if "ema_decay" in given:
+        if given.get("use_ema") is False:
+            raise UserError(f"--ema_decay {given['ema_decay']} with --use_ema False would do nothing",
+                            "drop one of them")
+        given["use_ema"] = True
+    return given
 
 
 def config_settings(config: str | os.PathLike) -> dict[str, Any]:
@@ -320,3 +330,60 @@ def progress_bar() -> list[pl.Callback]:
     """The progress bar to add to a Trainer's callbacks (Lightning's own TQDM bar, which has no such label, when
     rich is not installed)."""
     return [EpochProgressBar()] if _RICH_AVAILABLE else []
+
+
+class RandomState(pl.Callback):
+    """The random generators' states (torch, CUDA, numpy, Python) of every rank, saved in checkpoints and set again
+    when training resumes, so that a resumed run draws the same noise, timesteps, prompt dropout and augmentations
+    as a run never interrupted (Lightning restores the weights, the optimizer and the loops, not the generators).
+
+    Where they are set again follows what the uninterrupted run did next: a checkpoint saved at the end of an epoch
+    is followed by the next epoch's data loader, which draws a seed, so they are set before the resumed run makes
+    its loader; one saved within an epoch is followed by the next batch of a loader already made, so they are set
+    after (the resumed run makes its loader before on_train_start)."""
+
+    def __init__(self) -> None:
+        self.saved: dict[str, Any] | None = None
+        self.trainer: pl.Trainer | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.trainer = trainer
+
+    def state_dict(self) -> dict[str, Any]:
+        mine = storable_rng_states(_collect_rng_states())
+        ranks = [mine]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            ranks = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(ranks, mine)  # Lightning asks every rank for the state
+        epoch_ended = self.trainer is not None and self.trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        return {"ranks": ranks, "epoch_ended": bool(epoch_ended)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.saved = state_dict
+        if state_dict["epoch_ended"]:
+            self.restore()
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.saved is not None:
+            self.restore()
+
+    def restore(self) -> None:
+        ranks, self.saved = self.saved["ranks"], None
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
+        if len(ranks) != world:
+            info("The checkpoint's random states are of %d processes, this run has %d: its noise and augmentations "
+                 "are not those of an uninterrupted run", len(ranks), world)
+            return
+        _set_rng_states(loadable_rng_states(ranks[rank]))
+
+
+def storable_rng_states(states: dict[str, Any]) -> dict[str, Any]:
+    """Lightning's collected generator states in types that a weights-only checkpoint load accepts (numpy's key
+    array as a tensor)."""
+    name, keys, position, has_gauss, gauss = states["numpy"]
+    return {**states, "numpy": [name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss]}
+
+
+def loadable_rng_states(states: dict[str, Any]) -> dict[str, Any]:
+    name, keys, position, has_gauss, gauss = states["numpy"]
+    return {**states, "numpy": (name, keys.numpy().astype(np.uint32), position, has_gauss, gauss)}

@@ -171,15 +171,16 @@ class ControlValidation(Callback):
     def sample_and_score(self, model: pl.LightningModule, precision: Precision | None = None
                          ) -> tuple[dict, dict[str, np.ndarray]]:
         """Scores and images with and without control, under the training's `precision` (its autocast, which
-        frozen weights in half precision compute in); the model's modules are left in their modes (sampling
-        draws from its own seeded generators, not the training's)."""
+        frozen weights in half precision compute in), of the EMA weights when the run keeps an EMA; the model's
+        modules are left in their modes (sampling draws from its own seeded generators, not the training's)."""
         reuse = self.no_control is not None and not no_control_trains(model)
         conditions = ("control",) if reuse else CONDITIONS
         modes = {m: m.training for m in model.modules()}
         model.eval()
         try:
             h = self.held_out
-            with precision.forward_context() if precision is not None else contextlib.nullcontext():
+            with precision.forward_context() if precision is not None else contextlib.nullcontext(), \
+                    model.ema_scope():
                 scores, images = evaluate(model, h.prompts, h.hints, h.targets, self.scorers,
                                           conditions=conditions, **self.run)
         finally:

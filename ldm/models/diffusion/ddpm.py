@@ -22,12 +22,13 @@ from ldm.checkpoint import DENOISER_PREFIX, LoadReport, UserError, load_checkpoi
 from ldm.models.diffusion.objective import Objective
 from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule, rescale_zero_terminal_snr
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
-from ldm.modules.ema import LitEma
+from ldm.modules.ema import OptimizerEma
 from ldm.modules.encoders.conditioner import size_conditions
 from ldm.util import default, exists, instantiate_from_config
 
 log = logging.getLogger(__name__)
 warn = rank_zero_only(log.warning)
+info = rank_zero_only(log.info)
 
 # Optimizers DDPM.make_optimizer builds (its `optimizer_name`), and the devices with a fused AdamW kernel.
 OPTIMIZERS = ("adamw", "adamw8bit")
@@ -99,14 +100,15 @@ class DDPM(pl.LightningModule):
                  scheduler_config: Any = None, use_positional_encodings: bool = False,
                  learn_logvar: bool = False, logvar_init: float = 0.0, persistent_schedule: bool = True,
                  optimizer: str = "adamw", max_nan_steps: int = 0, snr_gamma: float | None = None,
-                 noise_offset: float = 0.0, zero_terminal_snr: bool = False):
+                 noise_offset: float = 0.0, zero_terminal_snr: bool = False, ema_decay: float = 0.9999):
         """`persistent_schedule`: whether the schedule buffers (and logvar) are saved in checkpoints, as the
         original ldm does; sgm-layout models (SDXL) leave them out, as sgm does: they follow from the config.
         `optimizer`: one of OPTIMIZERS; `max_nan_steps`: steps with a non-finite loss skipped before training stops
         (tutorial_train's --optimizer and --max_nan_steps). `snr_gamma`, `noise_offset`: the training objective's
         options (objective.py); `zero_terminal_snr`: rescale the schedule so that its last timestep is pure noise
         (v-prediction only; util.rescale_zero_terminal_snr), its buffers then follow from the config and are not
-        saved (SD's files hold the unrescaled ones)."""
+        saved (SD's files hold the unrescaled ones). `use_ema`: keep an EMA of the trained weights with `ema_decay`
+        (ldm/modules/ema.py), which ema_scope swaps in."""
         super().__init__()
         if zero_terminal_snr and parameterization != "v":
             raise ValueError(f"zero_terminal_snr needs a v-prediction model (parameterization: v), not "
@@ -134,8 +136,8 @@ class DDPM(pl.LightningModule):
         self.use_positional_encodings = use_positional_encodings
         self.model = DiffusionWrapper(unet_config, conditioning_key)
         self.use_ema = use_ema
-        if self.use_ema:
-            self.model_ema = LitEma(self.model)
+        self.ema_decay = ema_decay
+        self.ema = OptimizerEma(ema_decay) if use_ema else None
         self.use_scheduler = scheduler_config is not None
         if self.use_scheduler:
             self.scheduler_config = scheduler_config
@@ -213,15 +215,19 @@ class DDPM(pl.LightningModule):
 
     @contextmanager
     def ema_scope(self, context: str | None = None):
-        """Temporarily swap in the EMA weights (no-op without EMA)."""
-        if self.use_ema:
-            self.model_ema.store(self.model.parameters())
-            self.model_ema.copy_to(self.model)
-        try:
+        """The EMA of the trained weights in place of them (with use_ema, while training: the averages live in the
+        optimizer's state); otherwise the weights as they are."""
+        optimizer = self.ema_optimizer()
+        if optimizer is None:
             yield None
-        finally:
-            if self.use_ema:
-                self.model_ema.restore(self.model.parameters())
+            return
+        with OptimizerEma.swapped(optimizer):
+            yield None
+
+    def ema_optimizer(self) -> torch.optim.Optimizer | None:
+        """The optimizer that holds the EMA: the trainer's, with use_ema; None otherwise."""
+        trainer = self._trainer
+        return trainer.optimizers[0] if self.use_ema and trainer is not None and trainer.optimizers else None
 
     def init_from_ckpt(self, path: str, ignore_keys: list[str] = (), only_model: bool = False) -> LoadReport:
         """The config's `ckpt_path`: weights from a file (only the denoiser's with only_model), reported by name."""
@@ -330,6 +336,18 @@ class DDPM(pl.LightningModule):
     def on_train_start(self) -> None:
         self.nonfinite_steps = 0
         self.gradients_checked = False
+        optimizer = self.trainer.optimizers[0] if self.trainer.optimizers else None
+        if optimizer is None:
+            return
+        if not self.use_ema:
+            dropped = OptimizerEma.drop(optimizer)
+            if dropped:
+                info("use_ema is off: the averages of %d tensors the checkpoint holds are dropped", dropped)
+            return
+        trained = sum(len(group["params"]) for group in optimizer.param_groups)
+        resumed = (f": {len(OptimizerEma.averaged(optimizer))} continue the checkpoint's averages, the others start "
+                   f"from their weights" if self.trainer.ckpt_path else "")
+        info("EMA of the %d trained tensors, decay %g%s", trained, self.ema_decay, resumed)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Stop at the first update when no trainable tensor has a gradient: such a run could never learn."""
@@ -363,10 +381,6 @@ class DDPM(pl.LightningModule):
         n = self.samples_in(batch)
         self.log_dict(loss_dict, prog_bar=False, logger=True, on_step=False, on_epoch=True, batch_size=n)
         self.log_dict(loss_dict_ema, prog_bar=False, logger=True, on_step=False, on_epoch=True, batch_size=n)
-
-    def on_train_batch_end(self, *args, **kwargs) -> None:
-        if self.use_ema:
-            self.model_ema(self.model)
 
     def compile_denoiser(self, **kwargs) -> None:
         """torch.compile the denoising network in place (state-dict keys unchanged); kwargs go to torch.compile."""
@@ -410,6 +424,8 @@ class DDPM(pl.LightningModule):
 
     def configure_optimizers(self):
         opt = self.make_optimizer(self.trainable_parameters())
+        if self.ema is not None:
+            self.ema.attach(opt)
         if not self.use_scheduler:
             return opt
         scheduler = instantiate_from_config(self.scheduler_config)
