@@ -29,7 +29,8 @@ from ldm.modules.attention import InputAdapter
 from ldm.modules.diffusionmodules.openaimodel import BlockHook, BlockSite
 
 CONTROL_MODES = ("balanced", "prompt", "control")
-SOFT_DECAY = 0.825  # the original's guess-mode weight ratio between neighbouring residual levels
+SOFT_DECAY = 0.825  # the original's guess-mode weight ratio between neighbouring residual levels of SD's 13
+SD_LEVELS = 13  # SD's residual levels: 12 skip connections and the middle block
 Step = tuple[int, int]
 
 
@@ -177,8 +178,8 @@ class ControlUnit:
 
     `mode` follows the A1111 extension's control modes (see docs/controls.md):
       balanced - every residual times `strength`, on the cond and uncond passes alike;
-      prompt   - "My prompt is more important": residual i of n times strength * 0.825 ** (n - 1 - i),
-                 so deep levels dominate and shallow ones fade; on both passes;
+      prompt   - "My prompt is more important": residual i of n times strength * soft_weights(n)[i]
+                 (0.825 ** (12 - i) on SD's 13), so deep levels dominate and shallow ones fade; on both passes;
       control  - "ControlNet is more important": the same soft weights, on the cond pass only, so
                  classifier-free guidance amplifies the control (the original's guess mode).
     The unit acts on sampling steps i of N with start <= i / N and (i + 1) / N <= end (as in diffusers), the
@@ -217,7 +218,7 @@ class ControlUnit:
             return list(self.scales)
         if self.mode == "balanced":
             return [self.strength] * n
-        return [self.strength * SOFT_DECAY ** float(n - 1 - i) for i in range(n)]
+        return [self.strength * w for w in soft_weights(n)]
 
     def active(self, step: Step | None) -> bool:
         """Whether the unit acts at sampling step (i, N); outside sampling (step None) a windowed unit is an
@@ -233,6 +234,18 @@ class ControlUnit:
     def contribute(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None,
                    unet: nn.Module) -> Contribution:
         return self.model.contribute(self, x, timesteps, context, y, unet)
+
+
+def soft_weights(n: int) -> list[float]:
+    """The soft ("My prompt is more important", guess mode) weights of n levels, shallowest first: 1 at the
+    deepest level (the middle block), falling geometrically to 0.825^12 (about 0.1) at the shallowest.
+
+    On SD's 13 levels this is the original's and the A1111 extension's 0.825^(12 - i); on another depth (SDXL's
+    10) the same span spread over its levels, which is diffusers' logspace(-1, 0, n) within 0.6 %.
+    """
+    if n == 1:
+        return [1.0]
+    return [SOFT_DECAY ** ((n - 1 - i) * (SD_LEVELS - 1) / (n - 1)) for i in range(n)]
 
 
 def repeat_to(t: torch.Tensor, n: int) -> torch.Tensor:

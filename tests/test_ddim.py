@@ -59,8 +59,13 @@ def test_latents_are_unchanged(config):
         got["guess"] = sampler.sample(6, 2, (4, 4, 4), cond, x_T=x_T, verbose=False, unconditional_guidance_scale=7.5,
                                       unconditional_conditioning={"c_concat": None, "c_crossattn": [empty]})[0]
         model.control_scales = [1.0] * 13
-        soft = ControlUnit(model.control_model, hint, strength=0.6, start=0.2, end=0.8, mode="prompt")
-        cond_only = ControlUnit(model.control_model, hint.flip(-1), strength=1.2, end=0.5, mode="control")
+        # sampled when the soft weights of the tiny model's 5 levels were 0.825 ** (4 - i); they follow
+        # cldm.control.soft_weights since (diffusers' span at every depth), so the case states those weights
+        old_soft = [0.825 ** float(4 - i) for i in range(5)]
+        soft = ControlUnit(model.control_model, hint, strength=0.6, start=0.2, end=0.8, mode="prompt",
+                           scales=[0.6 * w for w in old_soft])
+        cond_only = ControlUnit(model.control_model, hint.flip(-1), strength=1.2, end=0.5, mode="control",
+                                scales=[1.2 * w for w in old_soft])
         got["units"] = sampler.sample(10, 2, (4, 4, 4), {"c_crossattn": [text], "control": [soft, cond_only]},
                                       x_T=x_T, verbose=False, unconditional_guidance_scale=5.0,
                                       unconditional_conditioning={"c_crossattn": [empty], "control": [soft]})[0]

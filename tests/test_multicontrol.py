@@ -117,3 +117,31 @@ def test_control_modes_and_validation(tiny_model):
         ControlUnit(tiny_model.control_model, hint, mode="loud")
     with pytest.raises(ValueError, match="start"):
         ControlUnit(tiny_model.control_model, hint, start=0.6, end=0.4)
+
+
+@pytest.mark.parametrize("blocks, layers", [(4, 2), (3, 2), (2, 1)])  # SD's 13 levels, SDXL's 10, the tiny 5
+def test_soft_weights_follow_diffusers_guess_mode_at_every_depth(tiny_model, blocks, layers):
+    """diffusers' ControlNetModel with guess_mode=True weights its residuals by its own rule; the per-level ratio
+    to guess_mode=False is that rule, and ours is within 0.6 % of it at every depth (the 0.825 of SD's 13 levels
+    rounds diffusers' 10^(-1/12)). On 13 levels ours is the original's and the A1111 extension's exactly."""
+    from diffusers import ControlNetModel
+    torch.manual_seed(0)
+    net = ControlNetModel(in_channels=4, down_block_types=("DownBlock2D",) * blocks, block_out_channels=(32,) * blocks,
+                          layers_per_block=layers, norm_num_groups=8, cross_attention_dim=8, attention_head_dim=2,
+                          conditioning_embedding_out_channels=(8, 8, 8, 8)).eval()
+    with torch.no_grad():
+        for p in [*net.controlnet_down_blocks.parameters(), *net.controlnet_mid_block.parameters()]:
+            p.copy_(torch.randn_like(p))
+        inputs = dict(sample=torch.randn(1, 4, 8, 8), timestep=torch.tensor([500]),
+                      encoder_hidden_states=torch.randn(1, 3, 8), controlnet_cond=torch.rand(1, 3, 64, 64),
+                      return_dict=False)
+        plain_down, plain_mid = net(**inputs)
+        guess_down, guess_mid = net(**inputs, guess_mode=True)
+    theirs = [float((g * p).sum() / (p * p).sum()) for g, p in zip([*guess_down, guess_mid], [*plain_down, plain_mid])]
+    n = blocks * (layers + 1) + 1
+    assert len(theirs) == n
+    ours = ControlUnit(tiny_model.control_model, torch.rand(1, 3, 32, 32), mode="prompt").level_scales(n)
+    assert ours[-1] == 1.0 and theirs[-1] == pytest.approx(1.0)
+    assert max(abs(a / b - 1) for a, b in zip(ours, theirs)) < 0.006
+    if n == 13:  # sd-webui-controlnet's scripts/hook.py: param.weight * 0.825 ** (12 - i)
+        assert ours == [0.825 ** float(12 - i) for i in range(13)]
