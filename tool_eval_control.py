@@ -7,6 +7,9 @@
     python tool_eval_control.py --config models/cldm_v15_lllite.yaml \
         --ckpt models/v1-5-pruned.ckpt out/control_model.safetensors --data_root ...   # an LLLite or LoRA export
 
+On SDXL configs --original_size, --crops_coords_top_left and --target_size set the size conditioning of
+both passes (diffusers' names; default: the image size and crop 0 0).
+
 The metrics (fill, canny, ssim, depth, seg) are defined in cldm/fidelity.py. Sample i starts from noise seeded
 by seed + i in both runs, so the two are paired; "without control" samples with no control at all.
 The table gives mean ± std over the samples and the paired difference with its 95% interval; --out writes
@@ -26,6 +29,11 @@ from cldm.loader import load_model
 from ldm.checkpoint import write_text
 from ldm.models.diffusion.samplers import SAMPLERS
 
+# SDXL's size conditioning, sample()'s arguments (diffusers' names)
+SIZE_OPTIONS = {"original_size": "original (height, width)", "crops_coords_top_left": "crop's (top, left)",
+                "target_size": "target (height, width)"}
+SIZE_DEFAULTS = {"original_size": "the image size", "crops_coords_top_left": "0 0", "target_size": "the image size"}
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -43,6 +51,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", "--ddim_steps", dest="steps", type=int, default=20, help="sampling steps")
     p.add_argument("--scale", type=float, default=3.0, help="classifier-free guidance scale")
     p.add_argument("--batch_size", type=int, default=64)
+    for name, meaning in SIZE_OPTIONS.items():
+        p.add_argument(f"--{name}", type=int, nargs=2, default=None, metavar=("A", "B"),
+                       help=f"SDXL configs: condition on this {meaning} (default: {SIZE_DEFAULTS[name]})")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="write the summary as JSON here")
     p.add_argument("--sheet", default=None, help="write a PNG of hint | target | without | with control here")
@@ -61,10 +72,11 @@ def main(argv: list[str] | None = None) -> dict:
     scorers = Scorers(args.metrics, args.detector, args.device)
     for name, why in scorers.skipped.items():
         print(f"Skipping {name}: {why}")
+    sizes = {name: tuple(getattr(args, name)) for name in SIZE_OPTIONS if getattr(args, name) is not None}
     scores, images = evaluate(model, prompts, hints, targets, scorers, args.seed, args.steps, args.scale,
-                              args.batch_size, args.sampler)
+                              args.batch_size, args.sampler, sizes=sizes)
     summary = {"n": args.n, "seed": args.seed, "sampler": args.sampler, "steps": args.steps,
-               "guidance_scale": args.scale, "checkpoints": [str(p) for p in args.ckpt],
+               "guidance_scale": args.scale, **sizes, "checkpoints": [str(p) for p in args.ckpt],
                "data_root": str(args.data_root), "metrics": summarize(scores), "skipped": scorers.skipped}
     print(format_table(summary["metrics"]))
     if args.out:

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import machine  # noqa: E402
+from cldm.bench.measure import machine  # noqa: E402
 from cldm.data import Fill50KDataset, HFDataset, KohyaDataset, Resize, ShardDataset  # noqa: E402
 from cldm.data.loading import TrainData  # noqa: E402
 from cldm.data.shards import write_shards  # noqa: E402

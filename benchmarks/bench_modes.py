@@ -11,7 +11,7 @@ weights in fp32 plus AdamW's two moments per trainable parameter; activations ex
 Without --meta the model is built for real, its UNet's zero-initialised layers made random, and trained on
 random images, hints and prompts. One step: shared_step (VAE, text encoder, random t and noise, control + UNet
 forward, MSE), backward, optimizer step, zero_grad. steps/s is over --steps timed steps after --warmup; peak
-memory is benchmarks/common.py's: static tensor bytes (weights, buffers, optimizer state) plus the peak of the
+memory is cldm/bench/measure.py's: static tensor bytes (weights, buffers, optimizer state) plus the peak of the
 tensors allocated during one more step.
 """
 import argparse
@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (  # noqa: E402
+from cldm.bench.measure import (  # noqa: E402
     PRECISIONS,
     PeakMemory,
     Precision,

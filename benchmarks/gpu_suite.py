@@ -28,8 +28,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import bench_sample, bench_train  # noqa: E402
-from benchmarks.common import TINY, Precision, build_ours, build_peer, mib, timed, write_table  # noqa: E402
+from cldm.bench import sampling as bench_sample  # noqa: E402
+from cldm.bench import training as bench_train  # noqa: E402
+from cldm.bench.measure import TINY, Precision, build_ours, mib, timed, write_table  # noqa: E402
+from cldm.cli import run_tool  # noqa: E402
+from cldm.diffusers_peer import build_peer  # noqa: E402
 
 STAGES = ("train", "sample", "max_batch", "compiled", "train_compiled")
 DEFAULT_STAGES = STAGES[:4]
@@ -129,7 +132,7 @@ def main(argv: list[str] | None = None) -> list[tuple]:
               *(["--smoke"] if args.smoke else [])]
     train = ["--precision", "bf16-mixed", "--cached", "--batch", "4", "--warmup", "3", "--steps", "5"]
     sample = ["--precision", "bf16", "--batch", "1", "--rounds", "3"]
-    # the eager stages also time our model with single changes undone (see common.ABLATIONS)
+    # the eager stages also time our model with single changes undone (see cldm.bench.measure.ABLATIONS)
     ablate_train = ["--without", "bf16_groupnorm", "fused_adamw"]
     ablate_sample = ["--without", "batched_cfg", "hint_reuse"]
     runs = {"train": lambda: bench_train.run(bench_train.parse_args(common + train + ablate_train), model,
@@ -161,4 +164,4 @@ def main(argv: list[str] | None = None) -> list[tuple]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_tool(main))

@@ -15,7 +15,7 @@ metrics while it runs.
 """
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import cv2
@@ -203,19 +203,19 @@ class Scorers:
 
 @torch.no_grad()
 def generate(model: torch.nn.Module, prompts: list[str], hints: torch.Tensor | None, seeds: list[int],
-             steps: int = 20, guidance_scale: float = 3.0, batch_size: int = 64, sampler: str = "ddim"
-             ) -> np.ndarray:
+             steps: int = 20, guidance_scale: float = 3.0, batch_size: int = 64, sampler: str = "ddim",
+             sizes: Mapping[str, tuple[int, int]] | None = None) -> np.ndarray:
     """One uint8 image per prompt, image i from seeds[i]; hints (BCHW in [0, 1]) or None: no control.
 
     Classifier-free guidance with the empty prompt; the model's own control network acts on both passes, at
-    strength 1 (the apps' default mode).
+    strength 1 (the apps' default mode). `sizes`: SDXL's size conditioning, sample()'s arguments by name.
     """
     out = []
     for start in range(0, len(prompts), batch_size):
         end = min(start + batch_size, len(prompts))
         units = [] if hints is None else [model.unit(hints[start:end])]
         out.append(sample(model, prompts[start:end], negative_prompt="", units=units, sampler=sampler,
-                          steps=steps, cfg_scale=guidance_scale, seed=seeds[start:end]).images)
+                          steps=steps, cfg_scale=guidance_scale, seed=seeds[start:end], **(sizes or {})).images)
     return np.concatenate(out)
 
 
@@ -235,16 +235,17 @@ def load_samples(data_root: str | Path, n: int, **options) -> tuple[list[str], n
 
 def evaluate(model: torch.nn.Module, prompts: list[str], hints: np.ndarray, targets: np.ndarray,
              scorers: Scorers, seed: int = 0, steps: int = 20, guidance_scale: float = 3.0,
-             batch_size: int = 64, sampler: str = "ddim", conditions: Sequence[str] = CONDITIONS
+             batch_size: int = 64, sampler: str = "ddim", conditions: Sequence[str] = CONDITIONS,
+             sizes: Mapping[str, tuple[int, int]] | None = None
              ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, np.ndarray]]:
     """Per-sample scores {condition: {metric: array}} and the images {condition: BHWC uint8}, for each of
-    `conditions` (default both)."""
+    `conditions` (default both); `sizes` as in generate."""
     unknown = [c for c in conditions if c not in CONDITIONS]
     if unknown:
         raise ValueError(f"unknown condition {unknown[0]!r}; choose from {CONDITIONS}")
     seeds = [seed + i for i in range(len(prompts))]
     hint_tensor = torch.from_numpy(hints).permute(0, 3, 1, 2).float() / 255.0
-    run = dict(steps=steps, guidance_scale=guidance_scale, batch_size=batch_size, sampler=sampler)
+    run = dict(steps=steps, guidance_scale=guidance_scale, batch_size=batch_size, sampler=sampler, sizes=sizes)
     control_of = {"control": hint_tensor, "no_control": None}
     images = {c: generate(model, prompts, control_of[c], seeds, **run) for c in conditions}
     scores = {}

@@ -25,14 +25,18 @@ def test_bench_train_with_speed_and_memory_options():
     assert result["ours"]["static"] == pytest.approx(result["diffusers"]["static"], rel=0.02)
 
 
-@pytest.mark.parametrize("precision, tolerance", [("fp32", 1e-4), ("bf16", 0.1)])
-def test_bench_sample_gives_the_same_latents(precision, tolerance):
-    result = bench_sample.main(["--smoke", "--device", "cpu", "--precision", precision])
-    assert result["max_latent_diff"] <= tolerance
+def test_bench_sample_gives_the_same_latents():
+    result = bench_sample.main(["--smoke", "--device", "cpu"])
+    assert result["max_latent_diff"] <= 1e-4
     assert result["ours"]["it_per_s"] > 0 and result["diffusers"]["s_per_image"] > 0
-    if precision == "bf16":  # the two sides differ by less than either one's bf16 rounding moves it from fp32
-        assert set(result["drift"]) == {"ours", "diffusers"}
-        assert all(math.isfinite(d) and result["max_latent_diff"] < d for d in result["drift"].values())
+    assert result["drift"] == {}  # float32 weights: nothing to compare against
+
+
+def test_bench_sample_in_bf16_differs_from_diffusers_less_than_rounding_moves_either():
+    result = bench_sample.main(["--smoke", "--device", "cpu", "--precision", "bf16"])
+    assert result["max_latent_diff"] <= 0.1
+    assert set(result["drift"]) == {"ours", "diffusers"}
+    assert all(math.isfinite(d) and result["max_latent_diff"] < d for d in result["drift"].values())
 
 
 def test_gpu_suite_stages_run(tmp_path):
@@ -46,7 +50,7 @@ def test_gpu_suite_stages_run(tmp_path):
 
 
 def test_narrowed_config_keeps_the_layers():
-    from benchmarks.common import TINY, narrowed_config
+    from cldm.bench.measure import TINY, narrowed_config
     from cldm.model import create_model
     wide, narrow = create_model(TINY, device="meta"), create_model(narrowed_config(TINY, 64), device="meta")
     assert [n for n, _ in wide.named_modules()] == [n for n, _ in narrow.named_modules()]

@@ -30,6 +30,10 @@ def test_project_config_equals_reference(version):
     check(ours, ref, "")
 
 
+# parameters of the published checkpoints: ControlNet, UNet
+PUBLISHED_COUNTS = {"v15": (361_279_120, 859_520_964), "v21": (364_228_240, 865_910_724)}
+
+
 @pytest.mark.parametrize("version", ["v15", "v21"])
 def test_unet_and_controlnet_keys_match_reference(version):
     cfg = OmegaConf.load(ROOT / "models" / f"cldm_{version}.yaml").model.params
@@ -40,9 +44,8 @@ def test_unet_and_controlnet_keys_match_reference(version):
     assert shapes(unet, "model.diffusion_model.") == {k: v for k, v in ref.items()
                                                       if k.startswith("model.diffusion_model.")}
     assert shapes(control, "control_model.") == {k: v for k, v in ref.items() if k.startswith("control_model.")}
-    if version == "v15":
-        assert sum(p.numel() for p in control.parameters()) == 361_279_120
-        assert sum(p.numel() for p in unet.parameters()) == 859_520_964
+    counts = (sum(p.numel() for p in control.parameters()), sum(p.numel() for p in unet.parameters()))
+    assert counts == PUBLISHED_COUNTS[version]
 
 
 @pytest.mark.parametrize("version", ["v15", "v21"])
@@ -56,15 +59,31 @@ def test_full_control_ldm_keys_match_reference(version):
     assert set(ours) <= set(ref)
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "models").glob("*.yaml")))
+CONFIGS = sorted(p.name for p in (ROOT / "models").glob("*.yaml"))
+
+
+def control_target(name: str) -> str | None:
+    return OmegaConf.load(ROOT / "models" / name).model.params.get("control_stage_config", {}).get("target")
+
+
+@pytest.mark.parametrize("name", CONFIGS)
 def test_every_config_builds_a_model_that_trains_its_mode_only(name):
     model = create_model(ROOT / "models" / name, device="meta")
     trains = {n for n, p in model.named_parameters() if p.requires_grad}
     decoder = ("model.diffusion_model.output_blocks.", "model.diffusion_model.out.")
     assert trains and all(n.startswith(("control_model.", *decoder)) for n in trains), name
     assert any(n.startswith("control_model.") for n in trains)
-    if type(model.control_model) is ControlNet:  # a full copy: the UNet's encoder, shape for shape
-        unet = dict(model.model.diffusion_model.named_parameters())
-        copied = [(n, p) for n, p in model.control_model.named_parameters()
-                  if n.startswith(("time_embed.", "label_emb.", "input_blocks.", "middle_block."))]
-        assert copied and all(unet[n].shape == p.shape for n, p in copied)
+
+
+FULL_COPIES = [name for name in CONFIGS if control_target(name) == "cldm.cldm.ControlNet"]
+
+
+@pytest.mark.parametrize("name", FULL_COPIES)
+def test_a_full_controlnet_copies_the_unets_encoder_shape_for_shape(name):
+    assert {"cldm_v15.yaml", "cldm_v21.yaml", "cldm_xl.yaml", "cldm_tiny.yaml"} <= set(FULL_COPIES)
+    model = create_model(ROOT / "models" / name, device="meta")
+    assert type(model.control_model) is ControlNet
+    unet = dict(model.model.diffusion_model.named_parameters())
+    copied = [(n, p) for n, p in model.control_model.named_parameters()
+              if n.startswith(("time_embed.", "label_emb.", "input_blocks.", "middle_block."))]
+    assert copied and all(unet[n].shape == p.shape for n, p in copied)

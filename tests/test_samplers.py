@@ -10,11 +10,11 @@ import pytest
 import torch
 from diffusers import StableDiffusionControlNetImg2ImgPipeline, StableDiffusionControlNetPipeline
 from diffusers.utils.torch_utils import randn_tensor
+from diffusers_schedulers import documented_scheduler
 
 from cldm.diffusers_peer import build_peer
 from cldm.pipeline import sample
 from conftest import ROOT, model_as_trained, randomize_zero_init
-from diffusers_schedulers import documented_scheduler
 from ldm.models.diffusion.ddim import Inpainting
 from ldm.models.diffusion.samplers import SAMPLERS, max_steps
 from ldm.models.diffusion.samplers import sample as run_sampler

@@ -14,6 +14,7 @@ import torch
 import transformers
 from diffusers.loaders import single_file_utils as convert
 from diffusers.utils.torch_utils import randn_tensor
+from diffusers_schedulers import documented_scheduler
 from omegaconf import OmegaConf
 from open_clip.tokenizer import SimpleTokenizer
 
@@ -21,7 +22,6 @@ import tool_convert_diffusers
 from cldm.model import save_state_dict
 from cldm.pipeline import sample
 from conftest import ROOT, diffusers_unet, model_as_trained, randomize_zero_convs, randomize_zero_init
-from diffusers_schedulers import documented_scheduler
 from ldm.models.diffusion.samplers import SAMPLERS
 
 TINY_XL = ROOT / "models" / "cldm_tiny_xl.yaml"

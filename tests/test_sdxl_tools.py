@@ -122,7 +122,19 @@ def test_eval_control_samples_sdxl_through_the_pipeline(tmp_path):
     randomize_zero_convs(model)
     ckpt = save_state_dict(model.state_dict(), tmp_path / "full.safetensors")
     data = make_fill50k(tmp_path / "val", n=2, size=64, seed=1)
-    summary = tool_eval_control.main(["--config", str(TINY_XL), "--ckpt", str(ckpt), "--data_root", str(data),
-                                      "--n", "2", "--metrics", "ssim", "--steps", "2", "--device", "cpu",
-                                      "--sampler", "euler"])
+    args = ["--config", str(TINY_XL), "--ckpt", str(ckpt), "--data_root", str(data), "--n", "2", "--metrics", "ssim",
+            "--steps", "2", "--device", "cpu", "--sampler", "euler"]
+    summary = tool_eval_control.main(args)
     assert summary["n"] == 2 and summary["metrics"]["ssim"]["paired_diff"]["mean"] != 0.0
+    # the size conditioning reaches the samples, and the summary records it
+    sized = tool_eval_control.main(args + ["--original_size", "512", "384", "--crops_coords_top_left", "16", "0"])
+    assert sized["original_size"] == (512, 384) and sized["crops_coords_top_left"] == (16, 0)
+    assert sized["metrics"]["ssim"]["control"]["mean"] != summary["metrics"]["ssim"]["control"]["mean"]
+    # an SD config has no size conditioning: refused by name, not ignored
+    sd = model_as_trained(ROOT / "models" / "cldm_tiny.yaml")
+    sd_ckpt = save_state_dict(sd.state_dict(), tmp_path / "sd.safetensors")
+    sd_data = make_fill50k(tmp_path / "val32", n=1, size=32, seed=1)
+    with pytest.raises(ValueError, match="target_size: size conditioning applies to SDXL-type models only"):
+        tool_eval_control.main(["--config", str(ROOT / "models" / "cldm_tiny.yaml"), "--ckpt", str(sd_ckpt),
+                                "--data_root", str(sd_data), "--n", "1", "--metrics", "ssim", "--steps", "1",
+                                "--device", "cpu", "--target_size", "64", "64"])

@@ -1,4 +1,5 @@
-"""What both benchmarks share: our model and diffusers' on the same weights, precision, timing, memory, tables.
+"""What the benchmarks share (benchmarks/ are their command lines): our model and diffusers' on the same
+weights, precision, timing, memory, tables.
 
 The peer is cldm.diffusers_peer's: diffusers' UNet2DConditionModel + ControlNetModel (+ AutoencoderKL) on our
 state dict; both sides use our text encoder: it runs only without cached latents, and then for both alike.
@@ -9,6 +10,7 @@ allocator's peak, or on CPU the profiler's allocation records). Both sides live 
 side's figure counts nothing of the other's.
 """
 import contextlib
+import logging
 import os
 import platform
 import statistics
@@ -22,13 +24,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from cldm.diffusers_peer import Peer, build_peer, peer_eps
+from cldm.model import create_model
+from ldm.modules.diffusionmodules.openaimodel import set_gradient_checkpointing
 
-from cldm.diffusers_peer import Peer, build_peer, peer_eps  # noqa: E402, F401  (the benchmarks' peer)
-from cldm.model import create_model  # noqa: E402
-from ldm.modules.diffusionmodules.openaimodel import set_gradient_checkpointing  # noqa: E402
+logger = logging.getLogger(__name__)
+ROOT = Path(__file__).resolve().parents[2]
 
 PRECISIONS = {"fp32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 TINY = ROOT / "models" / "cldm_tiny.yaml"
@@ -266,12 +267,12 @@ def comparison_row(metric: str, setting: str, fmt, ours: float | None, theirs: f
 
 def write_table(rows: list[tuple[str, str, str, str, str]], title: str, path: str | None,
                 append: bool = True) -> str:
-    """A markdown table (metric, setting, ours, diffusers, ratio), printed and appended to (or written as) `path`."""
+    """A markdown table (metric, setting, ours, diffusers, ratio), logged and appended to (or written as) `path`."""
     lines = [f"### {title}", "", f"{machine()}, {date.today().isoformat()}", "",
              "| metric | setting | ours | diffusers | ours ÷ diffusers |", "|---|---|---|---|---|"]
     lines += [f"| {' | '.join(row)} |" for row in rows]
     text = "\n".join(lines) + "\n"
-    print(text)
+    logger.info(text)
     if path:
         with open(path, "a" if append else "w") as f:
             f.write(text + "\n")
@@ -280,7 +281,7 @@ def write_table(rows: list[tuple[str, str, str, str, str]], title: str, path: st
 
 def bench_main(name: str, args, run, argv: list[str] | None) -> dict:
     """The shared driver of the benchmarks: threads and attention slicing as asked, build ours and the
-    peer, run(args, model, peer), print (and append) the table."""
+    peer, run(args, model, peer), log (and append) the table."""
     from ldm.modules.attention import set_attention_slicing
     if args.threads:
         torch.set_num_threads(args.threads)
