@@ -7,6 +7,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from annotator.midas import WEIGHTS_FILE, MidasDetector, normal_from_depth
 from annotator.midas.dpt_depth import DPTDepthModel
@@ -76,26 +77,88 @@ def test_encoder_tokens_match_timm(detector):
     torch.testing.assert_close(encoder.model.norm(tokens), expected)
 
 
-def test_feature_pyramid_shapes(detector):
+def test_feature_pyramid_is_the_resnet_stages_and_the_reassembled_tokens(detector):
+    """At 64x96 (not the 384 the position grid was trained at): the two shallow maps are timm's own ResNet
+    stages 1 and 2, the two deep ones DPT's reassembly (readout "project", 1x1 conv, stride-2 conv for the last)
+    of the tokens after ViT blocks 8 and 11, computed here by hand."""
+    encoder = detector.model.pretrained
+    x = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        maps = detector.model.pretrained(torch.zeros(1, 3, 64, 96))
-    strides_channels = [(4, 256), (8, 512), (16, 768), (32, 768)]
-    assert [tuple(m.shape) for m in maps] == [(1, c, 64 // s, 96 // s) for s, c in strides_channels]
+        maps = encoder(x)
+        stages = encoder.model.patch_embed.backbone.forward_intermediates(x, indices=[1, 2], intermediates_only=True)
+        # MiDaS's hooks of DPT-Hybrid: the ResNet's stages, then ViT blocks 8 and 11 (position grid resized
+        # bilinearly, without antialiasing, from 24x24 to the input's 4x6)
+        vit = encoder.model
+        patches = vit.patch_embed.proj(vit.patch_embed.backbone(x)).flatten(2).transpose(1, 2)
+        pos = F.interpolate(vit.pos_embed[:, 1:].reshape(1, 24, 24, -1).permute(0, 3, 1, 2), size=(4, 6),
+                            mode="bilinear", align_corners=False).flatten(2).transpose(1, 2)
+        t = torch.cat([vit.cls_token + vit.pos_embed[:, :1], patches + pos], dim=1)
+        tokens = []
+        for i, block in enumerate(vit.blocks[:12]):
+            t = block(t)
+            if i in (8, 11):
+                tokens.append(t)
+        deep = []
+        for t, post in zip(tokens, (encoder.act_postprocess3, encoder.act_postprocess4)):
+            linear = post[0].project[0]
+            joined = torch.cat([t[:, 1:], t[:, :1].expand(-1, t.shape[1] - 1, -1)], dim=-1)
+            grid = F.gelu(F.linear(joined, linear.weight, linear.bias)).transpose(1, 2).reshape(1, -1, 4, 6)
+            grid = F.conv2d(grid, post[3].weight, post[3].bias)
+            if len(post) > 4:
+                grid = F.conv2d(grid, post[4].weight, post[4].bias, stride=2, padding=1)
+            deep.append(grid)
+    assert [tuple(m.shape) for m in maps] == [(1, 256, 16, 24), (1, 512, 8, 12), (1, 768, 4, 6), (1, 768, 2, 3)]
+    for ours, expected in zip(maps, [*stages, *deep]):
+        torch.testing.assert_close(ours, expected)
+
+
+def hand_depth(model, image: np.ndarray) -> np.ndarray:
+    """The 1.0 annotator's recipe: RGB scaled to [-1, 1], channels first, the network's inverse depth."""
+    x = torch.from_numpy(image.astype(np.float32).transpose(2, 0, 1)[None] / 127.5 - 1.0)
+    with torch.no_grad():
+        return model(x)[0].numpy()
+
+
+def hand_maps(depth: np.ndarray, a: float = np.pi * 2.0, bg_th: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+    """Depth and normal images from raw inverse depth, as ControlNet 1.0's MidasDetector makes them."""
+    scaled = (depth - depth.min()) / (depth.max() - depth.min())
+    x = cv2.Sobel(depth, cv2.CV_32F, 1, 0, ksize=3)
+    y = cv2.Sobel(depth, cv2.CV_32F, 0, 1, ksize=3)
+    x[scaled < bg_th], y[scaled < bg_th] = 0, 0
+    normal = np.stack([x, y, np.ones_like(x) * a], axis=2)
+    normal /= np.sum(normal ** 2.0, axis=2, keepdims=True) ** 0.5
+    return ((scaled * 255.0).clip(0, 255).astype(np.uint8),
+            (normal * 127.5 + 127.5).clip(0, 255).astype(np.uint8))
+
+
+def assert_same_map(ours: np.ndarray, expected: np.ndarray) -> None:
+    """Equal but for a few values one apart: float32 rounding just under an integer before the uint8 cut."""
+    assert ours.shape == expected.shape
+    difference = np.abs(ours.astype(int) - expected)
+    assert difference.max() <= 1 and (difference == 0).mean() > 0.999
 
 
 def test_depth_and_normal_maps(detector, scene):
     depth, normal = detector(scene)
-    assert depth.shape == (256, 256) and depth.dtype == np.uint8
-    assert normal.shape == (256, 256, 3) and normal.dtype == np.uint8
+    expected_depth, expected_normal = hand_maps(hand_depth(detector.model, scene))
+    assert depth.dtype == normal.dtype == np.uint8
+    assert_same_map(depth, expected_depth)
+    assert_same_map(normal, expected_normal)
     assert depth.min() == 0 and depth.max() == 255
     # z is the largest component everywhere, so blue never drops below the midpoint
     assert normal[..., 2].min() >= 127
 
 
 def test_odd_sizes_come_back_at_input_size(detector, scene):
+    """70x100 runs at 64x96 (multiples of the stride 32, bicubic) and the depth comes back bilinearly."""
     image = cv2.resize(scene, (100, 70))
     depth, normal = detector(image, bg_th=0.4)
-    assert depth.shape == (70, 100) and normal.shape == (70, 100, 3)
+    raw = hand_depth(detector.model, cv2.resize(image, (96, 64), interpolation=cv2.INTER_CUBIC))
+    expected_depth, expected_normal = hand_maps(cv2.resize(raw, (100, 70), interpolation=cv2.INTER_LINEAR),
+                                                bg_th=0.4)
+    assert depth.shape == (70, 100)
+    assert_same_map(depth, expected_depth)
+    assert_same_map(normal, expected_normal)
 
 
 def test_rejects_non_rgb(detector):

@@ -93,12 +93,32 @@ def test_missing_weights_name_the_file(tmp_path, monkeypatch):
         Body("cpu")
 
 
-def test_detector_runs_on_a_generated_image(detector):
+def original_maps(net: torch.nn.Module, bgr: np.ndarray, scale: float) -> list[np.ndarray]:
+    """The network's maps at one scale as the original body.py/hand.py compute them: the image resized (bicubic)
+    to `scale` * 368 / its height, padded right and down to a multiple of 8 with grey 128, scaled to
+    [-0.5, 0.5), the outputs upsampled x8 (bicubic), the padding cut, resized back to the image."""
+    h, w = bgr.shape[:2]
+    image = cv2.resize(bgr, (0, 0), fx=scale * 368 / h, fy=scale * 368 / h, interpolation=cv2.INTER_CUBIC)
+    ih, iw = image.shape[:2]
+    padded = np.full((ih + (-ih) % 8, iw + (-iw) % 8, 3), 128, np.uint8)
+    padded[:ih, :iw] = image
+    with torch.no_grad():
+        outputs = net(torch.from_numpy(padded.transpose(2, 0, 1)[None].astype(np.float32)) / 256 - 0.5)
+    maps = []
+    for out in outputs if isinstance(outputs, tuple) else (outputs,):
+        up = cv2.resize(out[0].numpy().transpose(1, 2, 0), (0, 0), fx=8, fy=8, interpolation=cv2.INTER_CUBIC)
+        maps.append(cv2.resize(up[:ih, :iw], (w, h), interpolation=cv2.INTER_CUBIC).astype(np.float64))
+    return maps
+
+
+def test_detector_runs_the_body_network_on_bgr_and_draws_what_it_decodes(detector):
     image = person_image()
     canvas, pose = detector(image, hand=True, body_scales=(0.25,), hand_scales=(0.25,))
-    assert canvas.shape == image.shape and canvas.dtype == np.uint8
-    assert set(pose) == {"candidate", "subset"}
-    assert all(len(row) == 4 for row in pose["candidate"]) and all(len(row) == 20 for row in pose["subset"])
+    paf, heatmap = original_maps(detector.body_estimation.model, image[:, :, ::-1].copy(), 0.25)
+    candidate, subset = decode_body(heatmap, paf)
+    assert pose == {"candidate": candidate.tolist(), "subset": subset.tolist()}
+    assert len(candidate) > 0  # random weights find peaks (but no person)
+    np.testing.assert_array_equal(canvas, draw_bodypose(np.zeros_like(image), candidate, subset))
     assert next(detector.body_estimation.model.parameters()).device == torch.device("cpu")
 
 
@@ -130,8 +150,10 @@ def test_hand_branch_draws_detected_hands(detector, monkeypatch):
 def test_hand_estimator_returns_keypoints_in_the_crop(detector):
     crop = person_image(64)[:, :, ::-1].copy()
     peaks = detector.hand_estimation(crop, scales=(0.25,))
-    assert peaks.shape == (21, 2) and np.issubdtype(peaks.dtype, np.integer)
-    assert (peaks >= 0).all() and (peaks < 64).all()
+    (heatmap,) = original_maps(detector.hand_estimation.model, crop, 0.25)
+    assert np.issubdtype(peaks.dtype, np.integer)
+    np.testing.assert_array_equal(peaks, find_hand_peaks(heatmap))
+    assert (peaks >= 0).all() and (peaks < 64).all() and peaks.any()
 
 
 def gaussian_blob(shape: tuple[int, int], x: int, y: int, sigma: float = 2.0) -> np.ndarray:

@@ -9,6 +9,8 @@ import torch
 
 from annotator.uniformer import (
     ADE20K_PALETTE,
+    MEAN,
+    STD,
     WEIGHTS_FILE,
     UniformerDetector,
     colorize,
@@ -80,12 +82,22 @@ def test_missing_weights_names_the_file(tmp_path: Path, monkeypatch: pytest.Monk
         UniformerDetector()
 
 
-def test_detector_returns_palette_colours(detector: UniformerDetector) -> None:
-    image = scene_image()
+def test_detector_colours_the_classes_of_mmsegs_whole_image_inference(detector: UniformerDetector) -> None:
+    """mmseg's test pipeline by hand: keep-ratio resize to a 64 short side (bilinear), RGB normalised by
+    ImageNet's mean and std, the decode head's logits resized bilinearly to the network input and then to the
+    image, argmax, ADE20K's palette."""
+    image = scene_image()  # 128x160 -> 64x80
+    resized = cv2.resize(image, (80, 64), interpolation=cv2.INTER_LINEAR).astype(np.float32)
+    x = torch.from_numpy(((resized - np.array(MEAN)) / np.array(STD)).astype(np.float32).transpose(2, 0, 1)[None])
+    with torch.no_grad():
+        logits = detector.model.decode_head(detector.model.backbone(x))
+    logits = torch.nn.functional.interpolate(logits, size=(64, 80), mode="bilinear", align_corners=False)
+    logits = torch.nn.functional.interpolate(logits, size=(128, 160), mode="bilinear", align_corners=False)
+    expected = ADE20K_PALETTE[logits.argmax(dim=1)[0].numpy()]
     out = detector(image)
-    assert out.shape == image.shape and out.dtype == np.uint8
-    palette = {tuple(c) for c in ADE20K_PALETTE.tolist()}
-    assert {tuple(c) for c in out.reshape(-1, 3).tolist()} <= palette
+    assert out.dtype == np.uint8
+    np.testing.assert_array_equal(out, expected)
+    assert len(np.unique(out.reshape(-1, 3), axis=0)) > 1
 
 
 def test_detector_follows_its_device(detector: UniformerDetector) -> None:
@@ -93,12 +105,28 @@ def test_detector_follows_its_device(detector: UniformerDetector) -> None:
     assert not detector.model.training
 
 
-def test_auxiliary_head_shapes(detector: UniformerDetector) -> None:
+def test_stage_outputs_and_auxiliary_head(detector: UniformerDetector) -> None:
+    """The backbone's four maps at strides 4 to 32, each layer-normalised over its channels; the auxiliary head
+    (mmseg's FCNHead: one 3x3 conv, BatchNorm, ReLU, a 1x1 classifier) on the third, computed by hand."""
+    x = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(3))
+    model = detector.model
     with torch.no_grad():
-        features = detector.model.backbone(torch.zeros(1, 3, 64, 96))
-        aux = detector.model.auxiliary_head(features)
+        features = model.backbone(x)
+        aux = model.auxiliary_head(features)
+        conv, bn = model.auxiliary_head.convs[0].conv, model.auxiliary_head.convs[0].bn
+        hidden = torch.nn.functional.conv2d(features[2], conv.weight, padding=1)
+        hidden = torch.nn.functional.batch_norm(hidden, bn.running_mean, bn.running_var, bn.weight, bn.bias,
+                                                eps=bn.eps).relu()
+        expected = torch.nn.functional.conv2d(hidden, model.auxiliary_head.conv_seg.weight,
+                                              model.auxiliary_head.conv_seg.bias)
     assert [tuple(f.shape[1:]) for f in features] == [(64, 16, 24), (128, 8, 12), (320, 4, 6), (512, 2, 3)]
-    assert aux.shape == (1, 150, 4, 6)
+    for i, f in enumerate(features, start=1):
+        norm = getattr(model.backbone, f"norm{i}")
+        standard = (f - norm.bias[:, None, None]) / norm.weight[:, None, None]
+        torch.testing.assert_close(standard.mean(dim=1), torch.zeros_like(standard[:, 0]), rtol=0, atol=1e-4)
+        torch.testing.assert_close(standard.var(dim=1, unbiased=False), torch.ones_like(standard[:, 0]),
+                                   rtol=0, atol=2e-2)
+    torch.testing.assert_close(aux, expected)
 
 
 def test_rescale_size_is_mmseg_keep_ratio() -> None:

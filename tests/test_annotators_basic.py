@@ -78,9 +78,20 @@ def test_hed_keys_match_published_weights(hed: HEDdetector) -> None:
     hed.model.load_state_dict(random_state("hed"), strict=True)
 
 
-def test_hed_output_map(scene: np.ndarray) -> None:
-    edge = HEDdetector(random_init=True)(scene)
+def test_hed_output_map_is_the_originals_recipe(scene: np.ndarray) -> None:
+    """The 1.1 annotator's numpy recipe on the network's five side outputs: each resized with cv2 (bilinear),
+    averaged, a float64 sigmoid, times 255."""
+    torch.manual_seed(0)
+    detector = HEDdetector(random_init=True)
+    with torch.no_grad():
+        sides = detector.model(torch.from_numpy(scene.astype(np.float32).transpose(2, 0, 1)[None].copy()))
+    resized = [cv2.resize(side[0, 0].numpy(), (320, 256), interpolation=cv2.INTER_LINEAR) for side in sides]
+    expected = 1 / (1 + np.exp(-np.mean(np.stack(resized, axis=2), axis=2).astype(np.float64)))
+    edge = detector(scene)
     assert edge.shape == (256, 320) and edge.dtype == np.uint8
+    difference = np.abs(edge.astype(int) - (expected * 255.0).clip(0, 255).astype(np.uint8))
+    assert difference.max() <= 1 and (difference == 0).mean() > 0.999  # torch's and cv2's bilinear round apart
+    assert len(np.unique(edge)) > 10  # a map, not a constant
 
 
 def test_hed_averages_side_outputs_through_sigmoid(scene: np.ndarray) -> None:
@@ -146,10 +157,20 @@ def test_mlsd_keys_match_published_weights(mlsd: MLSDdetector) -> None:
     mlsd.model.load_state_dict(random_state("mlsd"), strict=True)
 
 
-def test_mlsd_output_map(scene: np.ndarray) -> None:
-    lines = MLSDdetector(random_init=True)(scene, 0.1, 0.1)
-    assert lines.shape == (256, 320) and lines.dtype == np.uint8
-    assert set(np.unique(lines)) <= {0, 255}
+def test_mlsd_output_map_is_the_networks_segments_drawn(scene: np.ndarray) -> None:
+    """The real network at the image's size: RGB plus a fourth channel of ones, all scaled to [-1, 1]; the
+    segments its map holds, drawn one pixel wide."""
+    torch.manual_seed(0)
+    detector = MLSDdetector(random_init=True)
+    rgba = np.concatenate([scene, np.ones((256, 320, 1))], axis=-1).astype(np.float32) / 127.5 - 1.0
+    with torch.no_grad():
+        segments = lines_from_tp_map(detector.model(torch.from_numpy(rgba.transpose(2, 0, 1)[None].copy())),
+                                     0.1, 0.0)  # random weights: short segments
+    assert len(segments) > 0
+    expected = np.zeros((256, 320), dtype=np.uint8)
+    for x0, y0, x1, y1 in segments:
+        cv2.line(expected, (int(x0), int(y0)), (int(x1), int(y1)), 255, 1)
+    np.testing.assert_array_equal(detector(scene, 0.1, 0.0), expected)
 
 
 def test_mlsd_decodes_a_known_segment() -> None:
