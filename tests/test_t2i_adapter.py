@@ -119,6 +119,21 @@ def test_feature_sites_of_sd15_and_sdxl_are_diffusers():
         full.feature_sites(xl.model.diffusion_model)  # the SD1.5 adapter's spacing is not SDXL's
 
 
+@pytest.mark.parametrize("name", ["sd15v2", "sdxl_gray", "color_sd14v1"])
+def test_features_equal_diffusers_t2i_adapter(name):
+    small = dict(PUBLISHED[name], channels=[16, 32, 64, 64][:len(PUBLISHED[name]["channels"])])
+    torch.manual_seed(0)
+    ours = T2IAdapter(**small)
+    theirs = diffusers.T2IAdapter(**small)
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    # 96 px: the last pooling meets an odd size (3 -> 2), where ceil_mode matters
+    hint = torch.rand(2, small["in_channels"], 96, 96, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        mine, reference = ours(hint), theirs(hint)
+    assert [f.shape for f in mine] == [f.shape for f in reference]
+    assert all(torch.equal(a, b) for a, b in zip(mine, reference))
+
+
 def test_v1_adapters_are_refused_by_name():
     keys = reference_keys("t2i_adapter/t2iadapter_sd15v2.keys.tsv")
     keys["body.0.skep.weight"] = (320, 320, 3, 3)
