@@ -87,6 +87,8 @@ def test_full_size_model_holds_diffusers_t2i_adapter(config, name):
 @pytest.mark.parametrize("name", list(PUBLISHED))
 def test_published_diffusers_files_load_with_their_structure(name):
     theirs = diffusers_adapter_on_meta(name)
+    found = recognise(meta_tensors(shapes(theirs.state_dict())))
+    assert (found.mode.name, found.layout) == ("t2i-adapter", "diffusers")
     net = load_t2i_adapter(meta_tensors(shapes(theirs.state_dict())))
     assert net.config == AdapterConfig(**PUBLISHED[name])
     assert shapes(net.state_dict()) == shapes(theirs.state_dict())
@@ -97,6 +99,8 @@ def test_published_diffusers_files_load_with_their_structure(name):
 def test_tencentarc_files_load_as_diffusers_t2i_adapter(reference, name):
     original = reference_keys(f"t2i_adapter/{reference}.keys.tsv")
     for prefix in ("", "adapter."):  # TencentARC's loader takes both
+        found = recognise(meta_tensors({prefix + k: v for k, v in original.items()}))
+        assert (found.mode.name, found.layout) == ("t2i-adapter", "tencentarc")
         net = load_t2i_adapter(meta_tensors({prefix + k: v for k, v in original.items()}))
         assert net.config == AdapterConfig(**PUBLISHED[name])
         assert shapes(net.state_dict()) == shapes(diffusers_adapter_on_meta(name).state_dict())
