@@ -87,3 +87,17 @@ def test_a_full_controlnet_copies_the_unets_encoder_shape_for_shape(name):
     copied = [(n, p) for n, p in model.control_model.named_parameters()
               if n.startswith(("time_embed.", "label_emb.", "input_blocks.", "middle_block."))]
     assert copied and all(unet[n].shape == p.shape for n, p in copied)
+
+
+@pytest.mark.parametrize(("setting", "refusal"), [
+    ({"use_positional_encodings": True}, "use_positional_encodings .* is not supported"),
+    ({"num_timesteps_cond": 2}, "num_timesteps_cond 2: noising the conditioning .* is not supported"),
+])
+def test_settings_of_the_original_that_would_be_ignored_are_refused(setting, refusal):
+    """The original's configs load with their sampler and logging settings, which do nothing here; a setting that
+    would change training if it took effect is refused instead of ignored."""
+    model = create_model(ROOT / "models" / "cldm_tiny.yaml", device="meta",
+                         params={"monitor": "val/loss_simple_ema", "log_every_t": 200, "clip_denoised": False})
+    assert not hasattr(model, "monitor") and not hasattr(model, "log_every_t")
+    with pytest.raises(ValueError, match=refusal):
+        create_model(ROOT / "models" / "cldm_tiny.yaml", device="meta", params=setting)

@@ -108,8 +108,14 @@ class DDPM(pl.LightningModule):
         options (objective.py); `zero_terminal_snr`: rescale the schedule so that its last timestep is pure noise
         (v-prediction only; util.rescale_zero_terminal_snr), its buffers then follow from the config and are not
         saved (SD's files hold the unrescaled ones). `use_ema`: keep an EMA of the trained weights with `ema_decay`
-        (ldm/modules/ema.py), which ema_scope swaps in."""
+        (ldm/modules/ema.py), which ema_scope swaps in.
+        `monitor`, `log_every_t`, `clip_denoised`: the original's settings for its own checkpoint callback and DDPM
+        sampler, which are not used here (checkpoints and samplers have their own options); accepted so that its
+        configs load. `use_positional_encodings` is not supported and refused."""
         super().__init__()
+        if use_positional_encodings:
+            raise ValueError("use_positional_encodings (latent position channels in the conditioning) is not "
+                             "supported")
         if zero_terminal_snr and parameterization != "v":
             raise ValueError(f"zero_terminal_snr needs a v-prediction model (parameterization: v), not "
                              f"{parameterization!r}: at zero SNR the input is pure noise, so an eps prediction says "
@@ -128,12 +134,9 @@ class DDPM(pl.LightningModule):
             raise ValueError(f"loss_type must be 'l1' or 'l2', got {loss_type!r}")
         self.parameterization = parameterization
         self.cond_stage_model = None
-        self.clip_denoised = clip_denoised
-        self.log_every_t = log_every_t
         self.first_stage_key = first_stage_key
         self.image_size = image_size
         self.channels = channels
-        self.use_positional_encodings = use_positional_encodings
         self.model = DiffusionWrapper(unet_config, conditioning_key)
         self.use_ema = use_ema
         self.ema_decay = ema_decay
@@ -144,8 +147,6 @@ class DDPM(pl.LightningModule):
         self.v_posterior = v_posterior
         self.original_elbo_weight = original_elbo_weight
         self.l_simple_weight = l_simple_weight
-        if monitor is not None:
-            self.monitor = monitor
         self.loss_type = loss_type
         self.schedule_config = dict(given_betas=given_betas, beta_schedule=beta_schedule, timesteps=timesteps,
                                     linear_start=linear_start, linear_end=linear_end, cosine_s=cosine_s,
@@ -442,14 +443,15 @@ class LatentDiffusion(DDPM):
                  scale_factor: float = 1.0, scale_by_std: bool = False, force_null_conditioning: bool = False,
                  conditioner_config: Any = None, *args, **kwargs):
         """`cond_stage_config` (SD1.x/2.x: a text encoder, `cond_stage_model.*`) or `conditioner_config`
-        (SDXL: sgm's conditioner of several embedders, `conditioner.*`, with conditioning_key crossattn-adm)."""
+        (SDXL: sgm's conditioner of several embedders, `conditioner.*`, with conditioning_key crossattn-adm).
+        `num_timesteps_cond` above 1 (the original's noised conditioning, shorten_cond_schedule) is refused;
+        `scale_by_std` keeps `scale_factor` as a buffer, so a checkpoint's value loads."""
         if (cond_stage_config is None) == (conditioner_config is None):
             raise ValueError("give exactly one of cond_stage_config (SD1.x/2.x) and conditioner_config (SDXL)")
         self.force_null_conditioning = force_null_conditioning
-        self.num_timesteps_cond = default(num_timesteps_cond, 1)
-        self.scale_by_std = scale_by_std
-        if self.num_timesteps_cond > kwargs.get("timesteps", 1000):
-            raise ValueError("num_timesteps_cond cannot exceed the number of timesteps")
+        if default(num_timesteps_cond, 1) > 1:
+            raise ValueError(f"num_timesteps_cond {num_timesteps_cond}: noising the conditioning (the original's "
+                             f"shorten_cond_schedule) is not supported; use 1")
         if conditioning_key is None:
             conditioning_key = "concat" if concat_mode else "crossattn"
         if cond_stage_config == "__is_unconditional__" and not self.force_null_conditioning:
@@ -461,7 +463,6 @@ class LatentDiffusion(DDPM):
         ignore_keys = kwargs.pop("ignore_keys", [])
         kwargs.setdefault("persistent_schedule", conditioner_config is None)
         super().__init__(*args, conditioning_key=conditioning_key, **kwargs)
-        self.concat_mode = concat_mode
         self.cond_stage_trainable = cond_stage_trainable
         self.cond_stage_key = cond_stage_key
         if not scale_by_std:
