@@ -30,7 +30,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from cldm.bench.measure import machine  # noqa: E402
-from cldm.data import Fill50KDataset, HFDataset, KohyaDataset, Resize, ShardDataset  # noqa: E402
+from cldm.data import Fill50KDataset, HFDataset, KohyaDataset, Resize, ShardDataset, folder_subsets  # noqa: E402
 from cldm.data.loading import TrainData  # noqa: E402
 from cldm.data.shards import write_shards  # noqa: E402
 from ldm.batch import CAPTION  # noqa: E402
@@ -79,7 +79,7 @@ def open_reader(name: str, root: Path, resize: Resize, cache: Path):
     if name == "fill50k":
         return Fill50KDataset(root, resize=resize)
     if name == "kohya":
-        return KohyaDataset(root / "images", root / "cond", resize=resize)
+        return KohyaDataset(folder_subsets(root / "images", root / "cond"), resize=resize)
     if name == "hf":
         return HFDataset(root, resize=resize, cache_dir=str(cache))
     return ShardDataset(root, resize=resize, cache_dir=str(cache / "litdata"))

@@ -23,8 +23,18 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from torch.utils.data import Dataset
 
 from cldm.cli import devices_arg, given_on_command_line, refuse_existing, str2bool
-from cldm.data import FORMATS, BadSampleError, PairedImageDataset, Resize, detect_format, open_dataset
+from cldm.data import (
+    FORMATS,
+    BadSampleError,
+    KohyaDataset,
+    PairedImageDataset,
+    Resize,
+    detect_format,
+    open_dataset,
+)
+from cldm.data.base import select_samples
 from cldm.data.images import RESIZE_MODES, set_max_image_pixels
+from cldm.data.kohya_config import DatasetConfig, read_dataset_config
 from cldm.data.latent_cache import CachedDataset
 from cldm.data.loading import SkippedSamples, TrainData, report_captions, sample_error_message
 from cldm.fidelity import METRICS
@@ -69,7 +79,7 @@ def build_parser(config: str, resume_path: str) -> argparse.ArgumentParser:
     p.add_argument("--image_size", type=int, default=None,
                    help="stretch images to this square size, ignoring their aspect ratio (the original's sizing; "
                         "see --resolution)")
-    p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--batch_size", type=int, default=None, help="(default 4, or a --dataset_config's batch_size)")
     model = p.add_argument_group("training settings (default: the config's; on resume, a change is logged)")
     model.add_argument("--learning_rate", type=float, default=None, help="(the original's: 1e-5)")
     model.add_argument("--sd_locked", type=str2bool, default=None,
@@ -128,7 +138,17 @@ def build_parser(config: str, resume_path: str) -> argparse.ArgumentParser:
                       help="with --resolution: short side to N then a centre or random N x N crop, a stretch to "
                            "N x N, or aspect-ratio buckets of about N*N pixels (default %(default)s)")
     data.add_argument("--conditioning_data_dir", default=None, help="kohya format: the folder of hint images")
-    data.add_argument("--caption_extension", default=".txt", help="kohya format: caption files' extension")
+    data.add_argument("--caption_extension", default=None,
+                      help="kohya format: caption files' extension (default .txt; .txt and .caption stand in for "
+                           "each other)")
+    data.add_argument("--require_captions", action="store_true",
+                      help="kohya format: stop at an image without a caption file (default: it trains on an empty "
+                           "caption, with a warning naming it, as in kohya)")
+    data.add_argument("--dataset_config", default=None,
+                      help="kohya's dataset config (TOML or JSON: [general], [[datasets]], [[datasets.subsets]]) "
+                           "in place of --data_root (docs/data.md)")
+    data.add_argument("--max_train_samples", type=int, default=None,
+                      help="train on N samples of the data, drawn by --seed (diffusers' option)")
     data.add_argument("--image_column", default="image", help="hf format: the target image column")
     data.add_argument("--conditioning_image_column", default="conditioning_image", help="hf format: the hint column")
     data.add_argument("--caption_column", default="text", help="hf format: the caption column")
@@ -239,12 +259,42 @@ def build_model(args: argparse.Namespace, resume_path: str) -> pl.LightningModul
 
 # Options of the readers, which a latent cache replaces: the cache fixed the sizing, the format and the captions.
 READER_OPTIONS = ("data_format", "resolution", "resize", "conditioning_data_dir", "caption_extension", "image_column",
-                  "conditioning_image_column", "caption_column", "split", "allow_outside_root", "skip_bad_samples")
+                  "conditioning_image_column", "caption_column", "split", "allow_outside_root", "skip_bad_samples",
+                  "require_captions")
+DEFAULT_BATCH_SIZE = 4
+# options a --dataset_config replaces: the file names the folders and the sizing
+REPLACED_BY_DATASET_CONFIG = ("data_root", "data_format", "conditioning_data_dir", "image_size", "resize",
+                              "cached_latents", "image_column", "conditioning_image_column", "caption_column",
+                              "split", "allow_outside_root")
 
 
-def build_dataset(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Dataset:
-    """The reader of --data_root (any format), or the latent cache's with --cached_latents (then the readers'
-    options given are refused by name: none would take effect)."""
+def read_kohya_dataset_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> DatasetConfig | None:
+    """--dataset_config read together with the command line's --resolution, --caption_extension and
+    --batch_size; fills in --batch_size and --resolution (for --val_data) from the file where they are not
+    given. None without --dataset_config."""
+    if args.dataset_config is None:
+        args.batch_size = args.batch_size or DEFAULT_BATCH_SIZE
+        return None
+    replaced = [f"--{name}" for name in REPLACED_BY_DATASET_CONFIG if getattr(args, name) != parser.get_default(name)]
+    if replaced:
+        raise UserError(f"{', '.join(replaced)} cannot be given with --dataset_config {args.dataset_config}",
+                        "the dataset config names the folders (image_dir, conditioning_data_dir) and the sizing "
+                        "(resolution, enable_bucket)")
+    shared = {"resolution": args.resolution, "caption_extension": args.caption_extension,
+              "batch_size": args.batch_size}
+    config = read_dataset_config(args.dataset_config, {k: v for k, v in shared.items() if v is not None})
+    args.batch_size = config.batch_size or DEFAULT_BATCH_SIZE
+    args.resolution = args.resolution or config.resize.resolution
+    return config
+
+
+def build_dataset(args: argparse.Namespace, parser: argparse.ArgumentParser,
+                  config: DatasetConfig | None = None) -> Dataset:
+    """The reader of --data_root (any format), of a kohya dataset config, or the latent cache's with
+    --cached_latents (then the readers' options given are refused by name: none would take effect)."""
+    if config is not None:
+        return KohyaDataset(config.subsets, config.resize, skip_bad=args.skip_bad_samples,
+                            require_captions=args.require_captions)
     if args.cached_latents is not None:
         ignored = [f"--{name}" for name in READER_OPTIONS if getattr(args, name) != parser.get_default(name)]
         if ignored:
@@ -262,7 +312,7 @@ def build_dataset(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
                             conditioning_image_column=args.conditioning_image_column,
                             caption_column=args.caption_column, split=args.split,
                             allow_outside_root=args.allow_outside_root, skip_bad=args.skip_bad_samples,
-                            seed=args.seed or 0)
+                            require_captions=args.require_captions, seed=args.seed or 0)
     dataset = CachedDataset(args.cached_latents, data_root=args.data_root)
     if args.image_size not in (None, dataset.size):
         raise UserError(f"{args.cached_latents} was cached at image size {dataset.size}, not --image_size "
@@ -329,6 +379,7 @@ def main(argv: list[str] | None = None, config: str = "./models/cldm_v15.yaml",
     if args.ema_export == "both":
         refuse_existing(raw_export_path(export), args.force)
     check_fresh_output(output_dir / "checkpoints", args.resume, args.force)
+    dataset_config = read_kohya_dataset_config(parser, args)
     validation = build_validation(args)
     if args.seed is not None:
         pl.seed_everything(args.seed, workers=True)
@@ -349,9 +400,14 @@ def main(argv: list[str] | None = None, config: str = "./models/cldm_v15.yaml",
                         "use --strategy fsdp (the EMA is sharded with the weights), or --use_ema False")
     if args.max_image_pixels is not None:
         set_max_image_pixels(args.max_image_pixels)
-    dataset = build_dataset(args, parser)
+    dataset = build_dataset(args, parser, dataset_config)
     if args.cached_latents is not None:
         check_cache(model, dataset.meta, args.cached_latents)
+    if args.max_train_samples is not None:
+        if not isinstance(dataset, PairedImageDataset):
+            raise UserError(f"--max_train_samples needs a map-style format, not the stream of {args.data_root}",
+                            "write fewer shards instead")
+        dataset = select_samples(dataset, args.max_train_samples, args.seed or 0)
     if args.frozen_dtype is not None:  # after the cache check, whose fingerprint is of the float32 weights
         model.cast_frozen(FROZEN_DTYPES[args.frozen_dtype][0])
     report_captions_for(model, dataset)

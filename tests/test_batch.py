@@ -9,7 +9,7 @@ import pytorch_lightning as pl
 import torch
 from PIL import Image
 
-from cldm.data import Fill50KDataset, HFDataset, KohyaDataset, Resize, ShardDataset
+from cldm.data import Fill50KDataset, HFDataset, KohyaDataset, Resize, ShardDataset, folder_subsets
 from cldm.data.batch import ControlCachedItem, ControlImageItem, check_control_item
 from cldm.data.latent_cache import CachedDataset, cache_latents
 from cldm.data.loading import TrainData, sample_error_message
@@ -46,7 +46,7 @@ def kohya_and_hf(fill, root):
 def test_every_reader_yields_a_control_item_with_exactly_its_keys(fill, tiny_model, tmp_path):
     kohya, hf = kohya_and_hf(fill, tmp_path)
     readers = {"fill50k": Fill50KDataset(fill, resize=Resize(32)),
-               "kohya": KohyaDataset(kohya, kohya / "cond", resize=Resize(32)),
+               "kohya": KohyaDataset(folder_subsets(kohya, kohya / "cond"), resize=Resize(32)),
                "hf": HFDataset(hf, resize=Resize(32), cache_dir=str(tmp_path / "hf_cache")),
                "shards": ShardDataset(write_shards(Fill50KDataset(fill), tmp_path / "shards"), Resize(32),
                                       shuffle=False)}

@@ -17,6 +17,7 @@ from cldm.data import (
     Resize,
     ShardDataset,
     detect_format,
+    folder_subsets,
     open_dataset,
 )
 from cldm.data.images import bucket_sizes, decode, nearest_bucket, stored_size
@@ -160,7 +161,7 @@ def kohya_root(tmp_path_factory):
 
 
 def test_kohya_reader(kohya_root):
-    dataset = KohyaDataset(kohya_root / "train", kohya_root / "cond", resize=Resize(32))
+    dataset = KohyaDataset(folder_subsets(kohya_root / "train", kohya_root / "cond"), resize=Resize(32))
     assert len(dataset) == 6
     assert sorted(dataset.caption(i) for i in range(6)) == [f"sample {i}" for i in range(6)]
     for i in range(6):
@@ -178,15 +179,15 @@ def test_kohya_bad_input_named(kohya_root, tmp_path, caplog):
     root = shutil.copytree(kohya_root, tmp_path / "k")
     (root / "cond" / "img1.png").unlink()
     with pytest.raises(BadSampleError, match=r"img1.jpg has no hint .*--skip_bad_samples"):
-        KohyaDataset(root / "train", root / "cond")
+        KohyaDataset(folder_subsets(root / "train", root / "cond"))
     with caplog.at_level(logging.WARNING):
-        assert len(KohyaDataset(root / "train", root / "cond", skip_bad=True)) == 5
+        assert len(KohyaDataset(folder_subsets(root / "train", root / "cond"), skip_bad=True)) == 5
     assert "img1.jpg has no hint" in caplog.text
 
     shutil.copy(kohya_root / "cond" / "img1.png", root / "cond" / "img1.png")
     (root / "train" / "img2.txt").write_bytes(b"caf\xe9")
     with pytest.raises(BadSampleError, match=r"img2.txt: caption is not UTF-8"):
-        KohyaDataset(root / "train", root / "cond", skip_bad=False)
+        KohyaDataset(folder_subsets(root / "train", root / "cond"), skip_bad=False)
 
 
 def write_hf(pairs, root):
@@ -274,7 +275,7 @@ def test_caption_report_names_files(kohya_root, tmp_path, caplog):
     root = shutil.copytree(kohya_root, tmp_path / "k")
     (root / "train" / "img0.txt").write_text("  \n")
     (root / "train" / "img3.txt").write_text("word " * 100)
-    dataset = KohyaDataset(root / "train", root / "cond")
+    dataset = KohyaDataset(folder_subsets(root / "train", root / "cond"))
     with caplog.at_level(logging.WARNING):
         counts = report_captions(dataset, lambda c: len(c.split()), 75)
     assert counts == {"empty": 1, "too_long": 1}

@@ -8,13 +8,14 @@ from cldm.data.base import EncodedSample, PairedImageDataset
 from cldm.data.fill50k import Fill50KDataset
 from cldm.data.hf import HFDataset, hf_layout
 from cldm.data.images import BadSampleError, Resize
-from cldm.data.kohya import KohyaDataset
+from cldm.data.kohya import KohyaDataset, KohyaSubset, folder_subsets
 from cldm.data.shards import SHARD_INDEX, ShardDataset, is_shard_uri
 
 FORMATS = ("fill50k", "kohya", "hf", "shards")
 
 __all__ = ["FORMATS", "BadSampleError", "EncodedSample", "Fill50KDataset", "HFDataset", "KohyaDataset",
-           "PairedImageDataset", "Resize", "ShardDataset", "detect_format", "open_dataset"]
+           "KohyaSubset", "PairedImageDataset", "Resize", "ShardDataset", "detect_format", "folder_subsets",
+           "open_dataset"]
 
 
 def detect_format(root: str | Path, conditioning_data_dir: str | Path | None = None) -> str:
@@ -41,22 +42,24 @@ def detect_format(root: str | Path, conditioning_data_dir: str | Path | None = N
 
 
 def open_dataset(root: str | Path, data_format: str | None = None, resize: Resize | None = None, *,
-                 conditioning_data_dir: str | Path | None = None, caption_extension: str = ".txt",
+                 conditioning_data_dir: str | Path | None = None, caption_extension: str | None = None,
                  image_column: str = "image", conditioning_image_column: str = "conditioning_image",
                  caption_column: str = "text", split: str = "train", allow_outside_root: bool = False,
-                 skip_bad: bool = False, shuffle: bool = True, seed: int = 0, cache_dir: str | None = None):
+                 skip_bad: bool = False, require_captions: bool = False, shuffle: bool = True, seed: int = 0,
+                 cache_dir: str | None = None):
     """The reader of `data_format` (detected when None) over `root`; options a format does not use are refused
     by name, so none is silently ignored."""
     data_format = data_format or detect_format(root, conditioning_data_dir)
     if data_format not in FORMATS:
         raise ValueError(f"--data_format must be one of {', '.join(FORMATS)}, got {data_format!r}")
     given = {"--conditioning_data_dir": conditioning_data_dir is not None,
-             "--caption_extension": caption_extension != ".txt",
+             "--caption_extension": caption_extension is not None,
              "--image_column": image_column != "image",
              "--conditioning_image_column": conditioning_image_column != "conditioning_image",
              "--caption_column": caption_column != "text", "--split": split != "train",
-             "--allow_outside_root": allow_outside_root}
-    used = {"fill50k": {"--allow_outside_root"}, "kohya": {"--conditioning_data_dir", "--caption_extension"},
+             "--allow_outside_root": allow_outside_root, "--require_captions": require_captions}
+    used = {"fill50k": {"--allow_outside_root"},
+            "kohya": {"--conditioning_data_dir", "--caption_extension", "--require_captions"},
             "hf": {"--image_column", "--conditioning_image_column", "--caption_column", "--split",
                    "--allow_outside_root"}, "shards": set()}
     unused = [option for option, is_given in given.items() if is_given and option not in used[data_format]]
@@ -67,7 +70,8 @@ def open_dataset(root: str | Path, data_format: str | None = None, resize: Resiz
     if data_format == "kohya":
         if conditioning_data_dir is None:
             raise ValueError("the kohya format needs --conditioning_data_dir (the folder of hints)")
-        return KohyaDataset(root, conditioning_data_dir, caption_extension, resize=resize, skip_bad=skip_bad)
+        return KohyaDataset(folder_subsets(root, conditioning_data_dir, caption_extension or ".txt"), resize=resize,
+                            skip_bad=skip_bad, require_captions=require_captions)
     if data_format == "hf":
         return HFDataset(root, resize=resize, split=split, image_column=image_column,
                          conditioning_image_column=conditioning_image_column, caption_column=caption_column,

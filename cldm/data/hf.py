@@ -4,10 +4,14 @@ of parquet files, or an imagefolder (images plus metadata.jsonl / metadata.csv).
 Columns default to those of diffusers' ControlNet training script: `image` (the target), `conditioning_image`
 (the hint) and `text` (the caption). In an imagefolder, metadata columns named `file_name` and
 `conditioning_image_file_name` become the `image` and `conditioning_image` columns. An image column may hold
-images (the datasets `Image` feature) or file paths relative to the data root.
+images (the datasets `Image` feature) or file paths relative to the data root. A caption may be a list of
+captions: each step trains on one of them at random, as diffusers' train_controlnet.py does (reports and
+conversions take the first).
 """
 import logging
 from pathlib import Path
+
+import numpy as np
 
 from cldm.data.base import EncodedSample, PairedImageDataset, leaves_root
 from cldm.data.images import BadSampleError, Resize
@@ -61,6 +65,12 @@ def load_split(root: Path, split: str, cache_dir: str | None = None):
     return loaded
 
 
+def is_caption(value: object) -> bool:
+    """A caption cell: a text, or a non-empty list of texts."""
+    return isinstance(value, str) or (isinstance(value, list) and bool(value)
+                                      and all(isinstance(c, str) for c in value))
+
+
 class HFDataset(PairedImageDataset):
     """Rows of a local Hugging Face data set: `image_column` the target, `conditioning_image_column` the hint,
     `caption_column` the caption."""
@@ -88,10 +98,10 @@ class HFDataset(PairedImageDataset):
         self.table = table
         self._check_paths()
         self.captions = table[caption_column]
-        bad = [i for i, c in enumerate(self.captions) if not isinstance(c, str)]
+        bad = [i for i, c in enumerate(self.captions) if not is_caption(c)]
         if bad:
-            raise ValueError(f"{self.root}: column {caption_column!r} row {bad[0]} is not text "
-                             f"({type(self.captions[bad[0]]).__name__}); {len(bad)} such rows")
+            raise ValueError(f"{self.root}: column {caption_column!r} row {bad[0]} is neither text nor a non-empty "
+                             f"list of texts ({type(self.captions[bad[0]]).__name__}); {len(bad)} such rows")
 
     def _check_paths(self) -> None:
         """Refuse file paths in the image columns that leave the data root (absolute, or with `..`), naming the
@@ -134,10 +144,17 @@ class HFDataset(PairedImageDataset):
         row = self.table[idx]
         target, target_name = self._image_bytes(row[self.image_column], self.image_column, idx)
         hint, hint_name = self._image_bytes(row[self.hint_column], self.hint_column, idx)
-        return EncodedSample(target, hint, self.captions[idx], target_name, hint_name)
+        return EncodedSample(target, hint, self.caption(idx), target_name, hint_name)
 
     def caption(self, idx: int) -> str:
-        return self.captions[idx]
+        """Row idx's caption, the first of a list."""
+        caption = self.captions[idx]
+        return caption if isinstance(caption, str) else caption[0]
+
+    def training_caption(self, idx: int, caption: str, rng: np.random.Generator) -> str:
+        """One of row idx's captions at random when it holds a list (diffusers' train_controlnet.py)."""
+        choices = self.captions[idx]
+        return choices if isinstance(choices, str) else choices[int(rng.integers(len(choices)))]
 
     def caption_source(self, idx: int) -> str:
         return f"{self.root} row {idx} column {self.caption_column!r}"

@@ -15,7 +15,9 @@ import re
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+from typing import Protocol
 
 import cv2
 import numpy as np
@@ -136,6 +138,29 @@ def nearest_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tup
     return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - ratio), -b[0] * b[1]))
 
 
+class Bucketing(Protocol):
+    """A scheme of aspect-ratio buckets: for an image of (width, height), its bucket and the (width, height) it is
+    scaled to before the centre crop to that bucket."""
+
+    def fit(self, size: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]: ...
+
+
+@dataclass(frozen=True)
+class AreaBuckets:
+    """`bucket_sizes(resolution)`; an image goes to the nearest in log aspect ratio, scaled to cover it."""
+
+    resolution: int
+
+    @cached_property
+    def sizes(self) -> list[tuple[int, int]]:
+        return bucket_sizes(self.resolution)
+
+    def fit(self, size: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+        (w, h), (out_w, out_h) = size, nearest_bucket(size, self.sizes)
+        scale = max(out_w / w, out_h / h)
+        return (out_w, out_h), (max(out_w, round(w * scale)), max(out_h, round(h * scale)))
+
+
 @dataclass(frozen=True)
 class Resize:
     """How every image pair is brought to the training size.
@@ -143,29 +168,50 @@ class Resize:
     `resolution` None keeps images as stored (then all must share one size); otherwise `mode` says how:
     center_crop / random_crop: the short side scaled to `resolution`, then a resolution² crop;
     stretch: scaled to resolution² ignoring the aspect ratio (the original `--image_size`);
-    buckets: scaled to cover the nearest of `bucket_sizes(resolution)` and centre-cropped to it.
+    buckets: scaled to cover the image's bucket and centre-cropped to it; the buckets are `bucketing`'s
+    (kohya's, for a dataset config), by default `AreaBuckets(resolution)`.
     """
 
     resolution: int | None = None
     mode: str = "center_crop"
+    bucketing: Bucketing | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in RESIZE_MODES:
             raise ValueError(f"resize mode must be one of {', '.join(RESIZE_MODES)}, got {self.mode!r}")
         if self.resolution is not None and self.resolution < 8:
             raise ValueError(f"resolution must be at least 8 pixels, got {self.resolution}")
+        if self.bucketing is not None and (self.mode != "buckets" or self.resolution is None):
+            raise ValueError("a bucketing scheme needs mode 'buckets' and a resolution")
 
-    @property
-    def buckets(self) -> list[tuple[int, int]]:
-        return bucket_sizes(self.resolution) if self.mode == "buckets" and self.resolution else []
+    @cached_property
+    def buckets(self) -> Bucketing | None:
+        """The bucketing scheme in use (mode buckets with a resolution), else None."""
+        if self.mode != "buckets" or self.resolution is None:
+            return None
+        return self.bucketing or AreaBuckets(self.resolution)
 
     def output_size(self, size: tuple[int, int]) -> tuple[int, int]:
         """(width, height) of the result for an input of `size`."""
         if self.resolution is None:
             return size
-        if self.mode == "buckets":
-            return nearest_bucket(size, self.buckets)
+        if self.buckets is not None:
+            return self.buckets.fit(size)[0]
         return self.resolution, self.resolution
+
+    def _scaled(self, size: tuple[int, int], name: str) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(output, scaled) (width, height) of an image of `size`: it is scaled, then cropped to the output."""
+        if self.resolution is None or self.mode == "stretch":
+            out = self.output_size(size)
+            return out, out
+        if self.buckets is not None:
+            try:
+                return self.buckets.fit(size)
+            except BadSampleError as err:
+                raise BadSampleError(f"{name}: {err}") from None
+        (w, h), side = size, self.resolution
+        scale = side / min(w, h)  # the short side to the resolution, the long one covering it
+        return (side, side), (max(side, round(w * scale)), max(side, round(h * scale)))
 
     def __call__(self, target: np.ndarray, hint: np.ndarray, rng: np.random.Generator | None = None,
                  names: tuple[str, str] = ("target", "hint")) -> tuple[np.ndarray, np.ndarray]:
@@ -174,24 +220,27 @@ class Resize:
         return target, hint
 
     def frame(self, target: np.ndarray, hint: np.ndarray, rng: np.random.Generator | None = None,
-              names: tuple[str, str] = ("target", "hint")) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+              names: tuple[str, str] = ("target", "hint"), flip: bool = False
+              ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         """The resized pair and SDXL's size conditioning of it, as kohya's SDXL training records it: the
-        stored (h, w), the crop's (top, left) in the scaled image, and the output (h, w)."""
+        stored (h, w), the crop's (top, left) in the scaled image, and the output (h, w). `flip` mirrors both
+        images left to right after the crop, and the crop's left with them (kohya's flip_aug)."""
         hint = fit_hint(hint, target.shape[:2], names)
         h, w = target.shape[:2]
-        out_w, out_h = self.output_size((w, h))
+        (out_w, out_h), (scaled_w, scaled_h) = self._scaled((w, h), names[0])
         x = y = 0
         if self.resolution is not None and self.mode == "stretch":
             target, hint = resize(target, out_w, out_h), resize(hint, out_w, out_h)
         elif self.resolution is not None:
-            scale = max(out_w / w, out_h / h)  # cover the output, then crop the excess
-            scaled_w, scaled_h = max(out_w, round(w * scale)), max(out_h, round(h * scale))
             if self.mode == "random_crop":
                 rng = rng or np.random.default_rng()
                 x, y = int(rng.integers(scaled_w - out_w + 1)), int(rng.integers(scaled_h - out_h + 1))
             else:
                 x, y = (scaled_w - out_w) // 2, (scaled_h - out_h) // 2
             target, hint = (resize(image, scaled_w, scaled_h)[y:y + out_h, x:x + out_w] for image in (target, hint))
+        if flip:
+            target, hint = np.ascontiguousarray(target[:, ::-1]), np.ascontiguousarray(hint[:, ::-1])
+            x = scaled_w - x - out_w
         sizes = {ORIGINAL_SIZE: (h, w), CROP: (y, x), TARGET_SIZE: (out_h, out_w)}
         return target, hint, {k: np.array(v, dtype=np.float32) for k, v in sizes.items()}
 

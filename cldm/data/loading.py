@@ -190,8 +190,7 @@ class TrainData(pl.LightningDataModule):
                                        num_workers=self.num_workers, collate_fn=check,
                                        worker_init_fn=DieWithParent(seeding))
         groups, valid = None, None
-        if getattr(self.dataset, "resize", None) is not None and self.dataset.resize.mode == "buckets" \
-                and self.dataset.resize.resolution is not None:
+        if isinstance(self.dataset, PairedImageDataset) and self.dataset.resize.buckets is not None:
             groups, valid = self._bucket_groups()
         dataset = SkipBadSamples(self.dataset, groups) if self.skip_bad else self.dataset
         if groups is not None:
@@ -201,14 +200,14 @@ class TrainData(pl.LightningDataModule):
         return StatefulDataLoader(dataset, batch_size=self.batch_size, sampler=sampler, **workers)
 
     def _bucket_groups(self) -> tuple[list[int], list[bool]]:
-        """Each sample's bucket (an index into resize.buckets) from its header; unreadable ones are refused,
-        or left out when skipping."""
-        buckets = self.dataset.resize.buckets
-        position = {b: i for i, b in enumerate(buckets)}
+        """Each sample's bucket (numbered in order of first appearance) from its header; unreadable ones are
+        refused, or left out when skipping."""
+        position: dict[tuple[int, int], int] = {}
         groups, valid = [], []
         for i in range(len(self.dataset)):
             try:
-                groups.append(position[self.dataset.resize.output_size(self.dataset.target_size(i))])
+                bucket = self.dataset.resize.output_size(self.dataset.target_size(i))
+                groups.append(position.setdefault(bucket, len(position)))
                 valid.append(True)
             except BadSampleError as err:
                 if not self.skip_bad:
@@ -216,8 +215,8 @@ class TrainData(pl.LightningDataModule):
                 log.warning("skipped bad sample %d: %s", i, err)
                 groups.append(-1)
                 valid.append(False)
-        counts = np.bincount([g for g in groups if g >= 0], minlength=len(buckets))
-        log.info("aspect-ratio buckets: %s", ", ".join(f"{w}x{h}: {n}" for (w, h), n in zip(buckets, counts) if n))
+        counts = np.bincount([g for g in groups if g >= 0], minlength=len(position))
+        log.info("aspect-ratio buckets: %s", ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(zip(position, counts))))
         return groups, valid
 
 
@@ -251,7 +250,12 @@ def report_captions(dataset: PairedImageDataset, count_tokens: Callable[[str], i
     counts. (Captions that are not UTF-8 are refused when the reader opens them.)"""
     empty, long = [], []
     lengths: dict[str, int] = {}
+    sources = set()  # a sample repeated in an epoch (kohya's num_repeats) is reported once
     for i in range(len(dataset)):
+        source = dataset.caption_source(i)
+        if source in sources:
+            continue
+        sources.add(source)
         caption = dataset.caption(i)
         if not caption.strip():
             empty.append(i)
