@@ -53,7 +53,7 @@ def open_dataset(root: str | Path, data_format: str | None = None, resize: Resiz
     if data_format not in FORMATS:
         raise ValueError(f"--data_format must be one of {', '.join(FORMATS)}, got {data_format!r}")
     given = {"--conditioning_data_dir": conditioning_data_dir is not None,
-             "--caption_extension": caption_extension is not None,
+             "--caption_extension": caption_extension not in (None, ".txt"),
              "--image_column": image_column != "image",
              "--conditioning_image_column": conditioning_image_column != "conditioning_image",
              "--caption_column": caption_column != "text", "--split": split != "train",
