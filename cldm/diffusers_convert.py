@@ -7,6 +7,7 @@ so a round trip is bit-exact. tool_convert_diffusers.py is the command line.
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -300,10 +301,18 @@ def convert_to_diffusers(in_path: str | os.PathLike, out_dir: str | os.PathLike,
     mapping = build_mapping(config_path)
     weights = to_diffusers(load_state_dict(in_path), mapping, source=str(in_path))
     require_finite(weights, in_path)  # the ControlNet's: a whole checkpoint's other parts are not converted
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
-    # Weights first: a folder with a config.json is a finished export.
-    save_state_dict(weights, targets[0], force=force)
-    write_text(targets[1], json.dumps(mapping.config, indent=2) + "\n")
+    written = []
+    try:  # weights first: a folder with a config.json is a finished export
+        written.append(save_state_dict(weights, targets[0], force=force))
+        written.append(write_text(targets[1], json.dumps(mapping.config, indent=2) + "\n"))
+    except BaseException:  # nothing partial: what this call wrote goes, and the folder if it made it
+        for path in written:
+            path.unlink()
+        if created:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
     return out_dir
 
 

@@ -7,6 +7,7 @@ A sample is stored as written by its reader, not re-encoded: {"target": file byt
 "txt": caption, "key": the sample's name (UTF-8)}. Resizing happens when reading, with the same `Resize` as the
 other readers (aspect-ratio buckets need a map-style reader, since a stream cannot group by size ahead).
 """
+import json
 import logging
 import os
 from functools import partial
@@ -17,7 +18,7 @@ from litdata import StreamingDataset, optimize
 from cldm.data.base import PairedImageDataset
 from cldm.data.batch import ControlImageItem
 from cldm.data.images import BadSampleError, Resize, decode, fit_hint, to_item
-from ldm.checkpoint import atomic_output
+from ldm.checkpoint import atomic_output, write_error
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +57,32 @@ def write_shards(reader: PairedImageDataset, out: str | Path, num_workers: int =
         optimize(fn=partial(_emit, reader), inputs=list(range(len(reader))), output_dir=tmp,
                  chunk_bytes=chunk_bytes, num_workers=max(1, num_workers), mode="overwrite", verbose=False,
                  start_method="fork" if os.name == "posix" else None)
-        if not (Path(tmp) / SHARD_INDEX).is_file():
-            raise BadSampleError(f"no sample of {len(reader)} could be read, so no shards were written")
+        check_written(Path(tmp), Path(out), len(reader))
     return Path(out)
+
+
+def check_written(folder: Path, out: Path, samples: int) -> None:
+    """Refuse shards that litdata's writer processes left incomplete without a word (a write error there gives
+    a chunk cut short and an index that names none): each chunk file must be whole and named in the index. The
+    error names `out` and, where a one-byte write can still tell, the reason (WriteError)."""
+    chunks = sorted(folder.glob("*.bin"))
+    try:
+        named = {c["filename"]: c["chunk_bytes"] for c in json.loads((folder / SHARD_INDEX).read_text())["chunks"]}
+    except FileNotFoundError:
+        named = {}
+    except (ValueError, KeyError, TypeError) as err:
+        raise write_error(err, out, folder / SHARD_INDEX) or OSError(
+            f"could not write {out}: its {SHARD_INDEX} is not whole ({err})") from err
+    if not named and not chunks:
+        raise BadSampleError(f"no sample of {samples} could be read, so no shards were written")
+    for chunk in chunks:
+        if named.get(chunk.name) != chunk.stat().st_size:
+            cut = OSError(f"{chunk.name} is {chunk.stat().st_size} bytes, its index says {named.get(chunk.name)}")
+            raise write_error(cut, out, chunk) or OSError(f"could not write {out}: litdata's writer left "
+                                                          f"{chunk.name} incomplete") from cut
+    missing = sorted(set(named) - {chunk.name for chunk in chunks})
+    if missing:
+        raise OSError(f"could not write {out}: {missing[0]}, named in its {SHARD_INDEX}, was never written")
 
 
 def is_shard_uri(root: str) -> bool:
