@@ -169,3 +169,23 @@ def test_the_average_covers_what_each_mode_trains(data_root, tmp_path, config):
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     moved = {n for n in trained if not torch.equal(initial[n], model.state_dict()[n])}
     assert moved and set(averages(trainer)) == moved  # each tensor the optimizer moved, and nothing frozen
+
+
+def test_turning_the_ema_on_or_off_on_resume(data_root, tmp_path, caplog):
+    out, last = tmp_path / "run", tmp_path / "run" / "checkpoints" / "last.ckpt"
+    common = ["--seed", "0", "--sd_locked", "False", "--learning_rate", "1e-3", "--logger_freq", "100", "--force"]
+    train(data_root, out, "--max_steps", "2", *common)
+    before = load_state_dict(last)
+    with caplog.at_level("INFO"):
+        on = train(data_root, out, "--resume", last, "--max_steps", "3", "--ema_decay", "0.9", *common)
+    assert "Resuming with use_ema = True (from the command line); the checkpoint's run had False" in caplog.messages
+    after, average = on.lightning_module.state_dict(), averages(on)
+    decay = 2 / 11  # min(0.9, (1 + n) / (10 + n)) at the first update: the average starts at step 2's weights
+    for name, value in average.items():
+        torch.testing.assert_close(value, decay * before[name] + (1 - decay) * after[name], rtol=1e-5, atol=1e-7)
+    assert any(EMA_KEY in s for s in torch.load(last, weights_only=True)["optimizer_states"][0]["state"].values())
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        train(data_root, out, "--resume", last, "--max_steps", "4", "--use_ema", "False", *common)
+    assert any(m.startswith("use_ema is off: the averages of ") for m in caplog.messages)
+    assert not any(EMA_KEY in s for s in torch.load(last, weights_only=True)["optimizer_states"][0]["state"].values())
