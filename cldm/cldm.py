@@ -14,6 +14,7 @@ from cldm.control import Contribution, ControlMode, ControlUnit, HintCache, Resi
 from cldm.data.batch import ControlItem
 from cldm.diffusers_names import diffusers_module_names, rename_module
 from cldm.model import CONTROL_PREFIX, LoadReport, load_checkpoint, load_state_dict
+from cldm.sharding import ShardedDataParallel
 from cldm.training import TRAINING_STATE, adapt_optimizer_state, training_state
 from ldm.batch import TEXT_EMBEDDING, TEXT_POOLED, empty_prompt
 from ldm.checkpoint import UNET_PREFIX, UserError
@@ -264,6 +265,13 @@ class ControlLDM(LatentDiffusion):
         unet = self.model.diffusion_model
         unet.output_blocks.requires_grad_(not locked)
         unet.out.requires_grad_(not locked)
+
+    def configure_model(self) -> None:
+        """Lightning's hook for sharding, called under every strategy: under --strategy fsdp
+        (cldm.sharding.ShardedDataParallel) the trainable blocks of the control network and the UNet are sharded."""
+        strategy = self.trainer.strategy
+        if isinstance(strategy, ShardedDataParallel):
+            strategy.shard([self.control_model, self.model.diffusion_model])
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)

@@ -41,11 +41,13 @@ from cldm.fidelity import METRICS
 from cldm.loader import load_model
 from cldm.logger import ImageLogger
 from cldm.model import CONTROL_PREFIX, create_model, save_state_dict
+from cldm.sharding import FSDP_STRATEGIES, check_strategy, full_tensors, make_strategy
 from cldm.training import (
     AtomicCheckpointIO,
     RandomState,
     check_cache,
     check_fresh_output,
+    check_sharded_resume,
     compare_with_resumed,
     config_overrides,
     given_options,
@@ -57,7 +59,7 @@ from cldm.training import (
 from cldm.validation import DEFAULTS as VALIDATION
 from cldm.validation import ControlValidation, read_held_out
 from ldm.batch import BatchKeyError
-from ldm.checkpoint import UserError
+from ldm.checkpoint import UserError, is_sharded_checkpoint
 from ldm.models.diffusion.ddpm import COMPILE_MODES, OPTIMIZERS, TrainingStopped
 from ldm.models.diffusion.samplers import SAMPLERS
 from ldm.modules.diffusionmodules.openaimodel import set_gradient_checkpointing
@@ -121,7 +123,9 @@ def build_parser(config: str, resume_path: str) -> argparse.ArgumentParser:
     p.add_argument("--num_workers", type=int, default=0)
     p.add_argument("--accelerator", default="auto")
     p.add_argument("--devices", type=devices_arg, default="auto", help="auto, a count, or a list like 0,1")
-    p.add_argument("--strategy", default="auto", help="auto, ddp, deepspeed_stage_2, fsdp, ...")
+    p.add_argument("--strategy", default="auto",
+                   help="auto, ddp, fsdp (FSDP2: the trained weights, their gradients and optimizer state sharded), "
+                        "fsdp_cpu_offload, deepspeed_stage_2, deepspeed_stage_3(_offload), ... (docs/train.md)")
     p.add_argument("--checkpoint_every", type=int, default=1000, help="save a checkpoint every N global steps")
     p.add_argument("--output_dir", default=".", help="where image_log/, checkpoints/ and lightning_logs/ go")
     p.add_argument("--export", default=None,
@@ -209,15 +213,22 @@ def raw_export_path(export: Path) -> Path:
     return export.with_name(f"{export.stem}_raw{export.suffix}")
 
 
-def write_exports(model: pl.LightningModule, export: Path, ema_export: str, force: bool) -> list[Path]:
-    """The control-only export(s) at the end of training: the EMA weights, the raw ones, or both (--ema_export)."""
+def write_exports(model: pl.LightningModule, export: Path, ema_export: str, force: bool, write: bool) -> list[Path]:
+    """The control-only export(s) at the end of training: the EMA weights, the raw ones, or both (--ema_export).
+    Every rank calls it (under fsdp the weights are gathered from every rank's shards); rank zero `write`s."""
     written = []
+
+    def export_to(path: Path) -> None:
+        control = full_tensors(model.control_state_dict())
+        if write:
+            save_state_dict(control, path, force=force)
+        written.append(path)
+
     if ema_export in ("raw", "both"):
-        written.append(raw_export_path(export) if ema_export == "both" else export)
-        save_state_dict(model.control_state_dict(), written[-1], force=force)
+        export_to(raw_export_path(export) if ema_export == "both" else export)
     if ema_export in ("ema", "both"):
         with model.ema_scope():
-            written.append(save_state_dict(model.control_state_dict(), export, force=force))
+            export_to(export)
     return written
 
 
@@ -237,13 +248,13 @@ def build_model(args: argparse.Namespace, resume_path: str) -> pl.LightningModul
                             "drop --resume_path, or drop --resume to start a new run from its weights")
         model = create_model(args.config, params=params).cpu()
         resumed = read_resume_checkpoint(args.resume)
-        if resumed is not None:
-            load_resumed_weights(model, resumed, args.resume, args.config, CONTROL_PREFIX)
-            compare_with_resumed(model, given, resumed, args.resume)
+        load_resumed_weights(model, resumed, args.resume, args.config, CONTROL_PREFIX)
+        compare_with_resumed(model, given, resumed, args.resume)
+        check_sharded_resume(model, resumed, args.resume, args.strategy in FSDP_STRATEGIES)
     elif initial.lower() == "none":
         model = create_model(args.config, params=params).cpu()
     else:
-        if not Path(initial).is_file():
+        if not (Path(initial).is_file() or is_sharded_checkpoint(initial)):
             raise FileNotFoundError(f"Initial checkpoint not found: {initial}; make it from an SD checkpoint first, "
                                     f"e.g. python tool_add_control.py ./models/v1-5-pruned.ckpt {initial}")
         # every weight from the file but what the mode initialises itself (model.fresh_prefixes); all finite
@@ -390,6 +401,7 @@ def main(argv: list[str] | None = None, config: str = "./models/cldm_v15.yaml",
         raise UserError(f"--frozen_dtype {args.frozen_dtype} needs --precision "
                         f"{FROZEN_DTYPES[args.frozen_dtype][1]}, got --precision {args.precision}",
                         "the frozen weights compute under that precision's autocast")
+    check_strategy(args.strategy, args.accelerator, args.optimizer or "adamw")
     model = build_model(args, resume_path)
     if args.ema_export is not None and not model.use_ema:
         raise UserError(f"--ema_export {args.ema_export} is given, but the run keeps no EMA",
@@ -417,7 +429,7 @@ def main(argv: list[str] | None = None, config: str = "./models/cldm_v15.yaml",
     checkpoints = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="step-{step:06d}",
                                   every_n_train_steps=args.checkpoint_every, save_top_k=1, save_last=True,
                                   auto_insert_metric_name=False, enable_version_counter=False)
-    trainer = pl.Trainer(accelerator=args.accelerator, devices=args.devices, strategy=args.strategy,
+    trainer = pl.Trainer(accelerator=args.accelerator, devices=args.devices, strategy=make_strategy(args.strategy),
                          precision=args.precision, max_steps=args.max_steps, log_every_n_steps=args.log_every_n_steps,
                          accumulate_grad_batches=args.accumulate_grad_batches, num_nodes=args.num_nodes,
                          callbacks=[image_logger, checkpoints, *skipped, *progress_bar()]
@@ -435,8 +447,9 @@ def main(argv: list[str] | None = None, config: str = "./models/cldm_v15.yaml",
                               ) from err
 
     trainer.save_checkpoint(output_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    exports = write_exports(model, export, (args.ema_export or "ema") if model.use_ema else "raw", args.force,
+                            trainer.is_global_zero)
     if trainer.is_global_zero:
-        exports = write_exports(model, export, (args.ema_export or "ema") if model.use_ema else "raw", args.force)
         written = {f"Control-only weights{' (EMA)' * (model.use_ema and path == export)}": path for path in exports}
         written |= {"Checkpoints": output_dir / "checkpoints",
                    "Image grids": output_dir / "image_log" / "train",

@@ -35,8 +35,10 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from ldm.checkpoint import (
     ENCODER_PREFIXES,
     SAFETENSORS,
+    SHARDED_INDEX,
     UserError,
     atomic_output,
+    is_sharded_checkpoint,
     read_checkpoint,
     require_finite,
     save_torch,
@@ -121,27 +123,27 @@ def compare_with_resumed(model: torch.nn.Module, given: Mapping[str, Any], resum
         info("Resuming with %s = %s (from %s); the checkpoint's run had %s", option, value, source, saved[option])
 
 
-def read_resume_checkpoint(path: str | os.PathLike) -> dict | None:
+def read_resume_checkpoint(path: str | os.PathLike) -> dict:
     """The Lightning checkpoint --resume names (tensors memory-mapped), or an error saying what the file is.
 
-    None for a sharded checkpoint folder (DeepSpeed, FSDP), which only the strategy that wrote it reads.
+    A sharded checkpoint folder (--strategy fsdp) gives its weights' shapes alone (on the meta device): the
+    strategy reads the weights themselves.
     """
     path = Path(path)
-    if path.is_dir():
-        info("--resume %s is a sharded checkpoint folder: the strategy restores it; its settings are not compared "
-             "with this run's", path)
-        return None
-    if not path.is_file():
+    if path.is_dir() and not is_sharded_checkpoint(path):
+        raise UserError(f"--resume {path} is a folder but not a sharded checkpoint (it has no {SHARDED_INDEX})",
+                        "name a Lightning checkpoint such as OUTPUT_DIR/checkpoints/last.ckpt")
+    if not path.exists():
         raise FileNotFoundError(f"--resume {path}: no such file (a Lightning checkpoint such as "
                                 f"OUTPUT_DIR/checkpoints/last.ckpt)")
-    if sniff(path) == SAFETENSORS:
+    if path.is_file() and sniff(path) == SAFETENSORS:
         raise UserError(f"--resume {path} is a safetensors weights file, not a Lightning checkpoint "
                         f"(weights, optimizer state and step)",
                         f"to start a new run from these weights, pass them as --resume_path {path}")
-    checkpoint = read_checkpoint(path, mmap=True)
-    lightning = isinstance(checkpoint, dict) and {"pytorch-lightning_version", "state_dict", "optimizer_states",
-                                                  "loops"} <= checkpoint.keys()
-    if not lightning:
+    checkpoint = read_checkpoint(path, location="meta") if path.is_dir() else read_checkpoint(path, mmap=True)
+    # a sharded checkpoint's optimizer state is in its shards, not in Lightning's dict
+    required = {"pytorch-lightning_version", "state_dict", "loops", *(["optimizer_states"] * path.is_file())}
+    if not (isinstance(checkpoint, dict) and required <= checkpoint.keys()):
         tensors = state_dict_of(checkpoint, path)
         raise UserError(f"--resume {path} holds weights only ({len(tensors)} tensors), not a Lightning checkpoint "
                         f"with optimizer state and step",
@@ -152,7 +154,8 @@ def read_resume_checkpoint(path: str | os.PathLike) -> dict | None:
 def load_resumed_weights(model: torch.nn.Module, checkpoint: dict, path: str | os.PathLike,
                          config: str | os.PathLike, control_prefix: str) -> None:
     """The weights of a --resume checkpoint, which must be exactly this config's model's, all finite (the noise
-    schedule excepted, which follows from the config: a resumed run may rescale it to zero terminal SNR)."""
+    schedule excepted, which follows from the config: a resumed run may rescale it to zero terminal SNR). A sharded
+    checkpoint's (shapes alone) are only checked: the strategy loads them."""
     derived = set(SCHEDULE_BUFFERS) - dict(model.named_parameters()).keys()  # a learned logvar is a weight
     state = {k: v for k, v in state_dict_of(checkpoint, path).items() if k not in derived}
     own = {k: v for k, v in model.state_dict().items() if k not in derived}
@@ -168,8 +171,34 @@ def load_resumed_weights(model: torch.nn.Module, checkpoint: dict, path: str | o
                  (("keys missing", missing), ("unexpected keys", unexpected), ("shapes differ", wrong)) if keys]
         raise UserError(f"--resume {path} was not trained with {config}: {', '.join(found)}",
                         "pass the --config it was trained with")
+    if any(v.is_meta for v in state.values()):
+        return
     require_finite(state, path)
     model.load_state_dict(state, strict=False)  # every key but the schedule's is checked above
+
+
+def check_sharded_resume(model: torch.nn.Module, checkpoint: Mapping, path: str | os.PathLike, sharded: bool) -> None:
+    """A sharded checkpoint resumes under --strategy fsdp (`sharded`), with any number of processes. Under it the
+    strategy restores the optimizer's state itself, for exactly the tensors that trained when the checkpoint was
+    saved: a run that trains another set (a changed sd_locked) is refused."""
+    if not sharded:
+        if is_sharded_checkpoint(path):
+            raise UserError(f"--resume {path} is a sharded checkpoint (of --strategy fsdp), which only that strategy "
+                            "resumes", f"resume with --strategy fsdp (any number of devices), or start a new run "
+                            f"from its weights with --resume_path {path}")
+        return
+    saved = checkpoint.get(TRAINING_STATE, {})
+    if PARAM_GROUPS not in saved:
+        return
+    old = {n for group in saved[PARAM_GROUPS] for n in group}
+    new = {n for group in optimizer_param_names(model, fresh_optimizer(model)) for n in group}
+    if old != new:
+        changed = sorted(old ^ new)
+        raise UserError(f"--resume {path} under --strategy fsdp: the checkpoint's optimizer state covers the "
+                        f"{len(old)} tensors it trained, this run trains {len(new)} ({len(changed)} differ, e.g. "
+                        f"{changed[0]}), and a sharded optimizer state cannot be carried over to another set",
+                        f"resume with the settings it was trained with (sd_locked {saved.get('sd_locked')}), or "
+                        f"start a new run from its weights with --resume_path {path}")
 
 
 def check_fresh_output(checkpoint_dir: str | os.PathLike, resume: str | None, force: bool) -> None:
@@ -245,6 +274,11 @@ def adapt_optimizer_state(model: torch.nn.Module, checkpoint: dict) -> None:
     fresh, the others keep theirs. A changed learning rate scales every group's rate (and schedulers' bases).
     """
     saved = checkpoint.get(TRAINING_STATE, {})
+    if not model.trainer.strategy.lightning_restore_optimizer and len(model.trainer.optimizers) == 1:
+        # a sharding strategy has restored the optimizer itself, for the same trainable tensors
+        # (check_sharded_resume); only a changed learning rate is left to apply, to the live optimizer
+        scale_learning_rate(model, saved, model.trainer.optimizers[0].param_groups, checkpoint)
+        return
     states = checkpoint.get("optimizer_states") or []
     if len(states) != 1:
         return
@@ -264,18 +298,25 @@ def adapt_optimizer_state(model: torch.nn.Module, checkpoint: dict) -> None:
         for scheduler in schedulers:
             if len(scheduler.get("base_lrs", rates)) != len(rates):
                 scheduler["base_lrs"], scheduler["_last_lr"] = list(rates), list(rates)
-    elif saved.get("learning_rate", model.learning_rate) != model.learning_rate and saved["learning_rate"]:
-        factor = model.learning_rate / saved["learning_rate"]
-        for group in states[0]["param_groups"]:
-            group["lr"] *= factor
-            if "initial_lr" in group:
-                group["initial_lr"] *= factor
-        for scheduler in checkpoint.get("lr_schedulers") or []:
-            for key in ("base_lrs", "_last_lr"):
-                if key in scheduler:
-                    scheduler[key] = [rate * factor for rate in scheduler[key]]
-        info("Learning rate %s -> %s: every parameter group's rate scaled by %g, optimizer state kept",
-             saved["learning_rate"], model.learning_rate, factor)
+    else:
+        scale_learning_rate(model, saved, states[0]["param_groups"], checkpoint)
+
+
+def scale_learning_rate(model: torch.nn.Module, saved: Mapping, param_groups: list[dict], checkpoint: dict) -> None:
+    """A learning rate changed on resume scales every parameter group's rate (and the schedulers' bases)."""
+    if saved.get("learning_rate", model.learning_rate) == model.learning_rate or not saved["learning_rate"]:
+        return
+    factor = model.learning_rate / saved["learning_rate"]
+    for group in param_groups:
+        group["lr"] *= factor
+        if "initial_lr" in group:
+            group["initial_lr"] *= factor
+    for scheduler in checkpoint.get("lr_schedulers") or []:
+        for key in ("base_lrs", "_last_lr"):
+            if key in scheduler:
+                scheduler[key] = [rate * factor for rate in scheduler[key]]
+    info("Learning rate %s -> %s: every parameter group's rate scaled by %g, optimizer state kept",
+         saved["learning_rate"], model.learning_rate, factor)
 
 
 def carry_state_by_name(saved: dict, old_names: list[list[str]], optimizer: torch.optim.Optimizer,

@@ -35,9 +35,9 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.plugins import Precision
-from pytorch_lightning.strategies import DeepSpeedStrategy, FSDPStrategy, Strategy
 
 from cldm.fidelity import CONDITIONS, Scorers, evaluate, is_fill_target, load_samples, save_png, sheet
+from cldm.sharding import shards_weights
 from ldm.checkpoint import UserError
 
 log = logging.getLogger(__name__)
@@ -81,13 +81,6 @@ def choose_metrics(held_out: HeldOut, metrics: Sequence[str] | None = None) -> l
                         "Fill50K-type target (one colour on a background of another)",
                         f"choose from {', '.join(GENERAL_METRICS)}, depth, seg")
     return list(metrics)
-
-
-def shards_weights(strategy: Strategy) -> bool:
-    """Whether the strategy splits the weights across ranks, so that one rank alone cannot run the model."""
-    if isinstance(strategy, FSDPStrategy):
-        return True
-    return isinstance(strategy, DeepSpeedStrategy) and strategy.config.get("zero_optimization", {}).get("stage") == 3
 
 
 def no_control_trains(model: torch.nn.Module) -> bool:

@@ -17,6 +17,7 @@ import shutil
 import socket
 import struct
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -108,13 +109,16 @@ def load_state_dict(path: str | os.PathLike, location: str | torch.device = "cpu
 
 
 def read_checkpoint(path: str | os.PathLike, location: str | torch.device = "cpu", mmap: bool = False) -> object:
-    """The object saved in a checkpoint file (a safetensors file gives its dict of tensors), loaded safely.
+    """The object saved in a checkpoint file (a safetensors file gives its dict of tensors), loaded safely; a
+    sharded checkpoint folder gives Lightning's checkpoint dict with its weights whole (read_sharded_checkpoint).
 
     mmap=True maps a PyTorch zip file's tensors instead of reading them (cheap to inspect a large file).
     """
     path = Path(path)
+    if is_sharded_checkpoint(path):
+        return read_sharded_checkpoint(path, location)
     if path.is_dir():
-        raise IsADirectoryError(f"{path} is a folder, not a checkpoint file")
+        raise IsADirectoryError(f"{path} is a folder, not a checkpoint file (nor a sharded checkpoint folder)")
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint not found: {path}")
     kind = sniff(path)
@@ -146,6 +150,78 @@ def read_checkpoint(path: str | os.PathLike, location: str | torch.device = "cpu
             raise CheckpointError(f"{path} is a zip archive but not a PyTorch checkpoint") from err
         reason = str(err).strip().splitlines()[0].split(". ")[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?): {reason}") from err
+
+
+# A sharded checkpoint is a folder written by torch.distributed.checkpoint (a file per rank and an index), as
+# Lightning's model-parallel strategy saves it (tutorial_train --strategy fsdp), with Lightning's other state in
+# meta.pt. Its weights are under "state_dict.", the optimizer's under "optimizer_0." (ModelParallelStrategy's keys).
+SHARDED_INDEX = ".metadata"
+SHARDED_META = "meta.pt"
+SHARDED_WEIGHTS = "state_dict"
+# What the index (a pickle) may name besides torch's dtypes: torch.distributed.checkpoint's metadata records, sizes
+# and paths.
+INDEX_GLOBALS = {"torch.distributed.checkpoint.metadata": None,
+                 "torch.distributed.checkpoint.filesystem": {"_StorageInfo"}, "torch": {"Size"},
+                 "torch.serialization": {"_get_layout"}, "pathlib": {"PosixPath", "WindowsPath", "PurePosixPath"}}
+
+
+def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
+    return Path(path).is_dir() and (Path(path) / SHARDED_INDEX).is_file()
+
+
+class ShardedIndexUnpickler(pickle.Unpickler):
+    """Unpickles a sharded checkpoint's index, refusing every global but its metadata records (a pickle of other
+    objects could run code, which torch.distributed.checkpoint's own reader would allow)."""
+
+    def find_class(self, module: str, name: str) -> object:
+        allowed = INDEX_GLOBALS.get(module, set())
+        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if not dtype and (module not in INDEX_GLOBALS or (allowed is not None and name not in allowed)):
+            raise pickle.UnpicklingError(f"a sharded checkpoint index does not name {module}.{name}")
+        return super().find_class(module, name)
+
+
+def read_sharded_checkpoint(path: str | os.PathLike, location: str | torch.device = "cpu",
+                            weights: bool = True) -> dict:
+    """A sharded checkpoint folder as one Lightning checkpoint dict, read in this process alone (no process
+    group): meta.pt's entries (step, loops, callbacks, training settings) and, with `weights`, "state_dict" with
+    every weight whole; on the "meta" device the weights' shapes alone, from the index. The optimizer's state is
+    not read."""
+    import torch.distributed.checkpoint as dcp
+
+    path = Path(path)
+
+    class SafeReader(dcp.FileSystemReader):
+        def read_metadata(self, *args, **kwargs) -> dcp.Metadata:
+            with open(path / SHARDED_INDEX, "rb") as f:
+                try:
+                    metadata = ShardedIndexUnpickler(f).load()
+                except (pickle.UnpicklingError, EOFError, AttributeError) as err:
+                    raise CheckpointError(f"{path} is not a readable sharded checkpoint: its index "
+                                          f"{SHARDED_INDEX} {err}") from err
+            metadata.storage_meta = metadata.storage_meta or dcp.metadata.StorageMeta()
+            return metadata
+
+    meta_file = path / SHARDED_META
+    checkpoint = read_checkpoint(meta_file, location) if meta_file.is_file() else {}
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{meta_file} does not hold Lightning's checkpoint state")
+    if not weights:
+        return checkpoint
+    reader = SafeReader(path)
+    prefix = SHARDED_WEIGHTS + "."
+    index = reader.read_metadata().state_dict_metadata
+    shapes = {k[len(prefix):]: m for k, m in index.items() if k.startswith(prefix)
+              and isinstance(m, dcp.metadata.TensorStorageMetadata)}
+    if not shapes:
+        raise CheckpointError(f"{path} is a sharded checkpoint without weights (no {prefix}* entries in its index; "
+                              f"it has {sorted({k.split('.')[0] for k in index})})")
+    tensors = {k: torch.empty(m.size, dtype=m.properties.dtype, device=location) for k, m in shapes.items()}
+    if torch.device(location).type != "meta":
+        with warnings.catch_warnings():  # that it reads in this one process, which is what is asked
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load({SHARDED_WEIGHTS: tensors}, storage_reader=reader, no_dist=True)
+    return {**checkpoint, SHARDED_WEIGHTS: tensors}
 
 
 def state_dict_of(obj: object, source: str | os.PathLike) -> dict[str, torch.Tensor]:

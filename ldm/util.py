@@ -25,6 +25,12 @@ def instantiate_from_config(config: Any) -> Any:
     return get_obj_from_str(config["target"])(**config.get("params", dict()))
 
 
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's part of a tensor: the local shard of a DTensor (sharded training), a plain tensor itself."""
+    from torch.distributed.tensor import DTensor
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
 def exists(x: Any) -> bool:
     return x is not None
 

@@ -10,12 +10,13 @@ import sys
 import numpy as np
 import pytest
 import torch
-from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy
+from pytorch_lightning.strategies import DDPStrategy
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cldm.fidelity import Scorers, evaluate, load_samples
 from cldm.model import save_state_dict
-from cldm.validation import ControlValidation, HeldOut, choose_metrics, no_control_trains, read_held_out, shards_weights
+from cldm.sharding import ShardedDataParallel, shards_weights
+from cldm.validation import ControlValidation, HeldOut, choose_metrics, no_control_trains, read_held_out
 from conftest import ROOT, model_as_trained, randomize_zero_convs
 from ldm.checkpoint import UserError
 from tool_make_fill50k import make_fill50k
@@ -149,7 +150,7 @@ def test_metrics_follow_the_data_unless_named(data):
     assert choose_metrics(noise, ["ssim"]) == ["ssim"]
     with pytest.raises(UserError, match="--val_metrics fill: sample 0 of photos is not a Fill50K-type target"):
         choose_metrics(noise, ["fill"])
-    assert shards_weights(FSDPStrategy()) and not shards_weights(DDPStrategy())
+    assert shards_weights(ShardedDataParallel()) and not shards_weights(DDPStrategy())
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -24,7 +24,7 @@ from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_sch
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import OptimizerEma
 from ldm.modules.encoders.conditioner import size_conditions
-from ldm.util import default, exists, instantiate_from_config
+from ldm.util import default, exists, instantiate_from_config, local_tensor
 
 log = logging.getLogger(__name__)
 warn = rank_zero_only(log.warning)
@@ -355,11 +355,16 @@ class DDPM(pl.LightningModule):
         if self.gradients_checked:
             return
         self.gradients_checked = True
-        grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
-        if grads and not any(bool(g.any()) for g in grads):
+        grads = [local_tensor(p.grad) for p in self.trainable_parameters() if p.grad is not None]
+        # under sharded training each rank holds a part of every gradient: the decision is every rank's
+        if grads and not self.any_rank(any(bool(g.any()) for g in grads)):
             raise TrainingStopped(f"Training stopped: all {len(grads)} trainable tensors got an exactly zero "
                                   f"gradient at global step {self.global_step}, so the model cannot learn",
                                   self.cannot_learn_advice())
+
+    def any_rank(self, value: bool) -> bool:
+        """Whether `value` holds on any process of the run (every process calls this at the same point)."""
+        return value if self._trainer is None else self.trainer.strategy.reduce_boolean_decision(value, all=False)
 
     def cannot_learn_advice(self) -> str:
         return ("a zero-initialised layer after the trainable ones blocks the gradient (a random network's "
@@ -367,8 +372,9 @@ class DDPM(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Refuse to save weights that went NaN or infinite: the last good checkpoint stays in place."""
-        bad = nonfinite_keys({name: p for name, p in self.named_parameters() if p.requires_grad})
-        if bad:
+        bad = nonfinite_keys({name: local_tensor(p) for name, p in self.named_parameters() if p.requires_grad})
+        if self.any_rank(bool(bad)):
+            bad = bad or ["on another rank"]
             raise TrainingStopped(f"Training stopped: {len(bad)} trainable tensors are no longer finite at global "
                                   f"step {self.global_step} (e.g. {bad[0]}); they were not saved",
                                   "lower the learning rate, check the data, or use a wider precision")
