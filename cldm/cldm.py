@@ -125,11 +125,12 @@ class ControlNet(ResidualControl):
 
 
 # A full ControlNet file holds its hint encoder and its copy of the UNet encoder (a control-LoRA holds only offsets
-# for the copy): layout -> the first conv of each, as that layout names them.
+# for the copy): layout -> the first conv of each, as that layout names them; in diffusers' names also the middle
+# block's zero conv, which a ControlNet-XS adapter (hint encoder and conv_in too) lacks.
 CONTROLNET_LAYOUTS = {
     "original": (f"{CONTROL_PREFIX}input_hint_block.0.weight", f"{CONTROL_PREFIX}input_blocks.0.0.weight"),
     "unprefixed": ("input_hint_block.0.weight", "input_blocks.0.0.weight"),
-    "diffusers": ("controlnet_cond_embedding.conv_in.weight", "conv_in.weight"),
+    "diffusers": ("controlnet_cond_embedding.conv_in.weight", "conv_in.weight", "controlnet_mid_block.weight"),
 }
 
 

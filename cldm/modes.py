@@ -13,13 +13,14 @@ from omegaconf import OmegaConf
 
 from cldm.cldm import CONTROLNET
 from cldm.control import ControlMode
+from cldm.controlnet_xs import CONTROLNET_XS
 from cldm.lllite import LLLITE
 from cldm.lora import CONTROL_LORA
 from cldm.t2i_adapter import T2I_ADAPTER
 from ldm.checkpoint import BASE_PREFIXES, UserError
 from ldm.util import get_obj_from_str
 
-MODES: tuple[ControlMode, ...] = (CONTROLNET, CONTROL_LORA, LLLITE, T2I_ADAPTER)
+MODES: tuple[ControlMode, ...] = (CONTROLNET, CONTROL_LORA, LLLITE, T2I_ADAPTER, CONTROLNET_XS)
 
 
 @dataclass(frozen=True)

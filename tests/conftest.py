@@ -59,6 +59,20 @@ def diffusers_unet(model, config):
     return unet
 
 
+def diffusers_vae(model, config):
+    """diffusers' AutoencoderKL holding `model`'s VAE, through diffusers' own LDM converter."""
+    import diffusers
+    from diffusers.loaders import single_file_utils as convert
+    from omegaconf import OmegaConf
+
+    original = OmegaConf.to_container(OmegaConf.load(config), resolve=True)
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    vae_config = convert.create_vae_diffusers_config_from_ldm(original, sd)
+    vae = diffusers.AutoencoderKL(**vae_config).eval()
+    vae.load_state_dict(convert.convert_ldm_vae_checkpoint(sd, vae_config), strict=True)
+    return vae
+
+
 def randomize_zero_init(module: torch.nn.Module, std: float = 0.05) -> None:
     """Give the zero-initialised layers of a fresh UNet random weights, so it acts like a trained one."""
     gen = torch.Generator().manual_seed(2)

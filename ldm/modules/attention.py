@@ -125,13 +125,13 @@ class SpatialTransformer(nn.Module):
 
     def __init__(self, in_channels: int, n_heads: int, d_head: int, depth: int = 1, dropout: float = 0.0,
                  context_dim: int | list[int] | None = None, disable_self_attn: bool = False,
-                 use_linear: bool = False, use_checkpoint: bool = True):
+                 use_linear: bool = False, use_checkpoint: bool = True, norm_groups: int = 32):
         super().__init__()
         if context_dim is not None and not isinstance(context_dim, (list, tuple)):
             context_dim = [context_dim] * depth
         inner_dim = n_heads * d_head
         self.in_channels = in_channels
-        self.norm = nn.GroupNorm(num_groups=32, num_channels=in_channels, eps=1e-6, affine=True)
+        self.norm = nn.GroupNorm(num_groups=norm_groups, num_channels=in_channels, eps=1e-6, affine=True)
         if use_linear:
             self.proj_in = nn.Linear(in_channels, inner_dim)
             self.proj_out = zero_module(nn.Linear(inner_dim, in_channels))

@@ -45,6 +45,10 @@ class BlockHook:
         """The timestep embedding, before the vector y's embedding is added (SDXL)."""
         return emb
 
+    def embedding(self, emb: torch.Tensor) -> None:
+        """The embedding every block of this forward gets: the time embedding after the hooks' time_embedding,
+        plus the vector y's (SDXL). A hook that runs blocks of its own beside the UNet's reads it here."""
+
     def block_input(self, site: BlockSite, h: torch.Tensor) -> torch.Tensor:
         """h about to enter the block at `site`; for an output block, before the skip is concatenated to it."""
         return h
@@ -111,16 +115,21 @@ class Downsample(nn.Module):
 
 
 class ResBlock(TimestepBlock):
-    """Two 3x3 convs with the timestep embedding added in between; zero-initialised output conv."""
+    """Two 3x3 convs with the timestep embedding added in between; zero-initialised output conv.
+
+    The norms have 32 groups and eps 1e-5 as in SD; `groups`, `groups_out` (default `groups`) and `eps` set
+    them otherwise, as diffusers' ResnetBlock2D does (ControlNet-XS's narrow control blocks).
+    """
 
     def __init__(self, channels: int, emb_channels: int, dropout: float, out_channels: int | None = None,
                  use_conv: bool = False, use_scale_shift_norm: bool = False, dims: int = 2,
-                 use_checkpoint: bool = False, up: bool = False, down: bool = False):
+                 use_checkpoint: bool = False, up: bool = False, down: bool = False, groups: int = 32,
+                 groups_out: int | None = None, eps: float = 1e-5):
         super().__init__()
         self.out_channels = out_channels or channels
         self.use_checkpoint = use_checkpoint
         self.use_scale_shift_norm = use_scale_shift_norm
-        self.in_layers = nn.Sequential(normalization(channels), nn.SiLU(),
+        self.in_layers = nn.Sequential(normalization(channels, groups, eps), nn.SiLU(),
                                        conv_nd(dims, channels, self.out_channels, 3, padding=1))
         self.updown = up or down
         if up:
@@ -132,7 +141,7 @@ class ResBlock(TimestepBlock):
         self.emb_layers = nn.Sequential(
             nn.SiLU(), linear(emb_channels, 2 * self.out_channels if use_scale_shift_norm else self.out_channels))
         self.out_layers = nn.Sequential(
-            normalization(self.out_channels), nn.SiLU(), nn.Dropout(p=dropout),
+            normalization(self.out_channels, groups_out or groups, eps), nn.SiLU(), nn.Dropout(p=dropout),
             zero_module(conv_nd(dims, self.out_channels, self.out_channels, 3, padding=1)))
         if self.out_channels == channels:
             self.skip_connection = nn.Identity()
@@ -376,7 +385,7 @@ def run_block(module: TimestepEmbedSequential, site: BlockSite, h: torch.Tensor,
 def embed_time_and_vector(net: nn.Module, x: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor | None,
                           hooks: Sequence[BlockHook] = ()) -> torch.Tensor:
     """time_embed(timestep features), passed through the hooks, plus label_emb(y) for a vector-conditioned net
-    (UNet or ControlNet alike).
+    (UNet or ControlNet alike); the hooks are shown the result.
 
     A vector-conditioned net refuses to run without y and a plain one refuses a y: either would silently
     compute another function than the checkpoint was trained for.
@@ -387,11 +396,14 @@ def embed_time_and_vector(net: nn.Module, x: torch.Tensor, timesteps: torch.Tens
     if net.label_emb is None:
         if y is not None:
             raise ValueError("this network has no vector conditioning (num_classes unset) but got y")
-        return emb
-    if y is None:
+    elif y is None:
         raise ValueError("this network is vector-conditioned (num_classes: sequential, e.g. SDXL) and needs y: "
                          "the conditioner's `vector` (cond['c_adm'])")
-    return emb + net.label_emb(y.to(emb.dtype))
+    else:
+        emb = emb + net.label_emb(y.to(emb.dtype))
+    for hook in hooks:
+        hook.embedding(emb)
+    return emb
 
 
 def set_gradient_checkpointing(module: nn.Module, enabled: bool) -> None:

@@ -92,8 +92,8 @@ class GroupNorm32(nn.GroupNorm):
         return super().forward(x.float()).type(x.dtype)
 
 
-def normalization(channels: int) -> nn.Module:
-    return GroupNorm32(32, channels)
+def normalization(channels: int, groups: int = 32, eps: float = 1e-5) -> nn.Module:
+    return GroupNorm32(groups, channels, eps=eps)
 
 
 def conv_nd(dims: int, *args, **kwargs) -> nn.Module:
