@@ -1,4 +1,4 @@
-"""Convert ControlNet and T2I-Adapter weights between their original layouts and diffusers' folders.
+"""Convert ControlNet, T2I-Adapter and ControlNet-XS weights between their original layouts and diffusers' folders.
 
     python tool_convert_diffusers.py to-diffusers ./models/control_sd15_canny.pth ./models/canny_diffusers
     python tool_convert_diffusers.py from-diffusers ./models/canny_diffusers ./models/control_canny.pth
@@ -9,14 +9,21 @@
     python tool_convert_diffusers.py from-diffusers ./models/t2i-adapter-canny-sdxl-1.0 ./models/canny_xl.pth \
         --config ./models/cldm_xl_t2i.yaml
 
+    python tool_convert_diffusers.py to-diffusers ./control_model.safetensors ./models/xs_canny \
+        --config ./models/cldm_v21_xs.yaml
+
 The --config's mode says what is converted. A ControlNet: to-diffusers reads a full ControlLDM checkpoint or a
 `control_model.*`-only file and writes OUT_DIR/config.json and OUT_DIR/diffusion_pytorch_model.safetensors (a
 `ControlNetModel`); from-diffusers writes a `control_model.*` file that `load_checkpoint` puts into a ControlLDM
 built from the same config. A T2I-Adapter: to-diffusers reads TencentARC's layout or this project's export and
 writes a `T2IAdapter` folder; from-diffusers reads such a folder (or its weights file alone) and writes
-TencentARC's layout. Files are .safetensors, .ckpt or .pth by extension.
+TencentARC's layout. A ControlNet-XS adapter: to-diffusers reads this project's export (already diffusers' weights)
+or a training checkpoint and writes a `ControlNetXSAdapter` folder, with the config's heads and mix in config.json;
+from-diffusers reads such a folder and writes its weights as one file with the folder's structure checked (diffusers'
+layout is the only one published). Files are .safetensors, .ckpt or .pth by extension.
 
-The conversions are cldm/diffusers_convert.py and cldm/t2i_adapter.py: tensors are renamed, never changed, so a
+The conversions are cldm/diffusers_convert.py, cldm/t2i_adapter.py and cldm/controlnet_xs.py: tensors are renamed,
+never changed, so a
 round trip is bit-exact.
 """
 
@@ -25,7 +32,7 @@ import logging
 import sys
 from pathlib import Path
 
-from cldm import t2i_adapter
+from cldm import controlnet_xs, t2i_adapter
 from cldm.cli import run_tool
 from cldm.diffusers_convert import DEFAULT_CONFIG, convert_from_diffusers, convert_to_diffusers
 from cldm.modes import config_mode
@@ -50,10 +57,14 @@ def main(argv: list[str] | None = None) -> Path:
                              help="ControlLDM YAML the weights belong to")
         command.add_argument("--force", action="store_true", help="overwrite existing outputs")
     args = parser.parse_args(argv)
-    # a T2I-Adapter config converts the adapter; any other converts a ControlNet (which refuses what is none)
-    if config_mode(args.config) is t2i_adapter.T2I_ADAPTER:
+    # a T2I-Adapter or ControlNet-XS config converts that; any other converts a ControlNet (which refuses what is none)
+    mode = config_mode(args.config)
+    if mode is t2i_adapter.T2I_ADAPTER:
         convert = (t2i_adapter.convert_to_diffusers if args.command == "to-diffusers"
                    else t2i_adapter.convert_from_diffusers)
+    elif mode is controlnet_xs.CONTROLNET_XS:
+        convert = (controlnet_xs.convert_to_diffusers if args.command == "to-diffusers"
+                   else controlnet_xs.convert_from_diffusers)
     else:
         convert = convert_to_diffusers if args.command == "to-diffusers" else convert_from_diffusers
     out = convert(args.input, args.output, args.config, args.force)

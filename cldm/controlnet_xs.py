@@ -279,6 +279,19 @@ class DownBlock(nn.Module):
             self.downsamplers = Downsample(ctrl_out + base_out, True, out_channels=ctrl_out)
             self.ctrl_to_base.append(zero_conv(ctrl_out, base_out))
 
+    def forward(self, step: int, ctrl: torch.Tensor, base: torch.Tensor, emb: torch.Tensor, context: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block `step` of the level (the last one past the resnets is the downsampler) beside the UNet's block whose
+        input is `base`: the new control state and what goes to the UNet's output (unweighted)."""
+        ctrl = torch.cat([ctrl, self.base_to_ctrl[step](base)], dim=1)
+        if step < len(self.resnets):
+            ctrl = self.resnets[step](ctrl, emb)
+            if hasattr(self, "attentions"):
+                ctrl = self.attentions[step](ctrl, context)
+        else:
+            ctrl = self.downsamplers(ctrl)
+        return ctrl, self.ctrl_to_base[step](ctrl)
+
 
 class MiddleBlock(nn.Module):
     """diffusers' UNetMidBlock2DCrossAttn as the control's middle block: ResBlock, transformer, ResBlock."""
@@ -292,6 +305,9 @@ class MiddleBlock(nn.Module):
         self.attentions = nn.ModuleList([SpatialTransformer(
             channels, heads, channels // heads, depth=depth, context_dim=context_dim, use_linear=use_linear,
             use_checkpoint=False, norm_groups=groups)])
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return self.resnets[1](self.attentions[0](self.resnets[0](x, emb), context), emb)
 
 
 class MidBlockConnections(nn.Module):
@@ -307,6 +323,11 @@ class MidBlockConnections(nn.Module):
                                     config.use_linear_projection)
         self.ctrl_to_base = zero_conv(ctrl, base)
 
+    def forward(self, ctrl: torch.Tensor, base: torch.Tensor, emb: torch.Tensor, context: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        ctrl = self.midblock(torch.cat([ctrl, self.base_to_ctrl(base)], dim=1), emb, context)
+        return ctrl, self.ctrl_to_base(ctrl)
+
 
 class UpConnections(nn.Module):
     """diffusers' UpBlockControlNetXSAdapter: one conv per block of an up level, from a control state to the UNet's
@@ -317,13 +338,11 @@ class UpConnections(nn.Module):
         self.ctrl_to_base = nn.ModuleList(zero_conv(i, o) for i, o in zip(in_channels, out_channels))
 
 
-class Exchange(NamedTuple):
-    """One step of the control encoder beside a UNet block: what the UNet's input goes through before it is
-    concatenated to the control state, the control layers, and what their output goes through to the UNet."""
+class Step(NamedTuple):
+    """The control block beside one UNet input block: block `index` of a level's DownBlock."""
 
-    base_to_ctrl: nn.Module | None
-    layers: tuple[nn.Module, ...]
-    ctrl_to_base: nn.Module
+    block: DownBlock
+    index: int
 
 
 class ControlNetXS(BlockControl):
@@ -399,22 +418,15 @@ class ControlNetXS(BlockControl):
             raise ValueError("this ControlNet-XS adapter was made for another UNet: " + "; ".join(wrong))
         self._fitted = weakref.ref(unet)
 
-    def exchanges(self) -> tuple[list[Exchange], Exchange, list[nn.Module]]:
-        """The control step beside each input block (conv_in first), beside the middle block, and the connection
-        into each output block."""
-        steps = [Exchange(None, (self.conv_in,), self.control_to_base_for_conv_in)]
-        for block in self.down_blocks:
-            attentions = list(getattr(block, "attentions", [None] * len(block.resnets)))
-            for j, (resnet, attention) in enumerate(zip(block.resnets, attentions)):
-                layers = (resnet,) if attention is None else (resnet, attention)
-                steps.append(Exchange(block.base_to_ctrl[j], layers, block.ctrl_to_base[j]))
-            if hasattr(block, "downsamplers"):
-                steps.append(Exchange(block.base_to_ctrl[-1], (block.downsamplers,), block.ctrl_to_base[-1]))
-        mid = self.mid_block
-        middle = Exchange(mid.base_to_ctrl, (mid.midblock.resnets[0], mid.midblock.attentions[0],
-                                             mid.midblock.resnets[1]), mid.ctrl_to_base)
-        ups = [conv for up in self.up_connections for conv in up.ctrl_to_base]
-        return steps, middle, ups
+    def steps(self) -> list[Step | None]:
+        """The control block beside each UNet input block: None for conv_in, then each level's blocks in order. The
+        steps run inside the modules' forward (FSDP gathers a sharded module's weights there)."""
+        return [None] + [Step(block, j) for block in self.down_blocks
+                         for j in range(len(block.resnets) + hasattr(block, "downsamplers"))]
+
+    def up_convs(self) -> list[nn.Module]:
+        """The connection into each UNet output block."""
+        return [conv for up in self.up_connections for conv in up.ctrl_to_base]
 
     def encode_hint(self, hint: torch.Tensor) -> torch.Tensor:
         """The hint embedding (the control's addition to its conv_in), computed once per hint while sampling."""
@@ -429,12 +441,12 @@ class ControlNetXS(BlockControl):
     def hook(self, unet: nn.Module, hint: torch.Tensor, scales: list[float], x: torch.Tensor,
              timesteps: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None) -> "ExchangeHook":
         self.check_fits(unet)
-        steps, middle, ups = self.exchanges()
+        steps, ups = self.steps(), self.up_convs()
         if len(steps) != len(unet.input_blocks) or len(ups) != len(unet.output_blocks):
             raise ValueError(f"this adapter has {len(steps)} encoder and {len(ups)} decoder connections, the UNet "
                              f"{len(unet.input_blocks)} input and {len(unet.output_blocks)} output blocks")
         return ExchangeHook(self, repeat_to(self.encode_hint(hint), x.shape[0]), scales[-1], timesteps, context,
-                            steps, middle, ups)
+                            steps, ups)
 
 
 class ExchangeHook(BlockHook):
@@ -442,9 +454,9 @@ class ExchangeHook(BlockHook):
     block to block (see the module's docstring)."""
 
     def __init__(self, net: ControlNetXS, hint_embedding: torch.Tensor, scale: float, timesteps: torch.Tensor,
-                 context: torch.Tensor, steps: list[Exchange], middle: Exchange, ups: list[nn.Module]):
+                 context: torch.Tensor, steps: list[Step | None], ups: list[nn.Module]):
         self.net, self.hint_embedding, self.scale = net, hint_embedding, scale
-        self.timesteps, self.steps, self.middle, self.ups = timesteps, steps, middle, ups
+        self.timesteps, self.steps, self.ups = timesteps, steps, ups
         self.dtype = net.conv_in.weight.dtype
         self.context = context.to(self.dtype)
         self.emb: torch.Tensor | None = None
@@ -466,22 +478,18 @@ class ExchangeHook(BlockHook):
     def block_output(self, site: BlockSite, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         if site.part == "output":
             return h
-        step = self.middle if site == MIDDLE else self.steps[site.index]
-        if step.base_to_ctrl is None:  # conv_in: the latents, plus the hint's embedding
-            ctrl = step.layers[0](x.to(self.dtype)) + self.hint_embedding
+        net, base = self.net, x.to(self.dtype)
+        if site == MIDDLE:
+            ctrl, to_base = net.mid_block(self.ctrl, base, self.emb, self.context)
+        elif (step := self.steps[site.index]) is None:  # conv_in: the latents, plus the hint's embedding
+            ctrl = net.conv_in(base) + self.hint_embedding
+            to_base = net.control_to_base_for_conv_in(ctrl)
         else:
-            ctrl = torch.cat([self.ctrl, step.base_to_ctrl(x.to(self.dtype))], dim=1)
-            for layer in step.layers:
-                if isinstance(layer, ResBlock):
-                    ctrl = layer(ctrl, self.emb)
-                elif isinstance(layer, SpatialTransformer):
-                    ctrl = layer(ctrl, self.context)
-                else:
-                    ctrl = layer(ctrl)
+            ctrl, to_base = step.block(step.index, self.ctrl, base, self.emb, self.context)
         self.ctrl = ctrl
         if site.part == "input":
             self.states.append(ctrl)
-        return h + (step.ctrl_to_base(ctrl) * self.scale).to(h.dtype)
+        return h + (to_base * self.scale).to(h.dtype)
 
     def block_input(self, site: BlockSite, h: torch.Tensor) -> torch.Tensor:
         if site.part != "output":
@@ -684,6 +692,25 @@ def convert_to_diffusers(in_path: str | os.PathLike, out_dir: str | os.PathLike,
     net = load_controlnet_xs(load_state_dict(in_path), asdict(expected))
     check_structure(net, expected, in_path)
     return save_folder(net, out_dir, force)
+
+
+def convert_from_diffusers(in_path: str | os.PathLike, out_path: str | os.PathLike, config_path: str | os.PathLike,
+                           force: bool = False) -> Path:
+    """A diffusers ControlNetXSAdapter folder -> its weights as one file (the layout the apps, tool_eval_control.py and
+    --resume_path take), checked against the config's structure; the folder's heads and mix must be the config's,
+    since the file alone does not record them."""
+    expected = config_adapter(config_path)
+    if not Path(in_path).is_dir():
+        raise ValueError(f"{in_path} is not a folder: a diffusers ControlNet-XS adapter's weights file is already the "
+                         "layout this project loads")
+    net = load_controlnet_xs(in_path)
+    check_structure(net, expected, in_path)
+    differ = [f"{k} {getattr(net.config, k)} (config {getattr(expected, k)})" for k in UNSHAPED[:4]
+              if getattr(net.config, k) != getattr(expected, k)]
+    if differ:
+        raise ValueError(f"{in_path}/config.json has {', '.join(differ)}: a weights file does not record these, so it "
+                         "would run otherwise under this --config; give the config that has them")
+    return save_state_dict(to_diffusers(net), out_path, force=force)
 
 
 def check_structure(net: ControlNetXS, expected: XSConfig, source: str | os.PathLike) -> None:

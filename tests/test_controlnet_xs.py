@@ -3,6 +3,7 @@ SDXL), the exchange with the UNet against diffusers' UNetControlNetXSModel, samp
 pipelines, the files, training and mixed units."""
 
 import csv
+import json
 import os
 from dataclasses import asdict, replace
 
@@ -19,6 +20,7 @@ from cldm.model import create_model, load_state_dict, save_state_dict
 from cldm.modes import recognise
 from cldm.pipeline import sample
 from conftest import ROOT, diffusers_unet, diffusers_vae, model_as_trained, randomize_zero_convs, randomize_zero_init
+from ldm.checkpoint import UserError
 
 MODELS = ROOT / "models"
 TINY, TINY_XL = MODELS / "cldm_tiny_v21_xs.yaml", MODELS / "cldm_tiny_xl_xs.yaml"
@@ -47,6 +49,8 @@ SDXL_SCHEDULER = {"_class_name": "EulerDiscreteScheduler", "beta_end": 0.012, "b
                   "num_train_timesteps": 1000, "prediction_type": "epsilon", "sample_max_value": 1.0,
                   "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "timestep_spacing": "leading",
                   "trained_betas": None, "use_karras_sigmas": False}
+# config fields that change nothing computed
+BOOKKEEPING = dict(sample_size=None, upcast_attention=False)
 PEER_SCHEDULERS = {"ddim": lambda config: diffusers.DDIMScheduler.from_config(config),
                    "dpmpp_2m_karras": lambda config: diffusers.DPMSolverMultistepScheduler.from_config(
                        config, algorithm_type="dpmsolver++", use_karras_sigmas=True)}
@@ -93,8 +97,7 @@ def test_full_size_model_holds_diffusers_controlnet_xs_adapter(config):
     file = {k: torch.empty(v.shape, device="meta") for k, v in theirs.state_dict().items()}
     assert str(recognise(file)) == "controlnet-xs, diffusers layout"
     net = load_controlnet_xs(file, {"num_attention_heads": 4})
-    bookkeeping = dict(sample_size=None, upcast_attention=False)  # fields that change nothing computed
-    assert replace(net.config, **bookkeeping) == replace(model.control_model.config, **bookkeeping)
+    assert replace(net.config, **BOOKKEEPING) == replace(model.control_model.config, **BOOKKEEPING)
     net.check_fits(model.model.diffusion_model)
 
 
@@ -266,3 +269,168 @@ def test_sampling_matches_stable_diffusion_xl_controlnet_xs_pipeline(tmp_path):
                       controlnet_conditioning_scale=0.8, control_guidance_end=0.5, output_type="latent").images
     error = (ours - theirs).abs().max() / theirs.abs().max()
     assert error < 1e-5, f"relative difference {error:.2e}"
+
+
+# ---- files ---------------------------------------------------------------------------------------------------
+
+def test_export_is_diffusers_layout_and_loads_back_bit_exact(tmp_path):
+    model = trained_like(TINY)
+    net = model.control_model
+    export = model.control_state_dict()
+    theirs = diffusers.ControlNetXSAdapter.from_config(net.config.diffusers_config())
+    theirs.load_state_dict(export, strict=True)  # diffusers' names and shapes
+    path = save_state_dict(export, tmp_path / "xs.safetensors")
+    assert str(recognise(load_state_dict(path))) == "controlnet-xs, diffusers layout"
+    checkpoint = {"control_model." + k: v for k, v in net.state_dict().items()}
+    assert str(recognise(checkpoint)) == "controlnet-xs, checkpoint layout"
+    folder = save_folder(net, tmp_path / "folder")
+    with pytest.raises(FileExistsError):
+        save_folder(net, folder)
+    shown = {"num_attention_heads": 2, "time_embedding_mix": 0.9}  # what the tensors do not show
+    for source in (path, folder, checkpoint):
+        loaded = load_controlnet_xs(source, shown if source is not folder else None)  # a folder has config.json
+        assert replace(loaded.config, **BOOKKEEPING) == replace(net.config, **BOOKKEEPING)
+        assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), net.state_dict().values()))
+    # the model's own file: loaded over a fresh model, the same adapter; its heads and mix are the model's
+    fresh = create_model(TINY)
+    assert fresh.load_control(path).ok
+    assert all(torch.equal(a, b) for a, b in zip(fresh.control_model.state_dict().values(), net.state_dict().values()))
+    assert fresh.control_model.config == net.config
+
+
+def test_files_of_other_modes_are_not_taken_for_controlnet_xs_and_bad_ones_are_refused(tmp_path):
+    from cldm.controlnet_xs import CONTROLNET_XS
+    for config in ("cldm_tiny.yaml", "cldm_tiny_lora.yaml", "cldm_tiny_lllite.yaml", "cldm_tiny_t2i.yaml"):
+        assert CONTROLNET_XS.layout(create_model(MODELS / config, device="meta").control_state_dict()) is None
+    net = trained_like(TINY).control_model
+    other = trained_like(TINY_XL).model.diffusion_model  # an SDXL-shaped UNet: other widths and levels
+    with pytest.raises(ValueError, match="made for another UNet: base_block_out_channels: adapter \\[32, 64\\]"):
+        net.check_fits(other)
+    with pytest.raises(ValueError, match="give exactly one of size_ratio and block_out_channels"):
+        ControlNetXS.from_unet(other)
+    with pytest.raises(ValueError, match="time_embedding_mix below 1 needs learn_time_embedding"):
+        XSConfig(time_embedding_mix=0.5)
+    with pytest.raises(ValueError, match="3 attention heads do not fit a control block 2 channels wide"):
+        XSConfig(block_out_channels=(2, 4, 8, 8), num_attention_heads=3)
+    # the file as a unit on another base: refused by the loader, naming the file
+    xl = trained_like(TINY_XL)
+    path = save_state_dict(to_diffusers_file(net), tmp_path / "v21.safetensors")
+    with pytest.raises(UserError, match="v21.safetensors \\(controlnet-xs\\) does not fit the model of this config"):
+        load_control_network(path, xl, TINY_XL)
+
+
+def to_diffusers_file(net: ControlNetXS) -> dict[str, torch.Tensor]:
+    from cldm.controlnet_xs import to_diffusers
+    return to_diffusers(net)
+
+
+# ---- training and mixed units -------------------------------------------------------------------------------------
+
+def test_tutorial_train_controlnet_xs_cached_bf16_checkpoints_resumes_validates_and_exports(tmp_path):
+    import tool_add_control
+    import tool_cache_latents
+    from tool_make_fill50k import make_fill50k
+    from tutorial_train import main
+    data = make_fill50k(tmp_path / "train", n=8, size=32, seed=0)
+    held_out = make_fill50k(tmp_path / "held_out", n=2, size=32, seed=1)
+    sd = plain_sd_checkpoint(model_as_trained(TINY), tmp_path / "sd.safetensors")
+    init = tool_add_control.main([str(sd), str(tmp_path / "ini.safetensors"), "--config", str(TINY)])
+    cache = tool_cache_latents.main(["--config", str(TINY), "--ckpt", str(init), "--data_root", str(data),
+                                     "--out", str(tmp_path / "cache")])
+    out = tmp_path / "run"
+    args = ["--config", str(TINY), "--cached_latents", str(cache), "--batch_size", "2", "--logger_freq", "1000",
+            "--accelerator", "cpu", "--devices", "1", "--output_dir", str(out), "--frozen_dtype", "bf16",
+            "--precision", "bf16-mixed", "--checkpoint_every", "1", "--learning_rate", "1e-3", "--seed", "0",
+            "--gradient_checkpointing", "True",
+            "--val_data", str(held_out), "--val_every", "2", "--val_samples", "2", "--val_steps", "2"]
+    trainer = main([*args, "--resume_path", str(init), "--max_steps", "2"])
+    first = {k: v.clone() for k, v in trainer.lightning_module.control_model.state_dict().items()}
+    resumed = main([*args, "--resume", str(out / "checkpoints" / "last.ckpt"), "--max_steps", "3", "--force"])
+    assert resumed.global_step == 3
+    model = resumed.lightning_module
+    assert any(not torch.equal(first[k], v) for k, v in model.control_model.state_dict().items())
+    with open(os.path.join(resumed.loggers[1].log_dir, "metrics.csv")) as f:
+        assert any(r.get("val/fill_iou") for r in csv.DictReader(f))
+    # the export is diffusers' layout: ControlNetXSAdapter loads it strictly
+    export = load_state_dict(out / "control_model.safetensors")
+    theirs = diffusers.ControlNetXSAdapter.from_config(model.control_model.config.diffusers_config())
+    theirs.load_state_dict(export, strict=True)
+    fresh = create_model(TINY)
+    fresh.load_control(out / "control_model.safetensors")
+    assert all(torch.equal(v.float(), export[k].float()) for k, v in to_diffusers_file(fresh.control_model).items())
+
+
+def test_controlnet_and_controlnet_xs_units_in_one_sample(tmp_path):
+    """An XS file and a ControlNet file, recognised by the registry, as units of one sample() call on a ControlNet
+    model: one forward is the UNet given the ControlNet's residuals and the XS hook at once; each unit acts."""
+    config = MODELS / "cldm_tiny.yaml"
+    model = model_as_trained(config).eval()
+    randomize_zero_convs(model)
+    files = {"controlnet": save_state_dict(model.control_state_dict(), tmp_path / "cn.safetensors"),
+             "controlnet-xs": save_state_dict(trained_like(MODELS / "cldm_tiny_xs.yaml", seed=1).control_state_dict(),
+                                              tmp_path / "xs.safetensors")}
+    nets = {mode: load_control_network(path, model, config) for mode, path in files.items()}
+    assert {recognise(load_state_dict(p)).mode.name for p in files.values()} == set(files)
+    g = torch.Generator().manual_seed(3)
+    hints = {mode: torch.rand(2, 3, 32, 32, generator=g) for mode in files}
+    units = [ControlUnit(nets["controlnet"], hints["controlnet"], strength=0.8),
+             ControlUnit(nets["controlnet-xs"], hints["controlnet-xs"], strength=0.6, start=0.25)]
+    unet = model.model.diffusion_model
+    x, t = torch.randn(2, 4, 4, 4, generator=g), torch.tensor([50, 900])
+    with torch.no_grad():
+        context = model.get_learned_conditioning(PROMPTS)
+        got = model.apply_model(x, t, {"c_crossattn": [context], "control": units}, sampling_step=(1, 4))
+        residuals = [0.8 * r for r in nets["controlnet"](x, hints["controlnet"], t, context)]
+        hook = nets["controlnet-xs"].hook(unet, hints["controlnet-xs"], [0.6], x, t, context, None)
+        torch.testing.assert_close(got, unet(x, t, context=context, control=residuals, hooks=(hook,)), rtol=0, atol=0)
+        early = model.apply_model(x, t, {"c_crossattn": [context], "control": units}, sampling_step=(0, 4))
+        torch.testing.assert_close(early, unet(x, t, context=context, control=residuals), rtol=0, atol=0)
+    together = sample(model, PROMPTS, units=units, steps=4, seed=SEEDS, decode=False).latents
+    for left_out in range(2):
+        fewer = sample(model, PROMPTS, units=units[:left_out] + units[left_out + 1:], steps=4, seed=SEEDS,
+                       decode=False).latents
+        assert (fewer - together).abs().max() > 1e-3 * together.abs().max(), f"unit {left_out} does nothing"
+
+
+def test_two_controlnet_xs_units_add_up_in_either_order():
+    """Each adapter reads the UNet block's input, which both see alike, and adds to its output: two adapters without
+    a learnt time embedding commute. (Learnt time embeddings are mixed in one after the other, in the units' order.)"""
+    model = trained_like(MODELS / "cldm_tiny_xs.yaml").eval()
+    other = trained_like(MODELS / "cldm_tiny_xs.yaml", seed=1).control_model
+    g = torch.Generator().manual_seed(5)
+    hints = [torch.rand(2, 3, 32, 32, generator=g) for _ in range(2)]
+    a, b = ControlUnit(model.control_model, hints[0], strength=0.7), ControlUnit(other, hints[1], strength=0.4)
+    x, t = torch.randn(2, 4, 4, 4, generator=g), torch.tensor([100, 600])
+    with torch.no_grad():
+        context = model.get_learned_conditioning(PROMPTS)
+
+        def eps(units):
+            return model.apply_model(x, t, {"c_crossattn": [context], "control": units})
+        both, swapped, alone_a, alone_b = eps([a, b]), eps([b, a]), eps([a]), eps([b])
+    torch.testing.assert_close(both, swapped, rtol=0, atol=1e-5)  # the sums in another order
+    assert (both - alone_a).abs().max() > 1e-3 and (both - alone_b).abs().max() > 1e-3
+
+
+def test_tool_convert_diffusers_for_controlnet_xs(tmp_path):
+    import tool_convert_diffusers
+    model = trained_like(TINY)
+    export = save_state_dict(model.control_state_dict(), tmp_path / "xs.safetensors")
+    checkpoint = save_state_dict(model.state_dict(), tmp_path / "run.ckpt")
+    for source in (export, checkpoint):
+        folder = tool_convert_diffusers.main(["to-diffusers", str(source), str(tmp_path / "folder"), "--config",
+                                              str(TINY), "--force"])
+        theirs = diffusers.ControlNetXSAdapter.from_pretrained(folder)
+        assert theirs.config.num_attention_heads == 2 and theirs.config.time_embedding_mix == 0.9
+        ours = to_diffusers_file(model.control_model)
+        assert all(torch.equal(v, ours[k]) for k, v in theirs.state_dict().items())
+    back = tool_convert_diffusers.main(["from-diffusers", str(folder), str(tmp_path / "back.safetensors"),
+                                        "--config", str(TINY)])
+    before, after = load_state_dict(export), load_state_dict(back)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(ValueError, match="another structure than the --config builds"):
+        tool_convert_diffusers.main(["to-diffusers", str(export), str(tmp_path / "other"), "--config", str(TINY_XL)])
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_attention_heads": 4}))
+    with pytest.raises(ValueError, match="config.json has num_attention_heads 4 \\(config 2\\)"):
+        tool_convert_diffusers.main(["from-diffusers", str(folder), str(tmp_path / "other.safetensors"),
+                                     "--config", str(TINY)])

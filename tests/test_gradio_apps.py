@@ -146,13 +146,15 @@ class CountingDetectors(Detectors):
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """All ten apps over one tiny random model, each served on 127.0.0.1 by this process (as main() serves it), and
-    a control folder with an LLLite file, a control-LoRA file, a T2I-Adapter file and an HTML page saved as a
+    a control folder with an LLLite file, a control-LoRA file, a T2I-Adapter file, a ControlNet-XS file and an HTML
+    page saved as a
     checkpoint; the model's own control network comes from `own.safetensors` (a file of over 1 MiB, so its A1111 hash
     reads real bytes)."""
     folder = tmp_path_factory.mktemp("controls")
     random_control_file("cldm_tiny_lllite.yaml", folder / "lllite_tiny.safetensors", 0.2)
     random_control_file("cldm_tiny_lora.yaml", folder / "lora" / "control_lora_tiny.safetensors", 0.05)
     random_control_file("cldm_tiny_t2i.yaml", folder / "t2i_tiny.safetensors", 0.05)
+    random_control_file("cldm_tiny_xs.yaml", folder / "xs_tiny.safetensors", 0.05)
     (folder / "broken.ckpt").write_text("<!doctype html><html><body>Sign in to download</body></html>")
     own = folder.parent / "own.safetensors"
     own.write_bytes(os.urandom(3 * 2 ** 20))
@@ -368,6 +370,25 @@ def test_controlnet_t2i_adapter_and_lllite_units_in_one_request(served, tmp_path
     rest = sample(model, "a house, ", "", units=[units[0], units[2]], sampler="ddim", steps=3, cfg_scale=5.0, seed=78)
     np.testing.assert_array_equal(without[2], rest.images[0])
     assert not np.array_equal(rest.images, expected.images)  # the T2I-Adapter unit acted
+
+
+def test_a_controlnet_xs_unit_in_a_request(served, tmp_path):
+    """A ControlNet-XS file from --control-dir as a second unit beside the model's ControlNet, in a window."""
+    entry = served.apps["canny2image"]
+    img = picture(64, 64)
+    settings = dict(num_samples=1, steps=3, scale=5.0, seed=79, unit2_enabled=True,
+                    unit2_control_file="xs_tiny.safetensors", unit2_preprocessor="none", unit2_strength=0.8,
+                    unit2_start=0.3)
+    value = handle_file(write_png(tmp_path / "in.png", img))
+    out = process(entry.client, value, **settings)
+    model = served.model
+    hint = lambda a: torch.from_numpy(a).float().permute(2, 0, 1)[None] / 255.0  # noqa: E731
+    xs = load_control_network(served.folder / "xs_tiny.safetensors", model, TINY_CONFIG)
+    units = [model.unit(hint(255 - out[0])), ControlUnit(xs, hint(img), strength=0.8, start=0.3)]
+    expected = sample(model, "a house, ", "", units=units, sampler="ddim", steps=3, cfg_scale=5.0, seed=79)
+    np.testing.assert_array_equal(out[2], expected.images[0])
+    alone = sample(model, "a house, ", "", units=units[:1], sampler="ddim", steps=3, cfg_scale=5.0, seed=79)
+    assert not np.array_equal(alone.images, expected.images)  # the ControlNet-XS unit acted
 
 
 def test_a_random_seed_is_shown_and_reproduces_the_image(served, tmp_path):

@@ -1,5 +1,6 @@
 """cldm/loader.py, the one model loader: base and control files of any mode into the model of a config, one report;
-tool_eval_control.py on the full, LoRA-offset, LLLite and T2I-Adapter exports of real (tiny) training runs."""
+tool_eval_control.py on the full, LoRA-offset, LLLite, T2I-Adapter and ControlNet-XS exports of real (tiny) training
+runs."""
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ TINY = ROOT / "models" / "cldm_tiny.yaml"
 TINY_LORA = ROOT / "models" / "cldm_tiny_lora.yaml"
 TINY_LLLITE = ROOT / "models" / "cldm_tiny_lllite.yaml"
 TINY_T2I = ROOT / "models" / "cldm_tiny_t2i.yaml"
+TINY_XS = ROOT / "models" / "cldm_tiny_xs.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +37,8 @@ def same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("config", [TINY, TINY_LORA, TINY_LLLITE, TINY_T2I], ids=["full", "lora", "lllite", "t2i"])
+@pytest.mark.parametrize("config", [TINY, TINY_LORA, TINY_LLLITE, TINY_T2I, TINY_XS],
+                         ids=["full", "lora", "lllite", "t2i", "xs"])
 def test_eval_control_evaluates_the_export_of_a_training_run(files, tmp_path, config):
     """The mode's export of a 2-step run plus the SD checkpoint it trained on give the trained model exactly, and
     tool_eval_control scores it (it refused the LoRA and LLLite exports: weights "in none of" the files)."""
