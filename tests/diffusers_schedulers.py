@@ -32,6 +32,8 @@ DOCUMENTED = {
                                                           "algorithm_type": "sde-dpmsolver++"}),
     "UniPC": (UniPCMultistepScheduler, {"solver_type": "bh1", "solver_order": 3, "lower_order_final": True,
                                         "final_sigmas_type": "sigma_min"}),
+    # diffusers' UniPCMultistepScheduler.from_config(SD1.5's), as ControlNet++'s eval/eval.py builds it
+    "UniPC bh2": (UniPCMultistepScheduler, {}),
 }
 
 

@@ -77,6 +77,10 @@ SAMPLERS: dict[str, Sampler] = {s.name: s for s in (
     # lowest training noise level (diffusers' default, bh2 at order 2 to zero noise, is another sampler)
     Sampler("unipc", "UniPC", 20, UniPCMultistepScheduler,
             {"solver_type": "bh1", "solver_order": 3, "lower_order_final": True, "final_sigmas_type": "sigma_min"}),
+    # diffusers' UniPCMultistepScheduler as it comes (bh2 at order 2, ending at zero noise): the sampler of
+    # ControlNet++'s evaluation protocol (cldm/protocol.py)
+    Sampler("unipc_bh2", "UniPC bh2", 20, UniPCMultistepScheduler,
+            {"solver_type": "bh2", "solver_order": 2, "lower_order_final": True, "final_sigmas_type": "zero"}),
 )}
 
 
