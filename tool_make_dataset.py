@@ -20,10 +20,10 @@ import torch
 
 from annotator.hints import HINTS
 from cldm.cli import run_tool
-from cldm.data import FORMATS as DATA_FORMATS
 from cldm.data import open_dataset
 from cldm.data.build import build_from_images, default_captions
 from cldm.data.images import set_max_image_pixels
+from cldm.data.options import add_format_arguments, format_options
 from cldm.data.shards import write_shards
 
 FORMATS = ("fill50k", "shards")
@@ -53,15 +53,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max_image_pixels", type=int, default=None,
                    help="images claiming more pixels are skipped as decompression bombs (default PIL's, 89478485)")
     reader = p.add_argument_group("--convert: how to read DATA_ROOT (docs/data.md; each applies to its format)")
-    reader.add_argument("--data_format", choices=DATA_FORMATS, default=None,
-                        help="the format of DATA_ROOT (default: told by its files)")
-    reader.add_argument("--conditioning_data_dir", default=None, help="kohya format: the folder of hint images")
-    reader.add_argument("--image_column", default="image", help="hf format: the target image column")
-    reader.add_argument("--conditioning_image_column", default="conditioning_image", help="hf format: the hint column")
-    reader.add_argument("--caption_column", default="text", help="hf format: the caption column")
-    reader.add_argument("--split", default="train", help="hf format: the split to convert")
-    reader.add_argument("--allow_outside_root", action="store_true",
-                        help="fill50k and hf formats: read image paths that are absolute or contain '..'")
+    add_format_arguments(reader, purpose="convert")
     p.add_argument("--random_weights", action="store_true",
                    help="FOR TESTS ONLY: the detector keeps random weights (no weight files needed)")
     options = p.add_argument_group("detector options (each applies to the detectors that take it)")
@@ -93,11 +85,7 @@ def make(args: argparse.Namespace) -> str:
     if args.max_image_pixels is not None:
         set_max_image_pixels(args.max_image_pixels)
     if args.convert is not None:
-        reader = open_dataset(args.convert, args.data_format, conditioning_data_dir=args.conditioning_data_dir,
-                              caption_extension=args.caption_extension, image_column=args.image_column,
-                              conditioning_image_column=args.conditioning_image_column,
-                              caption_column=args.caption_column, split=args.split,
-                              allow_outside_root=args.allow_outside_root)
+        reader = open_dataset(args.convert, **format_options(args), caption_extension=args.caption_extension)
         write_shards(reader, out, num_workers=args.workers, force=args.force)
         return f"shards of {args.convert} written to {out}"
     if args.format == "shards" and out.exists() and not args.force:

@@ -204,17 +204,18 @@ class Scorers:
 @torch.no_grad()
 def generate(model: torch.nn.Module, prompts: list[str], hints: torch.Tensor | None, seeds: list[int],
              steps: int = 20, guidance_scale: float = 3.0, batch_size: int = 64, sampler: str = "ddim",
-             sizes: Mapping[str, tuple[int, int]] | None = None) -> np.ndarray:
+             sizes: Mapping[str, tuple[int, int]] | None = None, negative_prompt: str = "") -> np.ndarray:
     """One uint8 image per prompt, image i from seeds[i]; hints (BCHW in [0, 1]) or None: no control.
 
-    Classifier-free guidance with the empty prompt; the model's own control network acts on both passes, at
-    strength 1 (the apps' default mode). `sizes`: SDXL's size conditioning, sample()'s arguments by name.
+    Classifier-free guidance against `negative_prompt` (default the empty prompt); the model's own control
+    network acts on both passes, at strength 1 (the apps' default mode). `sizes`: SDXL's size conditioning,
+    sample()'s arguments by name.
     """
     out = []
     for start in range(0, len(prompts), batch_size):
         end = min(start + batch_size, len(prompts))
         units = [] if hints is None else [model.unit(hints[start:end])]
-        out.append(sample(model, prompts[start:end], negative_prompt="", units=units, sampler=sampler,
+        out.append(sample(model, prompts[start:end], negative_prompt=negative_prompt, units=units, sampler=sampler,
                           steps=steps, cfg_scale=guidance_scale, seed=seeds[start:end], **(sizes or {})).images)
     return np.concatenate(out)
 
