@@ -22,9 +22,10 @@ or a training checkpoint and writes a `ControlNetXSAdapter` folder, with the con
 from-diffusers reads such a folder and writes its weights as one file with the folder's structure checked (diffusers'
 layout is the only one published). Files are .safetensors, .ckpt or .pth by extension.
 
-The conversions are cldm/diffusers_convert.py, cldm/t2i_adapter.py and cldm/controlnet_xs.py: tensors are renamed,
-never changed, so a
-round trip is bit-exact.
+Each mode converts its own files (its ControlMode's to_diffusers / from_diffusers: cldm/diffusers_convert.py for a
+ControlNet, cldm/t2i_adapter.py for a T2I-Adapter, cldm/controlnet_xs.py for ControlNet-XS); a mode diffusers has
+no class for (control-LoRA, LLLite) is refused by name. Tensors are renamed, never changed, so a round trip is
+bit-exact.
 """
 
 import argparse
@@ -32,9 +33,8 @@ import logging
 import sys
 from pathlib import Path
 
-from cldm import controlnet_xs, t2i_adapter
 from cldm.cli import run_tool
-from cldm.diffusers_convert import DEFAULT_CONFIG, convert_from_diffusers, convert_to_diffusers
+from cldm.diffusers_convert import DEFAULT_CONFIG
 from cldm.modes import config_mode
 
 log = logging.getLogger(__name__)
@@ -57,16 +57,8 @@ def main(argv: list[str] | None = None) -> Path:
                              help="ControlLDM YAML the weights belong to")
         command.add_argument("--force", action="store_true", help="overwrite existing outputs")
     args = parser.parse_args(argv)
-    # a T2I-Adapter or ControlNet-XS config converts that; any other converts a ControlNet (which refuses what is none)
-    mode = config_mode(args.config)
-    if mode is t2i_adapter.T2I_ADAPTER:
-        convert = (t2i_adapter.convert_to_diffusers if args.command == "to-diffusers"
-                   else t2i_adapter.convert_from_diffusers)
-    elif mode is controlnet_xs.CONTROLNET_XS:
-        convert = (controlnet_xs.convert_to_diffusers if args.command == "to-diffusers"
-                   else controlnet_xs.convert_from_diffusers)
-    else:
-        convert = convert_to_diffusers if args.command == "to-diffusers" else convert_from_diffusers
+    mode = config_mode(args.config)  # the config's mode converts its own files (or refuses, naming itself)
+    convert = mode.to_diffusers if args.command == "to-diffusers" else mode.from_diffusers
     out = convert(args.input, args.output, args.config, args.force)
     log.info("Wrote %s", out)
     return out

@@ -3,6 +3,7 @@
 import inspect
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 import einops
@@ -10,6 +11,7 @@ import torch
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
+from cldm import diffusers_convert
 from cldm.control import Contribution, ControlMode, ControlUnit, HintCache, ResidualControl, repeat_to
 from cldm.data.batch import ControlItem
 from cldm.diffusers_names import diffusers_module_names, rename_module
@@ -205,6 +207,14 @@ class ControlNetMode(ControlMode):
         if self.layout(state_dict) != "original":
             state_dict = {CONTROL_PREFIX + k: v for k, v in self.weights(state_dict, model.control_model).items()}
         return load_checkpoint(model, state_dict, prefixes=(CONTROL_PREFIX,))
+
+    def to_diffusers(self, source: str | os.PathLike, out_dir: str | os.PathLike, config: str | os.PathLike,
+                     force: bool = False) -> Path:
+        return diffusers_convert.convert_to_diffusers(source, out_dir, config, force)
+
+    def from_diffusers(self, source: str | os.PathLike, out: str | os.PathLike, config: str | os.PathLike,
+                       force: bool = False) -> Path:
+        return diffusers_convert.convert_from_diffusers(source, out, config, force)
 
 
 CONTROLNET = ControlNetMode()

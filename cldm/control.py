@@ -16,15 +16,17 @@ module with a network that subclasses one of the kinds and a ControlMode, listed
 (docs/modes.md).
 """
 
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 from omegaconf import DictConfig
 
-from ldm.checkpoint import LoadReport
+from ldm.checkpoint import LoadReport, UserError
 from ldm.modules.attention import InputAdapter
 from ldm.modules.diffusionmodules.openaimodel import BlockHook, BlockSite
 
@@ -32,6 +34,7 @@ CONTROL_MODES = ("balanced", "prompt", "control")
 SOFT_DECAY = 0.825  # the original's guess-mode weight ratio between neighbouring residual levels of SD's 13
 SD_LEVELS = 13  # SD's residual levels: 12 skip connections and the middle block
 Step = tuple[int, int]
+FilePath = str | os.PathLike
 
 
 @dataclass
@@ -70,6 +73,11 @@ class ControlNetwork(nn.Module, ABC):
                    y: torch.Tensor | None, unet: nn.Module) -> Contribution:
         """This network's contribution to one UNet forward on x (B, C, h, w) with the UNet's own inputs
         (timesteps, text context, and the vector y of vector-conditioned bases), weighted as `unit` says."""
+
+    def soft_weights(self, n: int) -> list[float]:
+        """The weights of this network's n levels, shallowest first, in the soft modes ("My prompt is more
+        important", "ControlNet is more important"): the generic rule, unless a kind of network has its own."""
+        return soft_weights(n)
 
 
 class ResidualControl(ControlNetwork):
@@ -178,7 +186,7 @@ class ControlUnit:
 
     `mode` follows the A1111 extension's control modes (see docs/controls.md):
       balanced - every residual times `strength`, on the cond and uncond passes alike;
-      prompt   - "My prompt is more important": residual i of n times strength * soft_weights(n)[i]
+      prompt   - "My prompt is more important": level i of n times strength * the network's soft_weights(n)[i]
                  (0.825 ** (12 - i) on SD's 13), so deep levels dominate and shallow ones fade; on both passes;
       control  - "ControlNet is more important": the same soft weights, on the cond pass only, so
                  classifier-free guidance amplifies the control (the original's guess mode).
@@ -218,7 +226,7 @@ class ControlUnit:
             return list(self.scales)
         if self.mode == "balanced":
             return [self.strength] * n
-        return [self.strength * w for w in soft_weights(n)]
+        return [self.strength * w for w in self.model.soft_weights(n)]
 
     def active(self, step: Step | None) -> bool:
         """Whether the unit acts at sampling step (i, N); outside sampling (step None) a windowed unit is an
@@ -292,3 +300,18 @@ class ControlMode(ABC):
         """Load a file of this mode (any of its layouts) into the own control network of `model`, a model of this
         mode. The report names, as the model's keys (`control_model.*`), what the file left unfilled, and the
         file's keys that the model does not use."""
+
+    def to_diffusers(self, source: FilePath, out_dir: FilePath, config: FilePath, force: bool = False) -> Path:
+        """A file of this mode (any of its layouts) as a folder of diffusers' class for the network (config.json and
+        weights), for `config`'s model: tool_convert_diffusers.py to-diffusers. A mode diffusers has no class
+        for refuses, naming itself."""
+        raise self._no_diffusers_class()
+
+    def from_diffusers(self, source: FilePath, out: FilePath, config: FilePath, force: bool = False) -> Path:
+        """A folder of diffusers' class for the network as a file of this mode's own layout (.safetensors, .ckpt
+        or .pth by the extension): tool_convert_diffusers.py from-diffusers."""
+        raise self._no_diffusers_class()
+
+    def _no_diffusers_class(self) -> UserError:
+        return UserError(f"{self.name} files have no diffusers class to convert to or from",
+                         "the apps, tool_eval_control.py and training load this mode's files as they are")

@@ -675,6 +675,14 @@ class ControlNetXSMode(ControlMode):
         model.control_model = net.to(device=old.device, dtype=old.dtype).requires_grad_(old.requires_grad)
         return LoadReport()
 
+    def to_diffusers(self, source: str | os.PathLike, out_dir: str | os.PathLike, config: str | os.PathLike,
+                     force: bool = False) -> Path:
+        return convert_to_diffusers(source, out_dir, config, force)
+
+    def from_diffusers(self, source: str | os.PathLike, out: str | os.PathLike, config: str | os.PathLike,
+                       force: bool = False) -> Path:
+        return convert_from_diffusers(source, out, config, force)
+
 
 CONTROLNET_XS = ControlNetXSMode()
 

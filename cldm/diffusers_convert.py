@@ -14,17 +14,18 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from cldm.cldm import ControlNet
 from cldm.cli import refuse_existing
 from cldm.diffusers_names import diffusers_module_names, rename_module
 from cldm.model import CONTROL_PREFIX, load_state_dict, save_state_dict
 from ldm.checkpoint import require_finite, write_text
 from ldm.modules.diffusionmodules.openaimodel import UNetSpec
+from ldm.util import get_obj_from_str
 
 log = logging.getLogger(__name__)
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "models" / "cldm_v15.yaml"
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+CONTROLNET_TARGET = "cldm.cldm.ControlNet"  # the one control network diffusers' ControlNetModel expresses
 # Weight files a diffusers ControlNet folder may hold, in the order they are preferred.
 WEIGHTS_CANDIDATES = (WEIGHTS_NAME, "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.bin",
                       "diffusion_pytorch_model.fp16.bin")
@@ -76,9 +77,9 @@ def read_control_config(config_path: str | os.PathLike) -> ControlConfig:
     if "control_stage_config" not in params:
         raise ValueError(f"{config_path} has no model.params.control_stage_config")
     control = params.control_stage_config
-    if control.target != "cldm.cldm.ControlNet":
+    if control.target != CONTROLNET_TARGET:
         raise ValueError(f"{config_path}: control model {control.target} has no diffusers ControlNetModel "
-                         "equivalent; only cldm.cldm.ControlNet converts")
+                         f"equivalent; only {CONTROLNET_TARGET} converts")
     return ControlConfig(OmegaConf.to_container(control.params), bool(params.get("global_average_pooling", False)),
                          size_embedding_width(params))
 
@@ -169,7 +170,7 @@ def build_mapping(config_path: str | os.PathLike = DEFAULT_CONFIG) -> Mapping:
     spec = unet_spec(params)
     # Built on the meta device only for its key names and shapes: no memory, no init time.
     with torch.device("meta"):
-        net = ControlNet(**params)
+        net = get_obj_from_str(CONTROLNET_TARGET)(**params)
     shapes = {k: tuple(v.shape) for k, v in net.state_dict().items()}
     keys = {k: rename_module(k, diffusers_module_names(net)) for k in shapes}
     unmapped = [k for k, v in keys.items() if v == k]

@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
@@ -58,6 +59,8 @@ WEIGHTS_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model
                  "diffusion_pytorch_model.bin")
 # Hint images are gray (canny, sketch) or colour; a file's conv_in width is in_channels * downscale_factor ** 2.
 HINT_CHANNELS = (1, 3)
+# The A1111 extension's weights of an adapter's four features in its soft modes, shallowest first
+ADAPTER_SOFT_WEIGHTS = (0.25, 0.62, 0.825, 1.0)
 # The unshuffle factor of each kind (TencentARC's and diffusers' defaults); a file alone does not record it.
 DOWNSCALE = {FULL: 8, FULL_XL: 16, LIGHT: 8}
 
@@ -243,6 +246,16 @@ class T2IAdapter(BlockControl):
 
     def num_levels(self) -> int:
         return len(self.adapter.body)
+
+    def soft_weights(self, n: int) -> list[float]:
+        """The A1111 extension's soft weights for T2I-Adapters, (0.25, 0.62, 0.825, 1) over the four features of
+        every published adapter (its scripts/hook.py); an adapter of another depth gets them interpolated over its
+        levels, from 0.25 at the shallowest to 1 at the deepest."""
+        if n == 1:
+            return [1.0]
+        last = len(ADAPTER_SOFT_WEIGHTS) - 1
+        positions = [i * last / (n - 1) for i in range(n)]
+        return [float(w) for w in np.interp(positions, range(last + 1), ADAPTER_SOFT_WEIGHTS)]
 
     def forward(self, hint: torch.Tensor) -> list[torch.Tensor]:
         """The unweighted features of a hint (B, C, H, W) in [0, 1]."""
@@ -510,6 +523,14 @@ class T2IAdapterMode(ControlMode):
         (the optimizer holds the old network)."""
         replace_network(model, load_t2i_adapter(state_dict))
         return LoadReport()
+
+    def to_diffusers(self, source: str | os.PathLike, out_dir: str | os.PathLike, config: str | os.PathLike,
+                     force: bool = False) -> Path:
+        return convert_to_diffusers(source, out_dir, config, force)
+
+    def from_diffusers(self, source: str | os.PathLike, out: str | os.PathLike, config: str | os.PathLike,
+                       force: bool = False) -> Path:
+        return convert_from_diffusers(source, out, config, force)
 
 
 T2I_ADAPTER = T2IAdapterMode()

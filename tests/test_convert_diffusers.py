@@ -141,3 +141,18 @@ def test_a_folder_of_nan_weights_or_a_mistyped_config_is_one_line_and_exit_1(exp
     save_state_dict(nan, tmp_path / "nan.ckpt")
     out = tmp_path / "nan_diffusers"
     assert "nan.ckpt has non-finite weights" in run("to-diffusers", tmp_path / "nan.ckpt", out)
+
+
+@pytest.mark.parametrize("config,mode", [("cldm_tiny_lora.yaml", "control-lora"), ("cldm_tiny_lllite.yaml", "lllite")])
+def test_the_configs_mode_converts_and_one_without_a_diffusers_class_is_refused_by_name(config, mode, tmp_path,
+                                                                                       capsys):
+    """The tool asks the config's ControlMode to convert (a new mode converts its own files without touching the
+    tool); control-LoRA and LLLite have no diffusers class, which the mode says in one line."""
+    model = create_model(ROOT / "models" / config)
+    save_state_dict(model.control_state_dict(), tmp_path / "control.safetensors")
+    for command, source, out in (("to-diffusers", tmp_path / "control.safetensors", tmp_path / "folder"),
+                                 ("from-diffusers", tmp_path, tmp_path / "back.safetensors")):
+        code = run_tool(tool.main, [command, str(source), str(out), "--config", str(ROOT / "models" / config)])
+        err = capsys.readouterr().err
+        assert code == 1 and "Traceback" not in err and not out.exists(), err
+        assert err.splitlines()[0] == f"error: {mode} files have no diffusers class to convert to or from"

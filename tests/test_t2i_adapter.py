@@ -172,6 +172,30 @@ def test_features_land_where_diffusers_unet_adds_them(tmp_path):
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["prompt", "control"])
+def test_soft_modes_weight_the_features_as_the_a1111_extension(mode):
+    """"My prompt is more important" and "ControlNet is more important" weight an adapter's four features by
+    strength * (0.25, 0.62, 0.825, 1), sd-webui-controlnet's scripts/hook.py for T2I-Adapters (not the
+    ControlNet's 0.825 decay); an adapter of another depth gets that span interpolated over its levels."""
+    four = T2IAdapter(**dict(PUBLISHED["sd15v2"], channels=[16, 32, 64, 64]))
+    unit = ControlUnit(four, torch.rand(1, 3, 64, 64), strength=0.5, mode=mode)
+    assert unit.level_scales(four.num_levels()) == pytest.approx([0.125, 0.31, 0.4125, 0.5], abs=1e-12)
+    light = T2IAdapter(**dict(PUBLISHED["color_sd14v1"], channels=[16, 32, 64]))
+    assert ControlUnit(light, torch.rand(1, 3, 64, 64), mode=mode).level_scales(4) == pytest.approx(
+        [0.25, 0.62, 0.825, 1.0], abs=1e-12)
+    # the tiny model's two-level adapter, through the UNet: the soft unit is the balanced one at (0.25, 1) x 0.5
+    model = model_as_trained(TINY).eval()
+    g = torch.Generator().manual_seed(3)
+    x, t, hint = torch.randn(2, 4, 4, 4, generator=g), torch.tensor([30, 700]), torch.rand(2, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        cond = {"c_crossattn": [model.get_learned_conditioning(PROMPTS)]}
+        soft = model.apply_model(x, t, {**cond, "control": [model.unit(hint, strength=0.5, mode=mode)]})
+        weighted = model.apply_model(x, t, {**cond, "control": [model.unit(hint, scales=[0.125, 0.5])]})
+        generic = model.apply_model(x, t, {**cond, "control": [model.unit(hint, scales=[0.5 * 0.825 ** 12, 0.5])]})
+    torch.testing.assert_close(soft, weighted, rtol=0, atol=1e-6)
+    assert (soft - generic).abs().max() > 1e-4
+
+
 # ---- sampling against diffusers' pipelines --------------------------------------------------------------
 
 @pytest.fixture(scope="module")
