@@ -112,7 +112,8 @@ class XSConfig:
             tupled(name)
         levels = len(self.block_out_channels)
         if self.conditioning_channel_order not in ("rgb", "bgr"):
-            raise ValueError(f"conditioning_channel_order must be 'rgb' or 'bgr', got {self.conditioning_channel_order!r}")
+            raise ValueError("conditioning_channel_order must be 'rgb' or 'bgr', got "
+                             f"{self.conditioning_channel_order!r}")
         if len(self.base_block_out_channels) != levels or len(self.down_block_types) != levels:
             raise ValueError(f"block_out_channels {list(self.block_out_channels)}, base_block_out_channels "
                              f"{list(self.base_block_out_channels)} and down_block_types {list(self.down_block_types)} "
@@ -587,9 +588,9 @@ def read_folder(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 def load_controlnet_xs(source: Mapping[str, torch.Tensor] | str | os.PathLike,
                        defaults: Mapping[str, Any] | None = None) -> ControlNetXS:
-    """A ControlNet-XS adapter from a diffusers folder (config.json + weights), a weights file or a state dict (diffusers'
-    names, or `control_model.*` of our checkpoints); the structure from the tensors, the rest from config.json, else
-    `defaults`, else diffusers' defaults (see infer_config)."""
+    """A ControlNet-XS adapter from a diffusers folder (config.json + weights), a weights file or a state dict
+    (diffusers' names, or `control_model.*` of our checkpoints); the structure from the tensors, the rest from
+    config.json, else `defaults`, else diffusers' defaults (see infer_config)."""
     if isinstance(source, Mapping):
         sd = source
     elif Path(source).is_dir():
