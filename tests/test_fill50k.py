@@ -11,11 +11,10 @@ import cv2
 import numpy as np
 import pytest
 
-from cldm.data.circles import COLORS, MIN_CONTRAST, sample_circle
+from cldm.data.circles import COLORS, MIN_CONTRAST, make_fill50k, sample_circle
 from cldm.data.images import BadSampleError, Resize
 from conftest import ROOT, dead_pid
 from ldm.checkpoint import HOST
-from tool_make_fill50k import make_fill50k
 from tutorial_dataset import MyDataset
 
 N, SIZE = 8, 64
@@ -240,18 +239,18 @@ def test_paths_outside_the_root_need_an_option(data, tmp_path, caplog):
 
 
 def test_interrupted_force_leaves_the_old_set(tmp_path, monkeypatch):
-    import tool_make_fill50k
+    from cldm.data import circles
     out = make_fill50k(tmp_path / "out", n=6, size=32, seed=0)
     (out / "keep.txt").write_text("mine")
     before = all_files(out)
-    write_sample = tool_make_fill50k._write_sample
+    write_sample = circles._write_sample
 
     def interrupted(job):
         if job[2] == 3:
             raise KeyboardInterrupt
         return write_sample(job)
 
-    monkeypatch.setattr(tool_make_fill50k, "_write_sample", interrupted)
+    monkeypatch.setattr(circles, "_write_sample", interrupted)
     with pytest.raises(KeyboardInterrupt):
         make_fill50k(out, n=6, size=32, seed=1, force=True)
     assert all_files(out) == before  # the old set, whole, and nothing left of the new one

@@ -1,11 +1,24 @@
-"""Fill50K's circles: the named colours, one circle's geometry and colours from a seed, and its two images.
+"""Fill50K's circles: the named colours, one circle's geometry and colours from a seed, its two images, and a data
+set of them written in Fill50K's layout (make_fill50k; tool_make_fill50k.py is its command line).
 
-The data set tool (tool_make_fill50k.py), the tiny base model's training and the fidelity metrics share these.
-Sample N of a set depends only on (seed, N, size): `sample_circle(np.random.default_rng([seed, N]), size)`.
+The data set tool, the mode comparison (cldm/bench/comparison.py), the tiny base model's training and the fidelity
+metrics share these. Sample N of a set depends only on (seed, N, size):
+`sample_circle(np.random.default_rng([seed, N]), size)`.
 """
+
+import json
+import logging
+import multiprocessing as mp
+import os
+import shutil
+from pathlib import Path
 
 import cv2
 import numpy as np
+
+from ldm.checkpoint import live_temps, move_into_place, new_temp, remove_stale_temps
+
+log = logging.getLogger(__name__)
 
 # CSS named colours (the X11 set) with their RGB values; "grey" spellings left out (copies of "gray").
 COLORS: list[tuple[str, tuple[int, int, int]]] = [
@@ -98,3 +111,79 @@ def render(circle: dict, size: int) -> tuple[np.ndarray, np.ndarray]:
     target[:] = circle["background"]
     cv2.circle(target, center, radius, circle["color"], -1, cv2.LINE_8)
     return source, target
+
+
+MIN_SIZE = 16
+PNG_PARAMS = [cv2.IMWRITE_PNG_COMPRESSION, 6]  # zlib's default: less than half the bytes of OpenCV's level 1
+SET_ENTRIES = ("source", "target", "meta.jsonl", "prompt.json")  # prompt.json last: its presence marks a set
+STAGING = "fill50k"  # a run writes its set into `.fill50k.PID-HOST.RANDOM.tmp` inside the output folder
+
+
+def _write_sample(job: tuple[Path, int, int, int]) -> tuple[str, str]:
+    out, seed, i, size = job
+    circle = sample_circle(np.random.default_rng([seed, i]), size)
+    source, target = render(circle, size)
+    for folder, image in (("source", source), ("target", target)):
+        ok, png = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), PNG_PARAMS)
+        if not ok:
+            raise OSError(f"could not encode {out / folder / f'{i}.png'}")
+        (out / folder / f"{i}.png").write_bytes(png.tobytes())  # (a full disk raises with its errno)
+    record = {"source": f"source/{i}.png", "target": f"target/{i}.png", "prompt": circle["prompt"]}
+    meta = {"source": record["source"], **{k: v for k, v in circle.items() if k != "prompt"}}
+    return json.dumps(record), json.dumps(meta)
+
+
+def make_fill50k(out: str | Path, n: int = 50000, size: int = 512, seed: int = 0, force: bool = False,
+                 workers: int = 1) -> Path:
+    """Write n samples in Fill50K's layout under `out` and return its path.
+
+    A non-empty `out` is refused unless `force`, and so is one that another run is writing into. The new set is
+    written into a hidden folder inside `out` and swapped in at the end (prompt.json last), so an interrupted
+    run leaves the old set, or no prompt.json, never an index that names images of another set. Files of `out`
+    that are not part of a set are kept; the hidden folders of killed runs are removed.
+    """
+    out = Path(out)
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    if size < MIN_SIZE:
+        raise ValueError(f"size must be at least {MIN_SIZE}, got {size}")
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out} exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out)  # every time: a set's hidden folders must not count as files of `out`
+    writing = live_temps(out)
+    if writing:
+        raise FileExistsError(f"another run (process {writing[0][1]}) is writing a data set into {out} "
+                              f"({writing[0][0].name}); wait for it, or choose another --out")
+    if any(out.iterdir()) and not force:
+        raise FileExistsError(f"{out} is not empty; pass --force to replace the data set in it "
+                              "(other files are kept)")
+    staging = new_temp(out / STAGING, folder=True)
+    try:
+        for folder in ("source", "target"):
+            (staging / folder).mkdir()
+        jobs = [(staging, seed, i, size) for i in range(n)]
+        step = max(1, n // 10)
+        records = []
+        for done, record in enumerate(_records(jobs, workers), 1):
+            records.append(record)
+            if done % step == 0 or done == n:
+                log.info("%d/%d samples", done, n)
+        (staging / "meta.jsonl").write_text("".join(meta + "\n" for _, meta in records), encoding="utf-8")
+        (staging / "prompt.json").write_text("".join(prompt + "\n" for prompt, _ in records), encoding="utf-8")
+        if (out / "prompt.json").exists():  # the old index leaves first: it must never name the new images
+            os.replace(out / "prompt.json", staging / "prompt.json.old")
+        for name in SET_ENTRIES:
+            move_into_place(staging / name, out / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def _records(jobs: list[tuple[Path, int, int, int]], workers: int):
+    """(prompt line, meta line) per job, in order; in-process for one worker, saving the pool's start-up."""
+    if workers <= 1:
+        yield from map(_write_sample, jobs)
+        return
+    with mp.Pool(workers) as pool:
+        yield from pool.imap(_write_sample, jobs, chunksize=64)
