@@ -256,16 +256,21 @@ def evaluate(model: torch.nn.Module, prompts: list[str], hints: np.ndarray, targ
     return scores, images
 
 
+def ci95(values: np.ndarray) -> float:
+    """Half-width of the normal 95% confidence interval of the mean of `values` (nan for fewer than two)."""
+    return 1.96 * float(np.std(values, ddof=1)) / math.sqrt(len(values)) if len(values) > 1 else math.nan
+
+
 def summarize(scores: dict[str, dict[str, np.ndarray]]) -> dict[str, dict]:
-    """mean/std per condition and the paired difference (control - no control) with its 95% interval."""
+    """mean, std and the 95% interval of the mean per condition, and the paired difference (control - no control)
+    with its 95% interval."""
     summary = {}
     for metric, with_control in scores["control"].items():
         without = scores["no_control"][metric]
-        entry = {c: {"mean": float(scores[c][metric].mean()), "std": float(scores[c][metric].std())}
-                 for c in CONDITIONS}
+        entry = {c: {"mean": float(scores[c][metric].mean()), "std": float(scores[c][metric].std()),
+                     "ci95": ci95(scores[c][metric])} for c in CONDITIONS}
         diff = with_control - without
-        half_width = 1.96 * diff.std(ddof=1) / math.sqrt(len(diff)) if len(diff) > 1 else math.nan
-        entry["paired_diff"] = {"mean": float(diff.mean()), "ci95": float(half_width)}
+        entry["paired_diff"] = {"mean": float(diff.mean()), "ci95": ci95(diff)}
         summary[metric] = entry
     return summary
 

@@ -2,6 +2,7 @@
 
 import importlib
 import json
+import math
 import shlex
 
 import cv2
@@ -109,6 +110,9 @@ def test_summary_is_paired():
     s = ev.summarize(scores)["m"]
     assert s["control"]["mean"] == pytest.approx(0.7) and s["no_control"]["mean"] == pytest.approx(0.6)
     assert s["paired_diff"]["mean"] == pytest.approx(0.1) and s["paired_diff"]["ci95"] == pytest.approx(0.0, abs=1e-9)
+    # each condition's interval of the mean: 1.96 * sample std (0.2) / sqrt(3)
+    assert s["control"]["ci95"] == pytest.approx(1.96 * 0.2 / 3 ** 0.5) == s["no_control"]["ci95"]
+    assert math.isnan(ev.ci95(np.array([0.5])))
 
 
 def test_generate_is_seeded_per_sample_and_scale_zero_equals_no_control(tiny_model):

@@ -1,0 +1,453 @@
+"""Every control mode on one task, side by side: what each trains, ships and costs, and how soon and how well its
+control is obeyed (benchmarks/compare_modes.py is the command line; docs/modes.md has the results).
+
+On one base (a family of configs: `<base config>.yaml` for the ControlNet modes, `<base config>_<mode>.yaml` for
+the others, e.g. models/cldm_demo_lora.yaml) and Fill50K-type circles, each mode is:
+
+1. measured (cldm/bench/costs.py): trainable parameters, control file bytes, peak training memory and seconds per
+   step, on the model `tutorial_train.py` builds and a batch of its training data;
+2. trained with `tutorial_train.py`'s own code (cldm.train_command.main) for the same number of samples (steps x
+   batch), with `--val_data`, which logs the held-out fill IoU while it trains: the step where it first exceeds
+   a threshold is the mode's "sudden convergence";
+3. evaluated as `tool_eval_control.py` does (cldm.fidelity.evaluate on the base plus the exported control file):
+   final fill IoU over the held-out samples with its 95% interval, and its paired difference to no control.
+
+A mode whose config the family lacks is listed with the reason. The results go into one folder, written whole
+or not at all: `comparison.md` (the table), `fidelity.png` (the held-out fill IoU curves) and `results.json`.
+The training runs (checkpoints, logs, exports) stay in a work folder; a mode whose run there finished with the
+same plan is reused, so an interrupted comparison goes on where it stopped.
+"""
+
+import argparse
+import csv
+import gc
+import json
+import logging
+import os
+import shlex
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from torch.utils.data import default_collate
+
+from cldm import train_command
+from cldm.bench.costs import control_file_bytes, step_cost, trainable_count
+from cldm.bench.measure import machine
+from cldm.cldm import CONTROLNET
+from cldm.control import ControlMode
+from cldm.control_weights import Fit, add_control, initial_state
+from cldm.data.circles import make_fill50k
+from cldm.fidelity import Scorers, evaluate, load_samples, summarize
+from cldm.lllite import LLLITE
+from cldm.loader import load_model
+from cldm.lora import CONTROL_LORA
+from cldm.model import CONTROL_PREFIX, load_state_dict, save_state_dict
+from cldm.modes import config_mode
+from cldm.t2i_adapter import T2I_ADAPTER
+from ldm.checkpoint import EMA_PREFIX, UserError, atomic_output, require_finite, write_text
+from ldm.util import get_obj_from_str
+
+log = logging.getLogger(__name__)
+
+METRIC = "fill_iou"  # the held-out metric of the circles task, as --val_data logs it (val/fill_iou)
+# Lightning's precision names (tutorial_train --precision) and the benchmarks' (cldm/bench/measure.py)
+PRECISIONS = {"32": "fp32", "bf16-mixed": "bf16-mixed", "16-mixed": "16-mixed"}
+
+
+@dataclass(frozen=True)
+class ComparedMode:
+    """One row of the comparison: a registered control mode, the family config that builds it (`suffix` after the
+    base config's name) and the training settings it runs with on top of the config (tutorial_train options)."""
+
+    name: str
+    label: str
+    mode: ControlMode
+    suffix: str
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    absent: str = ""  # why a family may have no config for it
+
+    def config(self, base_config: Path) -> Path:
+        return base_config.with_name(f"{base_config.stem}{self.suffix}.yaml")
+
+
+COMPARED: tuple[ComparedMode, ...] = (
+    ComparedMode("full", "ControlNet, full (sd_locked=False)", CONTROLNET, "", {"sd_locked": False}),
+    ComparedMode("sd_locked", "ControlNet, sd_locked", CONTROLNET, "", {"sd_locked": True}),
+    ComparedMode("only_mid_control", "ControlNet, only_mid_control (sd_locked)", CONTROLNET, "",
+                 {"sd_locked": True, "only_mid_control": True}),
+    ComparedMode("lora", "LoRA-offset (ControlLoRA v2)", CONTROL_LORA, "_lora"),
+    ComparedMode("lllite", "ControlNet-LLLite", LLLITE, "_lllite"),
+    ComparedMode("t2i", "T2I-Adapter", T2I_ADAPTER, "_t2i"),
+)
+BY_NAME = {m.name: m for m in COMPARED}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What every mode of one comparison shares; a finished run is reused only under the same plan."""
+
+    base_config: str
+    base: str | None  # the base weights; None: the configs' random initialisation
+    resolution: int
+    n_train: int
+    n_val: int
+    steps: int
+    batch_size: int
+    val_every: int
+    val_samples: int
+    eval_samples: int
+    sample_steps: int
+    guidance_scale: float
+    threshold: float
+    precision: str
+    device: str
+    cost_steps: int
+    seed: int = 0
+
+
+@dataclass
+class ModeResult:
+    """What one mode's run measured (results.json holds one per mode)."""
+
+    name: str
+    config: str
+    trainable: int
+    file_bytes_fp16: int
+    file_bytes_fp32: int
+    static_bytes: int
+    peak_bytes: int
+    seconds_per_step: float
+    train_seconds: float
+    validation_seconds: float
+    curve: list[tuple[int, float, float]]  # (step, fill IoU with control, without), held-out, while training
+    first_above: int | None  # the first validated step whose fill IoU exceeds the threshold
+    final: dict[str, Any]  # the evaluation's fill_iou entry (cldm.fidelity.summarize)
+    load: tuple[float, float]  # the 1-minute load average when training started and ended
+    plan: dict[str, Any]
+
+
+# ---- the data, the initial weights ----
+
+def circles(work: Path, split: str, n: int, size: int, seed: int) -> Path:
+    """Fill50K-type circles in the work folder, made once per (n, size, seed): the same arguments give the same
+    files, so a set made before is used as it is."""
+    root = work / "data" / f"{split}_n{n}_{size}px_seed{seed}"
+    if not (root / "prompt.json").is_file():
+        make_fill50k(root, n, size, seed, force=True)
+    return root
+
+
+def needs_control_copy(config: Path) -> bool:
+    """Whether the mode's control network starts as a copy of the base's weights (a ControlNet: the
+    tool_add_control.py step), rather than from its own initialisation (`fresh_prefixes`)."""
+    model_class = get_obj_from_str(OmegaConf.load(config).model.target)
+    return CONTROL_PREFIX not in model_class.fresh_prefixes
+
+
+def initial_weights(config: Path, base: str | None, work: Path) -> str:
+    """tutorial_train's --resume_path for a mode: the base itself, the base with its ControlNet copy (made as
+    tool_add_control.py makes it, once per config), or 'none' for random weights."""
+    if base is None:
+        return "none"
+    if not needs_control_copy(config):
+        return base
+    path = work / "init" / f"{config.stem}_{Path(base).stem}_ini.safetensors"
+    if not path.is_file():
+        sd = {k: v for k, v in load_state_dict(base).items() if not k.startswith(EMA_PREFIX)}
+        require_finite(sd, base)
+        weights, _ = add_control(sd, initial_state(config), Fit(base, config))
+        save_state_dict(weights, path, force=True)
+    return str(path)
+
+
+# ---- one mode ----
+
+def train_argv(config: Path, resume_path: str, settings: Mapping[str, Any], plan: Plan, train: Path, val: Path,
+               run_dir: Path) -> list[str]:
+    """tutorial_train.py's command line for one mode's run."""
+    argv = ["--config", str(config), "--resume_path", resume_path, "--data_root", str(train),
+            "--batch_size", str(plan.batch_size), "--max_steps", str(plan.steps), "--precision", plan.precision,
+            "--logger_freq", str(10 * plan.steps + 1), "--log_every_n_steps", str(min(10, plan.steps)),
+            "--checkpoint_every", str(plan.steps), "--output_dir", str(run_dir),
+            "--accelerator", "gpu" if plan.device == "cuda" else "cpu", "--devices", "1", "--seed", str(plan.seed),
+            "--val_data", str(val), "--val_every", str(plan.val_every), "--val_samples", str(plan.val_samples),
+            "--val_steps", str(plan.sample_steps), "--val_scale", str(plan.guidance_scale),
+            "--val_metrics", "fill", "--force"]
+    for option, value in settings.items():
+        argv += [f"--{option}", str(value)]
+    return argv
+
+
+def measure_costs(argv: list[str], device: torch.device, precision: str, steps: int) -> dict[str, Any]:
+    """Counts, file bytes, memory and seconds per step of the model tutorial_train builds from `argv` (which names
+    its config and initial weights), trained on a first batch of its own data (the model is thrown away after)."""
+    parser = train_command.build_parser("", "")
+    args = parser.parse_args(argv)
+    train_command.read_kohya_dataset_config(parser, args)
+    model = train_command.build_model(args, args.resume_path)
+    dataset = train_command.build_dataset(args, parser)
+    batch = default_collate([dataset[i] for i in range(args.batch_size)])
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    fp16, fp32 = control_file_bytes(model)
+    cost = step_cost(model, batch, PRECISIONS[precision], device, warmup=min(3, steps), steps=steps)
+    return {"trainable": trainable_count(model), "file_bytes_fp16": fp16, "file_bytes_fp32": fp32,
+            "static_bytes": cost.static, "peak_bytes": cost.peak, "seconds_per_step": cost.seconds_per_step}
+
+
+def latest_metrics_csv(run_dir: Path) -> Path:
+    """The CSV logger's file of the newest run under run_dir/lightning_logs."""
+    files = sorted((run_dir / "lightning_logs").glob("version_*/metrics.csv"), key=lambda p: p.stat().st_mtime)
+    if not files:
+        raise FileNotFoundError(f"no training log under {run_dir / 'lightning_logs'}")
+    return files[-1]
+
+
+def validation_curve(metrics_csv: Path, metric: str = METRIC) -> tuple[list[tuple[int, float, float]], float]:
+    """The held-out `metric` per validated step, with and without control, and the seconds the validations took
+    (--val_data's val/<metric>, val/<metric>_no_control and val/seconds)."""
+    with_control, without, seconds = {}, {}, 0.0
+    with open(metrics_csv) as f:
+        for row in csv.DictReader(f):
+            step = int(row["step"])
+            if row.get(f"val/{metric}"):
+                with_control[step] = float(row[f"val/{metric}"])
+            if row.get(f"val/{metric}_no_control"):
+                without[step] = float(row[f"val/{metric}_no_control"])
+            if row.get("val/seconds"):
+                seconds += float(row["val/seconds"])
+    if not with_control:
+        raise ValueError(f"{metrics_csv} holds no val/{metric}: the run did not validate")
+    return [(s, with_control[s], without.get(s, float("nan"))) for s in sorted(with_control)], seconds
+
+
+def first_above(curve: Sequence[tuple[int, float, float]], threshold: float) -> int | None:
+    """The first validated step whose value with control exceeds `threshold` (None: none does)."""
+    return next((step for step, value, _ in curve if value > threshold), None)
+
+
+def final_fidelity(config: Path, weights: list[str], settings: Mapping[str, Any], plan: Plan,
+                   val: Path) -> dict[str, Any]:
+    """tool_eval_control.py's evaluation of the trained model: the held-out fill IoU with and without control over
+    `eval_samples` samples, sample i from seed + i in both (summarize's fill_iou entry)."""
+    model = load_model(config, weights, params=dict(settings))[0].to(plan.device).eval()
+    prompts, hints, targets = load_samples(val, plan.eval_samples)
+    scores, _ = evaluate(model, prompts, hints, targets, Scorers(["fill"]), seed=0, steps=plan.sample_steps,
+                         guidance_scale=plan.guidance_scale, batch_size=max(plan.batch_size, 16))
+    return summarize(scores)[METRIC]
+
+
+def run_mode(mode: ComparedMode, plan: Plan, work: Path, train: Path, val: Path, force: bool) -> ModeResult:
+    """One mode measured, trained and evaluated; its result is kept in its run folder and reused under the same
+    plan."""
+    config = mode.config(Path(plan.base_config))
+    run_dir = work / "runs" / mode.name
+    kept = run_dir / "result.json"
+    if kept.is_file():
+        result = ModeResult(**json.loads(kept.read_text()))
+        if result.plan == asdict(plan):
+            log.info("%s: reusing the finished run in %s", mode.name, run_dir)
+            return result
+        if not force:
+            raise UserError(f"{run_dir} holds a finished run of another plan",
+                            "pass --force to train this mode again there, or choose another --work_dir")
+    elif run_dir.exists() and not force:
+        raise UserError(f"{run_dir} holds an unfinished run (no result.json)",
+                        "pass --force to train this mode again there, or choose another --work_dir")
+    device = torch.device(plan.device)
+    argv = train_argv(config, initial_weights(config, plan.base, work), mode.settings, plan, train, val, run_dir)
+    log.info("%s: measuring a training step (%s)", mode.name, config)
+    costs = measure_costs(argv, device, plan.precision, plan.cost_steps)
+    release(device)
+    log.info("%s: training, as python tutorial_train.py %s", mode.name, shlex.join(argv))
+    load_start, started = os.getloadavg()[0], time.perf_counter()
+    train_command.main(argv)
+    train_seconds, load_end = time.perf_counter() - started, os.getloadavg()[0]
+    release(device)
+    curve, validation_seconds = validation_curve(latest_metrics_csv(run_dir))
+    export = run_dir / "control_model.safetensors"
+    weights = [plan.base, str(export)] if plan.base else [str(run_dir / "checkpoints" / "last.ckpt")]
+    log.info("%s: evaluating %s on %d held-out samples", mode.name, " + ".join(weights), plan.eval_samples)
+    final = final_fidelity(config, weights, mode.settings, plan, val)
+    release(device)
+    result = ModeResult(mode.name, str(config), **costs, train_seconds=train_seconds,
+                        validation_seconds=validation_seconds, curve=curve,
+                        first_above=first_above(curve, plan.threshold), final=final, load=(load_start, load_end),
+                        plan=asdict(plan))
+    write_text(kept, json.dumps(asdict(result), indent=1))
+    return result
+
+
+def release(device: torch.device) -> None:
+    """Memory of the models just dropped, back before the next is built (and measured)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ---- the comparison ----
+
+def family_modes(base_config: Path, names: Sequence[str]) -> tuple[list[ComparedMode], dict[str, str]]:
+    """The modes asked for whose config the family has, and for the others why they are left out. A config of
+    another mode than the row's is refused."""
+    present, left_out = [], {}
+    for name in names:
+        mode = BY_NAME[name]
+        config = mode.config(base_config)
+        if not config.is_file():
+            left_out[name] = f"no {config}" + (f": {mode.absent}" if mode.absent else "")
+            continue
+        if config_mode(config) is not mode.mode:
+            raise UserError(f"{config} builds a {config_mode(config).name} model, not the {mode.mode.name} "
+                            f"that the comparison's {name} row trains")
+        present.append(mode)
+    return present, left_out
+
+
+def megabytes(n: float) -> str:
+    return f"{n / 1e6:,.2f} MB"
+
+
+def interval(entry: Mapping[str, float]) -> str:
+    return f"{entry['mean']:.3f} ± {entry['ci95']:.3f}"
+
+
+def table(results: Sequence[ModeResult], left_out: Mapping[str, str], plan: Plan) -> str:
+    """The comparison as a Markdown table: a row per mode, then the modes left out and why."""
+    samples = plan.steps * plan.batch_size
+    lines = [f"| mode | config | trainable params | control file fp16 | peak training memory | s/step | "
+             f"first step with fill IoU > {plan.threshold:g} (samples) | final fill IoU (95% CI) | "
+             f"without control | gain, paired (95% CI) | train time (of it validation) | load avg start / end |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        reached = (f"{r.first_above} ({r.first_above * plan.batch_size:,})" if r.first_above is not None
+                   else f"not within {plan.steps}")
+        lines.append(
+            f"| {BY_NAME[r.name].label} | {Path(r.config).name} | {r.trainable:,} | {megabytes(r.file_bytes_fp16)} | "
+            f"{megabytes(r.peak_bytes)} | {r.seconds_per_step:.3f} | {reached} | {interval(r.final['control'])} | "
+            f"{interval(r.final['no_control'])} | {r.final['paired_diff']['mean']:+.3f} ± "
+            f"{r.final['paired_diff']['ci95']:.3f} | {r.train_seconds / 60:.1f} min "
+            f"({r.validation_seconds / 60:.1f}) | {r.load[0]:.1f} / {r.load[1]:.1f} |")
+    for name, why in left_out.items():
+        lines.append(f"| {BY_NAME[name].label} | left out: {why} |" + " |" * 10)
+    lines.append("")
+    lines.append(f"Every mode trained on the same {samples:,} samples ({plan.steps} steps x batch {plan.batch_size}, "
+                 f"{plan.n_train:,} training images of {plan.resolution} px); validation every {plan.val_every} "
+                 f"steps on {plan.val_samples} held-out samples, the final figures on {plan.eval_samples} "
+                 f"({plan.sample_steps} DDIM steps, guidance {plan.guidance_scale:g}, sample i from seed i with and "
+                 f"without control).")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: Sequence[ModeResult], plan: Plan, path: str) -> None:
+    """The held-out fill IoU while training, a line per mode, against the samples seen; the threshold dashed and
+    the base without control dotted."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    for r in results:
+        steps, values, _ = zip(*r.curve)
+        ax.plot([s * plan.batch_size for s in steps], values, marker=".", label=BY_NAME[r.name].label)
+    base = [r.curve[0][2] for r in results if r.curve[0][2] == r.curve[0][2]]  # step 0 without control (not nan)
+    if base:
+        ax.axhline(sum(base) / len(base), color="gray", linestyle=":", label="without control (the base)")
+    ax.axhline(plan.threshold, color="black", linestyle="--", linewidth=0.8, label=f"threshold {plan.threshold:g}")
+    ax.set_xlabel("training samples seen")
+    ax.set_ylabel(f"held-out fill IoU ({plan.val_samples} samples)")
+    ax.set_title(f"{Path(plan.base_config).stem}: fill IoU while training")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
+
+
+def header(plan: Plan, command: str, seconds: float) -> str:
+    return (f"# Control modes compared: {Path(plan.base_config).stem}\n\n    {command}\n\n"
+            f"{machine()}, {date.today().isoformat()}; {seconds / 60:.1f} minutes in all.\n\n")
+
+
+def compare(plan: Plan, names: Sequence[str], work: Path, out: Path, force: bool = False,
+            command: str = "") -> dict[str, Any]:
+    """Run the comparison and write `out` (a folder: comparison.md, fidelity.png, results.json); returns what
+    results.json holds."""
+    if out.exists() and not force:
+        raise UserError(f"{out} already exists", "pass --force to replace it, or choose another --out")
+    if plan.base is not None and not Path(plan.base).is_file():
+        raise UserError(f"--base {plan.base}: no such file")
+    started = time.perf_counter()
+    modes, left_out = family_modes(Path(plan.base_config), names)
+    if not modes:
+        raise UserError(f"none of the modes asked for has a config in the family of {plan.base_config}",
+                        "; ".join(f"{n}: {why}" for n, why in left_out.items()))
+    train = circles(work, "train", plan.n_train, plan.resolution, 0)
+    val = circles(work, "val", plan.n_val, plan.resolution, 1)
+    results = [run_mode(mode, plan, work, train, val, force) for mode in modes]
+    summary = {"plan": asdict(plan), "command": command, "machine": machine(), "date": date.today().isoformat(),
+               "seconds": time.perf_counter() - started, "left_out": left_out,
+               "modes": [asdict(r) for r in results]}
+    text = header(plan, command, summary["seconds"]) + table(results, left_out, plan)
+    with atomic_output(out, force=force, folder=True) as tmp:
+        write_text(Path(tmp) / "comparison.md", text)
+        write_text(Path(tmp) / "results.json", json.dumps(summary, indent=1))
+        plot(results, plan, str(Path(tmp) / "fidelity.png"))
+    log.info("\n%s\nWritten: %s", text, out)
+    return summary
+
+
+# ---- the command line (benchmarks/compare_modes.py) ----
+
+DEMO = dict(resolution=64, n_train=8000, n_val=128, steps=1000, batch_size=32, val_every=50, val_samples=32,
+            eval_samples=128, sample_steps=20, cost_steps=10)
+FAST = dict(resolution=64, n_train=16, n_val=4, steps=2, batch_size=2, val_every=1, val_samples=2, eval_samples=2,
+            sample_steps=2, cost_steps=1)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base_config", default="models/cldm_demo.yaml",
+                   help="the family's ControlNet config; the other modes' are beside it, named <stem>_<mode>.yaml "
+                        "(default %(default)s)")
+    p.add_argument("--base", default="models/demo_base/demo_base.safetensors",
+                   help="the base weights (a Stable Diffusion checkpoint for the SD1.5 family); 'none': random "
+                        "(default %(default)s)")
+    p.add_argument("--modes", nargs="+", choices=list(BY_NAME), default=list(BY_NAME),
+                   help="the modes to compare (default: all)")
+    p.add_argument("--fast", action="store_true", help="a smoke run: a few steps and samples of each mode")
+    sizes = p.add_argument_group("the run (default: the demo's, docs/demo.md; --fast: a smoke run's)")
+    for name, value in DEMO.items():
+        sizes.add_argument(f"--{name}", type=int, default=None, help=f"(default {value}, --fast {FAST[name]})")
+    p.add_argument("--guidance_scale", type=float, default=3.0, help="of validation and evaluation (default 3)")
+    p.add_argument("--threshold", type=float, default=0.5,
+                   help="the held-out fill IoU whose first crossing is the 'sudden convergence' (default 0.5)")
+    p.add_argument("--precision", choices=list(PRECISIONS), default="32", help="tutorial_train's (default 32)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--work_dir", default="compare_out",
+                   help="the training runs and data; a finished mode there is reused (default %(default)s)")
+    p.add_argument("--out", default=None,
+                   help="the results folder (default docs/modes/<base config stem>)")
+    p.add_argument("--force", action="store_true", help="replace --out, and runs of another plan in --work_dir")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sizes = {name: getattr(args, name) if getattr(args, name) is not None else (FAST if args.fast else DEMO)[name]
+             for name in DEMO}
+    base = None if args.base.lower() == "none" else args.base
+    plan = Plan(args.base_config, base, **sizes, guidance_scale=args.guidance_scale, threshold=args.threshold,
+                precision=args.precision, device=args.device)
+    out = Path(args.out or Path("docs") / "modes" / Path(args.base_config).stem)
+    command = shlex.join(["python", "benchmarks/compare_modes.py", *(argv if argv is not None else sys.argv[1:])])
+    return compare(plan, args.modes, Path(args.work_dir), out, args.force, command)
