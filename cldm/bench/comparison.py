@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 from torch.utils.data import default_collate
 
 from cldm import train_command
@@ -43,16 +42,16 @@ from cldm.bench.measure import machine
 from cldm.cldm import CONTROLNET
 from cldm.control import ControlMode
 from cldm.control_weights import Fit, add_control, initial_state
+from cldm.controlnet_xs import CONTROLNET_XS
 from cldm.data.circles import make_fill50k
 from cldm.fidelity import Scorers, evaluate, load_samples, summarize
 from cldm.lllite import LLLITE
 from cldm.loader import load_model
 from cldm.lora import CONTROL_LORA
-from cldm.model import CONTROL_PREFIX, load_state_dict, save_state_dict
+from cldm.model import CONTROL_PREFIX, create_model, load_state_dict, save_state_dict
 from cldm.modes import config_mode
 from cldm.t2i_adapter import T2I_ADAPTER
 from ldm.checkpoint import EMA_PREFIX, UserError, atomic_output, require_finite, write_text
-from ldm.util import get_obj_from_str
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +84,7 @@ COMPARED: tuple[ComparedMode, ...] = (
     ComparedMode("lora", "LoRA-offset (ControlLoRA v2)", CONTROL_LORA, "_lora"),
     ComparedMode("lllite", "ControlNet-LLLite", LLLITE, "_lllite"),
     ComparedMode("t2i", "T2I-Adapter", T2I_ADAPTER, "_t2i"),
+    ComparedMode("xs", "ControlNet-XS", CONTROLNET_XS, "_xs"),
 )
 BY_NAME = {m.name: m for m in COMPARED}
 
@@ -145,10 +145,11 @@ def circles(work: Path, split: str, n: int, size: int, seed: int) -> Path:
 
 
 def needs_control_copy(config: Path) -> bool:
-    """Whether the mode's control network starts as a copy of the base's weights (a ControlNet: the
-    tool_add_control.py step), rather than from its own initialisation (`fresh_prefixes`)."""
-    model_class = get_obj_from_str(OmegaConf.load(config).model.target)
-    return CONTROL_PREFIX not in model_class.fresh_prefixes
+    """Whether some of the mode's control weights start as a copy of the base's (a ControlNet's encoder, an XS
+    adapter's learnt time embedding: the tool_add_control.py step), rather than all from the mode's own
+    initialisation (the model's `fresh_prefixes`)."""
+    model = create_model(config, device="meta")
+    return any(not key.startswith(model.fresh_prefixes) for key in model.state_dict() if key.startswith(CONTROL_PREFIX))
 
 
 def initial_weights(config: Path, base: str | None, work: Path) -> str:
