@@ -1,4 +1,4 @@
-"""Convert ControlNet, T2I-Adapter and ControlNet-XS weights between their original layouts and diffusers' folders.
+"""Convert ControlNet, T2I-Adapter, ControlNet-XS and ControlNet-Union weights between their original layouts and diffusers' folders.
 
     python tool_convert_diffusers.py to-diffusers ./models/control_sd15_canny.pth ./models/canny_diffusers
     python tool_convert_diffusers.py from-diffusers ./models/canny_diffusers ./models/control_canny.pth
@@ -11,6 +11,8 @@
 
     python tool_convert_diffusers.py to-diffusers ./control_model.safetensors ./models/xs_canny \
         --config ./models/cldm_v21_xs.yaml
+    python tool_convert_diffusers.py to-diffusers ./control_model.safetensors ./models/union_depth \
+        --config ./models/cldm_xl_union.yaml
 
 The --config's mode says what is converted. A ControlNet: to-diffusers reads a full ControlLDM checkpoint or a
 `control_model.*`-only file and writes OUT_DIR/config.json and OUT_DIR/diffusion_pytorch_model.safetensors (a
@@ -20,12 +22,15 @@ writes a `T2IAdapter` folder; from-diffusers reads such a folder (or its weights
 TencentARC's layout. A ControlNet-XS adapter: to-diffusers reads this project's export (already diffusers' weights)
 or a training checkpoint and writes a `ControlNetXSAdapter` folder, with the config's heads and mix in config.json;
 from-diffusers reads such a folder and writes its weights as one file with the folder's structure checked (diffusers'
-layout is the only one published). Files are .safetensors, .ckpt or .pth by extension.
+layout is the only one published). A ControlNet-Union (--config models/cldm_xl_union.yaml) likewise: xinsir ships
+only diffusers' layout, which this project's export has too; to-diffusers adds the `ControlNetUnionModel` config.json
+to the weights (of an export, xinsir's file or a training checkpoint), from-diffusers checks a folder and writes its
+weights as one file. Files are .safetensors, .ckpt or .pth by extension.
 
 Each mode converts its own files (its ControlMode's to_diffusers / from_diffusers: cldm/diffusers_convert.py for a
-ControlNet, cldm/t2i_adapter.py for a T2I-Adapter, cldm/controlnet_xs.py for ControlNet-XS); a mode diffusers has
-no class for (control-LoRA, LLLite) is refused by name. Tensors are renamed, never changed, so a round trip is
-bit-exact.
+ControlNet, cldm/t2i_adapter.py for a T2I-Adapter, cldm/controlnet_xs.py for ControlNet-XS, cldm/controlnet_union.py
+for ControlNet-Union); a mode diffusers has no class for (control-LoRA, LLLite) is refused by name. Tensors are
+renamed, never changed, so a round trip is bit-exact.
 """
 
 import argparse

@@ -9,6 +9,8 @@ Our own terms: with and without control, paired.
     python tool_eval_control.py ... --sampler dpmpp_2m_karras --steps 20
     python tool_eval_control.py --config models/cldm_v15_lllite.yaml \\
         --ckpt models/v1-5-pruned.ckpt out/control_model.safetensors --data_root ...   # an LLLite or LoRA export
+    python tool_eval_control.py --config models/cldm_xl_union.yaml --control_type depth \
+        --ckpt models/sd_xl_base_1.0.safetensors controlnet-union-sdxl-1.0/diffusion_pytorch_model.safetensors ...
 
 The metrics (fill, canny, ssim, depth, seg) are defined in cldm/fidelity.py. Sample i starts from noise seeded
 by seed + i in both runs, so the two are paired; "without control" samples with no control at all.
@@ -36,6 +38,7 @@ from pathlib import Path
 import torch
 
 from cldm.cli import run_tool
+from cldm.controlnet_union import control_type_params
 from cldm.data import Resize, open_dataset
 from cldm.data.options import add_format_arguments, add_resize_arguments, format_options
 from cldm.fidelity import Scorers, evaluate, format_table, load_samples, save_sheet, summarize
@@ -67,6 +70,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ckpt", nargs="+", required=True,
                    help="weights, loaded in order: a whole checkpoint, or a base then a control export of the config's "
                         "mode (full ControlNet, control-LoRA or LLLite, in any of its layouts)")
+    p.add_argument("--control_type", default=None,
+                   help="ControlNet-Union configs: what the held-out hints show (openpose, depth, canny, ...; default "
+                        "the config's control_type)")
     p.add_argument("--data_root", required=True, help="held-out data (any format of docs/data.md, e.g. Fill50K's)")
     p.add_argument("--n", type=int, default=None,
                    help=f"samples to evaluate, the first N of the data root (default {OWN['n']}; the protocol: all)")
@@ -144,7 +150,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.protocol:
         return protocol_main(args, sizes)
     own = {k: OWN[k] if getattr(args, k) is None else getattr(args, k) for k in OWN}
-    model = load_model(args.config, args.ckpt)[0].to(args.device).eval()
+    model = load_model(args.config, args.ckpt, params=control_type_params(args.config, args.control_type))[0]
+    model = model.to(args.device).eval()
     reader = {"resize": Resize(args.resolution, args.resize), **format_options(args)}
     prompts, hints, targets = load_samples(args.data_root, own["n"], caption_extension=args.caption_extension,
                                            **reader)
@@ -171,7 +178,8 @@ def protocol_main(args: argparse.Namespace, sizes: dict) -> dict:
     sampling = Sampling(**{k: v for k, v in chosen.items() if v is not None})
     task = TASKS[args.condition](args.device, args.hint_source)
     dataset = dataset_of(args)
-    model = load_model(args.config, args.ckpt)[0].to(args.device).eval()
+    model = load_model(args.config, args.ckpt, params=control_type_params(args.config, args.control_type))[0]
+    model = model.to(args.device).eval()
     result = run_protocol(model, dataset, task, args.n, sampling, sizes=sizes)
     summary = {"protocol": args.protocol, **summarize_protocol(result, args.bootstrap), **sizes,
                "checkpoints": [str(p) for p in args.ckpt], "data_root": str(args.data_root)}

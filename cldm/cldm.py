@@ -12,7 +12,7 @@ import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
 from cldm import diffusers_convert
-from cldm.control import Contribution, ControlMode, ControlUnit, HintCache, ResidualControl, repeat_to
+from cldm.control import ControlMode, ControlUnit, HintCache, ResidualControl, contribution, repeat_to
 from cldm.data.batch import ControlItem
 from cldm.diffusers_names import diffusers_module_names, rename_module
 from cldm.model import CONTROL_PREFIX, LoadReport, load_checkpoint, load_state_dict
@@ -64,17 +64,22 @@ class ControlledUnetModel(UNetModel):
         return self.decode(h, emb, context, hs, adapter, hooks)
 
 
+# Widths of the hint encoder's stages (the original's; diffusers' conditioning_embedding_out_channels).
+HINT_BLOCK_CHANNELS = (16, 32, 96, 256)
+
+
 class ControlNet(ResidualControl):
     """Hint encoder + copy of the UNet encoder; returns one zero-conv residual per skip plus the middle."""
 
-    def __init__(self, image_size: int, hint_channels: int, num_heads_upsample: int = -1, **spec):
+    def __init__(self, image_size: int, hint_channels: int, num_heads_upsample: int = -1,
+                 hint_block_channels: Sequence[int] = HINT_BLOCK_CHANNELS, **spec):
         super().__init__()
         b = UNetSpec(**spec)
         self.model_channels = b.model_channels
         self.dims = b.dims
         self.time_embed = b.time_embed()
         self.label_emb = b.label_emb()
-        self.input_hint_block = self.make_hint_block(hint_channels, b.model_channels, b.dims)
+        self.input_hint_block = self.make_hint_block(hint_channels, b.model_channels, b.dims, hint_block_channels)
         self.input_blocks, input_block_chans = b.input_blocks()
         self.zero_convs = nn.ModuleList([self.make_zero_conv(ch) for ch in input_block_chans])
         self.middle_block = b.middle_block()
@@ -82,14 +87,18 @@ class ControlNet(ResidualControl):
         self._hint_cache = HintCache()
 
     @staticmethod
-    def make_hint_block(hint_channels: int, model_channels: int, dims: int = 2) -> TimestepEmbedSequential:
-        """Eight 3x3 convs that bring the hint image to latent size (/8) with a zero-initialised output."""
+    def make_hint_block(hint_channels: int, model_channels: int, dims: int = 2,
+                        widths: Sequence[int] = HINT_BLOCK_CHANNELS) -> TimestepEmbedSequential:
+        """3x3 convs with SiLUs that bring the hint image to latent size (/2 per width after the first) with a
+        zero-initialised output: to widths[0], then per next width one conv at the width and one of stride 2 to
+        the next (diffusers' conditioning_embedding_out_channels; the original's (16, 32, 96, 256): eight convs)."""
+        convs = [(hint_channels, widths[0], 1)]
+        for c_in, c_out in zip(widths[:-1], widths[1:]):
+            convs += [(c_in, c_in, 1), (c_in, c_out, 2)]
         layers: list[nn.Module] = []
-        widths = [(hint_channels, 16, 1), (16, 16, 1), (16, 32, 2), (32, 32, 1), (32, 96, 2), (96, 96, 1),
-                  (96, 256, 2)]
-        for c_in, c_out, stride in widths:
+        for c_in, c_out, stride in convs:
             layers += [conv_nd(dims, c_in, c_out, 3, padding=1, stride=stride), nn.SiLU()]
-        layers.append(zero_module(conv_nd(dims, 256, model_channels, 3, padding=1)))
+        layers.append(zero_module(conv_nd(dims, widths[-1], model_channels, 3, padding=1)))
         return TimestepEmbedSequential(*layers)
 
     def make_zero_conv(self, channels: int) -> TimestepEmbedSequential:
@@ -136,6 +145,24 @@ CONTROLNET_LAYOUTS = {
 }
 
 
+# The top-level modules of a ControlNet under each layout's names: a file holding others is another kind of control
+# built on a ControlNet (ControlNet-Union's condition transformer), not a ControlNet.
+LDM_MODULES = ("time_embed", "label_emb", "input_hint_block", "input_blocks", "zero_convs", "middle_block",
+               "middle_block_out")
+DIFFUSERS_MODULES = ("conv_in", "time_embedding", "add_embedding", "class_embedding", "controlnet_cond_embedding",
+                     "down_blocks", "controlnet_down_blocks", "mid_block", "controlnet_mid_block")
+
+
+def only_controlnet_modules(state_dict: Mapping[str, torch.Tensor], layout: str) -> bool:
+    """Whether every (control) key of a file in `layout` belongs to a module of a ControlNet."""
+    if layout == "diffusers":
+        return all(k.split(".", 1)[0] in DIFFUSERS_MODULES for k in state_dict)
+    if layout == "original":  # a whole checkpoint: its control keys
+        return all(k[len(CONTROL_PREFIX):].split(".", 1)[0] in LDM_MODULES for k in state_dict
+                   if k.startswith(CONTROL_PREFIX))
+    return all(k.split(".", 1)[0] in LDM_MODULES for k in state_dict)
+
+
 def hint_channels_of(state_dict: Mapping[str, torch.Tensor]) -> int | None:
     """The input channels of the hint encoder's first conv, in any layout of a ControlNet or a control-LoRA
     (None when absent)."""
@@ -173,7 +200,8 @@ class ControlNetMode(ControlMode):
              "names: a hint encoder and a copy of the UNet encoder)")
 
     def layout(self, state_dict: Mapping[str, torch.Tensor]) -> str | None:
-        return next((name for name, keys in CONTROLNET_LAYOUTS.items() if all(k in state_dict for k in keys)), None)
+        return next((name for name, keys in CONTROLNET_LAYOUTS.items()
+                     if all(k in state_dict for k in keys) and only_controlnet_modules(state_dict, name)), None)
 
     def weights(self, state_dict: Mapping[str, torch.Tensor], net: ControlNet) -> dict[str, torch.Tensor]:
         """A file's ControlNet tensors under our names, without the prefix (a whole checkpoint gives only them)."""
@@ -228,6 +256,8 @@ class ControlLDM(LatentDiffusion):
     # Key prefixes this mode initialises itself, so an initial checkpoint may lack them. The full
     # ControlNet has none: its copy must come from tool_add_control.py, as in the original.
     fresh_prefixes: tuple[str, ...] = ()
+    # The parts of the control network that tool_add_control.py copies from the UNet (ControlNetModel.from_unet).
+    unet_copy_prefixes: tuple[str, ...] = ("time_embed.", "label_emb.", "input_blocks.", "middle_block.")
 
     def __init__(self, control_stage_config: Any, control_key: str, only_mid_control: bool,
                  global_average_pooling: bool = False, sd_locked: bool = True, learning_rate: float = 1e-5,
@@ -341,7 +371,7 @@ class ControlLDM(LatentDiffusion):
         the original) and the units of cond["control"].
 
         Every unit active at this sampling step contributes (their residuals add up: multi-ControlNet; controls
-        acting inside the UNet act in the same forward).
+        acting inside the UNet act in the same forward); the units of one network are given to it together.
         """
         # The networks run in their weights' dtype (a bf16 / fp16 copy for inference); eps comes back in x's.
         unet = self.model.diffusion_model
@@ -351,11 +381,9 @@ class ControlLDM(LatentDiffusion):
         units = list(cond.get("control") or [])
         if cond.get("c_concat") is not None:
             units.insert(0, self.unit(cat_one(cond["c_concat"]), scales=self.control_scales))
-        contribution = sum((u.contribute(x, t, context, y, unet) for u in units if u.active(sampling_step)),
-                           Contribution())
-        eps = unet(x=x, timesteps=t, context=context, control=contribution.residuals,
-                   only_mid_control=self.only_mid_control, adapter=contribution.adapter(), y=y,
-                   hooks=contribution.hooks)
+        given = contribution(units, sampling_step, x, t, context, y, unet)
+        eps = unet(x=x, timesteps=t, context=context, control=given.residuals,
+                   only_mid_control=self.only_mid_control, adapter=given.adapter(), y=y, hooks=given.hooks)
         return eps.to(x_noisy.dtype)
 
     def compile_denoiser(self, **kwargs) -> None:

@@ -79,6 +79,25 @@ class ControlNetwork(nn.Module, ABC):
         important", "ControlNet is more important"): the generic rule, unless a kind of network has its own."""
         return soft_weights(n)
 
+    def contribute_units(self, units: Sequence["ControlUnit"], step: Step | None, x: torch.Tensor,
+                         timesteps: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None,
+                         unet: nn.Module) -> Contribution:
+        """The contribution of all the units of one forward that use this network, at sampling step `step`
+        (None outside sampling): each unit active at the step on its own, added up. A network that fuses the
+        hints of several units in one pass (ControlNet-Union) overrides this."""
+        return sum((u.contribute(x, timesteps, context, y, unet) for u in units if u.active(step)), Contribution())
+
+    def control_types(self) -> tuple[str, ...]:
+        """The control types a unit of this network names (`ControlUnit.control_type`), in the order the network
+        numbers them; () for a network made for one kind of hint, whose units name none."""
+        return ()
+
+    def check_unit(self, unit: "ControlUnit") -> None:
+        """Raise ValueError, saying why, for a unit this network cannot apply (called when the unit is made)."""
+        if unit.control_type is not None:
+            raise ValueError(f"a {type(self).__name__} is made for one kind of hint and takes no control type, "
+                             f"got control_type {unit.control_type!r}")
+
 
 class ResidualControl(ControlNetwork):
     """A control that adds residuals to the UNet's skip connections and middle block."""
@@ -193,6 +212,9 @@ class ControlUnit:
     The unit acts on sampling steps i of N with start <= i / N and (i + 1) / N <= end (as in diffusers), the
     same under every sampler. `scales` (one per residual) replaces the mode's weights when given.
     `hint` has one image per sample, or one for all.
+    `control_type` names what the hint shows, for a network that takes several kinds (ControlNet-Union: "depth",
+    "openpose", ..., see its control_types()); several names give several hints, stacked along the hint's channels
+    in the same order (3 channels each). Networks made for one kind of hint take None.
     """
 
     model: ControlNetwork
@@ -203,6 +225,7 @@ class ControlUnit:
     mode: str = "balanced"
     global_average_pooling: bool = False
     scales: Sequence[float] | None = None
+    control_type: str | Sequence[str] | None = None
 
     def __post_init__(self):
         if self.mode not in CONTROL_MODES:
@@ -211,6 +234,14 @@ class ControlUnit:
             raise ValueError(f"control start/end must satisfy 0 <= start < end <= 1, got {self.start}, {self.end}")
         if not torch.isfinite(torch.tensor(float(self.strength))):
             raise ValueError(f"control strength must be a finite number, got {self.strength}")
+        self.model.check_unit(self)
+
+    @property
+    def control_types(self) -> tuple[str, ...]:
+        """control_type as a tuple of names (empty for None)."""
+        if self.control_type is None:
+            return ()
+        return (self.control_type,) if isinstance(self.control_type, str) else tuple(self.control_type)
 
     @property
     def windowed(self) -> bool:
@@ -221,12 +252,14 @@ class ControlUnit:
         """Whether the unit also acts on the unconditional pass (all modes but "ControlNet is more important")."""
         return self.mode != "control"
 
-    def level_scales(self, n: int) -> list[float]:
+    def level_scales(self, n: int, strength: float | None = None) -> list[float]:
+        """The weights of n residuals: `scales` when given, else the mode's at `strength` (default the unit's)."""
         if self.scales is not None:
             return list(self.scales)
+        strength = self.strength if strength is None else strength
         if self.mode == "balanced":
-            return [self.strength] * n
-        return [self.strength * w for w in self.model.soft_weights(n)]
+            return [strength] * n
+        return [strength * w for w in self.model.soft_weights(n)]
 
     def active(self, step: Step | None) -> bool:
         """Whether the unit acts at sampling step (i, N); outside sampling (step None) a windowed unit is an
@@ -254,6 +287,17 @@ def soft_weights(n: int) -> list[float]:
     if n == 1:
         return [1.0]
     return [SOFT_DECAY ** ((n - 1 - i) * (SD_LEVELS - 1) / (n - 1)) for i in range(n)]
+
+
+def contribution(units: Sequence[ControlUnit], step: Step | None, x: torch.Tensor, timesteps: torch.Tensor,
+                 context: torch.Tensor, y: torch.Tensor | None, unet: nn.Module) -> Contribution:
+    """What `units` give one UNet forward at sampling step `step`: each network is asked once, for all of its
+    units (contribute_units), in the order the networks first appear."""
+    by_network: dict[int, list[ControlUnit]] = {}
+    for unit in units:
+        by_network.setdefault(id(unit.model), []).append(unit)
+    return sum((group[0].model.contribute_units(group, step, x, timesteps, context, y, unet)
+                for group in by_network.values()), Contribution())
 
 
 def repeat_to(t: torch.Tensor, n: int) -> torch.Tensor:

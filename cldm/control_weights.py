@@ -9,9 +9,11 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from cldm.cldm import ControlLDM
 from cldm.cli import refuse_existing
 from cldm.model import CONTROL_PREFIX, create_model, load_state_dict, save_state_dict
 from ldm.checkpoint import EMA_PREFIX, OPTIONAL_KEY_SUFFIXES, UNET_PREFIX, CheckpointError, require_finite
+from ldm.util import get_obj_from_str
 
 log = logging.getLogger(__name__)
 
@@ -76,15 +78,19 @@ class Fit:
                                   f"{self.family} one? (SD1.x, SD2.x and SDXL each have their configs)")
 
 
-def add_control(sd: dict[str, torch.Tensor], scratch: dict[str, torch.Tensor], fit: Fit
-                ) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Every model key from the SD checkpoint, the control copy from its UNet, the rest as initialised.
+def add_control(sd: dict[str, torch.Tensor], scratch: dict[str, torch.Tensor], fit: Fit,
+                copied: tuple[str, ...] = ControlLDM.unet_copy_prefixes) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Every model key from the SD checkpoint, the control copy (its parts under `copied`) from its UNet, the rest
+    as initialised.
 
     Tensors from the checkpoint keep its dtype (sd_xl_base_1.0 is float16: 7 GB, not 14 in float32).
     """
     out, added = {}, []
     for key, init in scratch.items():
-        source = unet_twin(key, scratch) if key.startswith(CONTROL_PREFIX) else key
+        if key.startswith(CONTROL_PREFIX):
+            source = unet_twin(key, scratch) if key[len(CONTROL_PREFIX):].startswith(copied) else None
+        else:
+            source = key
         if source is None or (source not in sd and fillable(key)):
             if init.is_meta:
                 raise ValueError(f"{key} is neither in {fit.path} nor initialised by {fit.config}")
@@ -111,7 +117,8 @@ def add_control_main(argv: list[str] | None, default_config: str | Path, descrip
     sd = {k: v for k, v in load_state_dict(args.input).items() if not k.startswith(EMA_PREFIX)}
     require_finite(sd, args.input)
     scratch = initial_state(args.config)
-    out, added = add_control(sd, scratch, Fit(args.input, args.config))
+    copied = get_obj_from_str(OmegaConf.load(args.config).model.target).unet_copy_prefixes
+    out, added = add_control(sd, scratch, Fit(args.input, args.config), copied)
     for key in added:
         log.info("These weights are newly added: %s", key)
     save_state_dict(out, args.output, force=args.force)

@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 from cldm.cldm import CONTROLNET
 from cldm.control import ControlMode
+from cldm.controlnet_union import CONTROLNET_UNION
 from cldm.controlnet_xs import CONTROLNET_XS
 from cldm.lllite import LLLITE
 from cldm.lora import CONTROL_LORA
@@ -20,7 +21,7 @@ from cldm.t2i_adapter import T2I_ADAPTER
 from ldm.checkpoint import BASE_PREFIXES, UserError
 from ldm.util import get_obj_from_str
 
-MODES: tuple[ControlMode, ...] = (CONTROLNET, CONTROL_LORA, LLLITE, T2I_ADAPTER, CONTROLNET_XS)
+MODES: tuple[ControlMode, ...] = (CONTROLNET, CONTROL_LORA, LLLITE, T2I_ADAPTER, CONTROLNET_XS, CONTROLNET_UNION)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from torch.utils.data import Dataset
 
 from cldm.cli import devices_arg, given_on_command_line, refuse_existing, str2bool
+from cldm.controlnet_union import control_type_params
 from cldm.data import (
     FORMATS,
     BadSampleError,
@@ -90,6 +91,9 @@ def build_parser(config: str, resume_path: str) -> argparse.ArgumentParser:
                        help="True adds only the middle block's residual (the original's: False)")
     model.add_argument("--drop_prompt_rate", type=float, default=None,
                        help="probability of training on an empty prompt (the paper uses 0.5; the original code 0)")
+    model.add_argument("--control_type", default=None,
+                       help="ControlNet-Union configs: what the data set's hints show (openpose, depth, canny, "
+                            "scribble, normal, segment, ...; names joined by commas for hints of 3 channels per type)")
     model.add_argument("--optimizer", default=None, choices=OPTIMIZERS,
                        help="adamw (fused kernel where the device has one; the default) or adamw8bit (needs "
                             "bitsandbytes)")
@@ -240,7 +244,7 @@ def build_model(args: argparse.Namespace, resume_path: str) -> pl.LightningModul
     """The model of --config with the weights of --resume (a Lightning checkpoint of this config) or of
     --resume_path (initial weights), and the training settings of the config and the command line."""
     given = given_options(args)
-    params = config_overrides(args.config, given)
+    params = config_overrides(args.config, given) | control_type_params(args.config, args.control_type)
     initial = args.resume_path or resume_path
     if args.resume is not None:
         if args.resume_path is not None:
