@@ -255,3 +255,20 @@ def test_threads_follow_the_last_second_not_the_load_average(tmp_path, monkeypat
     assert demo.pick_threads(stat=path) == (1, "0.4 of the 2 cores this process may use were idle over the last 1 s")
     assert demo.pick_threads(stat=tmp_path / "missing") == (
         2, f"all 2 cores this process may use ({tmp_path / 'missing'} does not say how busy they are)")
+
+
+def test_each_command_says_its_thread_count_and_why_and_the_tool_runs_with_it(tmp_path, monkeypatch, capfd):
+    """The demo's output names the threads each tool gets and the reason, and the tool's torch has that many."""
+    import demo
+    monkeypatch.setattr(demo, "pick_threads", lambda: (1, "0.6 of the 2 cores this process may use were idle"))
+    probe = tmp_path / "probe.py"
+    probe.write_text("import sys, torch; open(sys.argv[1], 'w').write(str(torch.get_num_threads()))\n")
+    monkeypatch.setattr(demo, "ROOT", tmp_path)
+    commands: list[str] = []
+    assert demo.run_command("probe.py", [str(tmp_path / "n")], commands, None) == (
+        1, "0.6 of the 2 cores this process may use were idle")
+    assert (tmp_path / "n").read_text() == "1"
+    assert f"$ python probe.py {tmp_path / 'n'}\n(1 torch thread: 0.6 of the 2 cores this process may use were idle)" \
+        in capfd.readouterr().out
+    assert demo.run_command("probe.py", [str(tmp_path / "n")], commands, 2) == (2, "--threads")
+    assert (tmp_path / "n").read_text() == "2" and "(2 torch threads: --threads)" in capfd.readouterr().out
