@@ -1,4 +1,5 @@
-"""Convert ControlNet, T2I-Adapter, ControlNet-XS and ControlNet-Union weights between their original layouts and diffusers' folders.
+"""Convert ControlNet, T2I-Adapter, ControlNet-XS and ControlNet-Union weights between their original layouts and
+diffusers' folders.
 
     python tool_convert_diffusers.py to-diffusers ./models/control_sd15_canny.pth ./models/canny_diffusers
     python tool_convert_diffusers.py from-diffusers ./models/canny_diffusers ./models/control_canny.pth
@@ -49,11 +50,10 @@ def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    to = commands.add_parser("to-diffusers", help="original checkpoint -> diffusers ControlNet or T2IAdapter folder")
-    to.add_argument("input", help="full ControlLDM or control_model.* checkpoint, or a T2I-Adapter file "
-                                  "(.ckpt/.pth/.safetensors)")
+    to = commands.add_parser("to-diffusers", help="a file of the config's mode -> a folder of diffusers' class for it")
+    to.add_argument("input", help="a checkpoint or control file of the --config's mode (.ckpt/.pth/.safetensors)")
     to.add_argument("output", help="folder to write config.json and diffusion_pytorch_model.safetensors into")
-    back = commands.add_parser("from-diffusers", help="diffusers ControlNet or T2IAdapter folder -> original layout")
+    back = commands.add_parser("from-diffusers", help="a diffusers folder -> a file in the config's mode's layout")
     back.add_argument("input", help="diffusers folder (config.json + weights); for a T2I-Adapter also its weights "
                                     "file alone")
     back.add_argument("output", help="checkpoint to write (.safetensors, .ckpt or .pth)")

@@ -46,6 +46,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from cldm.cldm import ControlLDM, ControlNet, controlnet_params
 from cldm.control import Contribution, ControlMode, ControlUnit, HintCache, Step, repeat_to
+from cldm.diffusers_convert import diffusers_config as controlnet_config
+from cldm.diffusers_convert import find_weights, read_config_json, size_embedding_width, unet_spec
 from cldm.diffusers_names import diffusers_module_names, rename_module
 from cldm.model import CONTROL_PREFIX, LoadReport, load_checkpoint, load_state_dict, save_state_dict
 from ldm.checkpoint import UNET_PREFIX, require_finite, write_text
@@ -321,7 +323,8 @@ class UnionControlNet(ControlNet):
 
 # layout -> keys only a union file holds (its type embedding), as that layout names them
 UNION_LAYOUTS = {
-    "diffusers": ("task_embedding", "control_add_embedding.linear_1.weight", "controlnet_cond_embedding.conv_in.weight"),
+    "diffusers": ("task_embedding", "control_add_embedding.linear_1.weight",
+                  "controlnet_cond_embedding.conv_in.weight"),
     "checkpoint": (f"{CONTROL_PREFIX}task_embedding", f"{CONTROL_PREFIX}control_add_embedding.linear_1.weight",
                    f"{CONTROL_PREFIX}input_hint_block.0.weight"),
 }
@@ -467,7 +470,8 @@ class UnionControlLDM(ControlLDM):
         super().__init__(*args, **kwargs)
         if control_type is None:
             raise ValueError("a ControlNet-Union model needs model.params.control_type in its config (or "
-                             f"--control_type): what the hints show, one of {', '.join(self.control_model.control_types())}")
+                             "--control_type): what the hints show, one of "
+                             f"{', '.join(self.control_model.control_types())}")
         self.control_type = as_names(control_type)
         for name in self.control_type:
             control_type_index(name, self.control_model.num_control_type)
@@ -510,8 +514,6 @@ def control_type_params(config: str | os.PathLike, control_type: str | None) -> 
 
 def diffusers_config(config_path: str | os.PathLike, net: UnionControlNet) -> dict[str, Any]:
     """config.json of the ControlNetUnionModel equal to `net` on the base of the YAML `config_path`."""
-    from cldm.diffusers_convert import diffusers_config as controlnet_config, size_embedding_width, unet_spec
-
     params = OmegaConf.load(config_path).model.params
     size_dim = size_embedding_width(params)
     if size_dim not in (None, net.control_type_embed_dim):
@@ -562,7 +564,8 @@ def convert_to_diffusers(in_path: str | os.PathLike, out_dir: str | os.PathLike,
     net = network_for_config(state_dict, config_path, in_path)
     require_finite(net.state_dict(), in_path)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_state_dict(diffusers_weights(net), targets[0], force=force)  # weights first: a config.json marks a finished one
+    # weights first: a config.json marks a finished one
+    save_state_dict(diffusers_weights(net), targets[0], force=force)
     write_text(targets[1], json.dumps(diffusers_config(config_path, net), indent=2) + "\n")
     return out_dir
 
@@ -571,8 +574,6 @@ def convert_from_diffusers(in_dir: str | os.PathLike, out_path: str | os.PathLik
                            force: bool = False) -> Path:
     """A diffusers ControlNetUnionModel folder -> its weights as one file, checked against the config (the
     layout this project, ComfyUI and the A1111 extension load as they are)."""
-    from cldm.diffusers_convert import find_weights, read_config_json
-
     in_dir = Path(in_dir)
     config_file = in_dir / CONFIG_NAME
     if not config_file.is_file():
