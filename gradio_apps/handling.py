@@ -20,6 +20,7 @@ import torch
 
 from annotator.util import HWC3, resize_image
 from cldm.control import ControlUnit
+from cldm.controlnet_union import ALIASES, CONTROL_TYPES
 from cldm.pipeline import sample
 from gradio_apps.app_spec import AnnotatorTab, ControlApp
 from gradio_apps.loading import OWN, ControlFiles, Detectors
@@ -35,6 +36,7 @@ MAX_ETA = 1.0  # DDIM's eta: 0 deterministic, 1 as stochastic as DDPM; beyond it
 CONTROL_MODES = {"Balanced": "balanced", "My prompt is more important": "prompt",
                  "ControlNet is more important": "control"}
 MODE_LABELS = {mode: label for label, mode in CONTROL_MODES.items()}
+AUTO_TYPE = "auto"  # a ControlNet-Union unit's control type from its preprocessor (the model's own: its config's)
 # the request's numeric settings, as the page shows them and as requests are checked
 STEPS = Slider("steps", "Steps", 1, 100, SAMPLERS["ddim"].default_steps, 1)
 IMAGES = Slider("num_samples", "Images", 1, 12, 1, 1)
@@ -123,6 +125,7 @@ class UnitRequest:
     start: Any = START.value
     end: Any = END.value
     mode: str = "balanced"
+    control_type: str = AUTO_TYPE  # a ControlNet-Union file's control type; auto: the preprocessor's
     options: dict[str, dict[str, Any]] = field(default_factory=dict)  # preprocessor -> its settings
 
     @classmethod
@@ -130,7 +133,8 @@ class UnitRequest:
         prefix = f"unit{index}_"
         mine = {k[len(prefix):]: v for k, v in controls.items() if k.startswith(prefix)}
         request = cls(index)
-        for name in ("enabled", "image", "control_file", "preprocessor", "strength", "start", "end", "mode"):
+        for name in ("enabled", "image", "control_file", "preprocessor", "strength", "start", "end", "mode",
+                     "control_type"):
             if name in mine:
                 setattr(request, name, mine.pop(name))
         for name, value in mine.items():
@@ -155,6 +159,9 @@ class UnitRequest:
         if self.mode not in MODE_LABELS:
             raise user_error(f"{self.where}unknown control mode {self.mode!r}; choose one of "
                              f"{', '.join(MODE_LABELS)}.", INVALID)
+        if self.control_type not in (AUTO_TYPE, *CONTROL_TYPES, *ALIASES):
+            raise user_error(f"{self.where}unknown Control Type {self.control_type!r}; choose one of "
+                             f"{', '.join((AUTO_TYPE, *CONTROL_TYPES))}.", INVALID)
 
     def settings(self, preprocessor: Preprocessor) -> dict[str, Any]:
         """The preprocessor's settings, checked: the request's values, else their defaults."""
@@ -302,7 +309,7 @@ class Pipeline:
             options = unit.settings(preprocessor)
             hint, preview = self.make_hint(preprocessor, image, (height, width), resolution, crop=image is not main,
                                            **options)
-            control_units.append(self.control_unit(unit, hint))
+            control_units.append(self.control_unit(unit, hint, preprocessor))
             shown.append((preview, f"Unit {unit.index}: {preprocessor.label}"))
             unit_parameters.append(self.unit_parameters(unit, preprocessor, options, resolution))
         full_prompt, negative = f"{prompt or ''}, {a_prompt or ''}", n_prompt or ""
@@ -347,15 +354,32 @@ class Pipeline:
         hint = preprocessor.refine(cv2.resize(detected, (width, height), interpolation=preprocessor.interpolation))
         return hint, preprocessor.preview(hint)
 
-    def control_unit(self, unit: UnitRequest, hint: np.ndarray) -> ControlUnit:
-        """The unit's network (the model's own, or its control file's) on the hint, weighted as it asks."""
+    def control_unit(self, unit: UnitRequest, hint: np.ndarray, preprocessor: Preprocessor) -> ControlUnit:
+        """The unit's network (the model's own, or its control file's) on the hint, weighted as it asks; a
+        ControlNet-Union's unit names its control type (auto: the preprocessor's, or the model's own type)."""
         control = torch.from_numpy(hint.copy()).float().to(self.device).permute(2, 0, 1)[None] / 255.0
         settings = dict(strength=unit.strength, start=unit.start, end=unit.end, mode=unit.mode)
-        if unit.control_file == OWN:
+        own = unit.control_file == OWN
+        if own and unit.control_type == AUTO_TYPE:
             return self.model.unit(control, **settings)
-        # to the compute device each time: --low-vram parks the UNet (and a control-LoRA's tied tensors) between runs
-        network = self.control_files.network(unit.control_file, unit.index).to(self.device)
-        return ControlUnit(network, control, **settings)
+        if own:
+            network = self.model.control_model
+            settings["global_average_pooling"] = self.model.global_average_pooling
+        else:  # to the compute device each time: --low-vram parks the UNet (and tied tensors) between runs
+            network = self.control_files.network(unit.control_file, unit.index).to(self.device)
+        if network.control_types():
+            settings["control_type"] = preprocessor.control_type if unit.control_type == AUTO_TYPE \
+                else unit.control_type
+            if settings["control_type"] is None:
+                raise user_error(f"{unit.where}choose the Control Type of its ControlNet-Union: the preprocessor "
+                                 f"{preprocessor.name!r} does not say what the picture shows.", INVALID)
+        elif unit.control_type != AUTO_TYPE:
+            raise user_error(f"{unit.where}a Control Type applies to ControlNet-Union files; "
+                             f"{unit.control_file if not own else 'the model'} takes none.", INVALID)
+        try:
+            return ControlUnit(network, control, **settings)
+        except ValueError as err:  # e.g. ProMax's tile for a 6-type file
+            raise user_error(f"{unit.where}{err}.", INVALID) from err
 
     def unit_parameters(self, unit: UnitRequest, preprocessor: Preprocessor, options: dict[str, Any],
                         resolution: int) -> UnitParameters:

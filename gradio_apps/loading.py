@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import gradio as gr
 import torch
 
 from cldm import loader
@@ -112,6 +113,16 @@ class ControlFiles:
         """The choice as the A1111 extension names a control model in parameters: `stem [hash]`."""
         path = self.own if choice == OWN else self.folder / choice
         return "random weights" if path is None else f"{path.stem} [{model_hash(path)}]"
+
+    def control_types(self, choice: str) -> tuple[str, ...]:
+        """The control types a unit of this choice names (a ControlNet-Union's; () for other kinds), for the page:
+        a file that cannot be loaded shows none here, and its unit's request says why."""
+        if choice == OWN:
+            return self.model.control_model.control_types()
+        try:
+            return self.network(choice, 0).control_types()
+        except gr.Error:
+            return ()
 
     def network(self, name: str, unit: int) -> ControlNetwork:
         """The network of the file `name` (a name of names(), nothing else: a request never opens other paths)."""

@@ -19,7 +19,9 @@ import PIL.Image
 import torch
 
 from gradio_apps.app_spec import AnnotatorTab, ControlApp
+from cldm.controlnet_union import CONTROL_TYPES
 from gradio_apps.handling import (
+    AUTO_TYPE,
     CONTROL_MODES,
     DENOISING,
     ENABLE,
@@ -138,6 +140,13 @@ def unit_controls(index: int, app: ControlApp, control_files: ControlFiles) -> d
                   api_name=f"refresh_unit{index}", api_visibility="undocumented")
     preprocessor.change(lambda chosen: [gr.Group(visible=chosen == n) for n, _ in groups], inputs=[preprocessor],
                         outputs=[g for _, g in groups], api_visibility="private")
+    # a ControlNet-Union file (or model) names what its hint shows: shown for such a choice only
+    control_type = controls[name + "control_type"] = gr.Dropdown(
+        label="Control Type", choices=[("auto: the preprocessor's", AUTO_TYPE), *((t, t) for t in CONTROL_TYPES)],
+        value=AUTO_TYPE, visible=bool(control_files.control_types(OWN)),
+        info="what the control image shows, for a ControlNet-Union (units on one union file are fused in one pass)")
+    control_file.change(lambda chosen: gr.Dropdown(visible=bool(control_files.control_types(chosen))),
+                        inputs=[control_file], outputs=[control_type], api_visibility="private")
     controls[name + "strength"] = STRENGTH.make()
     with gr.Row():
         controls[name + "start"] = START.make()

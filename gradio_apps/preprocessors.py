@@ -110,6 +110,7 @@ class Preprocessor:
     refine: Callable[[np.ndarray], np.ndarray] = identity  # resized map -> the hint the ControlNet sees
     preview: Callable[[np.ndarray], np.ndarray] = identity  # hint -> the map shown before the samples
     a1111_module: str = "none"  # the A1111 ControlNet extension's name for it, written into the images' parameters
+    control_type: str | None = None  # what its map shows, as a ControlNet-Union names it (None: nothing known)
 
     @property
     def settings(self) -> tuple[Option, ...]:
@@ -126,7 +127,7 @@ PREPROCESSORS: dict[str, Preprocessor] = {p.name: p for p in (
     Preprocessor(
         "canny", "Canny edges", lambda canny, image, low_threshold, high_threshold: canny(
             image, low_threshold, high_threshold),
-        CannyDetector, options=(Slider("low_threshold", "Canny low threshold", 1, 255, 100, 1),
+        CannyDetector, control_type="canny", options=(Slider("low_threshold", "Canny low threshold", 1, 255, 100, 1),
                                 Slider("high_threshold", "Canny high threshold", 1, 255, 200, 1)),
         preview=invert, a1111_module="canny"),
     Preprocessor(
@@ -135,24 +136,24 @@ PREPROCESSORS: dict[str, Preprocessor] = {p.name: p for p in (
         MLSDdetector, resolution("Hough Resolution", 512),
         (Slider("value_threshold", "Hough value threshold (MLSD)", 0.01, 2.0, 0.1, 0.01),
          Slider("distance_threshold", "Hough distance threshold (MLSD)", 0.01, 20.0, 0.1, 0.01)),
-        interpolation=cv2.INTER_NEAREST, preview=thick_inverted, a1111_module="mlsd"),
+        interpolation=cv2.INTER_NEAREST, preview=thick_inverted, a1111_module="mlsd", control_type="mlsd"),
     Preprocessor("hed", "HED soft edges", lambda hed, image: hed(image), HEDdetector,
-                 resolution("HED Resolution", 512), a1111_module="softedge_hed"),
+                 resolution("HED Resolution", 512), a1111_module="softedge_hed", control_type="hed"),
     Preprocessor("scribble", "scribble (dark lines on light paper)", dark_strokes, preview=invert,
-                 a1111_module="invert"),
+                 a1111_module="invert", control_type="scribble"),
     Preprocessor("fake_scribble", "fake scribble (from HED edges)", lambda hed, image: hed(image), HEDdetector,
                  resolution("HED Resolution", 512), refine=fake_scribble, preview=invert,
-                 a1111_module="scribble_hed"),
+                 a1111_module="scribble_hed", control_type="scribble"),
     Preprocessor("openpose", "OpenPose human pose", lambda openpose, image: openpose(image)[0], OpenposeDetector,
                  resolution("OpenPose Resolution", 512), interpolation=cv2.INTER_NEAREST,
-                 a1111_module="openpose"),
+                 a1111_module="openpose", control_type="openpose"),
     Preprocessor("seg", "UniFormer ADE20K segmentation", lambda uniformer, image: uniformer(image),
                  UniformerDetector, resolution("Segmentation Resolution", 512), interpolation=cv2.INTER_NEAREST,
-                 a1111_module="seg_ufade20k"),
+                 a1111_module="seg_ufade20k", control_type="segment"),
     Preprocessor("depth", "MiDaS depth", lambda midas, image: midas(image)[0], MidasDetector,
-                 resolution("Depth Resolution", 384), a1111_module="depth_midas"),
+                 resolution("Depth Resolution", 384), a1111_module="depth_midas", control_type="depth"),
     Preprocessor("normal", "normal map (from MiDaS)", lambda midas, image, bg_threshold: midas(
         image, bg_th=bg_threshold)[1], MidasDetector, resolution("Normal Resolution", 384),
         (Slider("bg_threshold", "Normal background threshold", 0.0, 1.0, 0.4, 0.01),),
-        refine=reverse_channels, preview=reverse_channels, a1111_module="normal_midas"),
+        refine=reverse_channels, preview=reverse_channels, a1111_module="normal_midas", control_type="normal"),
 )}

@@ -146,8 +146,8 @@ class CountingDetectors(Detectors):
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """All ten apps over one tiny random model, each served on 127.0.0.1 by this process (as main() serves it), and
-    a control folder with an LLLite file, a control-LoRA file, a T2I-Adapter file, a ControlNet-XS file and an HTML
-    page saved as a
+    a control folder with an LLLite file, a control-LoRA file, a T2I-Adapter file, a ControlNet-XS file, a
+    ControlNet-Union file and an HTML page saved as a
     checkpoint; the model's own control network comes from `own.safetensors` (a file of over 1 MiB, so its A1111 hash
     reads real bytes)."""
     folder = tmp_path_factory.mktemp("controls")
@@ -155,6 +155,7 @@ def served(tmp_path_factory):
     random_control_file("cldm_tiny_lora.yaml", folder / "lora" / "control_lora_tiny.safetensors", 0.05)
     random_control_file("cldm_tiny_t2i.yaml", folder / "t2i_tiny.safetensors", 0.05)
     random_control_file("cldm_tiny_xs.yaml", folder / "xs_tiny.safetensors", 0.05)
+    random_control_file("cldm_tiny_union.yaml", folder / "union_tiny.safetensors", 0.05)
     (folder / "broken.ckpt").write_text("<!doctype html><html><body>Sign in to download</body></html>")
     own = folder.parent / "own.safetensors"
     own.write_bytes(os.urandom(3 * 2 ** 20))
@@ -389,6 +390,44 @@ def test_a_controlnet_xs_unit_in_a_request(served, tmp_path):
     np.testing.assert_array_equal(out[2], expected.images[0])
     alone = sample(model, "a house, ", "", units=units[:1], sampler="ddim", steps=3, cfg_scale=5.0, seed=79)
     assert not np.array_equal(alone.images, expected.images)  # the ControlNet-XS unit acted
+
+
+def test_controlnet_union_units_in_a_request(served, tmp_path):
+    """Two units on one ControlNet-Union file, each naming its control type (one from its preprocessor, one chosen),
+    are fused in one pass beside the model's ControlNet, as sample() does with the same units; a union unit whose
+    preprocessor says nothing needs a type, and other files take none."""
+    entry = served.apps["canny2image"]
+    img, other = picture(64, 64), picture(64, 64, seed=6)
+    settings = dict(num_samples=1, steps=3, scale=5.0, seed=80,
+                    unit2_enabled=True, unit2_control_file="union_tiny.safetensors", unit2_preprocessor="canny",
+                    unit2_strength=0.8, unit2_end=0.6,
+                    unit3_enabled=True, unit3_image=handle_file(write_png(tmp_path / "other.png", other)),
+                    unit3_control_file="union_tiny.safetensors", unit3_preprocessor="none",
+                    unit3_control_type="depth", unit3_strength=0.6, unit3_start=0.3)
+    value = handle_file(write_png(tmp_path / "in.png", img))
+    out = process(entry.client, value, **settings)
+    model = served.model
+    hint = lambda a: torch.from_numpy(a).float().permute(2, 0, 1)[None] / 255.0  # noqa: E731
+    union = load_control_network(served.folder / "union_tiny.safetensors", model, TINY_CONFIG)
+    units = [model.unit(hint(255 - out[0])),
+             ControlUnit(union, hint(255 - out[1]), strength=0.8, end=0.6, control_type="canny"),
+             ControlUnit(union, hint(other), strength=0.6, start=0.3, control_type="depth")]
+    expected = sample(model, "a house, ", "", units=units, sampler="ddim", steps=3, cfg_scale=5.0, seed=80)
+    np.testing.assert_array_equal(out[3], expected.images[0])
+    alone = sample(model, "a house, ", "", units=units[:1], sampler="ddim", steps=3, cfg_scale=5.0, seed=80)
+    assert not np.array_equal(alone.images, expected.images)  # the union units acted
+    with pytest.raises(AppError, match="Unit 3: choose the Control Type of its ControlNet-Union"):
+        process(entry.client, value, **{**settings, "unit3_control_type": "auto"})
+    with pytest.raises(AppError, match="Unit 3: a Control Type applies to ControlNet-Union files"):
+        process(entry.client, value, **{**settings, "unit3_control_file": "xs_tiny.safetensors"})
+    with pytest.raises(AppError, match="Unit 3: control type 'tile' is not one of this ControlNet-Union's 6 types"):
+        process(entry.client, value, **{**settings, "unit3_control_type": "tile"})
+    # the page shows a unit's Control Type for a union choice only (the model's own network here is a ControlNet)
+    types = [c for c in entry.demo.blocks.values() if isinstance(c, gr.Dropdown) and c.label == "Control Type"]
+    assert len(types) == 3 and not any(t.visible for t in types)
+    files = entry.pipeline.control_files
+    assert files.control_types("union_tiny.safetensors")[3] == "canny/lineart/anime_lineart/mlsd"
+    assert files.control_types("xs_tiny.safetensors") == () and files.control_types("broken.ckpt") == ()
 
 
 def test_a_random_seed_is_shown_and_reproduces_the_image(served, tmp_path):
