@@ -42,6 +42,7 @@ from cldm.controlnet_union import control_type_params
 from cldm.data import Resize, open_dataset
 from cldm.data.options import add_format_arguments, add_resize_arguments, format_options
 from cldm.fidelity import Scorers, evaluate, format_table, load_samples, save_sheet, summarize
+from cldm.image_quality import FID, CLIPScore
 from cldm.loader import load_model
 from cldm.protocol import HINT_SOURCES, TASKS, Sampling
 from cldm.protocol import run as run_protocol
@@ -60,7 +61,7 @@ SIZE_DEFAULTS = {"original_size": "the image size", "crops_coords_top_left": "0 
 OWN = {"n": 128, "seed": 0, "sampler": "ddim", "steps": 20, "scale": 3.0, "batch_size": 64}
 PAPER_RESOLUTION = 512  # the paper resizes every image and condition to 512 x 512
 OWN_ONLY = ("metrics", "detector", "sheet")
-PROTOCOL_ONLY = ("condition", "images_per_prompt", "hint_source", "negative_prompt", "markdown")
+PROTOCOL_ONLY = ("condition", "images_per_prompt", "hint_source", "negative_prompt", "markdown", "fid", "clip_score")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -109,6 +110,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                           help="canny, hed, lineart: make the hint from the image with the condition's detector, as "
                                "the paper does (default), or take the data's hint")
     protocol.add_argument("--negative_prompt", default=None, help=f"(default {paper.negative_prompt!r})")
+    protocol.add_argument("--fid", action="store_true", default=None,
+                          help="also FID of each group of images against the targets, averaged over the groups "
+                               "(needs annotator/ckpts/weights-inception-2015-12-05-6726825d.pth)")
+    protocol.add_argument("--clip_score", action="store_true", default=None,
+                          help="also the CLIP score of the images with their prompts (needs "
+                               "annotator/ckpts/clip-vit-base-patch16/)")
     protocol.add_argument("--bootstrap", type=int, default=2000, help="resamples of the 95%% interval")
     protocol.add_argument("--markdown", default=None, help="write the result as a Markdown table here")
     data = p.add_argument_group("reading --data_root (docs/data.md)")
@@ -177,11 +184,17 @@ def protocol_main(args: argparse.Namespace, sizes: dict) -> dict:
               "batch_size": args.batch_size}
     sampling = Sampling(**{k: v for k, v in chosen.items() if v is not None})
     task = TASKS[args.condition](args.device, args.hint_source)
+    quality = {}  # the networks load before sampling starts, so a missing file stops the run at once
+    if args.fid:
+        quality["fid"] = FID(sampling.images_per_prompt, args.device)
+    if args.clip_score:
+        quality["clip_score"] = CLIPScore(args.device)
     dataset = dataset_of(args)
     model = load_model(args.config, args.ckpt, params=control_type_params(args.config, args.control_type))[0]
     model = model.to(args.device).eval()
-    result = run_protocol(model, dataset, task, args.n, sampling, sizes=sizes)
+    result = run_protocol(model, dataset, task, args.n, sampling, list(quality.values()), sizes)
     summary = {"protocol": args.protocol, **summarize_protocol(result, args.bootstrap), **sizes,
+               "image_quality": {name: sink.summary(args.bootstrap) for name, sink in quality.items()},
                "checkpoints": [str(p) for p in args.ckpt], "data_root": str(args.data_root)}
     table = protocol_table(summary)
     print(table)
@@ -194,17 +207,22 @@ def protocol_main(args: argparse.Namespace, sizes: dict) -> dict:
 
 def protocol_table(summary: dict) -> str:
     """The result as a Markdown table with what it was measured on."""
-    low, high = summary["ci95"]
     s = summary["sampling"]
-    better = "higher" if summary["higher_is_better"] else "lower"
-    lines = [f"| condition | {summary['metric']} ({better} is better) | 95% interval | prompts x images |",
-             "|---|---|---|---|",
-             f"| {summary['condition']} | {summary['value']:.4g} | {low:.4g} to {high:.4g} | "
-             f"{summary['prompts']} x {s['images_per_prompt']} |", "",
-             f"{summary['protocol']} protocol: {s['sampler']}, {s['steps']} steps, guidance {s['guidance_scale']}, "
-             f"negative prompt {s['negative_prompt']!r}, seed {s['seed']}, {summary['resolution'][0]}x"
-             f"{summary['resolution'][1]}, hint from the {summary['hint_source']}; checkpoints "
-             f"{', '.join(summary['checkpoints'])}; data {summary['data_root']}."]
+    size = f"{summary['prompts']} x {s['images_per_prompt']}"
+
+    def row(name: str, figure: dict) -> str:
+        better = "higher" if figure["higher_is_better"] else "lower"
+        spread = (f"{figure['ci95'][0]:.4g} to {figure['ci95'][1]:.4g}" if "ci95" in figure else
+                  "groups " + ", ".join(f"{v:.4g}" for v in figure["per_group"]))
+        return f"| {name}{figure['metric']} ({better} is better) | {figure['value']:.4g} | {spread} | {size} |"
+    lines = ["| figure | value | 95% interval | prompts x images |", "|---|---|---|---|",
+             row(f"{summary['condition']} ", summary)]
+    lines += [row("", figure) for figure in summary["image_quality"].values()]
+    lines += ["",
+              f"{summary['protocol']} protocol: {s['sampler']}, {s['steps']} steps, guidance {s['guidance_scale']}, "
+              f"negative prompt {s['negative_prompt']!r}, seed {s['seed']}, {summary['resolution'][0]}x"
+              f"{summary['resolution'][1]}, hint from the {summary['hint_source']}; checkpoints "
+              f"{', '.join(summary['checkpoints'])}; data {summary['data_root']}."]
     if summary["differs_from_paper"]:
         lines.append(f"Differs from the paper's settings in: {', '.join(summary['differs_from_paper'])}.")
     return "\n".join(lines)

@@ -260,14 +260,16 @@ def dpt_large(device: torch.device) -> tuple[Callable, torch.nn.Module]:
     return DPTImageProcessorPil.from_pretrained(folder), model
 
 
-def hub_folder(name: str, source: str, required: Sequence[str]) -> str:
-    """annotator/ckpts/NAME, a Hugging Face model folder, or a MissingWeightsError naming what to put there."""
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def hub_folder(name: str, source: str, required: Sequence[str | tuple[str, ...]]) -> str:
+    """annotator/ckpts/NAME, a Hugging Face model folder holding the `required` files (a tuple: any one of them)
+    and its weights, or a MissingWeightsError naming what to put there."""
     from annotator.util import MissingWeightsError, ckpts_dir
     folder = ckpts_dir() / name
-    weights = ("model.safetensors", "pytorch_model.bin")
-    missing = [f for f in required if not (folder / f).is_file()]
-    if not any((folder / f).is_file() for f in weights):
-        missing.append(" or ".join(weights))
+    missing = [" or ".join(names) for names in [*((r,) if isinstance(r, str) else r for r in required), WEIGHT_FILES]
+               if not any((folder / f).is_file() for f in names)]
     if missing:
         raise MissingWeightsError(f"{folder} lacks {', '.join(missing)}: download the files of {source} into it "
                                   f"(or point $CONTROLNET_ANNOTATOR_CKPTS at the folder that holds {name}/)")

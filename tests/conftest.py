@@ -1,3 +1,4 @@
+import json
 import os
 import sys
 from pathlib import Path
@@ -37,6 +38,18 @@ def model_as_trained(config, seed: int = 0):
 def tiny_model():
     model = model_as_trained(ROOT / "models" / "cldm_tiny.yaml")
     return model
+
+
+def write_clip_vocabulary(folder: Path) -> tuple[str, str]:
+    """vocab.json and merges.txt of transformers' CLIPTokenizer written from open_clip's bundled BPE tables (its
+    start and end tokens renamed as OpenAI's); their paths."""
+    from open_clip.tokenizer import SimpleTokenizer
+    bpe = SimpleTokenizer()
+    names = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
+    (folder / "vocab.json").write_text(json.dumps({names.get(k, k): v for k, v in bpe.encoder.items()}))
+    merges = sorted(bpe.bpe_ranks, key=bpe.bpe_ranks.get)
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    return str(folder / "vocab.json"), str(folder / "merges.txt")
 
 
 def diffusers_unet(model, config):

@@ -324,7 +324,7 @@ def test_tool_runs_the_protocol_end_to_end_and_writes_json_and_markdown(tiny, tm
     assert written["condition"] == "hed" and written["prompts"] == 2 and written["resolution"] == [176, 176]
     assert 0 < written["value"] <= 1 and written["ci95"][0] <= written["value"] <= written["ci95"][1]
     assert written["sampling"]["sampler"] == "unipc_bh2" and written["sampling"]["guidance_scale"] == 7.5
-    assert "| hed | " in md.read_text() and "Differs from the paper's settings in: images_per_prompt, steps" in \
+    assert "| hed SSIM (higher is better) | " in md.read_text() and "Differs from the paper's settings in: images_per_prompt, steps" in \
         md.read_text()
     with pytest.raises(FileExistsError, match="hed.json already exists"):
         eval_tool(*common, "--condition", "hed", "--out", out)

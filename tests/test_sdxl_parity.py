@@ -6,8 +6,6 @@ addition embedding (the UNet converted by diffusers' own LDM converter), and Con
 tool_convert_diffusers.
 """
 
-import json
-
 import diffusers
 import pytest
 import torch
@@ -16,12 +14,18 @@ from diffusers.loaders import single_file_utils as convert
 from diffusers.utils.torch_utils import randn_tensor
 from diffusers_schedulers import documented_scheduler
 from omegaconf import OmegaConf
-from open_clip.tokenizer import SimpleTokenizer
 
 import tool_convert_diffusers
 from cldm.model import save_state_dict
 from cldm.pipeline import sample
-from conftest import ROOT, diffusers_unet, model_as_trained, randomize_zero_convs, randomize_zero_init
+from conftest import (
+    ROOT,
+    diffusers_unet,
+    model_as_trained,
+    randomize_zero_convs,
+    randomize_zero_init,
+    write_clip_vocabulary,
+)
 from ldm.models.diffusion.samplers import SAMPLERS
 
 TINY_XL = ROOT / "models" / "cldm_tiny_xl.yaml"
@@ -34,12 +38,7 @@ NEGATIVE = ["blurry, low quality", "a cat"]
 def hf_tokenizers(folder) -> tuple:
     """transformers' CLIPTokenizer on open_clip's vocabulary: SDXL's tokenizer (pads with <|endoftext|>) and
     tokenizer_2 (pads with "!", token 0)."""
-    bpe = SimpleTokenizer()
-    names = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
-    (folder / "vocab.json").write_text(json.dumps({names.get(k, k): v for k, v in bpe.encoder.items()}))
-    merges = sorted(bpe.bpe_ranks, key=bpe.bpe_ranks.get)
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-    files = (str(folder / "vocab.json"), str(folder / "merges.txt"))
+    files = write_clip_vocabulary(folder)
     return (transformers.CLIPTokenizer(*files, model_max_length=77),
             transformers.CLIPTokenizer(*files, model_max_length=77, pad_token="!"))
 
