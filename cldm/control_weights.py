@@ -9,7 +9,6 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from cldm.cldm import ControlLDM
 from cldm.cli import refuse_existing
 from cldm.model import CONTROL_PREFIX, create_model, load_state_dict, save_state_dict
 from ldm.checkpoint import EMA_PREFIX, OPTIONAL_KEY_SUFFIXES, UNET_PREFIX, CheckpointError, require_finite
@@ -78,13 +77,19 @@ class Fit:
                                   f"{self.family} one? (SD1.x, SD2.x and SDXL each have their configs)")
 
 
-def add_control(sd: dict[str, torch.Tensor], scratch: dict[str, torch.Tensor], fit: Fit,
-                copied: tuple[str, ...] = ControlLDM.unet_copy_prefixes) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Every model key from the SD checkpoint, the control copy (its parts under `copied`) from its UNet, the rest
-    as initialised.
+def unet_copy_prefixes(config: str | Path) -> tuple[str, ...]:
+    """The parts of the control network that start as the UNet's, for the model a config builds."""
+    return get_obj_from_str(OmegaConf.load(config).model.target).unet_copy_prefixes
+
+
+def add_control(sd: dict[str, torch.Tensor], scratch: dict[str, torch.Tensor], fit: Fit
+                ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Every model key from the SD checkpoint, the control copy (the parts its model class names) from its UNet,
+    the rest as initialised.
 
     Tensors from the checkpoint keep its dtype (sd_xl_base_1.0 is float16: 7 GB, not 14 in float32).
     """
+    copied = unet_copy_prefixes(fit.config)
     out, added = {}, []
     for key, init in scratch.items():
         if key.startswith(CONTROL_PREFIX):
@@ -117,8 +122,7 @@ def add_control_main(argv: list[str] | None, default_config: str | Path, descrip
     sd = {k: v for k, v in load_state_dict(args.input).items() if not k.startswith(EMA_PREFIX)}
     require_finite(sd, args.input)
     scratch = initial_state(args.config)
-    copied = get_obj_from_str(OmegaConf.load(args.config).model.target).unet_copy_prefixes
-    out, added = add_control(sd, scratch, Fit(args.input, args.config), copied)
+    out, added = add_control(sd, scratch, Fit(args.input, args.config))
     for key in added:
         log.info("These weights are newly added: %s", key)
     save_state_dict(out, args.output, force=args.force)

@@ -42,6 +42,7 @@ from cldm.bench.measure import machine
 from cldm.cldm import CONTROLNET
 from cldm.control import ControlMode
 from cldm.control_weights import Fit, add_control, initial_state
+from cldm.controlnet_union import CONTROLNET_UNION
 from cldm.controlnet_xs import CONTROLNET_XS
 from cldm.data.circles import make_fill50k
 from cldm.fidelity import Scorers, evaluate, load_samples, summarize
@@ -85,6 +86,7 @@ COMPARED: tuple[ComparedMode, ...] = (
     ComparedMode("lllite", "ControlNet-LLLite", LLLITE, "_lllite"),
     ComparedMode("t2i", "T2I-Adapter", T2I_ADAPTER, "_t2i"),
     ComparedMode("xs", "ControlNet-XS", CONTROLNET_XS, "_xs"),
+    ComparedMode("union", "ControlNet-Union (full, sd_locked=False)", CONTROLNET_UNION, "_union", {"sd_locked": False}),
 )
 BY_NAME = {m.name: m for m in COMPARED}
 
