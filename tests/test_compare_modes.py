@@ -90,6 +90,8 @@ def test_the_comparison_runs_end_to_end(tmp_path, caplog):
         # validation of the training model, gives its numbers
         assert mode["final"]["control"]["mean"] == pytest.approx(mode["curve"][-1][1], abs=1e-6)
         assert mode["final"]["no_control"]["mean"] == pytest.approx(mode["curve"][-1][2], abs=1e-6)
+        assert sum(mode["scores"]) / len(mode["scores"]) == pytest.approx(mode["final"]["control"]["mean"])
+        assert mode["seconds"] > mode["train_seconds"]
     full = summary["modes"][0]
     # sd_locked=False: the ControlNet copy and the UNet decoder train
     model = torch.load(work / "runs" / "full" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]

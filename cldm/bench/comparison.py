@@ -131,7 +131,9 @@ class ModeResult:
     curve: list[tuple[int, float, float]]  # (step, fill IoU with control, without), held-out, while training
     first_above: int | None  # the first validated step whose fill IoU exceeds the threshold
     final: dict[str, Any]  # the evaluation's fill_iou entry (cldm.fidelity.summarize)
+    scores: list[float]  # the evaluation's fill IoU per held-out sample, with control (sample i from seed i)
     load: tuple[float, float]  # the 1-minute load average when training started and ended
+    seconds: float  # the mode's whole run: initial weights, measurement, training, evaluation
     plan: dict[str, Any]
 
 
@@ -236,14 +238,15 @@ def first_above(curve: Sequence[tuple[int, float, float]], threshold: float) -> 
 
 
 def final_fidelity(config: Path, weights: list[str], settings: Mapping[str, Any], plan: Plan,
-                   val: Path) -> dict[str, Any]:
+                   val: Path) -> tuple[dict[str, Any], list[float]]:
     """tool_eval_control.py's evaluation of the trained model: the held-out fill IoU with and without control over
-    `eval_samples` samples, sample i from seed + i in both (summarize's fill_iou entry)."""
+    `eval_samples` samples, sample i from seed i in both (summarize's fill_iou entry), and the per-sample values
+    with control."""
     model = load_model(config, weights, params=dict(settings))[0].to(plan.device).eval()
     prompts, hints, targets = load_samples(val, plan.eval_samples)
     scores, _ = evaluate(model, prompts, hints, targets, Scorers(["fill"]), seed=0, steps=plan.sample_steps,
                          guidance_scale=plan.guidance_scale, batch_size=max(plan.batch_size, 16))
-    return summarize(scores)[METRIC]
+    return summarize(scores)[METRIC], scores["control"][METRIC].tolist()
 
 
 def run_mode(mode: ComparedMode, plan: Plan, work: Path, train: Path, val: Path, force: bool) -> ModeResult:
@@ -263,7 +266,7 @@ def run_mode(mode: ComparedMode, plan: Plan, work: Path, train: Path, val: Path,
     elif run_dir.exists() and not force:
         raise UserError(f"{run_dir} holds an unfinished run (no result.json)",
                         "pass --force to train this mode again there, or choose another --work_dir")
-    device = torch.device(plan.device)
+    device, begun = torch.device(plan.device), time.perf_counter()
     argv = train_argv(config, initial_weights(config, plan.base, work), mode.settings, plan, train, val, run_dir)
     log.info("%s: measuring a training step (%s)", mode.name, config)
     costs = measure_costs(argv, device, plan.precision, plan.cost_steps)
@@ -277,12 +280,12 @@ def run_mode(mode: ComparedMode, plan: Plan, work: Path, train: Path, val: Path,
     export = run_dir / "control_model.safetensors"
     weights = [plan.base, str(export)] if plan.base else [str(run_dir / "checkpoints" / "last.ckpt")]
     log.info("%s: evaluating %s on %d held-out samples", mode.name, " + ".join(weights), plan.eval_samples)
-    final = final_fidelity(config, weights, mode.settings, plan, val)
+    final, scores = final_fidelity(config, weights, mode.settings, plan, val)
     release(device)
     result = ModeResult(mode.name, str(config), **costs, train_seconds=train_seconds,
                         validation_seconds=validation_seconds, curve=curve,
-                        first_above=first_above(curve, plan.threshold), final=final, load=(load_start, load_end),
-                        plan=asdict(plan))
+                        first_above=first_above(curve, plan.threshold), final=final, scores=scores,
+                        load=(load_start, load_end), seconds=time.perf_counter() - begun, plan=asdict(plan))
     write_text(kept, json.dumps(asdict(result), indent=1))
     return result
 
@@ -373,9 +376,10 @@ def plot(results: Sequence[ModeResult], plan: Plan, path: str) -> None:
     plt.close(fig)
 
 
-def header(plan: Plan, command: str, seconds: float) -> str:
+def header(plan: Plan, command: str, results: Sequence[ModeResult]) -> str:
+    minutes = sum(r.seconds for r in results) / 60
     return (f"# Control modes compared: {Path(plan.base_config).stem}\n\n    {command}\n\n"
-            f"{machine()}, {date.today().isoformat()}; {seconds / 60:.1f} minutes in all.\n\n")
+            f"{machine()}, {date.today().isoformat()}; the modes' runs took {minutes:.1f} minutes in all.\n\n")
 
 
 def compare(plan: Plan, names: Sequence[str], work: Path, out: Path, force: bool = False,
@@ -395,9 +399,9 @@ def compare(plan: Plan, names: Sequence[str], work: Path, out: Path, force: bool
     val = circles(work, "val", plan.n_val, plan.resolution, 1)
     results = [run_mode(mode, plan, work, train, val, force) for mode in modes]
     summary = {"plan": asdict(plan), "command": command, "machine": machine(), "date": date.today().isoformat(),
-               "seconds": time.perf_counter() - started, "left_out": left_out,
+               "command_seconds": time.perf_counter() - started, "left_out": left_out,
                "modes": [asdict(r) for r in results]}
-    text = header(plan, command, summary["seconds"]) + table(results, left_out, plan)
+    text = header(plan, command, results) + table(results, left_out, plan)
     with atomic_output(out, force=force, folder=True) as tmp:
         write_text(Path(tmp) / "comparison.md", text)
         write_text(Path(tmp) / "results.json", json.dumps(summary, indent=1))
