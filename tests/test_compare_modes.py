@@ -84,7 +84,7 @@ def test_the_comparison_runs_end_to_end(tmp_path, caplog):
         export = load_file(run / "control_model.safetensors")
         assert mode["file_bytes_fp32"] == 4 * sum(t.numel() for t in export.values())
         assert mode["static_bytes"] > 0 and mode["peak_bytes"] > mode["static_bytes"]
-        assert mode["seconds_per_step"] > 0 and mode["train_seconds"] > 0
+        assert mode["seconds_per_step"] > 0 and mode["cpu_seconds_per_step"] > 0 and mode["train_seconds"] > 0
         assert [step for step, *_ in mode["curve"]] == [0, 1, 2]
         # the final evaluation of the exported file, on the same held-out samples and seeds as the last
         # validation of the training model, gives its numbers

@@ -126,6 +126,7 @@ class ModeResult:
     static_bytes: int
     peak_bytes: int
     seconds_per_step: float
+    cpu_seconds_per_step: float  # the process's CPU seconds (cldm/bench/costs.py StepCost)
     train_seconds: float
     validation_seconds: float
     curve: list[tuple[int, float, float]]  # (step, fill IoU with control, without), held-out, while training
@@ -203,7 +204,8 @@ def measure_costs(argv: list[str], device: torch.device, precision: str, steps: 
     fp16, fp32 = control_file_bytes(model)
     cost = step_cost(model, batch, PRECISIONS[precision], device, warmup=min(3, steps), steps=steps)
     return {"trainable": trainable_count(model), "file_bytes_fp16": fp16, "file_bytes_fp32": fp32,
-            "static_bytes": cost.static, "peak_bytes": cost.peak, "seconds_per_step": cost.seconds_per_step}
+            "static_bytes": cost.static, "peak_bytes": cost.peak, "seconds_per_step": cost.seconds_per_step,
+            "cpu_seconds_per_step": cost.cpu_seconds_per_step}
 
 
 def latest_metrics_csv(run_dir: Path) -> Path:
@@ -327,21 +329,24 @@ def interval(entry: Mapping[str, float]) -> str:
 def table(results: Sequence[ModeResult], left_out: Mapping[str, str], plan: Plan) -> str:
     """The comparison as a Markdown table: a row per mode, then the modes left out and why."""
     samples = plan.steps * plan.batch_size
-    lines = [f"| mode | config | trainable params | control file fp16 | peak training memory | s/step | "
-             f"first step with fill IoU > {plan.threshold:g} (samples) | final fill IoU (95% CI) | "
-             f"without control | gain, paired (95% CI) | train time (of it validation) | load avg start / end |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    columns = ["mode", "config", "trainable params", "control file fp16", "peak training memory",
+               "s/step (CPU s/step)", f"first step with fill IoU > {plan.threshold:g} (samples)",
+               "final fill IoU (95% CI)", "without control", "gain, paired (95% CI)", "train time (of it validation)",
+               "load avg start / end"]
+    lines = [f"| {' | '.join(columns)} |", "|---" * len(columns) + "|"]
     for r in results:
         reached = (f"{r.first_above} ({r.first_above * plan.batch_size:,})" if r.first_above is not None
                    else f"not within {plan.steps}")
-        lines.append(
-            f"| {BY_NAME[r.name].label} | {Path(r.config).name} | {r.trainable:,} | {megabytes(r.file_bytes_fp16)} | "
-            f"{megabytes(r.peak_bytes)} | {r.seconds_per_step:.3f} | {reached} | {interval(r.final['control'])} | "
-            f"{interval(r.final['no_control'])} | {r.final['paired_diff']['mean']:+.3f} ± "
-            f"{r.final['paired_diff']['ci95']:.3f} | {r.train_seconds / 60:.1f} min "
-            f"({r.validation_seconds / 60:.1f}) | {r.load[0]:.1f} / {r.load[1]:.1f} |")
+        gain = r.final["paired_diff"]
+        cells = [BY_NAME[r.name].label, Path(r.config).name, f"{r.trainable:,}", megabytes(r.file_bytes_fp16),
+                 megabytes(r.peak_bytes), f"{r.seconds_per_step:.3f} ({r.cpu_seconds_per_step:.3f})", reached,
+                 interval(r.final["control"]), interval(r.final["no_control"]),
+                 f"{gain['mean']:+.3f} ± {gain['ci95']:.3f}",
+                 f"{r.train_seconds / 60:.1f} min ({r.validation_seconds / 60:.1f})",
+                 f"{r.load[0]:.1f} / {r.load[1]:.1f}"]
+        lines.append(f"| {' | '.join(cells)} |")
     for name, why in left_out.items():
-        lines.append(f"| {BY_NAME[name].label} | left out: {why} |" + " |" * 10)
+        lines.append(f"| {BY_NAME[name].label} | left out: {why} |" + " |" * (len(columns) - 2))
     lines.append("")
     lines.append(f"Every mode trained on the same {samples:,} samples ({plan.steps} steps x batch {plan.batch_size}, "
                  f"{plan.n_train:,} training images of {plan.resolution} px); validation every {plan.val_every} "

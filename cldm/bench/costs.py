@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cldm.bench.measure import PeakMemory, Precision, tensor_bytes, timed
+from cldm.bench.measure import CLOCKS, PeakMemory, Precision, tensor_bytes, timed
 from cldm.data.batch import HINT
 from ldm.batch import CAPTION, IMAGE
 
@@ -47,15 +47,17 @@ def random_batch(model: torch.nn.Module, batch: int, device: torch.device) -> di
 @dataclass(frozen=True)
 class StepCost:
     """Bytes held between steps (weights, buffers, optimizer state), their sum with one step's peak, and seconds per
-    step."""
+    step: of the wall clock, and of the process's CPU time (all its threads; with one thread on a shared, loaded
+    machine, the time the step itself took, without the time other processes held the core)."""
 
     static: int
     peak: int
     seconds_per_step: float
+    cpu_seconds_per_step: float
 
 
 def step_cost(model: torch.nn.Module, batch: dict, precision: str, device: torch.device, warmup: int = 3,
-              steps: int = 20, clock: str = "wall") -> StepCost:
+              steps: int = 20) -> StepCost:
     """Train `model` (in place) on `batch` for warmup + steps + 1 steps: seconds per step over the `steps` timed
     ones, peak memory over the last (on the CPU the profiler records every allocation, which is slow)."""
     model.to(device).train()
@@ -71,7 +73,9 @@ def step_cost(model: torch.nn.Module, batch: dict, precision: str, device: torch
 
     timed(step, max(1, warmup), device)  # the optimizer's moments exist after the first step
     static = tensor_bytes([model], optimizer)
-    seconds = timed(step, steps, device, clock) / steps
+    cpu_start, wall_start = CLOCKS["cpu"](), CLOCKS["wall"]()
+    timed(step, steps, device)
+    cpu, wall = (CLOCKS["cpu"]() - cpu_start) / steps, (CLOCKS["wall"]() - wall_start) / steps
     with PeakMemory(device) as peak:
         step()
-    return StepCost(static, static + peak.peak, seconds)
+    return StepCost(static, static + peak.peak, wall, cpu)
