@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from cldm import cli
+from cldm.training import latest_metrics_csv
 from ldm.checkpoint import write_text
 
 ROOT = Path(__file__).resolve().parent
@@ -133,14 +134,6 @@ def run_command(tool: str, argv: list[str], commands: list[str], threads: int | 
     if subprocess.run([sys.executable, str(ROOT / tool), *argv], env=env).returncode != 0:
         raise ChildProcessError(f"{tool} failed (its message is above); the command was: {line}")
     return threads, why
-
-
-def latest_metrics_csv(train_dir: Path) -> Path:
-    """The CSVLogger file of the newest run under train_dir/lightning_logs."""
-    files = sorted((train_dir / "lightning_logs").glob("version_*/metrics.csv"), key=lambda p: p.stat().st_mtime)
-    if not files:
-        raise FileNotFoundError(f"no training log under {train_dir / 'lightning_logs'}")
-    return files[-1]
 
 
 def loss_curve(metrics_csv: Path) -> list[tuple[int, float]]:

@@ -356,6 +356,15 @@ def run_loggers(output_dir: str | os.PathLike) -> list[pl.loggers.Logger]:
     return [tensorboard, CSVLogger(output_dir, version=tensorboard.version)]
 
 
+def latest_metrics_csv(output_dir: str | os.PathLike) -> Path:
+    """The CSV logger's file (run_loggers) of the newest run under output_dir/lightning_logs."""
+    logs = Path(output_dir) / "lightning_logs"
+    files = sorted(logs.glob("version_*/metrics.csv"), key=lambda p: p.stat().st_mtime)
+    if not files:
+        raise FileNotFoundError(f"no training log under {logs}")
+    return files[-1]
+
+
 class EpochProgressBar(RichProgressBar):
     """Lightning's progress bar, which shows "Epoch 3/-2" when the run is bounded by steps (max_epochs -1): then
     it shows the epoch alone, the global step being in the bar's metrics."""

@@ -52,6 +52,7 @@ from cldm.lora import CONTROL_LORA
 from cldm.model import CONTROL_PREFIX, create_model, load_state_dict, save_state_dict
 from cldm.modes import config_mode
 from cldm.t2i_adapter import T2I_ADAPTER
+from cldm.training import latest_metrics_csv
 from ldm.checkpoint import EMA_PREFIX, UserError, atomic_output, require_finite, write_text
 
 log = logging.getLogger(__name__)
@@ -206,14 +207,6 @@ def measure_costs(argv: list[str], device: torch.device, precision: str, steps: 
     return {"trainable": trainable_count(model), "file_bytes_fp16": fp16, "file_bytes_fp32": fp32,
             "static_bytes": cost.static, "peak_bytes": cost.peak, "seconds_per_step": cost.seconds_per_step,
             "cpu_seconds_per_step": cost.cpu_seconds_per_step}
-
-
-def latest_metrics_csv(run_dir: Path) -> Path:
-    """The CSV logger's file of the newest run under run_dir/lightning_logs."""
-    files = sorted((run_dir / "lightning_logs").glob("version_*/metrics.csv"), key=lambda p: p.stat().st_mtime)
-    if not files:
-        raise FileNotFoundError(f"no training log under {run_dir / 'lightning_logs'}")
-    return files[-1]
 
 
 def validation_curve(metrics_csv: Path, metric: str = METRIC) -> tuple[list[tuple[int, float, float]], float]:
