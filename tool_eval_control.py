@@ -15,7 +15,10 @@ Our own terms: with and without control, paired.
 The metrics (fill, canny, ssim, depth, seg) are defined in cldm/fidelity.py. Sample i starts from noise seeded
 by seed + i in both runs, so the two are paired; "without control" samples with no control at all.
 The table gives mean ± std over the samples and the paired difference with its 95% interval; --out writes
-the same as JSON and --sheet a PNG of hint | target | without control | with control.
+the same as JSON (with each sample's scores) and --sheet a PNG of hint | target | without control | with control.
+--compare_with EARLIER.json compares with an earlier --out of the same samples, seeds and sampling (a model before
+reward fine-tuning, for one): each metric with control before and after, and their paired difference with its 95%
+interval.
 
 ControlNet++'s protocol (cldm/protocol.py, docs/evaluation.md): one condition's number as the paper computes it,
 with the paper's sampling (4 images per prompt, UniPC, 20 steps, guidance 7.5, 512 x 512) unless overridden, and a
@@ -35,13 +38,24 @@ import logging
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from cldm.cli import run_tool
 from cldm.controlnet_union import control_type_params
 from cldm.data import Resize, open_dataset
 from cldm.data.options import add_format_arguments, add_resize_arguments, format_options
-from cldm.fidelity import Scorers, evaluate, format_table, load_samples, save_sheet, summarize
+from cldm.fidelity import (
+    PAIRING,
+    Scorers,
+    compare,
+    evaluate,
+    format_comparison,
+    format_table,
+    load_samples,
+    save_sheet,
+    summarize,
+)
 from cldm.image_quality import FID, CLIPScore
 from cldm.loader import load_model
 from cldm.protocol import HINT_SOURCES, TASKS, Sampling
@@ -60,7 +74,7 @@ SIZE_DEFAULTS = {"original_size": "the image size", "crops_coords_top_left": "0 
 # our own evaluation's sampling; the protocol's is cldm.protocol.Sampling's
 OWN = {"n": 128, "seed": 0, "sampler": "ddim", "steps": 20, "scale": 3.0, "batch_size": 64}
 PAPER_RESOLUTION = 512  # the paper resizes every image and condition to 512 x 512
-OWN_ONLY = ("metrics", "detector", "sheet")
+OWN_ONLY = ("metrics", "detector", "sheet", "compare_with")
 PROTOCOL_ONLY = ("condition", "images_per_prompt", "hint_source", "negative_prompt", "markdown", "fid", "clip_score")
 
 
@@ -99,6 +113,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="write the summary as JSON here")
     p.add_argument("--sheet", default=None, help="write a PNG of hint | target | without | with control here")
+    p.add_argument("--compare_with", default=None, metavar="EARLIER_JSON",
+                   help="an earlier --out of the same samples, seeds and sampling: report the paired difference of "
+                        "each metric with control (after - before)")
     p.add_argument("--force", action="store_true", help="overwrite existing --out / --sheet / --markdown files")
     protocol = p.add_argument_group("a published protocol (docs/evaluation.md)")
     protocol.add_argument("--protocol", choices=PROTOCOLS, default=None,
@@ -157,6 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.protocol:
         return protocol_main(args, sizes)
     own = {k: OWN[k] if getattr(args, k) is None else getattr(args, k) for k in OWN}
+    earlier = read_earlier(args.compare_with) if args.compare_with else None
     model = load_model(args.config, args.ckpt, params=control_type_params(args.config, args.control_type))[0]
     model = model.to(args.device).eval()
     reader = {"resize": Resize(args.resolution, args.resize), **format_options(args)}
@@ -169,13 +187,42 @@ def main(argv: list[str] | None = None) -> dict:
                               own["batch_size"], own["sampler"], sizes=sizes)
     summary = {"n": own["n"], "seed": own["seed"], "sampler": own["sampler"], "steps": own["steps"],
                "guidance_scale": own["scale"], **sizes, "checkpoints": [str(p) for p in args.ckpt],
-               "data_root": str(args.data_root), "metrics": summarize(scores), "skipped": scorers.skipped}
+               "data_root": str(args.data_root), "metrics": summarize(scores), "skipped": scorers.skipped,
+               "per_sample": {c: {k: v.tolist() for k, v in s.items()} for c, s in scores.items()}}
     print(format_table(summary["metrics"]))
+    if earlier is not None:
+        summary["compared_with"] = {"path": str(args.compare_with),
+                                    "metrics": compared(summary, earlier, args.compare_with)}
+        print(f"\nAgainst {args.compare_with}:\n{format_comparison(summary['compared_with']['metrics'])}")
     if args.out:
         write_text(args.out, json.dumps(summary, indent=2))
     if args.sheet:
         save_sheet(args.sheet, hints, targets, images, prompts)
     return summary
+
+
+def read_earlier(path: str) -> dict:
+    """An earlier evaluation's summary (--out), which must hold each sample's scores."""
+    try:
+        earlier = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"--compare_with {path} is not JSON: {err}") from err
+    if not isinstance(earlier, dict) or "per_sample" not in earlier:
+        raise UserError(f"--compare_with {path} holds no per-sample scores",
+                        "give the --out file of a tool_eval_control.py run with and without control")
+    return earlier
+
+
+def compared(summary: dict, earlier: dict, path: str) -> dict:
+    """This evaluation's scores with control against the earlier one's, refused by name where the two did not
+    sample the same things."""
+    differ = [key for key in PAIRING if summary[key] != earlier.get(key)]
+    if differ:
+        raise UserError(f"--compare_with {path} was evaluated with other settings: "
+                        + ", ".join(f"{k} {earlier.get(k)!r} there, {summary[k]!r} here" for k in differ),
+                        "evaluate both with the same data, --n, --seed, --sampler, --steps and --scale")
+    return compare({k: np.asarray(v) for k, v in summary["per_sample"]["control"].items()},
+                   {k: np.asarray(v) for k, v in earlier["per_sample"]["control"].items()})
 
 
 def protocol_main(args: argparse.Namespace, sizes: dict) -> dict:

@@ -15,6 +15,7 @@ import numpy as np
 
 from annotator.canny import CannyDetector
 from annotator.hed import HEDdetector, nms
+from annotator.lineart import LineartDetector
 from annotator.midas import MidasDetector
 from annotator.mlsd import MLSDdetector
 from annotator.openpose import OpenposeDetector
@@ -56,6 +57,7 @@ HINTS: dict[str, HintMaker] = {
                        {"low_threshold": 100, "high_threshold": 200}, cv2.INTER_NEAREST),
     "hed": HintMaker(HEDdetector, lambda d, im: d(im)),
     "scribble": HintMaker(HEDdetector, lambda d, im: fake_scribble(d(im)), interpolation=cv2.INTER_NEAREST),
+    "lineart": HintMaker(LineartDetector, lambda d, im: d(im)),
     "mlsd": HintMaker(MLSDdetector, lambda d, im, value_threshold, distance_threshold: d(im, value_threshold,
                                                                                           distance_threshold),
                       {"value_threshold": 0.1, "distance_threshold": 0.1}, cv2.INTER_NEAREST),

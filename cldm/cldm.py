@@ -16,9 +16,10 @@ from cldm.control import ControlMode, ControlUnit, HintCache, ResidualControl, c
 from cldm.data.batch import ControlItem
 from cldm.diffusers_names import diffusers_module_names, rename_module
 from cldm.model import CONTROL_PREFIX, LoadReport, load_checkpoint, load_state_dict
+from cldm.reward import PAPER_MAX_T, REWARD_MODELS, REWARDS, Reward, RewardModel, load_reward_model
 from cldm.sharding import ShardedDataParallel
 from cldm.training import TRAINING_STATE, adapt_optimizer_state, training_state
-from ldm.batch import TEXT_EMBEDDING, TEXT_POOLED, empty_prompt
+from ldm.batch import IMAGE, MEAN, TEXT_EMBEDDING, TEXT_POOLED, empty_prompt
 from ldm.checkpoint import UNET_PREFIX, UserError
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.modules.attention import InputAdapter
@@ -261,8 +262,29 @@ class ControlLDM(LatentDiffusion):
 
     def __init__(self, control_stage_config: Any, control_key: str, only_mid_control: bool,
                  global_average_pooling: bool = False, sd_locked: bool = True, learning_rate: float = 1e-5,
-                 drop_prompt_rate: float = 0.0, lr_multipliers: dict[str, float] | None = None, *args, **kwargs):
+                 drop_prompt_rate: float = 0.0, lr_multipliers: dict[str, float] | None = None,
+                 reward: str | None = None, reward_weight: float | None = None, reward_max_t: int = PAPER_MAX_T,
+                 reward_checkpointing: bool = True, *args, **kwargs):
+        """`reward`: reward fine-tuning (cldm/reward.py, ControlNet++) with that reward model, off when None;
+        `reward_weight`: its loss weight (None: the paper's for the condition; 0 turns the reward off);
+        `reward_max_t`: the largest rewarded timestep; `reward_checkpointing`: recompute the VAE decoder's and the
+        detector's activations in backward instead of keeping them."""
         super().__init__(*args, **kwargs)
+        if reward is not None and reward not in REWARDS:
+            raise ValueError(f"reward must be one of {REWARDS} or None, got {reward!r}")
+        if reward is None and reward_weight is not None:
+            raise ValueError(f"reward_weight {reward_weight} is given without a reward, so it would do nothing")
+        if reward_weight is not None and not reward_weight >= 0:
+            raise ValueError(f"reward_weight must be 0 or more, got {reward_weight}")
+        if not 0 <= reward_max_t < self.num_timesteps:
+            raise ValueError(f"reward_max_t must be a timestep, 0 to {self.num_timesteps - 1}, got {reward_max_t}")
+        self.reward_name = reward
+        self.reward_weight = REWARD_MODELS[reward].weight if reward is not None and reward_weight is None \
+            else reward_weight
+        self.reward_max_t = reward_max_t
+        self.reward_checkpointing = reward_checkpointing
+        # the reward's detector: frozen, outside the state dict and optimizer (not a submodule), on the step's device
+        self.reward_model: RewardModel | None = None
         self.control_model = self.make_control_model(control_stage_config)
         self.control_key = control_key
         self.only_mid_control = only_mid_control
@@ -358,6 +380,25 @@ class ControlLDM(LatentDiffusion):
         control = control.to(memory_format=torch.contiguous_format).float()
         text = c if isinstance(c, dict) else dict(c_crossattn=[c])  # a dict from a vector-conditioned base
         return x, dict(**text, c_concat=[control])
+
+    def reward_term(self) -> Reward | None:
+        """The reward fine-tuning term of the loss with the model's settings; None when no reward is set or its weight
+        is 0. Its detector (`reward_model`) loads on first use, a missing weight file named by a UserError."""
+        if self.reward_name is None or self.reward_weight == 0:
+            return None
+        if self.reward_model is None or self.reward_model.name != self.reward_name:
+            self.reward_model = load_reward_model(self.reward_name)
+        return Reward(self.reward_model, self.reward_weight, self.reward_max_t, self.reward_checkpointing)
+
+    def shared_step(self, batch: ControlItem, **kwargs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss of a batch; with a reward, plus its term on the one-step denoised images of the samples whose
+        timestep it rewards."""
+        x, c = self.get_input(batch, self.first_stage_key)
+        reward = self.reward_term()
+        if reward is None:
+            return self(x, c)
+        target = None if MEAN in batch else einops.rearrange(batch[IMAGE].to(self.device).float(), "b h w c -> b c h w")
+        return self(x, c, denoised_loss=reward.step(self.differentiable_decode_first_stage, c["c_concat"][0], target))
 
     def unit(self, hint: torch.Tensor, strength: float = 1.0, start: float = 0.0, end: float = 1.0,
              mode: str = "balanced", scales: list[float] | None = None) -> ControlUnit:

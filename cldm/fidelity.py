@@ -261,18 +261,34 @@ def ci95(values: np.ndarray) -> float:
     return 1.96 * float(np.std(values, ddof=1)) / math.sqrt(len(values)) if len(values) > 1 else math.nan
 
 
+def paired_difference(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    """Mean of a - b over paired samples and the half-width of its 95% interval."""
+    diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    return {"mean": float(diff.mean()), "ci95": ci95(diff)}
+
+
 def summarize(scores: dict[str, dict[str, np.ndarray]]) -> dict[str, dict]:
     """mean, std and the 95% interval of the mean per condition, and the paired difference (control - no control)
     with its 95% interval."""
     summary = {}
     for metric, with_control in scores["control"].items():
-        without = scores["no_control"][metric]
         entry = {c: {"mean": float(scores[c][metric].mean()), "std": float(scores[c][metric].std()),
                      "ci95": ci95(scores[c][metric])} for c in CONDITIONS}
-        diff = with_control - without
-        entry["paired_diff"] = {"mean": float(diff.mean()), "ci95": ci95(diff)}
+        entry["paired_diff"] = paired_difference(with_control, scores["no_control"][metric])
         summary[metric] = entry
     return summary
+
+
+# What two evaluations must share to be compared sample by sample (tool_eval_control's summary keys).
+PAIRING = ("data_root", "n", "seed", "sampler", "steps", "guidance_scale")
+
+
+def compare(after: Mapping[str, np.ndarray], before: Mapping[str, np.ndarray]) -> dict[str, dict]:
+    """Two evaluations of the same samples from the same seeds (e.g. a model before and after reward fine-tuning):
+    per metric both means and the paired difference (after - before) with its 95% interval."""
+    return {metric: {"before": float(np.mean(before[metric])), "after": float(np.mean(values)),
+                     "paired_diff": paired_difference(values, before[metric])}
+            for metric, values in after.items() if metric in before}
 
 
 def format_table(summary: dict[str, dict]) -> str:
@@ -281,6 +297,14 @@ def format_table(summary: dict[str, dict]) -> str:
         c, nc, d = e["control"], e["no_control"], e["paired_diff"]
         lines.append(f"{metric:<16}{c['mean']:>10.3f} ± {c['std']:<5.3f}{nc['mean']:>10.3f} ± {nc['std']:<5.3f}"
                      f"{d['mean']:>+14.3f} ± {d['ci95']:.3f}")
+    return "\n".join(lines)
+
+
+def format_comparison(comparison: dict[str, dict]) -> str:
+    lines = [f"{'metric (with control)':<24}{'before':>10}{'after':>10}{'difference (95% CI)':>24}"]
+    for metric, e in comparison.items():
+        d = e["paired_diff"]
+        lines.append(f"{metric:<24}{e['before']:>10.3f}{e['after']:>10.3f}{d['mean']:>+14.3f} ± {d['ci95']:.3f}")
     return "\n".join(lines)
 
 

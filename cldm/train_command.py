@@ -15,7 +15,9 @@ export (`control_model.*` in safetensors, like the ControlNet 1.1 files) under -
 import argparse
 import importlib.util
 import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -42,8 +44,10 @@ from cldm.fidelity import METRICS
 from cldm.loader import load_model
 from cldm.logger import ImageLogger
 from cldm.model import CONTROL_PREFIX, create_model, save_state_dict
+from cldm.reward import PAPER_MAX_T, REWARDS, images_needed
 from cldm.sharding import FSDP_STRATEGIES, check_strategy, full_tensors, make_strategy
 from cldm.training import (
+    TRAINING_STATE,
     AtomicCheckpointIO,
     RandomState,
     check_cache,
@@ -51,6 +55,7 @@ from cldm.training import (
     check_sharded_resume,
     compare_with_resumed,
     config_overrides,
+    config_settings,
     given_options,
     load_resumed_weights,
     progress_bar,
@@ -115,6 +120,16 @@ def build_parser(config: str, resume_path: str) -> argparse.ArgumentParser:
     loss.add_argument("--zero_terminal_snr", type=str2bool, default=None,
                       help="True rescales the noise schedule so that its last step is pure noise (Lin et al. 2024); "
                            "v-prediction configs only")
+    reward = p.add_argument_group("reward fine-tuning, as ControlNet++ (docs/train.md; off unless the config or "
+                                  "--reward sets it)")
+    reward.add_argument("--reward", choices=REWARDS, default=None,
+                        help="add the consistency loss of this detector on the one-step denoised image to the loss "
+                             "(hed, depth, seg and lineart need their weights in annotator/ckpts/)")
+    reward.add_argument("--reward_weight", type=float, default=None,
+                        help="the reward loss's weight (default: the paper's for the condition, 0.5 for seg and "
+                             "lineart, else 1; 0 turns the reward off)")
+    reward.add_argument("--reward_max_t", type=int, default=None,
+                        help=f"reward the samples whose timestep is at most this (default {PAPER_MAX_T}, the paper's)")
     p.add_argument("--max_steps", type=int, default=-1, help="-1: until max_epochs (Lightning's default 1000)")
     model.add_argument("--max_nan_steps", type=int, default=None,
                        help="skip up to N steps whose loss is NaN or infinite before stopping (default: stop at the "
@@ -265,11 +280,27 @@ def build_model(args: argparse.Namespace, resume_path: str) -> pl.LightningModul
         model, _ = load_model(args.config, [initial], params=params, initial=True)
     if args.gradient_checkpointing is not None:
         set_gradient_checkpointing(model, args.gradient_checkpointing)
+        model.reward_checkpointing = args.gradient_checkpointing
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     if args.compile:
         model.compile_denoiser(mode=args.compile)
     return model
+
+
+def check_reward(model: pl.LightningModule, cached_latents: str | None) -> None:
+    """Load the reward's detector before anything slow (a missing weight file is named), refuse a reward that needs
+    the training images with a latent cache, and say what the reward does."""
+    if model.reward_name is None:
+        return
+    reward = model.reward_term()
+    if reward is None:
+        log.info("reward_weight 0: the %s reward is off, the loss is the diffusion loss alone", model.reward_name)
+        return
+    if cached_latents is not None and reward.model.uses_target:
+        raise images_needed(model.reward_name, f"--cached_latents {cached_latents}")
+    log.info("Reward fine-tuning (ControlNet++): the %s reward at weight %g on the samples with timestep <= %d",
+             reward.model.name, reward.weight, reward.max_t)
 
 
 # Options of the readers, which a latent cache replaces: the cache fixed the sizing, the format and the captions.
@@ -414,6 +445,7 @@ def main(argv: list[str] | None = None, config: str = "./models/cldm_v15.yaml",
         raise UserError(f"--strategy {args.strategy} with an EMA: DeepSpeed keeps the optimizer's state of its own "
                         f"flat partitions, where the EMA cannot follow the weights",
                         "use --strategy fsdp (the EMA is sharded with the weights), or --use_ema False")
+    check_reward(model, args.cached_latents)
     if args.max_image_pixels is not None:
         set_max_image_pixels(args.max_image_pixels)
     dataset = build_dataset(args, parser, dataset_config)
@@ -460,3 +492,38 @@ def main(argv: list[str] | None = None, config: str = "./models/cldm_v15.yaml",
                    "Losses": Path(trainer.loggers[1].log_dir) / "metrics.csv"}
         log.info("\n".join(f"{what}: {path}" for what, path in written.items() if path.exists()))
     return trainer
+
+
+def settings_of_run(config: str | Path, saved: Mapping[str, Any]) -> list[str]:
+    """The options that give a run the training settings a checkpoint's run had where they differ from the config's
+    (the reward's own excepted; no EMA decay for a run without EMA)."""
+    configured = config_settings(config)
+    differ = {k: v for k, v in saved.items() if k in configured and v != configured[k] and v is not None
+              and not k.startswith("reward")}
+    if not saved.get("use_ema"):
+        differ.pop("ema_decay", None)
+    return [arg for option, value in differ.items() for arg in (f"--{option}", str(value))]
+
+
+def reward_phase(checkpoint: str | Path, config: str | Path, data_root: str | Path, output_dir: str | Path,
+                 reward: str, steps: int, batch_size: int = 4, weight: float | None = None,
+                 max_t: int | None = None, learning_rate: float | None = None,
+                 extra_args: Sequence[str] = ()) -> pl.Trainer:
+    """Reward fine-tuning after training, as ControlNet++ fine-tunes a trained ControlNet: the run of the Lightning
+    `checkpoint` (a tutorial_train checkpoint of `config`) continued for `steps` more optimizer steps with the
+    `reward` term in its loss, on `data_root`; checkpoints and the control export (control_model.safetensors) go to
+    `output_dir`. `weight`, `max_t`, `learning_rate`: the reward's weight and largest rewarded timestep, and the
+    learning rate (each default: the reward's, the paper's 200, the checkpoint's run's); the other training settings
+    are the checkpoint's run's (sd_locked, ...); `extra_args`: more tutorial_train options (e.g. --accelerator cpu,
+    --seed 0, --force). Returns the trainer; its lightning_module is the fine-tuned model."""
+    resumed = read_resume_checkpoint(checkpoint)
+    if resumed is None:
+        raise UserError(f"reward_phase needs a single-file Lightning checkpoint, not the sharded folder {checkpoint}")
+    argv = ["--config", str(config), "--resume", str(checkpoint), "--data_root", str(data_root),
+            "--output_dir", str(output_dir), "--batch_size", str(batch_size),
+            "--max_steps", str(resumed["global_step"] + steps), "--reward", reward,
+            *settings_of_run(config, resumed.get(TRAINING_STATE, {}))]
+    for option, value in (("--reward_weight", weight), ("--reward_max_t", max_t), ("--learning_rate", learning_rate)):
+        if value is not None:
+            argv += [option, str(value)]
+    return main([*argv, *extra_args], config=str(config))

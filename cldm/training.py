@@ -58,7 +58,8 @@ TRAINING_OPTIONS = {"learning_rate": "learning_rate", "sd_locked": "sd_locked", 
                     "drop_prompt_rate": "drop_prompt_rate", "optimizer": "optimizer_name",
                     "max_nan_steps": "max_nan_steps", "snr_gamma": "objective.snr_gamma",
                     "noise_offset": "objective.noise_offset", "zero_terminal_snr": "zero_terminal_snr",
-                    "use_ema": "use_ema", "ema_decay": "ema_decay"}
+                    "use_ema": "use_ema", "ema_decay": "ema_decay", "reward": "reward_name",
+                    "reward_weight": "reward_weight", "reward_max_t": "reward_max_t"}
 # Settings whose change on resume cannot take effect: the optimizer state is the optimizer's own.
 FIXED_ON_RESUME = ("optimizer",)
 # Where a ControlLDM checkpoint records its training settings and its optimizer's parameter names.

@@ -82,6 +82,14 @@ def nms(x: np.ndarray, t: float, s: float) -> np.ndarray:
     return z
 
 
+def side_output_mean(network: ControlNetHED_Apache2, x: torch.Tensor) -> torch.Tensor:
+    """Bx3xHxW RGB in 0..255 -> BxHxW mean of the five side outputs, each upsampled to HxW (bilinear with half-pixel
+    centers, as the original's cv2.resize(INTER_LINEAR)); its sigmoid is the soft edge map. Differentiable in x."""
+    H, W = x.shape[-2:]
+    sides = [F.interpolate(p, size=(H, W), mode="bilinear", align_corners=False) for p in network(x)]
+    return torch.cat(sides, dim=1).mean(dim=1)
+
+
 class HEDdetector(NetworkDetector):
     """HWC uint8 RGB -> HxW uint8 soft edge map (255 = edge)."""
 
@@ -90,12 +98,8 @@ class HEDdetector(NetworkDetector):
     @torch.no_grad()
     def __call__(self, image: np.ndarray, safe: bool = False) -> np.ndarray:
         check_rgb(image)
-        H, W, _ = image.shape
         x = torch.from_numpy(np.ascontiguousarray(image)).to(self.device, torch.float32)
-        x = rearrange(x, "h w c -> 1 c h w")
-        # bilinear with half-pixel centers, as the original's cv2.resize(INTER_LINEAR)
-        sides = [F.interpolate(p, size=(H, W), mode="bilinear", align_corners=False) for p in self.model(x)]
-        mean = torch.cat(sides, dim=1).mean(dim=1)[0].cpu()
+        mean = side_output_mean(self.model, rearrange(x, "h w c -> 1 c h w"))[0].cpu()
         # float64 sigmoid as the original: saturated edges come out 254, not 255
         edge = torch.sigmoid(mean.double()).numpy()
         if safe:

@@ -19,7 +19,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from ldm.batch import MEAN, STD, TEXT_EMBEDDING, TEXT_POOLED, CachedItem, ImageItem
 from ldm.checkpoint import DENOISER_PREFIX, LoadReport, UserError, load_checkpoint, load_state_dict, nonfinite_keys
-from ldm.models.diffusion.objective import Objective
+from ldm.models.diffusion.objective import DenoisedLoss, Objective
 from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule, rescale_zero_terminal_snr
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import OptimizerEma
@@ -269,12 +269,26 @@ class DDPM(pl.LightningModule):
         """Denoiser output; `sampling_step` (index, total) is given while sampling, for step-dependent models."""
         return self.model(x_noisy, t)
 
-    def p_losses(self, x_start: torch.Tensor, cond: Any, t: torch.Tensor,
-                 noise: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def predict_start(self, x_t: torch.Tensor, t: torch.Tensor, model_output: torch.Tensor) -> torch.Tensor:
+        """The one-step estimate of x0 from x_t and the model's output at t (eps, v or x0, by the parameterization),
+        in float32 or wider: (x_t - sqrt(1 - a_t) eps) / sqrt(a_t), or sqrt(a_t) x_t - sqrt(1 - a_t) v."""
+        dtype = torch.promote_types(torch.promote_types(x_t.dtype, model_output.dtype), torch.float32)
+        x_t, model_output = x_t.to(dtype), model_output.to(dtype)
+        if self.parameterization == "x0":
+            return model_output
+        if self.parameterization == "v":
+            return (extract_into_tensor(self.sqrt_alphas_cumprod, t, x_t.shape) * x_t
+                    - extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape) * model_output)
+        return (extract_into_tensor(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
+                - extract_into_tensor(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * model_output)
+
+    def p_losses(self, x_start: torch.Tensor, cond: Any, t: torch.Tensor, noise: torch.Tensor | None = None,
+                 denoised_loss: DenoisedLoss | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The training loss: each sample's denoising loss (MSE or L1 of eps, v or x0) weighted by the objective
-        (min-SNR-gamma), reweighted by logvar, plus the optional VLB term; the noise drawn by the objective (noise
-        offset) unless given. Logged: loss_simple (the unweighted denoising loss, comparable across objectives),
-        loss_vlb and loss (what is optimised)."""
+        (min-SNR-gamma), reweighted by logvar, plus the optional VLB term and the optional `denoised_loss` on the
+        one-step x0 estimate (a reward); the noise drawn by the objective (noise offset) unless given. Logged:
+        loss_simple (the unweighted denoising loss, comparable across objectives), loss_vlb, the denoised loss's
+        values and loss (what is optimised)."""
         noise = default(noise, lambda: self.objective.noise_like(x_start))
         x_noisy = self.q_sample(x_start=x_start, t=t, noise=noise)
         model_output = self.apply_model(x_noisy, t, cond)
@@ -290,6 +304,10 @@ class DDPM(pl.LightningModule):
         loss_vlb = (self.lvlb_weights[t] * loss_per_sample).mean()
         loss_dict[f"{prefix}/loss_vlb"] = loss_vlb
         loss = loss + self.original_elbo_weight * loss_vlb
+        if denoised_loss is not None:
+            term, logged = denoised_loss(self.predict_start(x_noisy, t, model_output), t)
+            loss = loss + term
+            loss_dict.update({f"{prefix}/{name}": value for name, value in logged.items()})
         loss_dict[f"{prefix}/loss"] = loss
         return loss, loss_dict
 
@@ -314,7 +332,7 @@ class DDPM(pl.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         loss, loss_dict = self.shared_step(batch)
         if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
-            self.skip_nonfinite_step(loss)
+            self.skip_nonfinite_step(loss, loss_dict)
             return None  # no backward, no update: the step is skipped on every rank
         self.log_dict(loss_dict, prog_bar=True, logger=True, on_step=True, on_epoch=True,
                       batch_size=self.samples_in(batch))
@@ -324,10 +342,13 @@ class DDPM(pl.LightningModule):
                      on_step=True, on_epoch=False)
         return loss
 
-    def skip_nonfinite_step(self, loss: torch.Tensor) -> None:
-        """Count a step whose loss is NaN or infinite (on some rank); stop once more than max_nan_steps."""
+    def skip_nonfinite_step(self, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
+        """Count a step whose loss is NaN or infinite (on some rank); stop once more than max_nan_steps. The message
+        names the logged terms that are not finite (the reward's, for one)."""
         self.nonfinite_steps += 1
-        where = f"the loss is {loss.item()} at global step {self.global_step}"
+        bad = [f"{name} {value.item()}" for name, value in terms.items()
+               if not name.endswith("/loss") and not torch.isfinite(value).all()]
+        where = f"the loss is {loss.item()} at global step {self.global_step}" + (f" ({', '.join(bad)})" if bad else "")
         if self.nonfinite_steps > self.max_nan_steps:
             raise TrainingStopped(f"Training stopped: {where}, after {self.nonfinite_steps - 1} skipped "
                                   f"non-finite steps (--max_nan_steps {self.max_nan_steps}); this step was not "
@@ -567,6 +588,10 @@ class LatentDiffusion(DDPM):
 
     @torch.no_grad()
     def decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
+        return self.first_stage_model.decode(z / self.scale_factor)
+
+    def differentiable_decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
+        """decode_first_stage with the gradient to z (the VAE itself stays frozen): for losses on decoded images."""
         return self.first_stage_model.decode(z / self.scale_factor)
 
     def get_input(self, batch: ImageItem | CachedItem, k: str, bs: int | None = None) -> tuple[torch.Tensor, Any]:

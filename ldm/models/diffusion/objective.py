@@ -11,9 +11,13 @@ tutorial_train's option of the same name overrides. All are off by default, whic
 - noise offset (Guttenberg 2023, "Diffusion with Offset Noise"): each sample's noise gets one extra Gaussian value
   per channel times `noise_offset`, as diffusers' and kohya's scripts add it (0.05 to 0.1 is usual), which lets
   the model learn very dark and very bright images.
+
+A further term on the model's one-step estimate of the clean latents (a reward on the decoded image, as
+ControlNet++ trains; cldm/reward.py) is a `DenoisedLoss` that p_losses adds to the loss.
 """
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -39,6 +43,14 @@ def min_snr_weights(snr: torch.Tensor, gamma: float, parameterization: str) -> t
     if parameterization == "x0":
         return clipped
     raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}, got {parameterization!r}")
+
+
+class DenoisedLoss(Protocol):
+    """A loss term on the one-step estimate of the clean latents: called by p_losses with x0 predicted from the step's
+    model output and each sample's timestep; returns the term to add to the loss (weighted as it is meant to count)
+    and values to log, by name."""
+
+    def __call__(self, x0: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
 
 
 @dataclass(frozen=True)
