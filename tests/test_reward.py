@@ -35,9 +35,9 @@ from ldm.modules.diffusionmodules.util import GroupNorm32
 from tool_make_fill50k import make_fill50k
 
 TINY = ROOT / "models" / "cldm_tiny.yaml"
-MODES = ["cldm_tiny.yaml", "cldm_tiny_lora.yaml", "cldm_tiny_lllite.yaml", "cldm_tiny_t2i.yaml",
-         "cldm_tiny_v21.yaml", "cldm_tiny_xl.yaml", "cldm_tiny_xl_lora.yaml", "cldm_tiny_xl_lllite.yaml",
-         "cldm_tiny_xl_t2i.yaml"]
+MODES = ["cldm_tiny.yaml", "cldm_tiny_lora.yaml", "cldm_tiny_lllite.yaml", "cldm_tiny_t2i.yaml", "cldm_tiny_xs.yaml",
+         "cldm_tiny_v21.yaml", "cldm_tiny_v21_xs.yaml", "cldm_tiny_xl.yaml", "cldm_tiny_xl_lora.yaml",
+         "cldm_tiny_xl_lllite.yaml", "cldm_tiny_xl_t2i.yaml", "cldm_tiny_xl_xs.yaml"]
 
 
 @pytest.fixture(scope="module")
