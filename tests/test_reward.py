@@ -36,8 +36,9 @@ from tool_make_fill50k import make_fill50k
 
 TINY = ROOT / "models" / "cldm_tiny.yaml"
 MODES = ["cldm_tiny.yaml", "cldm_tiny_lora.yaml", "cldm_tiny_lllite.yaml", "cldm_tiny_t2i.yaml", "cldm_tiny_xs.yaml",
-         "cldm_tiny_v21.yaml", "cldm_tiny_v21_xs.yaml", "cldm_tiny_xl.yaml", "cldm_tiny_xl_lora.yaml",
-         "cldm_tiny_xl_lllite.yaml", "cldm_tiny_xl_t2i.yaml", "cldm_tiny_xl_xs.yaml"]
+         "cldm_tiny_union.yaml", "cldm_tiny_v21.yaml", "cldm_tiny_v21_xs.yaml", "cldm_tiny_xl.yaml",
+         "cldm_tiny_xl_lora.yaml", "cldm_tiny_xl_lllite.yaml", "cldm_tiny_xl_t2i.yaml", "cldm_tiny_xl_xs.yaml",
+         "cldm_tiny_xl_union.yaml"]
 
 
 @pytest.fixture(scope="module")
@@ -139,8 +140,9 @@ def test_reward_step_gradient_equals_finite_differences(data_root, name, paramet
 
 @pytest.mark.parametrize("config", MODES)
 def test_reward_gradient_reaches_only_what_the_mode_trains(data_root, config):
-    """The reward's gradient (the hed reward: a network detector) reaches trainable tensors of every mode on SD1.5,
-    SD2.1 and SDXL configs; the VAE, the base and the detector get none."""
+    """The reward's gradient (the hed reward: a network detector) reaches trainable tensors of every mode (ControlNet,
+    LoRA-offset, LLLite, T2I-Adapter, ControlNet-XS, Union) on SD1.5, SD2.1 and SDXL configs; the VAE, the base and
+    the detector get none."""
     model = tiny(ROOT / "models" / config)
     reward = Reward(HEDReward(random_init=True), weight=1.0)
     x, c, step = reward_step(model, reward, batch_of(data_root))
