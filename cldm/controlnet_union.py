@@ -31,7 +31,6 @@ diffusion_pytorch_model.safetensors and diffusion_pytorch_model_promax.safetenso
 Lightning checkpoints of a UnionControlLDM (`control_model.*`, our module names). xinsir ships no other layout.
 """
 
-import json
 import logging
 import os
 import re
@@ -46,11 +45,18 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from cldm.cldm import ControlLDM, ControlNet, controlnet_params
 from cldm.control import Contribution, ControlMode, ControlUnit, HintCache, Step, repeat_to
+from cldm.diffusers_convert import (
+    CONFIG_NAME,
+    DiffusersFolder,
+    find_weights,
+    read_config_json,
+    size_embedding_width,
+    unet_spec,
+)
 from cldm.diffusers_convert import diffusers_config as controlnet_config
-from cldm.diffusers_convert import find_weights, read_config_json, size_embedding_width, unet_spec
 from cldm.diffusers_names import diffusers_module_names, rename_module
 from cldm.model import CONTROL_PREFIX, LoadReport, load_checkpoint, load_state_dict, save_state_dict
-from ldm.checkpoint import UNET_PREFIX, require_finite, write_text
+from ldm.checkpoint import UNET_PREFIX, require_finite
 from ldm.modules.diffusionmodules.openaimodel import BlockHook, embed_time_and_vector
 from ldm.modules.diffusionmodules.util import timestep_embedding, zero_module
 from ldm.modules.encoders.modules import quick_gelu
@@ -66,8 +72,6 @@ ALIASES = {part: name for name in CONTROL_TYPES for part in name.split("/")} | {
     "inpaint": "repaint", "outpaint": "repaint", "softedge": "hed/pidi/scribble/ted"}
 # xinsir's and diffusers' defaults for what a file does not record (the attention's head count).
 TRANSFORMER_HEADS = 8
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
 
 def control_type_names(count: int) -> tuple[str, ...]:
@@ -397,6 +401,21 @@ def union_network(state_dict: Mapping[str, torch.Tensor], config: DictConfig, de
     return net
 
 
+def network_for_config(state_dict: Mapping[str, torch.Tensor], config_path: str | os.PathLike,
+                       source: str | os.PathLike) -> UnionControlNet:
+    """The union network of a file on the CPU, for the model of `config_path`; ValueError naming both if it does not
+    fit."""
+    try:
+        return union_network(state_dict, OmegaConf.load(config_path), "cpu")
+    except (ValueError, KeyError, RuntimeError) as err:
+        raise ValueError(f"{source} does not fit the model of --config {config_path}: {err}") from err
+
+
+# config.json fields a folder must agree on with its weights and the YAML (the rest follow from the tensors)
+CHECKED_FIELDS = ("num_control_type", "num_trans_head", "addition_time_embed_dim", "block_out_channels",
+                  "cross_attention_dim", "layers_per_block", "global_pool_conditions")
+
+
 class UnionMode(ControlMode):
     """ControlNet-Union files: diffusers' ControlNetUnionModel layout (xinsir's files, this mode's export) or a
     UnionControlLDM checkpoint (`control_model.*`); the number of control types, the hint encoder's widths and the
@@ -443,11 +462,38 @@ class UnionMode(ControlMode):
 
     def to_diffusers(self, source: str | os.PathLike, out_dir: str | os.PathLike, config: str | os.PathLike,
                      force: bool = False) -> Path:
-        return convert_to_diffusers(source, out_dir, config, force)
+        """A union file (this mode's export, a Lightning checkpoint, or diffusers' weights alone) -> a diffusers
+        ControlNetUnionModel folder: config.json and diffusion_pytorch_model.safetensors."""
+        folder = DiffusersFolder(out_dir, force)
+        state_dict = load_state_dict(source)
+        if self.layout(state_dict) is None:
+            raise ValueError(f"{source} holds no ControlNet-Union weights: expected {self.files}")
+        net = network_for_config(state_dict, config, source)
+        require_finite(net.state_dict(), source)
+        return folder.write(diffusers_weights(net), diffusers_config(config, net))
 
     def from_diffusers(self, source: str | os.PathLike, out: str | os.PathLike, config: str | os.PathLike,
                        force: bool = False) -> Path:
-        return convert_from_diffusers(source, out, config, force)
+        """A diffusers ControlNetUnionModel folder -> its weights as one file, checked against the config (the
+        layout this project, ComfyUI and the A1111 extension load as they are)."""
+        source = Path(source)
+        config_file = source / CONFIG_NAME
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{config_file} not found: IN_DIR must be a diffusers ControlNetUnionModel folder")
+        found = read_config_json(config_file)
+        weights_file = find_weights(source)
+        state_dict = load_state_dict(weights_file)
+        require_finite(state_dict, weights_file)
+        if self.layout(state_dict) != "diffusers":
+            raise ValueError(f"{weights_file} holds no ControlNetUnionModel weights: expected {self.files}")
+        net = network_for_config(state_dict, config, weights_file)
+        expected = diffusers_config(config, net)
+        differs = [f"{k}: the folder has {found[k]}, its weights and the --config give {expected[k]}"
+                   for k in CHECKED_FIELDS if k in found and found[k] != expected[k]]
+        if differs:
+            raise ValueError(f"{config_file} describes another ControlNet-Union (right --config?): "
+                             + "; ".join(differs))
+        return save_state_dict(diffusers_weights(net), out, force=force)
 
 
 CONTROLNET_UNION = UnionMode()
@@ -532,67 +578,5 @@ def diffusers_config(config_path: str | os.PathLike, net: UnionControlNet) -> di
                      "num_proj_channel": net.model_channels}
 
 
-def network_for_config(state_dict: Mapping[str, torch.Tensor], config_path: str | os.PathLike,
-                       source: str | os.PathLike) -> UnionControlNet:
-    """The union network of a file on the CPU, for the model of `config_path`; ValueError naming both if it does not
-    fit."""
-    try:
-        return union_network(state_dict, OmegaConf.load(config_path), "cpu")
-    except (ValueError, KeyError, RuntimeError) as err:
-        raise ValueError(f"{source} does not fit the model of --config {config_path}: {err}") from err
-
-
-# config.json fields a folder must agree on with its weights and the YAML (the rest follow from the tensors)
-CHECKED_FIELDS = ("num_control_type", "num_trans_head", "addition_time_embed_dim", "block_out_channels",
-                  "cross_attention_dim", "layers_per_block", "global_pool_conditions")
-
-
-def convert_to_diffusers(in_path: str | os.PathLike, out_dir: str | os.PathLike, config_path: str | os.PathLike,
-                         force: bool = False) -> Path:
-    """A union file (this mode's export, a Lightning checkpoint, or diffusers' weights alone) -> a diffusers
-    ControlNetUnionModel folder: config.json and diffusion_pytorch_model.safetensors."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise NotADirectoryError(f"{out_dir} is a file; to-diffusers writes a folder (config.json and weights)")
-    targets = [out_dir / WEIGHTS_NAME, out_dir / CONFIG_NAME]
-    existing = [str(p) for p in targets if p.exists()]
-    if existing and not force:
-        raise FileExistsError(f"{', '.join(existing)} already exists; pass --force to overwrite")
-    state_dict = load_state_dict(in_path)
-    if CONTROLNET_UNION.layout(state_dict) is None:
-        raise ValueError(f"{in_path} holds no ControlNet-Union weights: expected {CONTROLNET_UNION.files}")
-    net = network_for_config(state_dict, config_path, in_path)
-    require_finite(net.state_dict(), in_path)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # weights first: a config.json marks a finished one
-    save_state_dict(diffusers_weights(net), targets[0], force=force)
-    write_text(targets[1], json.dumps(diffusers_config(config_path, net), indent=2) + "\n")
-    return out_dir
-
-
-def convert_from_diffusers(in_dir: str | os.PathLike, out_path: str | os.PathLike, config_path: str | os.PathLike,
-                           force: bool = False) -> Path:
-    """A diffusers ControlNetUnionModel folder -> its weights as one file, checked against the config (the
-    layout this project, ComfyUI and the A1111 extension load as they are)."""
-    in_dir = Path(in_dir)
-    config_file = in_dir / CONFIG_NAME
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file} not found: IN_DIR must be a diffusers ControlNetUnionModel folder")
-    found = read_config_json(config_file)
-    weights_file = find_weights(in_dir)
-    state_dict = load_state_dict(weights_file)
-    require_finite(state_dict, weights_file)
-    if CONTROLNET_UNION.layout(state_dict) != "diffusers":
-        raise ValueError(f"{weights_file} holds no ControlNetUnionModel weights: expected {CONTROLNET_UNION.files}")
-    net = network_for_config(state_dict, config_path, weights_file)
-    expected = diffusers_config(config_path, net)
-    differs = [f"{k}: the folder has {found[k]}, its weights and the --config give {expected[k]}"
-               for k in CHECKED_FIELDS if k in found and found[k] != expected[k]]
-    if differs:
-        raise ValueError(f"{config_file} describes another ControlNet-Union (right --config?): " + "; ".join(differs))
-    return save_state_dict(diffusers_weights(net), out_path, force=force)
-
-
 __all__ = ["CONTROLNET_UNION", "CONTROL_TYPES", "UnionControlLDM", "UnionControlNet", "UnionMode",
-           "control_type_index", "control_type_names", "control_type_params", "convert_from_diffusers",
-           "convert_to_diffusers"]
+           "control_type_index", "control_type_names", "control_type_params"]

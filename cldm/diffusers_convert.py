@@ -289,32 +289,43 @@ def check_config(found: dict, expected: dict, source: str) -> None:
                          + "; ".join(diffs))
 
 
+class DiffusersFolder:
+    """A diffusers `save_pretrained` folder to write, config.json and the weights: refused before any slow work where
+    it is a file or its files exist (without force), and written whole or not at all."""
+
+    def __init__(self, folder: str | os.PathLike, force: bool = False):
+        self.folder, self.force = Path(folder), force
+        if self.folder.exists() and not self.folder.is_dir():
+            raise NotADirectoryError(f"{self.folder} is a file; to-diffusers writes a folder (config.json and weights)")
+        self.targets = (self.folder / WEIGHTS_NAME, self.folder / CONFIG_NAME)
+        existing = [str(p) for p in self.targets if p.exists()]
+        if existing and not force:
+            raise FileExistsError(f"{', '.join(existing)} already exists; pass --force to overwrite")
+
+    def write(self, weights: dict[str, torch.Tensor], config: dict) -> Path:
+        created = not self.folder.exists()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        written = []
+        try:  # weights first: a folder with a config.json is a finished export
+            written.append(save_state_dict(weights, self.targets[0], force=self.force))
+            written.append(write_text(self.targets[1], json.dumps(config, indent=2) + "\n"))
+        except BaseException:  # nothing partial: what this call wrote goes, and the folder if it made it
+            for path in written:
+                path.unlink()
+            if created:
+                shutil.rmtree(self.folder, ignore_errors=True)
+            raise
+        return self.folder
+
+
 def convert_to_diffusers(in_path: str | os.PathLike, out_dir: str | os.PathLike,
                          config_path: str | os.PathLike = DEFAULT_CONFIG, force: bool = False) -> Path:
     """Write OUT_DIR/config.json and OUT_DIR/diffusion_pytorch_model.safetensors from original weights."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise NotADirectoryError(f"{out_dir} is a file; to-diffusers writes a folder (config.json and weights)")
-    targets = [out_dir / WEIGHTS_NAME, out_dir / CONFIG_NAME]
-    existing = [str(p) for p in targets if p.exists()]
-    if existing and not force:
-        raise FileExistsError(f"{', '.join(existing)} already exists; pass --force to overwrite")
+    folder = DiffusersFolder(out_dir, force)
     mapping = build_mapping(config_path)
     weights = to_diffusers(load_state_dict(in_path), mapping, source=str(in_path))
     require_finite(weights, in_path)  # the ControlNet's: a whole checkpoint's other parts are not converted
-    created = not out_dir.exists()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    try:  # weights first: a folder with a config.json is a finished export
-        written.append(save_state_dict(weights, targets[0], force=force))
-        written.append(write_text(targets[1], json.dumps(mapping.config, indent=2) + "\n"))
-    except BaseException:  # nothing partial: what this call wrote goes, and the folder if it made it
-        for path in written:
-            path.unlink()
-        if created:
-            shutil.rmtree(out_dir, ignore_errors=True)
-        raise
-    return out_dir
+    return folder.write(weights, mapping.config)
 
 
 def find_weights(in_dir: Path) -> Path:

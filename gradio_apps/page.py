@@ -18,8 +18,8 @@ import numpy as np
 import PIL.Image
 import torch
 
-from gradio_apps.app_spec import AnnotatorTab, ControlApp
 from cldm.controlnet_union import CONTROL_TYPES
+from gradio_apps.app_spec import AnnotatorTab, ControlApp
 from gradio_apps.handling import (
     AUTO_TYPE,
     CONTROL_MODES,
