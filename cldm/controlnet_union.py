@@ -151,12 +151,14 @@ class AddToTimeEmbedding(BlockHook):
         return emb + self.type_embedding
 
 
-class Condition(NamedTuple):
-    """One hint of a fused pass: its encoding by the hint encoder, its control type's index, its weight."""
+class Hints(NamedTuple):
+    """A unit's hint in a fused pass: hint_channels per control type (in the order of `type_indices`), the unit's
+    weight, and the cache its encoding is kept in while sampling."""
 
-    encoding: torch.Tensor
-    type_index: int
+    hint: torch.Tensor
+    type_indices: tuple[int, ...]
     weight: float = 1.0
+    cache: HintCache | None = None
 
 
 @dataclass(frozen=True)
@@ -234,12 +236,10 @@ class UnionControlNet(ControlNet):
             return Contribution()
         while len(self._hint_caches) < len(units):
             self._hint_caches.append(HintCache())
-        conditions = [Condition(repeat_to(encoding, x.shape[0]), control_type_index(name, self.num_control_type),
-                                unit.strength if on else 0.0)
-                      for unit, on, cache in zip(units, active, self._hint_caches)
-                      for name, encoding in zip(unit.control_types, self.encode_hints(unit.hint, cache))]
+        hints = [Hints(unit.hint, self.type_indices(unit.control_types), unit.strength if on else 0.0, cache)
+                 for unit, on, cache in zip(units, active, self._hint_caches)]
         first = units[0]
-        if len(conditions) == 1:
+        if sum(len(h.type_indices) for h in hints) == 1:
             scales = first.level_scales(self.num_residuals())
         else:
             mismatched = [u for u in units[1:] if (u.mode, u.scales, u.global_average_pooling)
@@ -249,7 +249,7 @@ class UnionControlNet(ControlNet):
                                  f"the same control mode, scales and pooling; got {first.mode!r} and "
                                  f"{mismatched[0].mode!r}")
             scales = first.level_scales(self.num_residuals(), strength=1.0)
-        out = [r * s for r, s in zip(self(x, conditions, timesteps, context, y), scales)]
+        out = [r * s for r, s in zip(self(x, hints, timesteps, context, y), scales)]
         if first.global_average_pooling:
             out = [torch.mean(r, dim=(2, 3), keepdim=True) for r in out]
         return Contribution(residuals=out)
@@ -275,34 +275,38 @@ class UnionControlNet(ControlNet):
         features = timestep_embedding(vector, self.control_type_embed_dim).reshape(1, -1)
         return self.control_add_embedding(features.to(x.dtype)).expand(x.shape[0], -1)
 
+    def type_indices(self, control_type: str | Sequence[str]) -> tuple[int, ...]:
+        return tuple(control_type_index(name, self.num_control_type) for name in as_names(control_type))
+
     def residuals(self, x: torch.Tensor, hint: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
                   y: torch.Tensor | None = None, *, control_type: str | Sequence[str]) -> list[torch.Tensor]:
         """The unweighted residuals for `hint` showing `control_type` (several names: hint_channels of the hint
         each, fused at weight 1)."""
-        names = as_names(control_type)
-        conditions = [Condition(repeat_to(e, x.shape[0]), control_type_index(n, self.num_control_type))
-                      for n, e in zip(names, self.encode_hints(hint), strict=True)]
-        return self(x, conditions, timesteps, context, y)
+        return self(x, [Hints(hint, self.type_indices(control_type))], timesteps, context, y)
 
-    def forward(self, x: torch.Tensor, conditions: Sequence[Condition], timesteps: torch.Tensor,
+    def forward(self, x: torch.Tensor, hints: Sequence[Hints], timesteps: torch.Tensor,
                 context: torch.Tensor | None, y: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """The residuals (one per skip, then the middle's) for encoded hints; with several conditions each is
-        weighted inside the fusion (diffusers' multi-condition rule), with one it is not."""
+        """The residuals (one per skip, then the middle's) for the hints of one or more units; with several
+        control types each hint is weighted inside the fusion by its unit's weight (diffusers' multi-condition
+        rule), with one it is not. The hints are encoded here, in the network's own forward (FSDP gathers its
+        weights for it)."""
+        conditions = [(repeat_to(encoding, x.shape[0]), index, h.weight) for h in hints
+                      for encoding, index in zip(self.encode_hints(h.hint, h.cache), h.type_indices, strict=True)]
         weighted = len(conditions) > 1
         emb = embed_time_and_vector(self, x, timesteps, y, hooks=(
-            AddToTimeEmbedding(self.type_embedding([c.type_index for c in conditions], x)),))
+            AddToTimeEmbedding(self.type_embedding([index for _, index, _ in conditions], x)),))
         h = self.input_blocks[0](x, emb, context)
         tokens, encodings = [], []
-        for c in conditions:
-            token = (torch.mean(c.encoding, dim=(2, 3)) + self.task_embedding[c.type_index]).unsqueeze(1)
-            tokens.append(token * c.weight if weighted else token)
-            encodings.append(c.encoding * c.weight if weighted else c.encoding)
+        for encoding, index, weight in conditions:
+            token = (torch.mean(encoding, dim=(2, 3)) + self.task_embedding[index]).unsqueeze(1)
+            tokens.append(token * weight if weighted else token)
+            encodings.append(encoding * weight if weighted else encoding)
         tokens.append(torch.mean(h, dim=(2, 3)).unsqueeze(1))
         mixed = self.transformer_layes(torch.cat(tokens, dim=1))
         fused = torch.zeros_like(h)
-        for i, (c, encoding) in enumerate(zip(conditions, encodings)):
+        for i, ((_, _, weight), encoding) in enumerate(zip(conditions, encodings)):
             bias = self.spatial_ch_projs(mixed[:, i]).unsqueeze(-1).unsqueeze(-1)
-            fused = fused + (encoding + (bias * c.weight if weighted else bias))
+            fused = fused + (encoding + (bias * weight if weighted else bias))
         h = h + fused
         outs = [self.zero_convs[0](h, emb, context)]
         for module, zero_conv in zip(self.input_blocks[1:], self.zero_convs[1:]):

@@ -11,7 +11,7 @@ from cldm.cldm import CONTROLNET
 from cldm.control import ControlUnit
 from cldm.controlnet_union import (
     CONTROLNET_UNION,
-    Condition,
+    Hints,
     control_type_index,
     diffusers_config,
     diffusers_weights,
@@ -149,9 +149,7 @@ def test_residuals_match_diffusers_with_one_and_two_hints(tiny, tmp_path):
         time_ids = torch.tensor([[96, 80, 8, 16, 64, 64]] * 3, dtype=torch.float32)
         for types, weights in ((["depth"], [0.7]), (["depth", "openpose"], [0.8, 0.3])):
             indices = [control_type_index(n, 6) for n in types]
-            conditions = [Condition(e, i, w) for e, i, w in zip(net.encode_hints(torch.cat(hints[:len(types)], 1)),
-                                                                indices, weights)]
-            ours = net(x, conditions, t, context, y)
+            ours = net(x, [Hints(h, (i,), w) for h, i, w in zip(hints, indices, weights)], t, context, y)
             if len(types) == 1:
                 ours = [r * weights[0] for r in ours]
             vector = torch.zeros(3, 6)
@@ -256,10 +254,9 @@ def test_units_of_one_network_fuse_with_their_windows(tiny):
         context, y = cond["c_crossattn"][0], cond["c_adm"]
         eps = {step: model.apply_model(x, t, {**cond, "control": units}, sampling_step=(step, 4)) for step in range(4)}
         plain = unet(x, t, context=context, y=y)
-        [enc_depth], [enc_pose] = net.encode_hints(depth), net.encode_hints(pose)
 
         def expected(w_depth: float, w_pose: float) -> torch.Tensor:
-            residuals = net(x, [Condition(enc_depth, 1, w_depth), Condition(enc_pose, 0, w_pose)], t, context, y)
+            residuals = net(x, [Hints(depth, (1,), w_depth), Hints(pose, (0,), w_pose)], t, context, y)
             return unet(x, t, context=context, y=y, control=residuals)
         torch.testing.assert_close(eps[0], expected(0.8, 0.0), rtol=0, atol=1e-6)  # openpose not yet
         torch.testing.assert_close(eps[1], expected(0.8, 0.6), rtol=0, atol=1e-6)

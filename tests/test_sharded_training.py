@@ -153,7 +153,7 @@ def one_process_group():
 @pytest.mark.parametrize("config, size", [("cldm_tiny_lora.yaml", 32), ("cldm_tiny_lllite.yaml", 32),
                                           ("cldm_tiny_v21.yaml", 32), ("cldm_tiny_xl_lora.yaml", 64),
                                           ("cldm_tiny_xl_lllite.yaml", 64), ("cldm_tiny_v21_xs.yaml", 32),
-                                          ("cldm_tiny_xl_xs.yaml", 64)])
+                                          ("cldm_tiny_xl_xs.yaml", 64), ("cldm_tiny_xl_union.yaml", 64)])
 def test_every_mode_and_base_trains_sharded_as_unsharded(config, size, tmp_path, monkeypatch, one_process_group):
     """FSDP on one rank shards each mode's trainable tensors (LoRA's copy keeps the UNet's tied weights whole, LLLite
     shards modules inside the UNet's attention) and trains exactly what training without it does."""
