@@ -429,3 +429,23 @@ def test_an_unlocked_run_exports_the_checkpoint_layout_with_the_decoder(tiny, tm
     loaded, _ = load_model(TINY_XL, [sd, save_state_dict(export, tmp_path / "export.safetensors")])
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items()
                if k.startswith(("control_model.", "model.diffusion_model.out", "model.diffusion_model.output_blocks")))
+
+
+def test_a_union_on_an_sd1_base_is_a_controlnet_union_model_too():
+    """The union network needs no SDXL: on the tiny SD1 base (no vector embedding) diffusers' class builds it from
+    our config.json (addition_time_embed_dim given, addition_embed_type none) and computes the same residuals."""
+    config = MODELS / "cldm_tiny_union.yaml"
+    net = randomized(model_as_trained(config)).control_model.eval()
+    theirs = diffusers.ControlNetUnionModel.from_config(diffusers_config(config, net))
+    theirs.load_state_dict(diffusers_weights(net), strict=True)
+    assert theirs.config.addition_embed_type is None
+    g = torch.Generator().manual_seed(8)
+    x, t, context = torch.randn(2, 4, 4, 4, generator=g), torch.tensor([10, 500]), torch.randn(2, 77, 32, generator=g)
+    hint = torch.rand(2, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        ours = net.residuals(x, hint, t, context, control_type="hed")
+        down, mid = theirs.eval()(x, t, encoder_hidden_states=context, controlnet_cond=[hint],
+                                  control_type=torch.tensor([[0.0, 0, 1, 0, 0, 0]] * 2), control_type_idx=[2],
+                                  return_dict=False)
+    for a, b in zip(ours, [*down, mid]):
+        assert b.abs().max() > 1e-3 and (a - b).abs().max() <= 1e-5 * b.abs().max()
