@@ -58,7 +58,7 @@ from cldm.fidelity import (
 )
 from cldm.image_quality import FID, CLIPScore
 from cldm.loader import load_model
-from cldm.protocol import HINT_SOURCES, TASKS, Sampling
+from cldm.protocol import HINT_SOURCES, LINEART_INVERSIONS, TASKS, Sampling
 from cldm.protocol import run as run_protocol
 from cldm.protocol import summarize as summarize_protocol
 from ldm.checkpoint import UserError, write_text
@@ -75,7 +75,8 @@ SIZE_DEFAULTS = {"original_size": "the image size", "crops_coords_top_left": "0 
 OWN = {"n": 128, "seed": 0, "sampler": "ddim", "steps": 20, "scale": 3.0, "batch_size": 64}
 PAPER_RESOLUTION = 512  # the paper resizes every image and condition to 512 x 512
 OWN_ONLY = ("metrics", "detector", "sheet", "compare_with")
-PROTOCOL_ONLY = ("condition", "images_per_prompt", "hint_source", "negative_prompt", "markdown", "fid", "clip_score")
+PROTOCOL_ONLY = ("condition", "images_per_prompt", "hint_source", "negative_prompt", "markdown", "fid", "clip_score",
+                 "lineart_inversion")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -127,6 +128,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                           help="canny, hed, lineart: make the hint from the image with the condition's detector, as "
                                "the paper does (default), or take the data's hint")
     protocol.add_argument("--negative_prompt", default=None, help=f"(default {paper.negative_prompt!r})")
+    protocol.add_argument("--lineart_inversion", choices=LINEART_INVERSIONS, default=None,
+                          help="lineart: invert the images' drawings as the paper's code does, wrapping around "
+                               "uint8 (default), or exactly (docs/evaluation.md)")
     protocol.add_argument("--fid", action="store_true", default=None,
                           help="also FID of each group of images against the targets, averaged over the groups "
                                "(needs annotator/ckpts/weights-inception-2015-12-05-6726825d.pth)")
@@ -230,7 +234,10 @@ def protocol_main(args: argparse.Namespace, sizes: dict) -> dict:
               "steps": args.steps, "guidance_scale": args.scale, "negative_prompt": args.negative_prompt,
               "batch_size": args.batch_size}
     sampling = Sampling(**{k: v for k, v in chosen.items() if v is not None})
-    task = TASKS[args.condition](args.device, args.hint_source)
+    if args.lineart_inversion is not None and args.condition != "lineart":
+        raise UserError(f"--lineart_inversion applies to --condition lineart, not {args.condition}")
+    options = {"inversion": args.lineart_inversion} if args.lineart_inversion else {}
+    task = TASKS[args.condition](args.device, args.hint_source, **options)
     quality = {}  # the networks load before sampling starts, so a missing file stops the run at once
     if args.fid:
         quality["fid"] = FID(sampling.images_per_prompt, args.device)

@@ -12,6 +12,8 @@ and compares it with the condition the model was given:
            prompt the F1 over all its images' pixels; reported: the mean over prompts, in %.
   hed      label: HED (ControlNetHED.pth) of the image; read by the same; per prompt the MS-SSIM, mean over its
            images; reported: the mean over prompts.
+  lineart  label: 1 - line drawing (sk_model.pth) of the image; read by the line drawing, inverted; per prompt
+           the MS-SSIM, mean over its images; reported: the mean over prompts.
   depth    label: the data's depth hint, min-max scaled to 0..255; read by DPT-Large (Intel/dpt-large); per
            prompt the RMSE in 0..255, mean over its images; reported: the mean over prompts.
   seg      label: the data's ADE20K colour hint, as classes; read by UperNet-UniFormer (annotator/uniformer);
@@ -90,6 +92,10 @@ class Task(ABC):
             raise ValueError(f"the {self.name} condition takes its hint from the data (the paper's labels are the "
                              "data's), not from the image")
         self.hint_source = hint_source
+
+    def settings(self) -> dict:
+        """How this task was set up, for the report."""
+        return {"hint_source": self.hint_source}
 
     def condition(self, target: np.ndarray, hint: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(hint for the model as HxWx3 uint8, label) of one held-out sample (uint8 HxWx3 target and hint)."""
@@ -212,6 +218,55 @@ class HED(Task):
         return np.array([ms_ssim(self.maps(outputs), label)])
 
 
+LINEART_INVERSIONS = ("paper", "exact")
+
+
+class Lineart(Task):
+    """Line art with ControlNet 1.1's line-drawing network (annotator/lineart, sk_model.pth: dark lines on white
+    in [0, 1]) as the paper's eval.py runs it: the label and hint are 1 - drawing of the image, cut to uint8 (white
+    lines on black); each image's drawing is cut to uint8 and inverted for the MS-SSIM against the label.
+
+    The paper's eval_edge.py inverts the images' drawings as `1 - x` on a uint8 tensor, which wraps around: x
+    becomes (257 - x) mod 256, so lines drawn at 0 or 1 (the darkest, x <= 1) come out black instead of white and
+    every other pixel 2/255 brighter. `inversion="paper"` (the default) computes that, as the published numbers
+    were; "exact" inverts as 255 - x."""
+
+    name, metric, higher_is_better, hint_from_image = "lineart", "SSIM", True, True
+
+    def __init__(self, device: str | torch.device = "cpu", hint_source: str | None = None,
+                 detector: object | None = None, inversion: str = "paper") -> None:
+        super().__init__(device, hint_source)
+        if inversion not in LINEART_INVERSIONS:
+            raise ValueError(f"line-art inversion must be one of {', '.join(LINEART_INVERSIONS)}, got {inversion!r}")
+        if detector is None:
+            from annotator.lineart import LineartDetector
+            detector = LineartDetector(self.device)
+        self.network, self.inversion = detector.model, inversion
+
+    def settings(self) -> dict:
+        return {**super().settings(), "inversion": self.inversion}
+
+    def drawings(self, images: np.ndarray) -> torch.Tensor:
+        """B x H x W x 3 uint8 -> B x H x W line drawings in [0, 1] (0 = line)."""
+        with torch.no_grad():
+            return self.network(as_unit_tensor(images, self.device))[:, 0]
+
+    def label_from_image(self, target: np.ndarray) -> np.ndarray:
+        return as_pil_uint8(1 - self.drawings(target[None])[0])
+
+    def label_from_hint(self, hint: np.ndarray) -> np.ndarray:
+        return gray(hint)
+
+    def inverted(self, drawn: np.ndarray) -> np.ndarray:
+        """uint8 drawings (0 = line) as white lines on black, by the chosen inversion."""
+        if self.inversion == "paper":
+            return ((1 - drawn.astype(np.int64)) % 256).astype(np.uint8)
+        return 255 - drawn
+
+    def statistics(self, label: np.ndarray, outputs: np.ndarray) -> np.ndarray:
+        return np.array([ms_ssim(self.inverted(as_pil_uint8(self.drawings(outputs))), label)])
+
+
 class Depth(Task):
     """Depth RMSE as the paper's eval_depth.py computes it: the label is the data's depth hint scaled to its own
     0..255 range (min-max, cut to uint8); each image's depth comes from DPT-Large (transformers'
@@ -327,7 +382,7 @@ def mean_iou(totals: np.ndarray) -> float:
     return float((totals[0, present] / totals[1, present]).mean()) if present.any() else math.nan
 
 
-TASKS: dict[str, type[Task]] = {t.name: t for t in (Canny, HED, Depth, Segmentation)}
+TASKS: dict[str, type[Task]] = {t.name: t for t in (Canny, HED, Lineart, Depth, Segmentation)}
 
 
 # ---- running it ----
@@ -416,7 +471,7 @@ def summarize(run_: ProtocolRun, resamples: int = 2000, seed: int = 0) -> dict:
     task, stats = run_.task, run_.statistics
     low, high = interval(lambda idx: task.value(stats[idx]), len(stats), resamples, seed)
     return {"condition": task.name, "metric": task.metric, "higher_is_better": task.higher_is_better,
-            "value": run_.value, "ci95": [low, high], "prompts": len(stats), "hint_source": task.hint_source,
+            "value": run_.value, "ci95": [low, high], "prompts": len(stats), **task.settings(),
             "resolution": list(run_.image_size), "sampling": asdict(run_.sampling),
             "differs_from_paper": sorted(k for k, v in asdict(run_.sampling).items()
                                          if k != "batch_size" and v != getattr(PAPER, k))}

@@ -19,6 +19,7 @@ from cldm.protocol import (
     IGNORE,
     Canny,
     Depth,
+    Lineart,
     ProtocolRun,
     Sampling,
     Segmentation,
@@ -152,6 +153,34 @@ def test_hed_maps_are_the_annotators_soft_edges():
     reference = detector(image)  # the annotator's own recipe (float64 sigmoid)
     assert ours.std() > 20
     assert np.abs(ours.astype(int) - reference.astype(int)).max() <= 1
+
+
+class Brightness(torch.nn.Module):
+    """A line-drawing network's interface: B x 3 x H x W in [0, 1] -> B x 1 x H x W, here the mean brightness."""
+
+    def forward(self, x):
+        return x.mean(1, keepdim=True)
+
+
+def test_lineart_labels_are_the_inverted_drawing_and_outputs_invert_as_the_papers_uint8_arithmetic():
+    detector = type("Detector", (), {"model": Brightness()})()
+    paper, exact = Lineart(detector=detector), Lineart(detector=detector, inversion="exact")
+    image = np.zeros((1, 2, 3), np.uint8)
+    image[0, 1] = 100
+    hint, label = paper.condition(image, np.zeros_like(image))
+    assert label.tolist() == [[255, 155]] and (hint == label[..., None]).all()  # (1 - 0) and (1 - 100/255), cut
+    drawn = np.array([0, 1, 2, 100, 255], np.uint8)
+    assert paper.inverted(drawn).tolist() == [1, 0, 255, 157, 2]  # (1 - x) on uint8 wraps: (257 - x) mod 256
+    assert exact.inverted(drawn).tolist() == [255, 254, 253, 155, 0]
+    assert paper.settings() == {"hint_source": "image", "inversion": "paper"}
+    # a prompt whose images are its target: exact inversion reproduces the label; the paper's blackens the darkest
+    target = cv2.resize(shapes(), (192, 192))
+    target[:40] = 0  # drawn at 0: the paper's inversion turns these lines black
+    _, label = paper.condition(target, target)
+    assert exact.statistics(label, np.stack([target, target]))[0] == pytest.approx(1.0, abs=1e-3)
+    assert paper.statistics(label, np.stack([target, target]))[0] < 0.9
+    with pytest.raises(ValueError, match="inversion must be one of paper, exact"):
+        Lineart(detector=detector, inversion="none")
 
 
 class FakeDepth:
@@ -338,6 +367,8 @@ def test_tool_runs_the_protocol_end_to_end_and_writes_json_and_markdown(tiny, tm
                                                                                   "--protocol controlnet\\+\\+"),
     (["--condition", "canny"], "--condition does not apply to the evaluation with and without control"),
     (["--protocol", "controlnet++", "--condition", "depth", "--hint_source", "image"], "takes its hint from the data"),
+    (["--protocol", "controlnet++", "--condition", "canny", "--lineart_inversion", "exact"], "applies to --condition "
+                                                                                             "lineart, not canny"),
 ])
 def test_tool_refuses_options_that_would_do_nothing(tiny, tmp_path, extra, message):
     from ldm.checkpoint import UserError
