@@ -119,7 +119,8 @@ class Task(ABC):
     def statistics(self, label: np.ndarray, outputs: np.ndarray) -> np.ndarray:
         """One prompt's statistics (a vector) from its label and its G generated images (G x H x W x 3 uint8)."""
 
-    def value(self, statistics: np.ndarray) -> float:
+    @classmethod
+    def value(cls, statistics: np.ndarray) -> float:
         """The reported number from the statistics of the prompts (N x d); by default the mean of column 0."""
         return float(statistics[:, 0].mean())
 
@@ -166,7 +167,8 @@ class Canny(Task):
         expected = torch.from_numpy(label == 255).long().expand_as(found)
         return np.array([float(binary_f1_score(found.flatten(), expected.flatten()))])
 
-    def value(self, statistics: np.ndarray) -> float:
+    @classmethod
+    def value(cls, statistics: np.ndarray) -> float:
         return 100.0 * float(statistics[:, 0].mean())
 
 
@@ -361,8 +363,9 @@ class Segmentation(Task):
             totals += intersect_and_union(self.segmenter.segment(image), label, self.classes)
         return totals.reshape(-1)
 
-    def value(self, statistics: np.ndarray) -> float:
-        return 100.0 * mean_iou(statistics.sum(0).reshape(2, self.classes))
+    @classmethod
+    def value(cls, statistics: np.ndarray) -> float:
+        return 100.0 * mean_iou(statistics.sum(0).reshape(2, -1))
 
 
 def intersect_and_union(predicted: np.ndarray, label: np.ndarray, classes: int) -> np.ndarray:
@@ -389,9 +392,12 @@ TASKS: dict[str, type[Task]] = {t.name: t for t in (Canny, HED, Lineart, Depth, 
 
 @dataclass
 class ProtocolRun:
-    """What a run gives: the task, its per-prompt statistics (N x d) and the prompts and settings behind them."""
+    """What a run gives: its condition (a name of TASKS) and the task's settings, the per-prompt statistics
+    (N x d), and the prompts and sampling behind them. A report (`summarize`) holds all of it, so an earlier run
+    comes back from its JSON (`from_summary`) to be compared with."""
 
-    task: Task
+    condition: str
+    settings: dict
     statistics: np.ndarray
     prompts: list[str]
     sampling: Sampling
@@ -399,7 +405,16 @@ class ProtocolRun:
 
     @property
     def value(self) -> float:
-        return self.task.value(self.statistics)
+        return TASKS[self.condition].value(self.statistics)
+
+    @classmethod
+    def from_summary(cls, summary: dict) -> "ProtocolRun":
+        """The run a report of `summarize` describes."""
+        task = TASKS[summary["condition"]]
+        settings = {k: summary[k] for k in summary.get("task_settings", [])}
+        per_prompt = summary["per_prompt"]
+        return cls(task.name, settings, np.asarray(per_prompt["statistics"], dtype=np.float64), per_prompt["prompt"],
+                   Sampling(**summary["sampling"]), tuple(summary["resolution"]))
 
 
 def sample_uint8(item: dict) -> tuple[str, np.ndarray, np.ndarray]:
@@ -449,7 +464,7 @@ def run(model: torch.nn.Module, dataset: Sequence[dict], task: Task, n: int | No
             prompts.append(prompt)
         log.info("%s: %d of %d prompts", task.name, len(prompts), n)
     height, width = chunk[0][2].shape[:2]
-    return ProtocolRun(task, np.stack(statistics), prompts, sampling, (width, height))
+    return ProtocolRun(task.name, task.settings(), np.stack(statistics), prompts, sampling, (width, height))
 
 
 # ---- intervals ----
@@ -467,25 +482,28 @@ def interval(statistic: Callable[[np.ndarray], float], n: int, resamples: int = 
 
 
 def summarize(run_: ProtocolRun, resamples: int = 2000, seed: int = 0) -> dict:
-    """The reported number with its 95% interval, and what it was measured on."""
-    task, stats = run_.task, run_.statistics
+    """The reported number with its 95% interval, what it was measured on, and each prompt's statistics."""
+    task, stats = TASKS[run_.condition], run_.statistics
     low, high = interval(lambda idx: task.value(stats[idx]), len(stats), resamples, seed)
     return {"condition": task.name, "metric": task.metric, "higher_is_better": task.higher_is_better,
-            "value": run_.value, "ci95": [low, high], "prompts": len(stats), **task.settings(),
+            "value": run_.value, "ci95": [low, high], "prompts": len(stats), **run_.settings,
+            "task_settings": sorted(run_.settings),
             "resolution": list(run_.image_size), "sampling": asdict(run_.sampling),
             "differs_from_paper": sorted(k for k, v in asdict(run_.sampling).items()
-                                         if k != "batch_size" and v != getattr(PAPER, k))}
+                                         if k != "batch_size" and v != getattr(PAPER, k)),
+            "per_prompt": {"prompt": run_.prompts, "statistics": stats.tolist()}}
 
 
 def paired_difference(a: ProtocolRun, b: ProtocolRun, resamples: int = 2000, seed: int = 0) -> dict:
     """a's number minus b's with a 95% interval, the prompts resampled together: both runs must be of the same
     condition on the same prompts with the same seeds."""
-    if a.task.name != b.task.name:
-        raise ValueError(f"cannot compare a {a.task.name} run with a {b.task.name} run")
+    if a.condition != b.condition or a.settings != b.settings:
+        raise ValueError(f"cannot compare a {a.condition} run ({a.settings}) with a {b.condition} run "
+                         f"({b.settings})")
     if a.prompts != b.prompts or a.sampling.seeds(0) != b.sampling.seeds(0) or \
-            a.sampling.images_per_prompt != b.sampling.images_per_prompt:
-        raise ValueError("the two runs are not paired: their prompts or seeds differ")
-    task = a.task
+            a.sampling.images_per_prompt != b.sampling.images_per_prompt or a.image_size != b.image_size:
+        raise ValueError("the two runs are not paired: their prompts, seeds or image sizes differ")
+    task = TASKS[a.condition]
     low, high = interval(lambda idx: task.value(a.statistics[idx]) - task.value(b.statistics[idx]),
                          len(a.prompts), resamples, seed)
     return {"difference": a.value - b.value, "ci95": [low, high]}

@@ -321,8 +321,10 @@ def test_intervals_cover_the_value_and_pair_the_prompts():
     rng = np.random.default_rng(0)
     sampling = Sampling()
     task = Canny()
-    a = ProtocolRun(task, rng.uniform(0.3, 0.5, (200, 1)), [str(i) for i in range(200)], sampling, (8, 8))
-    b = ProtocolRun(task, a.statistics - 0.01 + rng.normal(0, 0.001, (200, 1)), a.prompts, sampling, (8, 8))
+    a = ProtocolRun("canny", task.settings(), rng.uniform(0.3, 0.5, (200, 1)), [str(i) for i in range(200)],
+                    sampling, (8, 8))
+    b = ProtocolRun("canny", task.settings(), a.statistics - 0.01 + rng.normal(0, 0.001, (200, 1)), a.prompts,
+                    sampling, (8, 8))
     low, high = summarize(a, resamples=500)["ci95"]
     assert low < a.value < high and high - low < 2.5
     difference = paired_difference(a, b, resamples=500)
@@ -330,7 +332,14 @@ def test_intervals_cover_the_value_and_pair_the_prompts():
     low, high = difference["ci95"]
     assert 0.9 < low < 1.0 < high < 1.1  # far narrower than either run's own interval: the prompts are paired
     with pytest.raises(ValueError, match="not paired"):
-        paired_difference(a, ProtocolRun(task, b.statistics, a.prompts, Sampling(seed=0), (8, 8)))
+        paired_difference(a, ProtocolRun("canny", task.settings(), b.statistics, a.prompts, Sampling(seed=0), (8, 8)))
+    with pytest.raises(ValueError, match="cannot compare a canny run .* with a canny run"):
+        paired_difference(a, ProtocolRun("canny", {"hint_source": "data"}, b.statistics, a.prompts, sampling, (8, 8)))
+    # a run comes back from its report (through JSON) as it was
+    back = ProtocolRun.from_summary(json.loads(json.dumps(summarize(b, resamples=10))))
+    assert (back.statistics == b.statistics).all() and (back.prompts, back.sampling, back.image_size, back.settings) \
+        == (b.prompts, b.sampling, b.image_size, b.settings)
+    assert paired_difference(a, back, resamples=500) == difference
 
 
 def eval_tool(*args):
@@ -353,8 +362,9 @@ def test_tool_runs_the_protocol_end_to_end_and_writes_json_and_markdown(tiny, tm
     assert written["condition"] == "hed" and written["prompts"] == 2 and written["resolution"] == [176, 176]
     assert 0 < written["value"] <= 1 and written["ci95"][0] <= written["value"] <= written["ci95"][1]
     assert written["sampling"]["sampler"] == "unipc_bh2" and written["sampling"]["guidance_scale"] == 7.5
-    assert "| hed SSIM (higher is better) | " in md.read_text() and "Differs from the paper's settings in: images_per_prompt, steps" in \
-        md.read_text()
+    table = md.read_text()
+    assert "| hed SSIM (higher is better) | " in table
+    assert "Differs from the paper's settings in: images_per_prompt, steps" in table
     with pytest.raises(FileExistsError, match="hed.json already exists"):
         eval_tool(*common, "--condition", "hed", "--out", out)
     canny = eval_tool(*common, "--condition", "canny", "--resolution", 32, "--n", 3, "--seed", 7)
