@@ -22,7 +22,8 @@ interval.
 
 ControlNet++'s protocol (cldm/protocol.py, docs/evaluation.md): one condition's number as the paper computes it,
 with the paper's sampling (4 images per prompt, UniPC, 20 steps, guidance 7.5, 512 x 512) unless overridden, and a
-95% bootstrap interval over the prompts.
+95% bootstrap interval over the prompts; --compare_with an earlier protocol --out of the same prompts and seeds
+adds the paired difference.
 
     python tool_eval_control.py --protocol controlnet++ --condition hed --config models/cldm_v15.yaml \\
         --ckpt models/v1-5-pruned.ckpt models/control_v11p_sd15_softedge.pth \\
@@ -36,6 +37,7 @@ import argparse
 import json
 import logging
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +60,7 @@ from cldm.fidelity import (
 )
 from cldm.image_quality import FID, CLIPScore
 from cldm.loader import load_model
-from cldm.protocol import HINT_SOURCES, LINEART_INVERSIONS, TASKS, Sampling
+from cldm.protocol import HINT_SOURCES, LINEART_INVERSIONS, TASKS, ProtocolRun, Sampling, paired_difference
 from cldm.protocol import run as run_protocol
 from cldm.protocol import summarize as summarize_protocol
 from ldm.checkpoint import UserError, write_text
@@ -74,7 +76,7 @@ SIZE_DEFAULTS = {"original_size": "the image size", "crops_coords_top_left": "0 
 # our own evaluation's sampling; the protocol's is cldm.protocol.Sampling's
 OWN = {"n": 128, "seed": 0, "sampler": "ddim", "steps": 20, "scale": 3.0, "batch_size": 64}
 PAPER_RESOLUTION = 512  # the paper resizes every image and condition to 512 x 512
-OWN_ONLY = ("metrics", "detector", "sheet", "compare_with")
+OWN_ONLY = ("metrics", "detector", "sheet")
 PROTOCOL_ONLY = ("condition", "images_per_prompt", "hint_source", "negative_prompt", "markdown", "fid", "clip_score",
                  "lineart_inversion")
 
@@ -116,7 +118,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sheet", default=None, help="write a PNG of hint | target | without | with control here")
     p.add_argument("--compare_with", default=None, metavar="EARLIER_JSON",
                    help="an earlier --out of the same samples, seeds and sampling: report the paired difference of "
-                        "each metric with control (after - before)")
+                        "each metric with control, or of the protocol's number (after - before)")
     p.add_argument("--force", action="store_true", help="overwrite existing --out / --sheet / --markdown files")
     protocol = p.add_argument_group("a published protocol (docs/evaluation.md)")
     protocol.add_argument("--protocol", choices=PROTOCOLS, default=None,
@@ -178,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.protocol:
         return protocol_main(args, sizes)
     own = {k: OWN[k] if getattr(args, k) is None else getattr(args, k) for k in OWN}
-    earlier = read_earlier(args.compare_with) if args.compare_with else None
+    earlier = read_earlier(args.compare_with, "per_sample") if args.compare_with else None
     model = load_model(args.config, args.ckpt, params=control_type_params(args.config, args.control_type))[0]
     model = model.to(args.device).eval()
     reader = {"resize": Resize(args.resolution, args.resize), **format_options(args)}
@@ -205,15 +207,17 @@ def main(argv: list[str] | None = None) -> dict:
     return summary
 
 
-def read_earlier(path: str) -> dict:
-    """An earlier evaluation's summary (--out), which must hold each sample's scores."""
+def read_earlier(path: str, scores: str = "per_sample") -> dict:
+    """An earlier evaluation's summary (--out), which must hold each sample's ("per_sample") or each prompt's
+    ("per_prompt", the protocol's) scores."""
     try:
         earlier = json.loads(Path(path).read_text())
     except json.JSONDecodeError as err:
         raise UserError(f"--compare_with {path} is not JSON: {err}") from err
-    if not isinstance(earlier, dict) or "per_sample" not in earlier:
-        raise UserError(f"--compare_with {path} holds no per-sample scores",
-                        "give the --out file of a tool_eval_control.py run with and without control")
+    if not isinstance(earlier, dict) or scores not in earlier:
+        kind = "a run with --protocol" if scores == "per_prompt" else "a run with and without control"
+        raise UserError(f"--compare_with {path} holds no {scores.replace('_', '-')} scores",
+                        f"give the --out file of {kind} of tool_eval_control.py")
     return earlier
 
 
@@ -238,6 +242,11 @@ def protocol_main(args: argparse.Namespace, sizes: dict) -> dict:
         raise UserError(f"--lineart_inversion applies to --condition lineart, not {args.condition}")
     options = {"inversion": args.lineart_inversion} if args.lineart_inversion else {}
     task = TASKS[args.condition](args.device, args.hint_source, **options)
+    earlier = read_earlier(args.compare_with, "per_prompt") if args.compare_with else None
+    if earlier is not None and (earlier.get("condition"), earlier.get("sampling")) != (task.name, asdict(sampling)):
+        raise UserError(f"--compare_with {args.compare_with} is a {earlier.get('condition')} evaluation sampled with "
+                        f"{earlier.get('sampling')}, not {task.name} with {asdict(sampling)}",
+                        "evaluate both with the same condition and sampling options")
     quality = {}  # the networks load before sampling starts, so a missing file stops the run at once
     if args.fid:
         quality["fid"] = FID(sampling.images_per_prompt, args.device)
@@ -250,6 +259,12 @@ def protocol_main(args: argparse.Namespace, sizes: dict) -> dict:
     summary = {"protocol": args.protocol, **summarize_protocol(result, args.bootstrap), **sizes,
                "image_quality": {name: sink.summary(args.bootstrap) for name, sink in quality.items()},
                "checkpoints": [str(p) for p in args.ckpt], "data_root": str(args.data_root)}
+    if earlier is not None:
+        try:
+            difference = paired_difference(result, ProtocolRun.from_summary(earlier), args.bootstrap)
+        except ValueError as err:
+            raise UserError(f"--compare_with {args.compare_with}: {err}") from err
+        summary["compared_with"] = {"path": str(args.compare_with), "before": earlier["value"], **difference}
     table = protocol_table(summary)
     print(table)
     if args.out:
@@ -279,6 +294,11 @@ def protocol_table(summary: dict) -> str:
               f"{', '.join(summary['checkpoints'])}; data {summary['data_root']}."]
     if summary["differs_from_paper"]:
         lines.append(f"Differs from the paper's settings in: {', '.join(summary['differs_from_paper'])}.")
+    if "compared_with" in summary:
+        c = summary["compared_with"]
+        lines.append(f"Against {c['path']} (same prompts and seeds): {c['before']:.4g} there, "
+                     f"{summary['value']:.4g} here, difference {c['difference']:+.4g} (95% interval "
+                     f"{c['ci95'][0]:+.4g} to {c['ci95'][1]:+.4g}).")
     return "\n".join(lines)
 
 

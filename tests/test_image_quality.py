@@ -9,10 +9,10 @@ import pytest
 import scipy.linalg
 import torch
 
+from cldm.data.circles import make_fill50k
 from cldm.image_quality import FID, CLIPScore, as_chw, clip_vit_b16, inception
 from cldm.model import save_state_dict
 from conftest import ROOT, model_as_trained, randomize_zero_convs, write_clip_vocabulary
-from tool_make_fill50k import make_fill50k
 
 TINY = str(ROOT / "models" / "cldm_tiny.yaml")
 

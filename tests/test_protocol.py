@@ -13,6 +13,7 @@ from scipy.signal import correlate2d
 
 import cldm.protocol
 from cldm import fidelity
+from cldm.data.circles import make_fill50k
 from cldm.model import save_state_dict
 from cldm.protocol import (
     HED,
@@ -31,7 +32,7 @@ from cldm.protocol import (
     summarize,
 )
 from conftest import ROOT, model_as_trained, randomize_zero_convs
-from tool_make_fill50k import make_fill50k
+from ldm.checkpoint import UserError
 
 TINY = str(ROOT / "models" / "cldm_tiny.yaml")
 
@@ -181,6 +182,16 @@ def test_lineart_labels_are_the_inverted_drawing_and_outputs_invert_as_the_paper
     assert paper.statistics(label, np.stack([target, target]))[0] < 0.9
     with pytest.raises(ValueError, match="inversion must be one of paper, exact"):
         Lineart(detector=detector, inversion="none")
+
+
+def test_lineart_labels_are_the_annotators_hints():
+    from annotator.lineart import LineartDetector
+    torch.manual_seed(0)
+    detector = LineartDetector(random_init=True)
+    image = shapes(64)
+    label = Lineart(detector=detector).label_from_image(image)
+    reference = detector(image)  # 255 - the drawing cut to uint8, where the paper cuts 1 - the drawing
+    assert reference.std() > 1 and np.abs(label.astype(int) - reference.astype(int)).max() <= 1
 
 
 class FakeDepth:
@@ -367,8 +378,18 @@ def test_tool_runs_the_protocol_end_to_end_and_writes_json_and_markdown(tiny, tm
     assert "Differs from the paper's settings in: images_per_prompt, steps" in table
     with pytest.raises(FileExistsError, match="hed.json already exists"):
         eval_tool(*common, "--condition", "hed", "--out", out)
-    canny = eval_tool(*common, "--condition", "canny", "--resolution", 32, "--n", 3, "--seed", 7)
+    canny = eval_tool(*common, "--condition", "canny", "--resolution", 32, "--n", 3, "--seed", 7, "--out", out,
+                      "--force")
     assert canny["prompts"] == 3 and canny["sampling"]["seed"] == 7 and canny["metric"] == "F1 (%)"
+    # the same model against its own earlier report: paired, nothing changed
+    again = eval_tool(*common, "--condition", "canny", "--resolution", 32, "--n", 3, "--seed", 7,
+                      "--compare_with", out, "--markdown", md, "--force")
+    assert again["compared_with"]["difference"] == 0 and again["compared_with"]["ci95"] == [0, 0]
+    assert "difference +0 (95% interval +0 to +0)" in md.read_text()
+    with pytest.raises(UserError, match="is a canny evaluation sampled with .*'seed': 7.*not canny with .*'seed': 8"):
+        eval_tool(*common, "--condition", "canny", "--resolution", 32, "--n", 3, "--seed", 8, "--compare_with", out)
+    with pytest.raises(UserError, match="not paired: their prompts"):
+        eval_tool(*common, "--condition", "canny", "--resolution", 32, "--n", 2, "--seed", 7, "--compare_with", out)
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -381,6 +402,5 @@ def test_tool_runs_the_protocol_end_to_end_and_writes_json_and_markdown(tiny, tm
                                                                                              "lineart, not canny"),
 ])
 def test_tool_refuses_options_that_would_do_nothing(tiny, tmp_path, extra, message):
-    from ldm.checkpoint import UserError
     with pytest.raises((UserError, ValueError), match=message):
         eval_tool("--ckpt", tiny[1], "--data_root", tmp_path, *extra)
