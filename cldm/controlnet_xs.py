@@ -28,13 +28,12 @@ embedding starts as a copy of the UNet's, as vislearn's training copies the base
 random one would replace the UNet's time embedding at step 0. So a fresh adapter leaves the UNet's output unchanged.
 """
 
-import json
 import logging
 import math
 import os
 import weakref
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -44,19 +43,17 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from cldm.cldm import ControlLDM
+from cldm.cli import refuse_existing
 from cldm.control import BlockControl, ControlMode, HintCache, repeat_to
+from cldm.diffusers_convert import DiffusersFolder, read_folder
 from cldm.diffusers_names import RESNET_LAYERS, rename_module
 from cldm.model import CONTROL_PREFIX, LoadReport, create_model, load_state_dict, save_state_dict
-from ldm.checkpoint import write_text
 from ldm.modules.attention import SpatialTransformer
 from ldm.modules.diffusionmodules.openaimodel import MIDDLE, BlockHook, BlockSite, Downsample, ResBlock
 from ldm.modules.diffusionmodules.util import timestep_embedding, zero_module
 
 log = logging.getLogger(__name__)
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
-                 "diffusion_pytorch_model.bin")
 CROSS_ATTN, PLAIN = "CrossAttnDownBlock2D", "DownBlock2D"
 # keys only a ControlNet-XS adapter holds, in diffusers' names (our checkpoints hold them under control_model.)
 MARKERS = ("control_to_base_for_conv_in.weight", "mid_block.ctrl_to_base.weight")
@@ -575,17 +572,6 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], defaults: Mapping[str, 
     return XSConfig(**known, **rest)
 
 
-def read_folder(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """A diffusers ControlNetXSAdapter.save_pretrained folder: its weights and its config.json's arguments."""
-    weights = next((folder / name for name in WEIGHTS_NAMES if (folder / name).is_file()), None)
-    if weights is None:
-        raise ValueError(f"{folder} holds none of {WEIGHTS_NAMES}")
-    config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
-    if config.get("_class_name", "ControlNetXSAdapter") != "ControlNetXSAdapter":
-        raise ValueError(f"{folder / CONFIG_NAME} is a {config['_class_name']}, not a ControlNetXSAdapter")
-    return load_state_dict(weights), {f.name: config[f.name] for f in fields(XSConfig) if f.name in config}
-
-
 def load_controlnet_xs(source: Mapping[str, torch.Tensor] | str | os.PathLike,
                        defaults: Mapping[str, Any] | None = None) -> ControlNetXS:
     """A ControlNet-XS adapter from a diffusers folder (config.json + weights), a weights file or a state dict
@@ -594,8 +580,8 @@ def load_controlnet_xs(source: Mapping[str, torch.Tensor] | str | os.PathLike,
     if isinstance(source, Mapping):
         sd = source
     elif Path(source).is_dir():
-        sd, folder_config = read_folder(Path(source))
-        defaults = {**(defaults or {}), **folder_config}
+        sd, folder_config = read_folder(source, "ControlNetXSAdapter")
+        defaults = {**(defaults or {}), **{k: v for k, v in folder_config.items() if k in UNSHAPED}}
     else:
         sd = load_state_dict(source)
     if not is_xs_file(sd):
@@ -612,20 +598,9 @@ def load_controlnet_xs(source: Mapping[str, torch.Tensor] | str | os.PathLike,
 
 
 def save_folder(net: ControlNetXS, folder: str | os.PathLike, force: bool = False) -> Path:
-    """ControlNetXSAdapter.save_pretrained's layout: FOLDER/config.json and FOLDER/diffusion_pytorch_model.safetensors
-    (weights first: a folder with a config.json is a finished one)."""
-    folder = Path(folder)
-    config = net.config.diffusers_config()
-    if folder.exists() and not folder.is_dir():
-        raise NotADirectoryError(f"{folder} is a file; a diffusers ControlNetXSAdapter is a folder")
-    targets = [folder / WEIGHTS_NAMES[0], folder / CONFIG_NAME]
-    existing = [str(p) for p in targets if p.exists()]
-    if existing and not force:
-        raise FileExistsError(f"{', '.join(existing)} already exists; pass --force to overwrite")
-    folder.mkdir(parents=True, exist_ok=True)
-    save_state_dict(to_diffusers(net), targets[0], force=force)
-    write_text(targets[1], json.dumps(config, indent=2) + "\n")
-    return folder
+    """ControlNetXSAdapter.save_pretrained's layout: FOLDER/config.json and the weights beside it."""
+    config = net.config.diffusers_config()  # refuses an adapter diffusers cannot build
+    return DiffusersFolder(folder, force).write(to_diffusers(net), config)
 
 
 def own_defaults(model: nn.Module) -> dict[str, Any]:
@@ -697,10 +672,11 @@ def convert_to_diffusers(in_path: str | os.PathLike, out_dir: str | os.PathLike,
                          force: bool = False) -> Path:
     """Our export or checkpoint of a ControlNet-XS adapter -> a diffusers ControlNetXSAdapter folder, with the
     config's heads and mix."""
+    folder = DiffusersFolder(out_dir, force)  # refused before the work
     expected = config_adapter(config_path)
     net = load_controlnet_xs(load_state_dict(in_path), asdict(expected))
     check_structure(net, expected, in_path)
-    return save_folder(net, out_dir, force)
+    return folder.write(to_diffusers(net), net.config.diffusers_config())
 
 
 def convert_from_diffusers(in_path: str | os.PathLike, out_path: str | os.PathLike, config_path: str | os.PathLike,
@@ -708,6 +684,7 @@ def convert_from_diffusers(in_path: str | os.PathLike, out_path: str | os.PathLi
     """A diffusers ControlNetXSAdapter folder -> its weights as one file (the layout the apps, tool_eval_control.py and
     --resume_path take), checked against the config's structure; the folder's heads and mix must be the config's,
     since the file alone does not record them."""
+    refuse_existing(out_path, force)
     expected = config_adapter(config_path)
     if not Path(in_path).is_dir():
         raise ValueError(f"{in_path} is not a folder: a diffusers ControlNet-XS adapter's weights file is already the "

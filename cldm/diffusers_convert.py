@@ -335,6 +335,19 @@ def find_weights(in_dir: Path) -> Path:
     raise FileNotFoundError(f"{in_dir} holds none of {', '.join(WEIGHTS_CANDIDATES)}")
 
 
+def read_folder(in_dir: str | os.PathLike, class_name: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """The weights and the config.json fields of a diffusers `save_pretrained` folder of `class_name` (the adapters'
+    folders; the class is checked before the weights are read)."""
+    in_dir = Path(in_dir)
+    config_file = in_dir / CONFIG_NAME
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} not found: a diffusers {class_name} folder holds one")
+    config = read_config_json(config_file)
+    if config.get("_class_name", class_name) != class_name:
+        raise ValueError(f"{config_file} is a {config['_class_name']}, not a {class_name}")
+    return load_state_dict(find_weights(in_dir)), config
+
+
 def convert_from_diffusers(in_dir: str | os.PathLike, out_path: str | os.PathLike,
                            config_path: str | os.PathLike = DEFAULT_CONFIG, force: bool = False) -> Path:
     """Write a control_model.* checkpoint from a diffusers ControlNet folder."""

@@ -27,7 +27,6 @@ TencentARC's original layout (`conv_in.*`, `body.N.block1.*`, `body.N.in_conv.*`
 light adapter's `body.i.in_conv`, `body.i.body.j.*`, `body.i.out_conv`), with or without an `adapter.` prefix.
 """
 
-import json
 import logging
 import os
 import re
@@ -44,8 +43,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from cldm.cldm import ControlLDM
 from cldm.control import BlockControl, ControlMode, FeatureAddition, HintCache, repeat_to
+from cldm.diffusers_convert import DiffusersFolder, read_folder
 from cldm.model import CONTROL_PREFIX, LoadReport, load_state_dict, save_state_dict
-from ldm.checkpoint import write_text
 from ldm.modules.attention import SpatialTransformer
 from ldm.modules.diffusionmodules.openaimodel import MIDDLE, BlockSite, Downsample, ResBlock
 
@@ -54,9 +53,6 @@ log = logging.getLogger(__name__)
 FULL, FULL_XL, LIGHT = "full_adapter", "full_adapter_xl", "light_adapter"
 ADAPTER_TYPES = (FULL, FULL_XL, LIGHT)
 PREFIX = "adapter."
-CONFIG_NAME = "config.json"
-WEIGHTS_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
-                 "diffusion_pytorch_model.bin")
 # Hint images are gray (canny, sketch) or colour; a file's conv_in width is in_channels * downscale_factor ** 2.
 HINT_CHANNELS = (1, 3)
 # The A1111 extension's weights of an adapter's four features in its soft modes, shallowest first
@@ -389,30 +385,13 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], adapter_type: str | Non
 
 def read_adapter_folder(folder: Path) -> tuple[dict[str, torch.Tensor], AdapterConfig]:
     """A diffusers `T2IAdapter.save_pretrained` folder: its weights and its config.json."""
-    weights = next((folder / name for name in WEIGHTS_NAMES if (folder / name).is_file()), None)
-    if weights is None:
-        raise ValueError(f"{folder} holds none of {WEIGHTS_NAMES}")
-    config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
-    if config.get("_class_name", "T2IAdapter") != "T2IAdapter":
-        raise ValueError(f"{folder / CONFIG_NAME} is a {config['_class_name']}, not a T2IAdapter")
-    fields = {k: config[k] for k in AdapterConfig.__dataclass_fields__ if k in config}
-    return load_state_dict(weights), AdapterConfig(**fields)
+    weights, config = read_folder(folder, "T2IAdapter")
+    return weights, AdapterConfig(**{k: config[k] for k in AdapterConfig.__dataclass_fields__ if k in config})
 
 
 def save_adapter_folder(net: T2IAdapter, folder: str | os.PathLike, force: bool = False) -> Path:
-    """`T2IAdapter.save_pretrained`'s layout: FOLDER/config.json and FOLDER/diffusion_pytorch_model.safetensors
-    (weights first: a folder with a config.json is a finished one)."""
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise NotADirectoryError(f"{folder} is a file; a diffusers T2IAdapter is a folder (config.json and weights)")
-    targets = [folder / WEIGHTS_NAMES[0], folder / CONFIG_NAME]
-    existing = [str(p) for p in targets if p.exists()]
-    if existing and not force:
-        raise FileExistsError(f"{', '.join(existing)} already exists; pass --force to overwrite")
-    folder.mkdir(parents=True, exist_ok=True)
-    save_state_dict(net.state_dict(), targets[0], force=force)
-    write_text(targets[1], json.dumps(net.config.diffusers_config(), indent=2) + "\n")
-    return folder
+    """`T2IAdapter.save_pretrained`'s layout: FOLDER/config.json and FOLDER/diffusion_pytorch_model.safetensors."""
+    return DiffusersFolder(folder, force).write(net.state_dict(), net.config.diffusers_config())
 
 
 def adapter_weights(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
