@@ -32,7 +32,12 @@ from ldm.batch import CAPTION, IMAGE
 COLOR_TOLERANCE = MIN_CONTRAST / 2  # RGB distance: half the least fill/background contrast of Fill50K
 CANNY_THRESHOLDS = (100, 200)
 CONDITIONS = ("control", "no_control")
-METRICS = ("fill", "canny", "ssim", "depth", "seg")  # what Scorers builds
+# The metrics Scorers builds, the values each one's scorer gives, and those for which lower is better (for every
+# other, higher).
+METRIC_KEYS = {"fill": ("fill_iou", "fill_color_acc", "fill_floor_iou"), "canny": ("canny_f1",), "ssim": ("ssim",),
+               "depth": ("depth_rmse",), "seg": ("seg_miou",)}
+METRICS = tuple(METRIC_KEYS)
+LOWER_IS_BETTER = ("depth_rmse",)
 
 
 # ---- metrics on single images (uint8 HxWx3 RGB unless said otherwise) ----

@@ -24,6 +24,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import pytorch_lightning as pl
 import torch
 from lightning_fabric.utilities.types import _PATH
 from pytorch_lightning.strategies import DeepSpeedStrategy, ModelParallelStrategy, Strategy
@@ -45,6 +46,7 @@ class ShardedDataParallel(ModelParallelStrategy):
     def __init__(self, cpu_offload: bool = False, **kwargs: Any) -> None:
         super().__init__(save_distributed_checkpoint=True, **kwargs)
         self.cpu_offload = cpu_offload
+        self.roots: list[nn.Module] = []  # the sharded networks
 
     def setup_environment(self) -> None:
         # every rank in the one data-parallel dimension (ModelParallelStrategy's default gives it one per node)
@@ -53,8 +55,15 @@ class ShardedDataParallel(ModelParallelStrategy):
 
     def shard(self, networks: Iterable[nn.Module]) -> list[str]:
         """Shard the trainable blocks of `networks` over the data-parallel ranks (see shard_trainable)."""
-        return shard_trainable(self.lightning_module, networks, self.device_mesh["data_parallel"],
-                               self.cpu_offload)
+        self.roots = [network for network in networks if trains(network)]
+        return shard_trainable(self.lightning_module, self.roots, self.device_mesh["data_parallel"], self.cpu_offload)
+
+    def setup(self, trainer: pl.Trainer) -> None:
+        super().setup(trainer)
+        # FSDP2 makes the first unit to run forward the root of the units inside it. A network is the root of its
+        # blocks even when one of them runs alone first (the hint block, encoded once for a whole sampling run).
+        for network in self.roots:
+            network._get_fsdp_state()._lazy_init()
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
         """The sharded folder is written beside `filepath` and moved into place (ldm.checkpoint.move_into_place): a

@@ -63,7 +63,7 @@ from cldm.training import (
     run_loggers,
 )
 from cldm.validation import DEFAULTS as VALIDATION
-from cldm.validation import ControlValidation, read_held_out
+from cldm.validation import ControlValidation, config_monitor, read_held_out, selection_callbacks
 from ldm.batch import BatchKeyError
 from ldm.checkpoint import UserError, is_sharded_checkpoint
 from ldm.models.diffusion.ddpm import COMPILE_MODES, OPTIMIZERS, TrainingStopped
@@ -204,6 +204,15 @@ def build_parser(config: str, resume_path: str) -> argparse.ArgumentParser:
                      help="reader of --val_data (default: told by its files)")
     val.add_argument("--val_conditioning_data_dir", default=None, help="kohya format: the held-out set's hints")
     val.add_argument("--val_split", default=None, help="hf format: the held-out split (default train)")
+    val.add_argument("--keep_best", type=int, default=0, metavar="K",
+                     help="keep the K best checkpoints by --monitor in OUTPUT_DIR/checkpoints/best/")
+    val.add_argument("--monitor", default=None,
+                     help="the validation value that chooses them, e.g. val/fill_iou, val/canny_f1 (default: the "
+                          "config's monitor, val/loss_simple_ema in ours: the held-out loss)")
+    val.add_argument("--monitor_mode", choices=("max", "min"), default=None,
+                     help="whether more is better (default: max for fidelity scores, min for losses and errors)")
+    val.add_argument("--early_stop_patience", type=int, default=None, metavar="N",
+                     help="stop when N validations in a row have not improved --monitor")
     fast = p.add_argument_group("speed and memory (figures in benchmarks/RESULTS.md)")
     fast.add_argument("--cached_latents", default=None, metavar="DIR",
                       help="train from a tool_cache_latents.py cache: the VAE and text encoder do not run")
@@ -427,6 +436,9 @@ def main(argv: list[str] | None = None, config: str = "./models/cldm_v15.yaml",
     check_fresh_output(output_dir / "checkpoints", args.resume, args.force)
     dataset_config = read_kohya_dataset_config(parser, args)
     validation = build_validation(args)
+    selection = selection_callbacks(validation, args.keep_best, args.monitor or config_monitor(args.config),
+                                    args.monitor_mode, args.early_stop_patience, output_dir / "checkpoints",
+                                    "--monitor" if args.monitor else f"{args.config}'s monitor", args.checkpoint_every)
     if args.seed is not None:
         pl.seed_everything(args.seed, workers=True)
 
@@ -459,7 +471,8 @@ def main(argv: list[str] | None = None, config: str = "./models/cldm_v15.yaml",
     if args.frozen_dtype is not None:  # after the cache check, whose fingerprint is of the float32 weights
         model.cast_frozen(FROZEN_DTYPES[args.frozen_dtype][0])
     report_captions_for(model, dataset)
-    data = TrainData(dataset, args.batch_size, args.num_workers, seed=args.seed or 0, skip_bad=args.skip_bad_samples)
+    data = TrainData(dataset, args.batch_size, args.num_workers, seed=args.seed or 0, skip_bad=args.skip_bad_samples,
+                     held_out=validation.loader() if validation else None)
     skipped = [SkippedSamples()] if args.skip_bad_samples else []
     image_logger = ImageLogger(batch_frequency=args.logger_freq, log_images_kwargs={"ddim_steps": args.sample_steps})
     checkpoints = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="step-{step:06d}",
@@ -468,10 +481,12 @@ def main(argv: list[str] | None = None, config: str = "./models/cldm_v15.yaml",
     trainer = pl.Trainer(accelerator=args.accelerator, devices=args.devices, strategy=make_strategy(args.strategy),
                          precision=args.precision, max_steps=args.max_steps, log_every_n_steps=args.log_every_n_steps,
                          accumulate_grad_batches=args.accumulate_grad_batches, num_nodes=args.num_nodes,
-                         callbacks=[image_logger, checkpoints, *skipped, *progress_bar()]
+                         callbacks=[image_logger, checkpoints, *selection, *skipped, *progress_bar()]
                          + ([validation] if validation else []) + [RandomState()],
                          use_distributed_sampler=False, logger=run_loggers(output_dir), default_root_dir=output_dir,
-                         plugins=[AtomicCheckpointIO()])
+                         plugins=[AtomicCheckpointIO()], inference_mode=False,  # nothing the model caches is frozen
+                         **(validation.trainer_options(args.accumulate_grad_batches) if validation else
+                            {"limit_val_batches": 0}))
 
     try:
         trainer.fit(model, datamodule=data, ckpt_path=args.resume, weights_only=True)

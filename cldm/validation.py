@@ -1,25 +1,29 @@
 """Control fidelity while training: every N steps, sample a held-out set with fixed seeds and log how well the
-control is obeyed, so a run shows the curve on which the paper's "sudden convergence" appears.
+control is obeyed, so a run shows the curve on which the paper's "sudden convergence" appears, and checkpoints
+can be kept and training stopped by it.
 
-`ControlValidation` is a Lightning callback. At the start of a run (step 0, or the resumed step), every
-`every` global steps and at the end, rank zero samples the held-out prompts with their hints through
-`cldm.fidelity.evaluate` (hence `cldm.pipeline.sample`, the model's own network as a `model.unit(hint)`), sample
-i from seed + i, under the training's autocast (`--precision`), and logs to every attached logger:
+`ControlValidation` is a Lightning callback over Lightning's validation loop. Every `every` global steps and at
+the last step the loop runs the model's `validation_step` on the held-out samples (their diffusion loss,
+val/loss_simple etc., on every rank), and then this callback samples the held-out prompts with their hints
+through `cldm.fidelity.evaluate` (hence `cldm.pipeline.sample`, the model's own network as a `model.unit(hint)`),
+sample i from seed + i, under the training's autocast (`--precision`), and logs on every rank, so that
+ModelCheckpoint and EarlyStopping see them:
 
   val/<metric>             the mean over the held-out samples with control (the curve to watch)
   val/<metric>_no_control  the same samples without any control unit: the base's score to beat
-  val/seconds              what the validation took
+  val/seconds              what the sampling took
 and a sheet of the first rows (hint | target | without control | with control) to TensorBoard and to
-SAVE_DIR/image_log/val/fidelity_gs-<step>.png.
+SAVE_DIR/image_log/val/fidelity_gs-<step>.png. At the start of a run (step 0, or the resumed step) it samples
+and logs the same once more, to the loggers only: the starting weights are no candidate for the best.
 
 Without control, the samples depend only on the UNet, the VAE and the text encoder. When none of those trains
 (sd_locked and every other mode that trains only `control_model`), they are sampled once per run and their
 images and scores reused, which halves the cost; otherwise (sd_locked=False) they are sampled every time.
 
-The other ranks do not validate; they go on to the next step's gradient all-reduce and wait there for rank
-zero (so a validation must take less than the process group's timeout, 30 minutes by default). The sampling
-calls the LightningModule itself, not the DDP wrapper, so it runs no collective operation. Strategies that shard
-the weights (FSDP, DeepSpeed stage 3) would need every rank to sample, and are refused.
+Only rank zero samples and scores; it sends the values to the others, which meanwhile only wait (the held-out
+loss costs them a forward pass per sample). The sampling calls the LightningModule itself, not the DDP wrapper,
+so it runs no collective operation. Under --strategy fsdp every rank holds only a part of the trained weights,
+so every rank samples (the same images, in lock step), and rank zero scores; DeepSpeed stage 3 is refused.
 """
 
 import contextlib
@@ -32,12 +36,26 @@ from pathlib import Path
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback
+from omegaconf import OmegaConf
+from pytorch_lightning.callbacks import Callback, Checkpoint, EarlyStopping, ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.plugins import Precision
+from torch.utils.data import DataLoader, Dataset
 
-from cldm.fidelity import CONDITIONS, Scorers, evaluate, is_fill_target, load_samples, save_png, sheet
-from cldm.sharding import shards_weights
+from cldm.data.batch import HINT, ControlImageItem, ItemCheck
+from cldm.fidelity import (
+    CONDITIONS,
+    LOWER_IS_BETTER,
+    METRIC_KEYS,
+    Scorers,
+    evaluate,
+    is_fill_target,
+    load_samples,
+    save_png,
+    sheet,
+)
+from cldm.sharding import ShardedDataParallel, shards_weights
+from ldm.batch import CAPTION, IMAGE
 from ldm.checkpoint import UserError
 
 log = logging.getLogger(__name__)
@@ -48,6 +66,10 @@ SHEET_ROWS = 8
 DEFAULTS = {"every": 500, "samples": 16, "sampler": "ddim", "steps": 20, "scale": 3.0}
 
 
+# What the model's validation_step logs on the held-out samples (DDPM.p_losses' names, and with the EMA weights).
+HELD_OUT_LOSSES = tuple(f"val/{name}{ema}" for name in ("loss_simple", "loss_vlb", "loss") for ema in ("", "_ema"))
+
+
 @dataclass(frozen=True)
 class HeldOut:
     """The held-out samples: prompts, and hints and targets as uint8 BHWC, read from `root`."""
@@ -56,6 +78,30 @@ class HeldOut:
     prompts: list[str]
     hints: np.ndarray
     targets: np.ndarray
+
+
+class HeldOutItems(Dataset):
+    """The held-out samples as the training's items: the target in [-1, 1], the hint in [0, 1], the prompt."""
+
+    def __init__(self, held_out: HeldOut) -> None:
+        self.held_out = held_out
+
+    def __len__(self) -> int:
+        return len(self.held_out.prompts)
+
+    def __getitem__(self, i: int) -> ControlImageItem:
+        h = self.held_out
+        return {IMAGE: h.targets[i].astype(np.float32) / 127.5 - 1.0, CAPTION: h.prompts[i],
+                HINT: h.hints[i].astype(np.float32) / 255.0}
+
+
+def last_batch(trainer: pl.Trainer) -> bool:
+    """Whether the training ends after this batch: its last step, or the last batch of its last epoch."""
+    if 0 < trainer.max_steps <= trainer.global_step:
+        return True
+    epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs > 0 else None
+    return (epochs is not None and trainer.current_epoch + 1 >= epochs
+            and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
 
 
 def read_held_out(root: str | Path, n: int, **options) -> HeldOut:
@@ -107,21 +153,41 @@ class ControlValidation(Callback):
         self.run = dict(seed=seed, steps=steps, guidance_scale=guidance_scale, batch_size=batch_size,
                         sampler=sampler)
         self.detector, self.save_dir = detector, save_dir
-        self.scorers: Scorers | None = None
-        self.last_step = -1
+        self.scorers: Scorers | None = None  # where samples are drawn: rank zero, and under fsdp every rank
         self.no_control: tuple[dict[str, np.ndarray], np.ndarray] | None = None  # scores, images, while constant
 
+    def logged(self) -> dict[str, str]:
+        """Every value a validation logs, with "max" or "min" for the better direction."""
+        fidelity = {f"val/{key}{suffix}": "min" if key in LOWER_IS_BETTER else "max"
+                    for metric in self.metrics for key in METRIC_KEYS[metric] for suffix in ("", "_no_control")}
+        return {**fidelity, "val/seconds": "min", **{name: "min" for name in HELD_OUT_LOSSES}}
+
+    def loader(self) -> DataLoader:
+        """The held-out samples as training items, for the validation loop's held-out loss; every rank reads all of
+        them, so that every rank runs the same forward passes. One at a time: validation_step seeds each batch, so
+        each sample draws the same noise whatever the batch size and the number of ranks."""
+        # its own generator: an iteration draws a seed, which the training's generator must not give
+        return DataLoader(HeldOutItems(self.held_out), batch_size=1, collate_fn=ItemCheck("--val_data"),
+                          generator=torch.Generator().manual_seed(0))
+
+    def trainer_options(self, accumulate_grad_batches: int) -> dict:
+        """Lightning's schedule of this validation: every `every` global steps across epochs, no sanity check (the
+        run's start is validated by on_train_start)."""
+        return dict(val_check_interval=self.every * accumulate_grad_batches, check_val_every_n_epoch=None,
+                    num_sanity_val_steps=0)
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if shards_weights(trainer.strategy):
-            raise UserError(f"--val_data samples on rank zero alone, which {type(trainer.strategy).__name__} "
-                            "cannot do: it splits the weights across ranks",
-                            "train with --strategy ddp or deepspeed_stage_2, or drop --val_data")
+        if shards_weights(trainer.strategy) and not isinstance(trainer.strategy, ShardedDataParallel):
+            raise UserError(f"--val_data cannot sample under {type(trainer.strategy).__name__}: it splits every "
+                            "weight across ranks", "train with --strategy fsdp or ddp, or drop --val_data")
         f = pl_module.vae_scale_factor
         h, w = self.held_out.hints.shape[1:3]
         if h % f or w % f:
             raise UserError(f"--val_data {self.held_out.root}: its images are {w}x{h}, not multiples of the VAE's "
                             f"{f} pixels", "bring them to the training size with --resolution")
         self.no_control = None  # another run (or a resumed one) may train another set of weights
+        if self.scorers is None and not trainer.is_global_zero and isinstance(trainer.strategy, ShardedDataParallel):
+            self.scorers = Scorers([])  # it samples with rank zero, which scores
         if trainer.is_global_zero and self.scorers is None:
             self.scorers = Scorers(self.metrics, self.detector, pl_module.device)
             for name, why in self.scorers.skipped.items():
@@ -131,35 +197,44 @@ class ControlValidation(Callback):
                      self.run["steps"], self.run["guidance_scale"], ", ".join(self.scorers.functions) or "no metric")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.validate(trainer, pl_module)
+        self.log_values(trainer, self.validate(trainer, pl_module))
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
-        if trainer.global_step % self.every == 0:
-            self.validate(trainer, pl_module)
+        # Lightning validates once more before a stop it is told of: the last step's weights are validated too
+        trainer.should_stop = trainer.should_stop or last_batch(trainer)
 
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.validate(trainer, pl_module)
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        values = self.validate(trainer, pl_module)
+        self.log_values(trainer, values)
+        pl_module.log_dict(values, logger=False, sync_dist=True)  # every rank: ModelCheckpoint, EarlyStopping
+        # the held-out loss of validation_step goes to the loggers at the global step, not one step earlier
+        pl_module.log("step", float(trainer.global_step), sync_dist=True)
 
-    def validate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Validate the model as it is at this global step, once per step (also under gradient accumulation)."""
+    @staticmethod
+    def log_values(trainer: pl.Trainer, values: dict[str, float]) -> None:
+        """To the loggers at the global step, as they are (Lightning's own logging would round them to float32)."""
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(values, step=trainer.global_step)
+
+    def validate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+        """Sample and score the model as it is at this global step (rank zero; under fsdp every rank samples);
+        the values, which every rank returns, are rank zero's."""
         step = trainer.global_step
-        if step == self.last_step:
-            return
-        self.last_step = step
-        if not trainer.is_global_zero:
-            return
-        started = time.perf_counter()
-        scores, images = self.sample_and_score(pl_module, trainer.precision_plugin)
-        values = {f"val/{metric}{'' if condition == 'control' else '_no_control'}": float(per_sample.mean())
-                  for condition in CONDITIONS for metric, per_sample in scores[condition].items()}
-        values["val/seconds"] = time.perf_counter() - started
-        for logger in trainer.loggers:
-            logger.log_metrics(values, step=step)
-        self.log_sheet(trainer, images, step)
-        log.info("validation at step %d (%.1f s): %s", step, values["val/seconds"],
-                 ", ".join(f"{m} {scores['control'][m].mean():.3f} (without control {s.mean():.3f})"
-                           for m, s in scores["no_control"].items()))
+        values: dict[str, float] = {}
+        if self.scorers is not None:  # rank zero, and under fsdp every rank
+            started = time.perf_counter()
+            scores, images = self.sample_and_score(pl_module, trainer.precision_plugin)
+            values = {f"val/{metric}{'' if condition == 'control' else '_no_control'}": float(per_sample.mean())
+                      for condition in CONDITIONS for metric, per_sample in scores[condition].items()}
+            values["val/seconds"] = time.perf_counter() - started
+            if trainer.is_global_zero:
+                self.log_sheet(trainer, images, step)
+                log.info("validation at step %d (%.1f s): %s", step, values["val/seconds"],
+                         ", ".join(f"{m} {scores['control'][m].mean():.3f} (without control {s.mean():.3f})"
+                                   for m, s in scores["no_control"].items()))
+        return trainer.strategy.broadcast(values, src=0)
 
     def sample_and_score(self, model: pl.LightningModule, precision: Precision | None = None
                          ) -> tuple[dict, dict[str, np.ndarray]]:
@@ -196,3 +271,57 @@ class ControlValidation(Callback):
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_image("val/samples", page, step, dataformats="HWC")
+
+
+def config_monitor(config: str | Path) -> str | None:
+    """The config's `monitor`: the validation value that chooses checkpoints (the original ldm's setting)."""
+    return (OmegaConf.load(config).model.get("params") or {}).get("monitor")
+
+
+class SaveAgainAfterValidation(Checkpoint):
+    """Saves `last` (the periodic checkpoint, written every `every` steps) again after a validation at its step, so
+    that a run resumed from it knows what that validation chose (the best checkpoints, early stopping's count):
+    Lightning writes a step's checkpoint before it validates at that step. A Checkpoint, so that Lightning runs it
+    after the ModelCheckpoints given before it."""
+
+    def __init__(self, last: Path, every: int) -> None:
+        self.last, self.every = last, every
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking and trainer.global_step % self.every == 0 and self.last.exists():
+            trainer.save_checkpoint(self.last)
+
+
+def selection_callbacks(validation: ControlValidation | None, keep_best: int, monitor: str | None, mode: str | None,
+                        patience: int | None, checkpoint_dir: Path, source: str, checkpoint_every: int
+                        ) -> list[Callback]:
+    """--keep_best K and --early_stop_patience N: Lightning's ModelCheckpoint keeping the K best checkpoints in
+    CHECKPOINT_DIR/best/, and its EarlyStopping, by the validation value `monitor` (named by `source`), better when
+    larger with `mode` max. Both act after each validation (Lightning's validation loop), on every rank; the
+    periodic CHECKPOINT_DIR/last.ckpt (every `checkpoint_every` steps) is written again after them."""
+    if keep_best < 0 or (patience is not None and patience < 1):
+        raise UserError(f"--keep_best must be 0 or more and --early_stop_patience 1 or more, got {keep_best} and "
+                        f"{patience}")
+    if not keep_best and patience is None:
+        return []
+    if validation is None:
+        raise UserError("--keep_best and --early_stop_patience choose by a validation value, and no --val_data is "
+                        "given", "name a held-out data root with --val_data")
+    logged = validation.logged()
+    if monitor not in logged:
+        raise UserError(f"{source} {monitor} is not a value the validation logs",
+                        f"choose --monitor from {', '.join(logged)}")
+    mode = mode or logged[monitor]
+    callbacks: list[Callback] = []
+    if keep_best:
+        name = monitor.replace("/", "_")
+        callbacks.append(ModelCheckpoint(dirpath=checkpoint_dir / "best", monitor=monitor, mode=mode,
+                                         filename=f"step-{{step:06d}}-{name}-{{{monitor}:.4f}}", save_top_k=keep_best,
+                                         auto_insert_metric_name=False, enable_version_counter=False))
+    if patience is not None:
+        callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=patience, verbose=True))
+    callbacks.append(SaveAgainAfterValidation(checkpoint_dir / "last.ckpt", checkpoint_every))
+    log.info("Choosing by %s (%s is better)%s%s", monitor, "more" if mode == "max" else "less",
+             f": the {keep_best} best checkpoints kept in {checkpoint_dir / 'best'}" if keep_best else "",
+             f"; stopping after {patience} validations without improvement" if patience is not None else "")
+    return callbacks

@@ -2,6 +2,7 @@
 trains, is killed, resumes from its sharded checkpoint and exports, and its loss curve is the curve of one
 process training on the same global batch; tool_eval_control.py reads the sharded checkpoint."""
 
+import csv
 import json
 import os
 import subprocess
@@ -29,6 +30,8 @@ def per_sample_step(shared_step):
     start of step $DIE_AT."""
 
     def step(self, batch, **kwargs):
+        if not self.training:  # the held-out loss of a validation
+            return shared_step(self, batch, **kwargs)
         if self.global_step == int(os.environ.get("DIE_AT", -1)):
             os._exit(9)
         results = []
@@ -64,12 +67,18 @@ def numbered(root):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    return numbered(make_fill50k(tmp_path_factory.mktemp("fill") / "data", n=N, size=64, seed=0))
+    root = tmp_path_factory.mktemp("fill")
+    train = numbered(make_fill50k(root / "data", n=N, size=64, seed=0))
+    return train, make_fill50k(root / "held", n=2, size=64, seed=1)
 
 
 def train_args(data, out, processes, *extra):
+    """Validated every 2 steps, the best checkpoint by the held-out loss kept."""
     start = [] if "--resume" in extra else ["--resume_path", "none"]
-    return ["--config", TINY_XL, *start, "--sd_locked", "False", "--data_root", str(data), "--output_dir", str(out),
+    train, held_out = data
+    return ["--config", TINY_XL, *start, "--sd_locked", "False", "--data_root", str(train), "--output_dir", str(out),
+            "--val_data", str(held_out), "--val_every", "2", "--val_samples", "2", "--val_steps", "1",
+            "--keep_best", "1", "--monitor", "val/loss_simple",
             "--batch_size", str(2 // processes), "--devices", str(processes), "--accelerator", "cpu",
             "--max_steps", "4", "--checkpoint_every", "2", "--logger_freq", "1000", "--seed", "0",
             "--ema_decay", "0.5", "--ema_export", "both", *extra]
@@ -83,6 +92,17 @@ def run_two(tmp_path, data, out, losses, *extra, die_at=None):
            **({"DIE_AT": str(die_at)} if die_at is not None else {})}
     return subprocess.run([sys.executable, str(script), *train_args(data, out, 2, "--strategy", "fsdp", *extra)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+
+def validated(logs) -> dict[int, dict[str, float]]:
+    """step -> the val/* values of every run logged under `logs` (metrics.csv of each version)."""
+    rows: dict[int, dict[str, float]] = {}
+    for path in sorted(logs.glob("version_*/metrics.csv")):
+        for r in csv.DictReader(open(path)):
+            values = {k: float(v) for k, v in r.items() if k.startswith("val/") and v}
+            if values:
+                rows.setdefault(int(r["step"]), {}).update(values)
+    return rows
 
 
 def curve(path, ranks) -> dict[int, float]:
@@ -118,6 +138,15 @@ def test_fsdp_on_two_processes_resumes_and_exports_what_one_process_trains(data,
     one_process = list(curve(tmp_path / "single", (0,)).values())
     np.testing.assert_allclose([before[0], before[1], after[2], after[3]], one_process, rtol=1e-5)
     assert len(set(np.round(one_process, 4))) == 4  # the loss moves: the steps are not all alike
+
+    # validated on every rank in step (rank zero scoring): the same held-out loss, the same best checkpoint
+    val = [validated(out / "lightning_logs") for out in (sharded, single)]
+    assert sorted(val[0]) == sorted(val[1]) == [0, 2, 4]
+    for step in (2, 4):
+        assert val[0][step]["val/loss_simple"] == pytest.approx(val[1][step]["val/loss_simple"], rel=1e-5)
+    best = [sorted(p.name for p in (out / "checkpoints" / "best").iterdir()) for out in (sharded, single)]
+    assert len(best[0]) == 1 and [name[:11] for name in best[0]] == [name[:11] for name in best[1]]
+    assert (sharded / "checkpoints" / "best" / best[0][0] / ".metadata").is_file()  # a sharded one
 
     # the exports (the weights and their EMA, sharded with them) are what one process trains, to within half a
     # step of the learning rate (1e-5): gradients summed in another order, which Adam's normalisation magnifies
@@ -156,26 +185,34 @@ def one_process_group():
                                           ("cldm_tiny_xl_xs.yaml", 64), ("cldm_tiny_xl_union.yaml", 64)])
 def test_every_mode_and_base_trains_sharded_as_unsharded(config, size, tmp_path, monkeypatch, one_process_group):
     """FSDP on one rank shards each mode's trainable tensors (LoRA's copy keeps the UNet's tied weights whole, LLLite
-    shards modules inside the UNet's attention) and trains exactly what training without it does."""
+    shards modules inside the UNet's attention), trains and validates exactly as training without it does."""
     from cldm.cldm import ControlLDM
     from tutorial_train import main
     data = numbered(make_fill50k(tmp_path / "data", n=4, size=size, seed=0))
+    held_out = make_fill50k(tmp_path / "held", n=1, size=size, seed=1)
     model = model_as_trained(ROOT / "models" / config)
     initial, before = save_state_dict(model.state_dict(), tmp_path / "ini.ckpt"), model.control_state_dict()
     monkeypatch.setattr(ControlLDM, "shared_step", per_sample_step(ControlLDM.shared_step))
     monkeypatch.setenv("LOSSES", str(tmp_path / "losses"))
-    exports = {}
+    exports, validations = {}, {}
     for strategy in ("fsdp", "auto"):
         out = tmp_path / strategy
         main(["--config", str(ROOT / "models" / config), "--resume_path", str(initial), "--data_root", str(data),
               "--batch_size", "2", "--max_steps", "2", "--learning_rate", "1e-3", "--output_dir", str(out),
-              "--strategy", strategy, "--devices", "1", "--accelerator", "cpu", "--logger_freq", "1000"])
+              "--strategy", strategy, "--devices", "1", "--accelerator", "cpu", "--logger_freq", "1000",
+              "--val_data", str(held_out), "--val_samples", "1", "--val_steps", "1", "--val_metrics", "canny"])
         exports[strategy] = load_file(out / "control_model.safetensors")
+        validations[strategy] = validated(out / "lightning_logs")
     sharded, plain = exports["fsdp"], exports["auto"]
     assert sharded.keys() == plain.keys() == before.keys()
     for key in sharded:
         np.testing.assert_allclose(sharded[key], plain[key], atol=1e-6, err_msg=key)
     assert any(not torch.allclose(plain[k], before[k]) for k in plain)  # it trained
+    # validated at the start and the end as without sharding (the hint block's unit runs alone there first)
+    assert sorted(validations["fsdp"]) == sorted(validations["auto"]) == [0, 2]
+    for name, value in validations["auto"][2].items():
+        if name != "val/seconds":
+            assert validations["fsdp"][2][name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
 
 
 def test_a_sharded_checkpoint_resumes_under_fsdp_with_what_can_carry_over(tmp_path, one_process_group):

@@ -16,9 +16,16 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from cldm.fidelity import Scorers, evaluate, load_samples
 from cldm.model import save_state_dict
 from cldm.sharding import ShardedDataParallel, shards_weights
-from cldm.validation import ControlValidation, HeldOut, choose_metrics, no_control_trains, read_held_out
+from cldm.validation import (
+    HELD_OUT_LOSSES,
+    ControlValidation,
+    HeldOut,
+    choose_metrics,
+    no_control_trains,
+    read_held_out,
+)
 from conftest import ROOT, model_as_trained, randomize_zero_convs
-from ldm.checkpoint import UserError
+from ldm.checkpoint import UserError, read_checkpoint
 from tool_make_fill50k import make_fill50k
 
 TINY = str(ROOT / "models" / "cldm_tiny.yaml")
@@ -53,7 +60,7 @@ def logged_rows(trainer) -> dict[int, dict[str, float]]:
         for r in csv.DictReader(f):
             values = {k: float(v) for k, v in r.items() if k.startswith("val/") and v}
             if values:
-                rows[int(r["step"])] = values
+                rows.setdefault(int(r["step"]), {}).update(values)
     return rows
 
 
@@ -63,11 +70,13 @@ def test_validation_logs_what_evaluate_gives_at_the_right_steps_with_a_sheet(dat
     trainer = train(train_root, out, "--resume_path", initial, "--max_steps", "5", "--seed", "0",
                     "--val_data", held_out, "--val_every", "2", "--val_samples", "4", "--val_steps", "2")
 
-    # at the start, every --val_every steps and at the end
+    # at the start, every --val_every steps and at the end; Lightning's validation loop adds the held-out loss
     rows = logged_rows(trainer)
     assert sorted(rows) == [0, 2, 4, 5]
     metrics = ("fill_iou", "fill_color_acc", "fill_floor_iou", "canny_f1", "ssim")  # Fill50K data: fill applies
-    assert set(rows[5]) == {f"val/{m}{c}" for m in metrics for c in ("", "_no_control")} | {"val/seconds"}
+    fidelity = {f"val/{m}{c}" for m in metrics for c in ("", "_no_control")} | {"val/seconds"}
+    assert set(rows[5]) == set(rows[2]) == fidelity | set(HELD_OUT_LOSSES) and set(rows[0]) == fidelity
+    assert rows[4]["val/loss_simple"] != rows[2]["val/loss_simple"]  # the same draws, other weights
 
     # the numbers cldm.fidelity.evaluate gives for the trained model and the same seeds
     model = trainer.lightning_module.eval()
@@ -174,7 +183,7 @@ def test_two_ddp_processes_only_rank_zero_validates(data, tmp_path):
            "--data_root", str(train_root), "--batch_size", "2", "--max_steps", "2", "--logger_freq", "1000",
            "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", "--output_dir", str(out),
            "--sd_locked", "False", "--val_data", str(held_out), "--val_every", "1", "--val_samples", "2",
-           "--val_steps", "1"]
+           "--val_steps", "1", "--keep_best", "1", "--monitor", "val/canny_f1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -183,3 +192,59 @@ def test_two_ddp_processes_only_rank_zero_validates(data, tmp_path):
         assert result.stderr.count(f"validation at step {step} ") == 1, result.stderr[-3000:]
     assert sorted(p.name for p in (out / "image_log" / "val").iterdir()) == [
         f"fidelity_gs-{s:06}.png" for s in (0, 1, 2)]
+    # every rank chose the same best checkpoint by rank zero's scores (a rank without them would hang or fail)
+    assert len(list((out / "checkpoints" / "best").iterdir())) == 1
+
+
+
+def losses(trainer) -> list[float]:
+    with open(os.path.join(trainer.loggers[1].log_dir, "metrics.csv")) as f:
+        return [float(r["train/loss_step"]) for r in csv.DictReader(f) if r.get("train/loss_step")]
+
+
+def best_checkpoints(out) -> dict[int, float]:
+    """step -> score, from the names of the kept checkpoints (step-000004-val_canny_f1-0.3512.ckpt)."""
+    names = [p.name.removesuffix(".ckpt").split("-") for p in (out / "checkpoints" / "best").iterdir()]
+    return {int(parts[1]): float(parts[3]) for parts in names}
+
+
+def test_keep_best_keeps_the_best_by_a_validation_value_and_early_stopping_watches_it(data, initial, tmp_path):
+    train_root, held_out = data
+    validate = ["--resume_path", initial, "--seed", "0", "--learning_rate", "1e-3", "--val_data", held_out,
+                "--val_every", "1", "--val_samples", "4", "--val_steps", "2"]
+    out = tmp_path / "best"
+    trainer = train(train_root, out, *validate, "--max_steps", "4", "--keep_best", "2", "--monitor", "val/canny_f1")
+    plain = train(train_root, tmp_path / "plain", *validate[:6], "--max_steps", "4")
+    assert losses(trainer) == losses(plain)  # validating draws nothing from the training's random stream
+    scores = {step: row["val/canny_f1"] for step, row in logged_rows(trainer).items() if step > 0}
+    assert sorted(scores) == [1, 2, 3, 4] and len(set(scores.values())) > 2  # the scores move
+    best = sorted(scores, key=lambda step: -scores[step])[:2]
+    kept = best_checkpoints(out)
+    assert sorted(kept) == sorted(best)  # the two highest, not the last ones
+    assert all(kept[step] == pytest.approx(scores[step], abs=1e-4) for step in kept)
+    assert read_checkpoint(next((out / "checkpoints" / "best").iterdir()))["global_step"] in best
+
+    # the config's monitor by default (the held-out loss; less is better), and early stopping: without control
+    # nothing that samples trains (sd_locked), so that score never improves after the first validation
+    out = tmp_path / "stop"
+    trainer = train(train_root, out, *validate, "--max_steps", "10", "--keep_best", "1",
+                    "--monitor", "val/canny_f1_no_control", "--early_stop_patience", "2")
+    assert trainer.global_step == 3  # improved at step 1, not at 2 and 3
+    assert sorted(best_checkpoints(out)) == [1]
+    out = tmp_path / "loss"
+    trainer = train(train_root, out, *validate, "--max_steps", "3", "--keep_best", "1")
+    val_losses = {step: row["val/loss_simple_ema"] for step, row in logged_rows(trainer).items() if step > 0}
+    assert list(best_checkpoints(out)) == [min(val_losses, key=val_losses.get)]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--keep_best", "2"], "--keep_best and --early_stop_patience choose by a validation value, and no --val_data"),
+    (["--val_data", "HELD", "--val_samples", "4", "--keep_best", "2", "--monitor", "val/depth_rmse"],
+     "--monitor val/depth_rmse is not a value the validation logs"),
+    (["--val_data", "HELD", "--val_samples", "4", "--early_stop_patience", "0"], "--early_stop_patience 1 or more"),
+])
+def test_checkpoint_choice_is_refused_by_name_when_it_cannot_work(data, tmp_path, extra, message):
+    train_root, held_out = data
+    extra = [str(held_out) if v == "HELD" else v for v in extra]
+    with pytest.raises(UserError, match=message):
+        train(train_root, tmp_path / "run", "--resume_path", "none", *extra)

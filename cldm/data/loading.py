@@ -168,10 +168,15 @@ class TrainData(pl.LightningDataModule):
     """The training loader of a reader, built once the Trainer knows this process's rank and world size."""
 
     def __init__(self, dataset: Dataset, batch_size: int, num_workers: int = 0, seed: int = 0,
-                 skip_bad: bool = False) -> None:
+                 skip_bad: bool = False, held_out: DataLoader | None = None) -> None:
         super().__init__()
         self.dataset, self.batch_size, self.num_workers, self.seed = dataset, batch_size, num_workers, seed
         self.skip_bad = skip_bad
+        self.held_out = held_out
+
+    def val_dataloader(self) -> DataLoader | list:
+        """The held-out samples of --val_data for Lightning's validation loop (none without it)."""
+        return self.held_out if self.held_out is not None else []
 
     def _rank_world(self) -> tuple[int, int]:
         trainer = self.trainer  # set by Lightning when the module is given to Trainer.fit

@@ -4,6 +4,7 @@ Trimmed to what Stable Diffusion and ControlNet use: eps / v / x0 parameterizati
 a frozen first stage (VAE) and text encoder, and optional EMA of the diffusion model.
 """
 
+import contextlib
 import logging
 from contextlib import contextmanager
 from functools import partial
@@ -45,6 +46,13 @@ SCHEDULE_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alph
 
 class TrainingStopped(UserError):
     """Training that cannot be right (a non-finite loss or weights, no gradient at all), stopped with why."""
+
+
+def fork_rng(device: torch.device) -> contextlib.AbstractContextManager:
+    """torch.random.fork_rng of the CPU's generator and, on an accelerator, of that device's."""
+    if device.type == "cpu":
+        return torch.random.fork_rng(devices=[])
+    return torch.random.fork_rng(devices=[device], device_type=device.type)
 
 
 def disabled_train(self: nn.Module, mode: bool = True) -> nn.Module:
@@ -402,13 +410,16 @@ class DDPM(pl.LightningModule):
 
     @torch.no_grad()
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        _, loss_dict = self.shared_step(batch)
-        with self.ema_scope():
-            _, loss_dict_ema = self.shared_step(batch)
-        loss_dict_ema = {key + "_ema": v for key, v in loss_dict_ema.items()}
+        """The loss on a held-out batch (val/loss_simple, ...), and with the EMA weights (..._ema); every rank gets
+        the same value. The latents, timesteps and noise come from a seed per batch, in a forked generator: the
+        same draws at every validation and for both weights, and the training's random stream left as it was."""
         n = self.samples_in(batch)
-        self.log_dict(loss_dict, prog_bar=False, logger=True, on_step=False, on_epoch=True, batch_size=n)
-        self.log_dict(loss_dict_ema, prog_bar=False, logger=True, on_step=False, on_epoch=True, batch_size=n)
+        for suffix, scope in (("", contextlib.nullcontext), ("_ema", self.ema_scope)):
+            with fork_rng(self.device), scope():
+                torch.manual_seed(batch_idx)
+                _, loss_dict = self.shared_step(batch)
+            self.log_dict({key + suffix: v for key, v in loss_dict.items()}, prog_bar=False, logger=True,
+                          on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
 
     def compile_denoiser(self, **kwargs) -> None:
         """torch.compile the denoising network in place (state-dict keys unchanged); kwargs go to torch.compile."""
