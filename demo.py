@@ -10,6 +10,9 @@ circles, see models/demo_base/MODEL_CARD.md) ships with the repo. The demo runs 
   3. tutorial_train.py      trains it with models/cldm_demo.yaml (Lightning's progress bar; ImageLogger grids
                             in demo_out/train/image_log/train/, losses in demo_out/train/lightning_logs/)
   4. tool_eval_control.py   samples held-out prompts with and without control from the same seeds, and scores
+  with --reward_steps N (or the settings' default), a reward phase (ControlNet++'s fine-tuning, cldm/reward.py):
+  5. tutorial_train.py      continues the run for N steps with the fill reward (--resume ... --reward fill)
+  6. tool_eval_control.py   scores the fine-tuned model on the same samples and seeds, paired with step 4's scores
 then writes demo_out/report.html (hint | target | without | with control, the loss curve, the metric table)
 and demo_out/metrics.json. Goal: held-out fill IoU with control >= 0.6 and >= 2x the IoU without control.
 """
@@ -54,12 +57,17 @@ class Settings:
     ddim_steps: int  # DDIM steps of the evaluation
     guidance_scale: float
     log_every: int
+    reward_steps: int  # the reward phase after training (0: none), with the fill reward
+    reward_learning_rate: float
+    reward_max_t: int
 
 
 FULL = Settings(n_train=8000, n_eval=128, steps=1000, batch_size=32, learning_rate=1e-4, sd_locked=False,
-                logger_freq=250, sample_steps=20, ddim_steps=20, guidance_scale=3.0, log_every=10)
+                logger_freq=250, sample_steps=20, ddim_steps=20, guidance_scale=3.0, log_every=10,
+                reward_steps=0, reward_learning_rate=1e-5, reward_max_t=200)
 FAST = Settings(n_train=16, n_eval=4, steps=3, batch_size=2, learning_rate=1e-4, sd_locked=False,
-                logger_freq=3, sample_steps=2, ddim_steps=2, guidance_scale=3.0, log_every=1)
+                logger_freq=3, sample_steps=2, ddim_steps=2, guidance_scale=3.0, log_every=1,
+                reward_steps=2, reward_learning_rate=1e-5, reward_max_t=999)
 
 
 def idle_cores(before: str, after: str, cpus: Collection[int]) -> tuple[float, int]:
@@ -198,6 +206,20 @@ def app_command(control: Path, guidance_scale: float) -> str:
         "--scale", str(guidance_scale)])
 
 
+def reward_section(reward: dict | None) -> str:
+    """The report's before / after table of the reward phase (empty without one)."""
+    if reward is None:
+        return ""
+    rows = "".join(f"<tr><td>{html.escape(name)}</td><td>{e['before']:.3f}</td><td>{e['after']:.3f}</td>"
+                   f"<td>{e['paired_diff']['mean']:+.3f} ± {e['paired_diff']['ci95']:.3f}</td></tr>"
+                   for name, e in reward["compared"].items())
+    return (f"<h2>Reward fine-tuning</h2><p>After training, {reward['steps']} more steps with the fill reward "
+            f"(ControlNet++'s fine-tuning: the one-step denoised image's soft fill region against the target's disc "
+            f"on the samples with timestep &lt;= {reward['max_t']}, learning rate {reward['learning_rate']:g}). "
+            f"The same held-out samples and seeds before and after:</p><table><tr><th>metric (with control)</th>"
+            f"<th>before</th><th>after</th><th>difference (95% CI)</th></tr>{rows}</table>")
+
+
 def write_report(out: Path, metrics: dict, summary: dict, curve: list[tuple[int, float]], sheet: Path,
                  grids: list[Path]) -> Path:
     g = metrics["goal"]
@@ -228,6 +250,7 @@ with {metrics["threads"]} torch thread(s) in training ({html.escape(metrics["thr
 <p>fill_iou: IoU of the pixels nearer the circle's colour than the background's with the target disc;
 fill_color_acc: that region's mean colour within 50 RGB of the circle's; fill_floor_iou: "fill everything";
 canny_f1: hint edges vs cv2.Canny of the output within 2 px; ssim: hint vs Canny of the output.</p>
+{reward_section(metrics.get("reward"))}
 <h2>Training loss</h2>{svg_curve(curve)}<p>grey: each logged step; blue: running mean of 10.</p>
 <h2>ImageLogger grids (last step)</h2>{grid_html}
 <h2>Commands run</h2><pre>{commands}</pre>
@@ -246,6 +269,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: for each tool, the cores idle over the second before it starts)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: 1000, or 3 with --fast)")
+    p.add_argument("--reward_steps", type=int, default=None,
+                   help=f"steps of the reward phase after training, 0 for none (default {FULL.reward_steps}, or "
+                        f"{FAST.reward_steps} with --fast)")
     return p.parse_args(argv)
 
 
@@ -254,8 +280,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     started = time.monotonic()
     settings = FAST if args.fast else FULL
-    if args.steps is not None:
-        settings = Settings(**{**asdict(settings), "steps": args.steps})
+    given = {k: v for k, v in (("steps", args.steps), ("reward_steps", args.reward_steps)) if v is not None}
+    settings = Settings(**{**asdict(settings), **given})
     out = Path(args.out)
     if (out / "metrics.json").exists() and not args.force:
         raise FileExistsError(f"{out} holds the results of an earlier run; pass --force to replace them, "
@@ -293,14 +319,41 @@ def main(argv: list[str] | None = None) -> dict:
 
     t = time.monotonic()
     sheet, eval_json = out / "samples.png", out / "eval.json"
+    trained_eval = out / "eval_before_reward.json" if settings.reward_steps else eval_json
     # the shipped base plus the exported control file (with sd_locked=False it holds the trained UNet decoder too)
-    eval_argv = ["--config", str(CONFIG), "--ckpt", str(BASE), str(control), "--data_root", str(data / "val"),
-                 "--n", str(settings.n_eval), "--metrics", "fill", "canny", "ssim", "--seed", "0",
-                 "--steps", str(settings.ddim_steps), "--scale", str(settings.guidance_scale), "--device", "cpu",
-                 "--out", str(eval_json), "--sheet", str(sheet), "--force"]
-    run_command("tool_eval_control.py", eval_argv, commands, threads)
-    summary = json.loads(eval_json.read_text())
+    eval_common = ["--config", str(CONFIG), "--data_root", str(data / "val"), "--n", str(settings.n_eval),
+                   "--metrics", "fill", "canny", "ssim", "--seed", "0", "--steps", str(settings.ddim_steps),
+                   "--scale", str(settings.guidance_scale), "--device", "cpu", "--force"]
+    run_command("tool_eval_control.py", ["--ckpt", str(BASE), str(control), *eval_common, "--out", str(trained_eval),
+                                         *([] if settings.reward_steps else ["--sheet", str(sheet)])],
+                commands, threads)
     seconds["eval"] = time.monotonic() - t
+    reward = None
+    if settings.reward_steps:
+        t = time.monotonic()
+        reward_dir = out / "reward"
+        control = reward_dir / "control_model.safetensors"
+        total_steps = settings.steps + settings.reward_steps
+        reward_argv = ["--config", str(CONFIG), "--resume", str(train_dir / "checkpoints" / "last.ckpt"),
+                       "--data_root", str(data / "train"), "--batch_size", str(settings.batch_size),
+                       "--learning_rate", str(settings.reward_learning_rate), "--sd_locked", str(settings.sd_locked),
+                       "--max_steps", str(total_steps), "--reward", "fill", "--reward_max_t",
+                       str(settings.reward_max_t), "--gradient_checkpointing", "False",
+                       "--logger_freq", str(total_steps + 1), "--sample_steps", str(settings.sample_steps),
+                       "--log_every_n_steps", str(settings.log_every), "--checkpoint_every", str(total_steps),
+                       "--output_dir", str(reward_dir), "--export", str(control), "--accelerator", "cpu",
+                       "--devices", "1", "--seed", "0", "--force"]
+        run_command("tutorial_train.py", reward_argv, commands, threads)
+        seconds["reward"] = time.monotonic() - t
+        t = time.monotonic()
+        run_command("tool_eval_control.py", ["--ckpt", str(BASE), str(control), *eval_common, "--out", str(eval_json),
+                                             "--sheet", str(sheet), "--compare_with", str(trained_eval)],
+                    commands, threads)
+        seconds["reward_eval"] = time.monotonic() - t
+        reward = {"steps": settings.reward_steps, "learning_rate": settings.reward_learning_rate,
+                  "max_t": settings.reward_max_t, "before": json.loads(trained_eval.read_text())["metrics"],
+                  "compared": json.loads(eval_json.read_text())["compared_with"]["metrics"]}
+    summary = json.loads(eval_json.read_text())
     seconds["total"] = time.monotonic() - started
 
     grids = last_grids(train_dir / "image_log" / "train")
@@ -308,13 +361,18 @@ def main(argv: list[str] | None = None) -> dict:
                "threads": train_threads, "threads_why": train_threads_why,
                "machine": f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}",
                "seconds": {k: round(v, 1) for k, v in seconds.items()}, "commands": commands,
-               "app_command": app_command(control, settings.guidance_scale), "loss_curve": curve}
+               "app_command": app_command(control, settings.guidance_scale), "loss_curve": curve,
+               **({"reward": reward} if reward else {})}
     report = write_report(out, metrics, summary, curve, sheet, grids)
     write_text(out / "metrics.json", json.dumps(metrics, indent=1))
     g = metrics["goal"]
     print(f"\nHeld-out fill IoU: {g['fill_iou_control']:.3f} with control, {g['fill_iou_no_control']:.3f} without "
           f"({g['ratio']:.1f}x); goal ({g['target']}) {'reached' if g['reached'] else 'NOT reached'}"
           f"{' (a smoke run: its few steps are not meant to train the control)' if args.fast else ''}.")
+    if reward:
+        fill = reward["compared"]["fill_iou"]
+        print(f"Reward phase ({reward['steps']} steps): fill IoU {fill['before']:.3f} -> {fill['after']:.3f}, "
+              f"paired difference {fill['paired_diff']['mean']:+.3f} ± {fill['paired_diff']['ci95']:.3f} (95% CI).")
     shown = f"Image grids: {grids[0].parent}\n" if grids else ""
     print(f"Done in {seconds['total'] / 60:.1f} minutes. Report: {report}\nMetrics: {out / 'metrics.json'}\n{shown}"
           f"See the control in a browser (draw a circle, prompt e.g. \"red circle with blue background\"):\n"

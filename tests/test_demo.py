@@ -36,7 +36,15 @@ def test_demo_fast_writes_report_and_metrics(tmp_path, monkeypatch):
     assert {"fill_iou", "fill_color_acc", "fill_floor_iou", "canny_f1", "ssim"} <= set(saved["eval"]["metrics"])
     assert [c.split()[1] for c in saved["commands"]] == ["tool_make_fill50k.py", "tool_make_fill50k.py",
                                                          "tool_add_control.py", "tutorial_train.py",
+                                                         "tool_eval_control.py", "tutorial_train.py",
                                                          "tool_eval_control.py"]
+    # the reward phase continues the run with the fill reward and is scored on the same samples, paired
+    assert "--reward fill" in saved["commands"][5] and "--resume" in saved["commands"][5]
+    fill = saved["reward"]["compared"]["fill_iou"]
+    assert fill["before"] == saved["reward"]["before"]["fill_iou"]["control"]["mean"]
+    assert fill["after"] == saved["eval"]["metrics"]["fill_iou"]["control"]["mean"]
+    assert "Reward fine-tuning" in (out / "report.html").read_text()
+    assert saved["app_command"].split("--ckpt ")[1].startswith(str(out / "reward" / "control_model.safetensors"))
     assert len(saved["loss_curve"]) == 3
     assert list((out / "train" / "image_log" / "train").glob("samples_cfg_scale_*_gs-000003_*.png"))
     assert "data:image/png;base64," in (out / "report.html").read_text()

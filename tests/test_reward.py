@@ -354,3 +354,40 @@ def test_eval_compare_with_gives_the_paired_difference(tmp_path):
     path.write_text(json.dumps({"n": 4}))
     with pytest.raises(UserError, match="holds no per-sample scores"):
         tool_eval_control.read_earlier(str(path))
+
+
+def saved_bytes(fn) -> int:
+    """Bytes of the tensors autograd keeps for backward while `fn` runs."""
+    total = [0]
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        total[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total[0]
+
+
+def test_checkpointing_keeps_few_activations_and_bf16_autocast_runs(data_root):
+    """With checkpointing the decoder's and detector's activations are not kept for backward (they are recomputed);
+    under bf16 autocast the decoder and detector compute in bf16 and the loss comes out float32, with a gradient."""
+    model = tiny()
+    batch = batch_of(data_root)
+    x, c = model.get_input(batch, model.first_stage_key)
+    x0 = torch.randn_like(x, requires_grad=True)
+    t = torch.zeros(4, dtype=torch.long)
+    kept = {}
+    for checkpointing in (True, False):
+        reward = Reward(HEDReward(random_init=True), weight=1.0, checkpointing=checkpointing)
+        step = reward.step(model.differentiable_decode_first_stage, c["c_concat"][0], images(batch) * 2 - 1)
+        kept[checkpointing] = saved_bytes(lambda: step(x0, t))
+    assert kept[True] < 0.05 * kept[False]
+
+    decoded = []
+    model.first_stage_model.decoder.register_forward_hook(lambda m, i, o: decoded.append(o.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        term, logged = step(x0, t)
+    assert decoded == [torch.bfloat16] and term.dtype == torch.float32 and torch.isfinite(term)
+    term.backward()
+    assert x0.grad is not None and torch.isfinite(x0.grad).all() and x0.grad.abs().sum() > 0
