@@ -72,6 +72,25 @@ def diffusers_unet(model, config):
     return unet
 
 
+def sdxl_pipeline_latents(pipe, model, prompts, seeds, size: int, steps: int, cfg: float, **call):
+    """The final latents of a diffusers SDXL pipeline on `model`'s text conditioning of `prompts` (and of empty
+    negative prompts: prompt embeddings and pooled text), from noise drawn by generators seeded with `seeds`, as
+    sample() draws it; `call` adds the pipeline's own arguments (the control's image, scale, window)."""
+    import torch
+    from diffusers.utils.torch_utils import randn_tensor
+
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    latents = randn_tensor((len(seeds), 4, size // 8, size // 8), generator=generators)
+    pooled = model.conditioner.embedders[1].model.text_projection.shape[1]
+    with torch.no_grad():
+        c = model.text_conditioning(list(prompts), (size, size))
+        uc = model.text_conditioning([""] * len(prompts), (size, size))
+        return pipe(prompt_embeds=c["c_crossattn"][0], pooled_prompt_embeds=c["c_adm"][:, :pooled],
+                    negative_prompt_embeds=uc["c_crossattn"][0], negative_pooled_prompt_embeds=uc["c_adm"][:, :pooled],
+                    height=size, width=size, num_inference_steps=steps, guidance_scale=cfg, generator=generators,
+                    latents=latents, output_type="latent", **call).images
+
+
 def diffusers_vae(model, config):
     """diffusers' AutoencoderKL holding `model`'s VAE, through diffusers' own LDM converter."""
     import diffusers

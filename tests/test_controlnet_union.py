@@ -4,7 +4,6 @@ xinsir's configs), which mode a file is, and sampling equal to diffusers' Stable
 import diffusers
 import pytest
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 from omegaconf import OmegaConf
 
 from cldm.cldm import CONTROLNET
@@ -20,7 +19,7 @@ from cldm.diffusers_names import diffusers_module_names, rename_module
 from cldm.model import create_model
 from cldm.modes import recognise
 from cldm.pipeline import sample
-from conftest import ROOT, diffusers_unet, model_as_trained, randomize_zero_init, reference_keys
+from conftest import ROOT, diffusers_unet, model_as_trained, randomize_zero_init, reference_keys, sdxl_pipeline_latents
 
 MODELS = ROOT / "models"
 FULL, TINY_XL = MODELS / "cldm_xl_union.yaml", MODELS / "cldm_tiny_xl_union.yaml"
@@ -172,16 +171,7 @@ def union_pipeline(model, folder, scheduler) -> diffusers.StableDiffusionXLContr
 
 
 def their_latents(pipe, model, steps: int, cfg: float, **union) -> torch.Tensor:
-    generators = [torch.Generator().manual_seed(s) for s in SEEDS]
-    latents = randn_tensor((2, 4, 8, 8), generator=generators)
-    pooled_width = model.conditioner.embedders[1].model.text_projection.shape[1]
-    with torch.no_grad():
-        c, uc = model.text_conditioning(PROMPTS, (64, 64)), model.text_conditioning([""] * 2, (64, 64))
-        return pipe(prompt_embeds=c["c_crossattn"][0], pooled_prompt_embeds=c["c_adm"][:, :pooled_width],
-                    negative_prompt_embeds=uc["c_crossattn"][0],
-                    negative_pooled_prompt_embeds=uc["c_adm"][:, :pooled_width], height=64, width=64,
-                    num_inference_steps=steps, guidance_scale=cfg, generator=generators, latents=latents,
-                    output_type="latent", **union).images
+    return sdxl_pipeline_latents(pipe, model, PROMPTS, SEEDS, 64, steps, cfg, **union)
 
 
 def test_sampling_matches_stable_diffusion_xl_controlnet_union_pipeline(tiny, tmp_path):

@@ -19,7 +19,15 @@ from cldm.loader import load_control_network
 from cldm.model import create_model, load_state_dict, save_state_dict
 from cldm.modes import recognise
 from cldm.pipeline import sample
-from conftest import ROOT, diffusers_unet, diffusers_vae, model_as_trained, randomize_zero_convs, randomize_zero_init
+from conftest import (
+    ROOT,
+    diffusers_unet,
+    diffusers_vae,
+    model_as_trained,
+    randomize_zero_convs,
+    randomize_zero_init,
+    sdxl_pipeline_latents,
+)
 from ldm.checkpoint import UserError
 
 MODELS = ROOT / "models"
@@ -259,16 +267,8 @@ def test_sampling_matches_stable_diffusion_xl_controlnet_xs_pipeline(tmp_path):
     steps, cfg = 6, 6.0
     ours = sample(model, PROMPTS, units=[model.unit(hint, strength=0.8, end=0.5)], sampler="ddim", steps=steps,
                   cfg_scale=cfg, seed=SEEDS, decode=False).latents
-    generators = [torch.Generator().manual_seed(s) for s in SEEDS]
-    latents = randn_tensor((2, 4, 8, 8), generator=generators)
-    pooled_width = model.conditioner.embedders[1].model.text_projection.shape[1]
-    with torch.no_grad():
-        c, uc = model.text_conditioning(PROMPTS, (64, 64)), model.text_conditioning([""] * 2, (64, 64))
-        theirs = pipe(prompt_embeds=c["c_crossattn"][0], pooled_prompt_embeds=c["c_adm"][:, :pooled_width],
-                      negative_prompt_embeds=uc["c_crossattn"][0],
-                      negative_pooled_prompt_embeds=uc["c_adm"][:, :pooled_width], image=hint, height=64, width=64,
-                      num_inference_steps=steps, guidance_scale=cfg, generator=generators, latents=latents,
-                      controlnet_conditioning_scale=0.8, control_guidance_end=0.5, output_type="latent").images
+    theirs = sdxl_pipeline_latents(pipe, model, PROMPTS, SEEDS, 64, steps, cfg, image=hint,
+                                   controlnet_conditioning_scale=0.8, control_guidance_end=0.5)
     error = (ours - theirs).abs().max() / theirs.abs().max()
     assert error < 1e-5, f"relative difference {error:.2e}"
 

@@ -24,7 +24,15 @@ from cldm.t2i_adapter import (
     original_to_diffusers,
     save_adapter_folder,
 )
-from conftest import ROOT, diffusers_unet, model_as_trained, randomize_zero_convs, randomize_zero_init, reference_keys
+from conftest import (
+    ROOT,
+    diffusers_unet,
+    model_as_trained,
+    randomize_zero_convs,
+    randomize_zero_init,
+    reference_keys,
+    sdxl_pipeline_latents,
+)
 from ldm.modules.diffusionmodules.openaimodel import MIDDLE, BlockSite
 
 MODELS = ROOT / "models"
@@ -272,17 +280,8 @@ def test_sampling_matches_stable_diffusion_xl_adapter_pipeline_with_factor(tmp_p
     steps, cfg = 6, 6.0
     ours = sample(model, PROMPTS, units=[model.unit(hint, strength=0.8, end=0.5)], sampler="ddim", steps=steps,
                   cfg_scale=cfg, seed=SEEDS, decode=False).latents
-    generators = [torch.Generator().manual_seed(s) for s in SEEDS]
-    latents = randn_tensor((2, 4, 8, 8), generator=generators)
-    pooled_width = model.conditioner.embedders[1].model.text_projection.shape[1]
-    with torch.no_grad():
-        c, uc = model.text_conditioning(PROMPTS, (64, 64)), model.text_conditioning([""] * 2, (64, 64))
-        theirs = pipe(prompt_embeds=c["c_crossattn"][0], pooled_prompt_embeds=c["c_adm"][:, :pooled_width],
-                      negative_prompt_embeds=uc["c_crossattn"][0],
-                      negative_pooled_prompt_embeds=uc["c_adm"][:, :pooled_width], image=hint, height=64, width=64,
-                      num_inference_steps=steps, guidance_scale=cfg, generator=generators, latents=latents,
-                      adapter_conditioning_scale=0.8, adapter_conditioning_factor=0.5,
-                      output_type="latent").images
+    theirs = sdxl_pipeline_latents(pipe, model, PROMPTS, SEEDS, 64, steps, cfg, image=hint,
+                                   adapter_conditioning_scale=0.8, adapter_conditioning_factor=0.5)
     error = (ours - theirs).abs().max() / theirs.abs().max()
     assert error < 1e-5, f"relative difference {error:.2e}"
     whole = sample(model, PROMPTS, units=[model.unit(hint, strength=0.8)], sampler="ddim", steps=steps,
