@@ -165,3 +165,28 @@ def test_block_controls_compose_and_train_through_apply_model():
     eps.square().mean().backward()
     assert shift.value.grad is not None and shift.value.grad.abs() > 0
     assert all(p.grad is None for p in unet.parameters())
+
+
+def test_embedding_shows_hooks_what_every_block_gets():
+    """After time_embedding, a hook is shown the embedding the blocks get: on SDXL with the vector y's added."""
+    class Shown(BlockHook):
+        def __init__(self):
+            self.seen = []
+
+        def time_embedding(self, emb):
+            return emb * 2
+
+        def embedding(self, emb):
+            self.seen.append(emb)
+
+    model = model_as_trained(ROOT / "models" / "cldm_tiny_xl.yaml")
+    unet = model.model.diffusion_model
+    g = torch.Generator().manual_seed(6)
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([30, 600])
+    with torch.no_grad():
+        cond = model.text_conditioning(["a red circle", "a blue square"], (64, 64))
+        hook = Shown()
+        unet(x, t, context=cond["c_crossattn"][0], y=cond["c_adm"], hooks=(hook,))
+        expected = 2 * unet.time_embed(timestep_embedding(t, unet.model_channels)) + unet.label_emb(cond["c_adm"])
+    assert len(hook.seen) == 1
+    torch.testing.assert_close(hook.seen[0], expected, rtol=0, atol=0)
