@@ -39,7 +39,8 @@ def test_validation_curve_and_the_first_step_above_the_threshold(tmp_path):
 
 def test_each_row_trains_with_its_settings_on_its_config(tmp_path):
     only_mid = comparison.BY_NAME["only_mid_control"]
-    plan = comparison.Plan(str(DEMO), None, **comparison.FAST, guidance_scale=3.0, threshold=0.5, precision="32",
+    sizes = {k: v for k, v in comparison.FAST.items() if k != "reward_steps"}
+    plan = comparison.Plan(str(DEMO), None, **sizes, guidance_scale=3.0, threshold=0.5, precision="32",
                            device="cpu")
     argv = train_argv(only_mid.config(DEMO), "none", only_mid.settings, plan, tmp_path, tmp_path, tmp_path)
     assert argv[argv.index("--only_mid_control") + 1] == "True" and argv[argv.index("--sd_locked") + 1] == "True"
@@ -66,7 +67,7 @@ def test_the_comparison_runs_end_to_end(tmp_path, caplog):
     out, work = tmp_path / "out", tmp_path / "work"
     argv = ["--fast", "--base_config", str(family / "cldm_demo.yaml"), "--base",
             str(ROOT / "models" / "demo_base" / "demo_base.safetensors"), "--modes", "full", "t2i", "lora",
-            "--work_dir", str(work), "--out", str(out), "--device", "cpu"]
+            "--work_dir", str(work), "--out", str(out), "--device", "cpu", "--reward_max_t", "999"]
     summary = comparison.main(argv)
 
     assert sorted(p.name for p in out.iterdir()) == ["comparison.md", "fidelity.png", "results.json"]
@@ -100,10 +101,25 @@ def test_the_comparison_runs_end_to_end(tmp_path, caplog):
                                    "model.diffusion_model.out.")))
     assert full["trainable"] == trained
 
+    # the reward phase: each run continued one step with the fill reward (every timestep rewarded) and one without
+    assert "| after 1 steps with the fill reward (95% CI) | gain over the trained model |" in table
+    for mode, phase in zip(summary["modes"], summary["reward_phases"]):
+        assert phase["name"] == mode["name"]
+        rewarded, plain = phase["rewarded"], phase["plain"]
+        assert plain["weight"] == 0 and rewarded["weight"] is None
+        assert rewarded["gain"]["mean"] == pytest.approx(sum(rewarded["scores"]) / 2 - sum(mode["scores"]) / 2)
+        phase_dir = work / "runs" / mode["name"] / "reward"
+        with_reward, without = (load_file(phase_dir / kind / "control_model.safetensors") for kind in ("fill", "plain"))
+        assert any(not torch.equal(with_reward[k], without[k]) for k in without)  # the reward term acted
+    assert summary["modes"][1]["name"] == "t2i" and summary["reward_phases"][1]["rewarded"]["learning_rate"] == \
+        pytest.approx(1e-4)  # 0.1 times the T2I-Adapter config's 1e-3
+
     with pytest.raises(UserError, match="already exists"):
         comparison.main(argv)
     caplog.clear()
     with caplog.at_level("INFO"):
         again = comparison.main([*argv, "--force"])  # the same plan: the finished runs are reused, not retrained
-    assert caplog.text.count("reusing the finished run") == 2
+    assert caplog.text.count("reusing the finished run") == 2 and caplog.text.count("reusing the finished reward") == 2
     assert again["modes"] == json.loads(json.dumps(summary["modes"]))
+    without_reward = comparison.main([*argv, "--force", "--reward_steps", "0"])
+    assert without_reward["reward_phases"] == [] and "Reward phase" not in (out / "comparison.md").read_text()

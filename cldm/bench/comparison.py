@@ -33,6 +33,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import default_collate
 
@@ -45,14 +46,16 @@ from cldm.control_weights import Fit, add_control, initial_state
 from cldm.controlnet_union import CONTROLNET_UNION
 from cldm.controlnet_xs import CONTROLNET_XS
 from cldm.data.circles import make_fill50k
-from cldm.fidelity import Scorers, evaluate, load_samples, summarize
+from cldm.fidelity import Scorers, ci95, evaluate, load_samples, summarize
 from cldm.lllite import LLLITE
 from cldm.loader import load_model
 from cldm.lora import CONTROL_LORA
 from cldm.model import CONTROL_PREFIX, create_model, load_state_dict, save_state_dict
 from cldm.modes import config_mode
+from cldm.reward import REWARDS
 from cldm.t2i_adapter import T2I_ADAPTER
-from cldm.training import latest_metrics_csv
+from cldm.train_command import reward_phase
+from cldm.training import config_settings, latest_metrics_csv
 from ldm.checkpoint import EMA_PREFIX, UserError, atomic_output, require_finite, write_text
 
 log = logging.getLogger(__name__)
@@ -232,16 +235,41 @@ def first_above(curve: Sequence[tuple[int, float, float]], threshold: float) -> 
     return next((step for step, value, _ in curve if value > threshold), None)
 
 
+def trained_weights(run_dir: Path, plan: Plan) -> list[str]:
+    """What a run's model loads from: the base and the run's control export (with sd_locked=False it holds the UNet
+    decoder too), as tool_eval_control.py is given them; without a base file, the run's last checkpoint."""
+    if plan.base is None:
+        return [str(run_dir / "checkpoints" / "last.ckpt")]
+    return [plan.base, str(run_dir / "control_model.safetensors")]
+
+
 def final_fidelity(config: Path, weights: list[str], settings: Mapping[str, Any], plan: Plan,
                    val: Path) -> tuple[dict[str, Any], list[float]]:
     """tool_eval_control.py's evaluation of the trained model: the held-out fill IoU with and without control over
     `eval_samples` samples, sample i from seed i in both (summarize's fill_iou entry), and the per-sample values
     with control."""
+    log.info("evaluating %s on %d held-out samples", " + ".join(weights), plan.eval_samples)
     model = load_model(config, weights, params=dict(settings))[0].to(plan.device).eval()
     prompts, hints, targets = load_samples(val, plan.eval_samples)
     scores, _ = evaluate(model, prompts, hints, targets, Scorers(["fill"]), seed=0, steps=plan.sample_steps,
                          guidance_scale=plan.guidance_scale, batch_size=max(plan.batch_size, 16))
     return summarize(scores)[METRIC], scores["control"][METRIC].tolist()
+
+
+def kept_result(path: Path, plan: Mapping[str, Any], force: bool) -> dict[str, Any] | None:
+    """The result a finished run left at `path` under the same `plan`; None when the run is to be made (again): there
+    is none, or `force` and one of another plan or an unfinished run is in its folder (refused without `force`)."""
+    if path.is_file():
+        kept = json.loads(path.read_text())
+        if kept["plan"] == plan:
+            return kept
+        if not force:
+            raise UserError(f"{path.parent} holds a finished run of another plan",
+                            "pass --force to run it again there, or choose another --work_dir")
+    elif path.parent.exists() and not force:
+        raise UserError(f"{path.parent} holds an unfinished run (no {path.name})",
+                        "pass --force to run it again there, or choose another --work_dir")
+    return None
 
 
 def run_mode(mode: ComparedMode, plan: Plan, work: Path, train: Path, val: Path, force: bool) -> ModeResult:
@@ -250,17 +278,9 @@ def run_mode(mode: ComparedMode, plan: Plan, work: Path, train: Path, val: Path,
     config = mode.config(Path(plan.base_config))
     run_dir = work / "runs" / mode.name
     kept = run_dir / "result.json"
-    if kept.is_file():
-        result = ModeResult(**json.loads(kept.read_text()))
-        if result.plan == asdict(plan):
-            log.info("%s: reusing the finished run in %s", mode.name, run_dir)
-            return result
-        if not force:
-            raise UserError(f"{run_dir} holds a finished run of another plan",
-                            "pass --force to train this mode again there, or choose another --work_dir")
-    elif run_dir.exists() and not force:
-        raise UserError(f"{run_dir} holds an unfinished run (no result.json)",
-                        "pass --force to train this mode again there, or choose another --work_dir")
+    if (earlier := kept_result(kept, asdict(plan), force)) is not None:
+        log.info("%s: reusing the finished run in %s", mode.name, run_dir)
+        return ModeResult(**earlier)
     device, begun = torch.device(plan.device), time.perf_counter()
     argv = train_argv(config, initial_weights(config, plan.base, work), mode.settings, plan, train, val, run_dir)
     log.info("%s: measuring a training step (%s)", mode.name, config)
@@ -272,15 +292,95 @@ def run_mode(mode: ComparedMode, plan: Plan, work: Path, train: Path, val: Path,
     train_seconds, load_end = time.perf_counter() - started, os.getloadavg()[0]
     release(device)
     curve, validation_seconds = validation_curve(latest_metrics_csv(run_dir))
-    export = run_dir / "control_model.safetensors"
-    weights = [plan.base, str(export)] if plan.base else [str(run_dir / "checkpoints" / "last.ckpt")]
-    log.info("%s: evaluating %s on %d held-out samples", mode.name, " + ".join(weights), plan.eval_samples)
-    final, scores = final_fidelity(config, weights, mode.settings, plan, val)
+    final, scores = final_fidelity(config, trained_weights(run_dir, plan), mode.settings, plan, val)
     release(device)
     result = ModeResult(mode.name, str(config), **costs, train_seconds=train_seconds,
                         validation_seconds=validation_seconds, curve=curve,
                         first_above=first_above(curve, plan.threshold), final=final, scores=scores,
                         load=(load_start, load_end), seconds=time.perf_counter() - begun, plan=asdict(plan))
+    write_text(kept, json.dumps(asdict(result), indent=1))
+    return result
+
+
+# ---- the reward phase (ControlNet++'s fine-tuning, cldm/reward.py) ----
+
+@dataclass(frozen=True)
+class RewardPlan:
+    """A reward phase after each mode's training: `steps` more steps with the `reward` term (cldm.reward), at
+    `lr_scale` times the mode's learning rate; `max_t`, `weight`: the reward's (None: its defaults)."""
+
+    reward: str
+    steps: int
+    lr_scale: float
+    max_t: int | None = None
+    weight: float | None = None
+
+
+@dataclass
+class Continuation:
+    """A finished run continued: with the reward (weight None: the reward's own) or without it (weight 0)."""
+
+    weight: float | None
+    learning_rate: float
+    train_seconds: float
+    final: dict[str, Any]  # the evaluation's fill_iou entry
+    scores: list[float]  # fill IoU per held-out sample, with control
+    gain: dict[str, float]  # paired against the trained model's scores: mean and 95% half-width
+
+
+@dataclass
+class RewardResult:
+    """A mode's reward phase, and the same steps without the reward: what more training alone gives."""
+
+    name: str
+    rewarded: Continuation
+    plain: Continuation
+    seconds: float
+    plan: dict[str, Any]
+
+
+def paired(after: Sequence[float], before: Sequence[float]) -> dict[str, float]:
+    diff = np.asarray(after) - np.asarray(before)
+    return {"mean": float(diff.mean()), "ci95": ci95(diff)}
+
+
+def continue_run(mode: ComparedMode, trained: ModeResult, plan: Plan, reward: RewardPlan, weight: float | None,
+                 train: Path, val: Path, run_dir: Path, out_dir: Path) -> Continuation:
+    """The mode's finished run in `run_dir` continued into `out_dir` for the reward plan's steps
+    (cldm.train_command.reward_phase: the checkpoint's settings, `weight` 0 turning the reward term off), then
+    evaluated as the run was."""
+    config = Path(trained.config)
+    learning_rate = reward.lr_scale * {**config_settings(config), **mode.settings}["learning_rate"]
+    extra = ["--precision", plan.precision, "--accelerator", "gpu" if plan.device == "cuda" else "cpu",
+             "--devices", "1", "--seed", str(plan.seed), "--logger_freq", str(10 * reward.steps + 1),
+             "--log_every_n_steps", str(min(10, reward.steps)), "--checkpoint_every", str(reward.steps), "--force"]
+    started = time.perf_counter()
+    reward_phase(run_dir / "checkpoints" / "last.ckpt", config, train, out_dir, reward.reward,
+                 reward.steps, plan.batch_size, weight=weight, max_t=reward.max_t, learning_rate=learning_rate,
+                 extra_args=extra)
+    train_seconds = time.perf_counter() - started
+    release(torch.device(plan.device))
+    final, scores = final_fidelity(config, trained_weights(out_dir, plan), mode.settings, plan, val)
+    release(torch.device(plan.device))
+    return Continuation(weight, learning_rate, train_seconds, final, scores, paired(scores, trained.scores))
+
+
+def run_reward(mode: ComparedMode, trained: ModeResult, plan: Plan, reward: RewardPlan, work: Path, train: Path,
+               val: Path, force: bool) -> RewardResult:
+    """A mode's reward phase and its plain counterpart; kept in the run folder and reused under the same plans."""
+    run_dir = work / "runs" / mode.name
+    phase_dir = run_dir / "reward"
+    kept = phase_dir / "result.json"
+    plans = {**asdict(plan), "reward": asdict(reward)}
+    if (earlier := kept_result(kept, plans, force)) is not None:
+        log.info("%s: reusing the finished reward phase in %s", mode.name, phase_dir)
+        return RewardResult(earlier["name"], Continuation(**earlier["rewarded"]), Continuation(**earlier["plain"]),
+                            earlier["seconds"], earlier["plan"])
+    begun = time.perf_counter()
+    log.info("%s: %d steps with the %s reward, and the same without it", mode.name, reward.steps, reward.reward)
+    rewarded = continue_run(mode, trained, plan, reward, reward.weight, train, val, run_dir, phase_dir / reward.reward)
+    plain = continue_run(mode, trained, plan, reward, 0.0, train, val, run_dir, phase_dir / "plain")
+    result = RewardResult(mode.name, rewarded, plain, time.perf_counter() - begun, plans)
     write_text(kept, json.dumps(asdict(result), indent=1))
     return result
 
@@ -319,24 +419,36 @@ def interval(entry: Mapping[str, float]) -> str:
     return f"{entry['mean']:.3f} ± {entry['ci95']:.3f}"
 
 
-def table(results: Sequence[ModeResult], left_out: Mapping[str, str], plan: Plan) -> str:
-    """The comparison as a Markdown table: a row per mode, then the modes left out and why."""
+def signed(entry: Mapping[str, float]) -> str:
+    return f"{entry['mean']:+.3f} ± {entry['ci95']:.3f}"
+
+
+def table(results: Sequence[ModeResult], left_out: Mapping[str, str], plan: Plan,
+          rewards: Sequence[RewardResult] = (), reward: RewardPlan | None = None) -> str:
+    """The comparison as a Markdown table: a row per mode (with the reward phase's columns when there was one), then
+    the modes left out and why."""
     samples = plan.steps * plan.batch_size
     columns = ["mode", "config", "trainable params", "control file fp16", "peak training memory",
                "s/step (CPU s/step)", f"first step with fill IoU > {plan.threshold:g} (samples)",
                "final fill IoU (95% CI)", "without control", "gain, paired (95% CI)", "train time (of it validation)",
                "load avg start / end"]
+    if reward is not None:
+        columns += [f"after {reward.steps} steps with the {reward.reward} reward (95% CI)",
+                    "gain over the trained model", f"gain over {reward.steps} steps without the reward"]
     lines = [f"| {' | '.join(columns)} |", "|---" * len(columns) + "|"]
+    by_mode = {r.name: r for r in rewards}
     for r in results:
         reached = (f"{r.first_above} ({r.first_above * plan.batch_size:,})" if r.first_above is not None
                    else f"not within {plan.steps}")
-        gain = r.final["paired_diff"]
         cells = [BY_NAME[r.name].label, Path(r.config).name, f"{r.trainable:,}", megabytes(r.file_bytes_fp16),
                  megabytes(r.peak_bytes), f"{r.seconds_per_step:.3f} ({r.cpu_seconds_per_step:.3f})", reached,
-                 interval(r.final["control"]), interval(r.final["no_control"]),
-                 f"{gain['mean']:+.3f} ± {gain['ci95']:.3f}",
+                 interval(r.final["control"]), interval(r.final["no_control"]), signed(r.final["paired_diff"]),
                  f"{r.train_seconds / 60:.1f} min ({r.validation_seconds / 60:.1f})",
                  f"{r.load[0]:.1f} / {r.load[1]:.1f}"]
+        if reward is not None:
+            phase = by_mode[r.name]
+            cells += [interval(phase.rewarded.final["control"]), signed(phase.rewarded.gain),
+                      signed(paired(phase.rewarded.scores, phase.plain.scores))]
         lines.append(f"| {' | '.join(cells)} |")
     for name, why in left_out.items():
         lines.append(f"| {BY_NAME[name].label} | left out: {why} |" + " |" * (len(columns) - 2))
@@ -346,6 +458,14 @@ def table(results: Sequence[ModeResult], left_out: Mapping[str, str], plan: Plan
                  f"steps on {plan.val_samples} held-out samples, the final figures on {plan.eval_samples} "
                  f"({plan.sample_steps} DDIM steps, guidance {plan.guidance_scale:g}, sample i from seed i with and "
                  f"without control).")
+    if reward is not None:
+        lines.append(f"Reward phase: each trained run continued for {reward.steps} steps (batch {plan.batch_size}) "
+                     f"with the {reward.reward} reward (cldm/reward.py; weight "
+                     f"{'its default' if reward.weight is None else f'{reward.weight:g}'}, timesteps <= "
+                     f"{'the paper' + chr(39) + 's 200' if reward.max_t is None else reward.max_t}) at "
+                     f"{reward.lr_scale:g} times the mode's learning rate, and again without the reward (weight 0): "
+                     f"the last column is the reward's own effect. Gains are paired over the same held-out samples "
+                     f"and seeds.")
     return "\n".join(lines) + "\n"
 
 
@@ -374,16 +494,16 @@ def plot(results: Sequence[ModeResult], plan: Plan, path: str) -> None:
     plt.close(fig)
 
 
-def header(plan: Plan, command: str, results: Sequence[ModeResult]) -> str:
-    minutes = sum(r.seconds for r in results) / 60
+def header(plan: Plan, command: str, results: Sequence[ModeResult], rewards: Sequence[RewardResult]) -> str:
+    minutes = sum(r.seconds for r in [*results, *rewards]) / 60
     return (f"# Control modes compared: {Path(plan.base_config).stem}\n\n    {command}\n\n"
             f"{machine()}, {date.today().isoformat()}; the modes' runs took {minutes:.1f} minutes in all.\n\n")
 
 
-def compare(plan: Plan, names: Sequence[str], work: Path, out: Path, force: bool = False,
-            command: str = "") -> dict[str, Any]:
-    """Run the comparison and write `out` (a folder: comparison.md, fidelity.png, results.json); returns what
-    results.json holds."""
+def compare(plan: Plan, names: Sequence[str], work: Path, out: Path, force: bool = False, command: str = "",
+            reward: RewardPlan | None = None) -> dict[str, Any]:
+    """Run the comparison (with a reward phase after each mode's training when `reward` is given) and write `out` (a
+    folder: comparison.md, fidelity.png, results.json); returns what results.json holds."""
     if out.exists() and not force:
         raise UserError(f"{out} already exists", "pass --force to replace it, or choose another --out")
     if plan.base is not None and not Path(plan.base).is_file():
@@ -396,10 +516,13 @@ def compare(plan: Plan, names: Sequence[str], work: Path, out: Path, force: bool
     train = circles(work, "train", plan.n_train, plan.resolution, 0)
     val = circles(work, "val", plan.n_val, plan.resolution, 1)
     results = [run_mode(mode, plan, work, train, val, force) for mode in modes]
+    rewards = [] if reward is None else [run_reward(mode, result, plan, reward, work, train, val, force)
+                                         for mode, result in zip(modes, results)]
     summary = {"plan": asdict(plan), "command": command, "machine": machine(), "date": date.today().isoformat(),
                "command_seconds": time.perf_counter() - started, "left_out": left_out,
-               "modes": [asdict(r) for r in results]}
-    text = header(plan, command, results) + table(results, left_out, plan)
+               "modes": [asdict(r) for r in results], "reward": None if reward is None else asdict(reward),
+               "reward_phases": [asdict(r) for r in rewards]}
+    text = header(plan, command, results, rewards) + table(results, left_out, plan, rewards, reward)
     with atomic_output(out, force=force, folder=True) as tmp:
         write_text(Path(tmp) / "comparison.md", text)
         write_text(Path(tmp) / "results.json", json.dumps(summary, indent=1))
@@ -411,9 +534,9 @@ def compare(plan: Plan, names: Sequence[str], work: Path, out: Path, force: bool
 # ---- the command line (benchmarks/compare_modes.py) ----
 
 DEMO = dict(resolution=64, n_train=8000, n_val=128, steps=1000, batch_size=32, val_every=50, val_samples=32,
-            eval_samples=128, sample_steps=20, cost_steps=10)
+            eval_samples=128, sample_steps=20, cost_steps=10, reward_steps=200)
 FAST = dict(resolution=64, n_train=16, n_val=4, steps=2, batch_size=2, val_every=1, val_samples=2, eval_samples=2,
-            sample_steps=2, cost_steps=1)
+            sample_steps=2, cost_steps=1, reward_steps=1)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -433,6 +556,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance_scale", type=float, default=3.0, help="of validation and evaluation (default 3)")
     p.add_argument("--threshold", type=float, default=0.5,
                    help="the held-out fill IoU whose first crossing is the 'sudden convergence' (default 0.5)")
+    reward = p.add_argument_group("the reward phase after training (ControlNet++'s fine-tuning, cldm/reward.py; "
+                                  "--reward_steps 0: none)")
+    reward.add_argument("--reward", choices=REWARDS, default="fill",
+                        help="the reward (default fill: the circles' own; the others need their data and detectors)")
+    reward.add_argument("--reward_lr_scale", type=float, default=0.1,
+                        help="the phase's learning rate, times each mode's (default 0.1: the demo's ControlNet "
+                             "1e-4 -> 1e-5, which the reward's measurements chose)")
+    reward.add_argument("--reward_max_t", type=int, default=None,
+                        help="reward the samples with timestep <= this (default: the paper's 200)")
+    reward.add_argument("--reward_weight", type=float, default=None, help="(default: the reward's own)")
     p.add_argument("--precision", choices=list(PRECISIONS), default="32", help="tutorial_train's (default 32)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -450,9 +583,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     sizes = {name: getattr(args, name) if getattr(args, name) is not None else (FAST if args.fast else DEMO)[name]
              for name in DEMO}
+    reward_steps = sizes.pop("reward_steps")
+    reward = RewardPlan(args.reward, reward_steps, args.reward_lr_scale, args.reward_max_t,
+                        args.reward_weight) if reward_steps > 0 else None
     base = None if args.base.lower() == "none" else args.base
     plan = Plan(args.base_config, base, **sizes, guidance_scale=args.guidance_scale, threshold=args.threshold,
                 precision=args.precision, device=args.device)
     out = Path(args.out or Path("docs") / "modes" / Path(args.base_config).stem)
     command = shlex.join(["python", "benchmarks/compare_modes.py", *(argv if argv is not None else sys.argv[1:])])
-    return compare(plan, args.modes, Path(args.work_dir), out, args.force, command)
+    return compare(plan, args.modes, Path(args.work_dir), out, args.force, command, reward)
