@@ -189,3 +189,43 @@ def test_turning_the_ema_on_or_off_on_resume(data_root, tmp_path, caplog):
         train(data_root, out, "--resume", last, "--max_steps", "4", "--use_ema", "False", *common)
     assert any(m.startswith("use_ema is off: the averages of ") for m in caplog.messages)
     assert not any(EMA_KEY in s for s in torch.load(last, weights_only=True)["optimizer_states"][0]["state"].values())
+
+
+def test_a_skipped_nonfinite_step_leaves_the_average_as_it_leaves_the_weights(data_root, tmp_path, monkeypatch):
+    """--max_nan_steps: Lightning still calls the optimizer's step for a skipped step (no tensor has a gradient), so
+    its hooks run; the average must neither move towards the unchanged weights nor count an update."""
+    weights: list[dict[str, torch.Tensor]] = []  # the trained tensors before step 0, then after each step
+    shared_step = ControlLDM.shared_step
+
+    def nan_at_step_2(self, batch, **kwargs):
+        loss, terms = shared_step(self, batch, **kwargs)
+        return (loss * float("nan") if self.global_step == 2 else loss), terms
+
+    def record(self, *args):
+        weights.append({n: p.detach().clone() for n, p in self.named_parameters() if p.requires_grad})
+
+    def record_first(self, *args):
+        if not weights:
+            record(self)
+    monkeypatch.setattr(ControlLDM, "shared_step", nan_at_step_2)
+    monkeypatch.setattr(ControlLDM, "on_train_batch_start", record_first, raising=False)
+    monkeypatch.setattr(ControlLDM, "on_train_batch_end", record, raising=False)
+    trainer = train(data_root, tmp_path / "run", "--max_steps", "4", "--max_nan_steps", "1", *EMA)
+    assert trainer.global_step == 4 and trainer.lightning_module.nonfinite_steps == 1 and len(weights) == 5
+    average = averages(trainer)
+    assert average and all(torch.equal(weights[2][n], weights[3][n]) for n in average)  # step 2 moved nothing
+    updates = {}
+    for name, value in average.items():  # LitEma's formula over the applied steps 0, 1 and 3, from the first to move
+        start, expected, n = weights[0][name], None, 0
+        for after in (weights[1][name], weights[2][name], weights[4][name]):
+            if expected is None and torch.equal(after, start):
+                continue  # not updated yet (a zero gradient, behind the zero output layer)
+            expected, n = start.double() if expected is None else expected, n + 1
+            decay = min(0.9, (1 + n) / (10 + n))
+            expected = decay * expected + (1 - decay) * after.double()
+        updates[name] = n
+        torch.testing.assert_close(value.double(), expected, rtol=1e-5, atol=1e-7)
+    names = {p: n for n, p in trainer.lightning_module.named_parameters()}
+    states = trainer.optimizers[0].state
+    assert 3 in updates.values() and all(states[p]["ema_updates"] == updates[names[p]]
+                                         for p, _ in OptimizerEma.averaged(trainer.optimizers[0]))

@@ -46,6 +46,9 @@ class OptimizerEma:
     @torch.no_grad()
     def update(self, optimizer: torch.optim.Optimizer) -> None:
         before, self.before = self.before, {}
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if all(p.grad is None for p in params):  # a skipped step (a non-finite loss): Lightning still steps
+            return
         for group in optimizer.param_groups:
             for p in group["params"]:
                 if EMA_KEY not in optimizer.state.get(p, {}):
