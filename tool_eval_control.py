@@ -87,8 +87,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--config", default="./models/cldm_demo.yaml")
     p.add_argument("--ckpt", nargs="+", required=True,
                    help="weights, loaded in order: a whole checkpoint, or a base then a control export of the config's "
-                        "mode (ControlNet, control-LoRA, LLLite, T2I-Adapter, ControlNet-XS or ControlNet-Union, in any of "
-                        "its layouts)")
+                        "mode (ControlNet, control-LoRA, LLLite, T2I-Adapter, ControlNet-XS or ControlNet-Union, in "
+                        "any of its layouts)")
     p.add_argument("--control_type", default=None,
                    help="ControlNet-Union configs: what the held-out hints show (openpose, depth, canny, ...; default "
                         "the config's control_type)")
