@@ -41,6 +41,7 @@ import torch
 from PIL import Image
 from scipy.stats import bootstrap
 
+from annotator.uniformer.palette import ADE20K_PALETTE, NO_CLASS, classes_of
 from cldm.data.batch import HINT
 from cldm.fidelity import generate
 from ldm.batch import CAPTION, IMAGE
@@ -48,7 +49,6 @@ from ldm.batch import CAPTION, IMAGE
 log = logging.getLogger(__name__)
 
 HINT_SOURCES = ("image", "data")
-IGNORE = 255  # mmseg's ignore index: pixels of no class in the label
 
 
 @dataclass(frozen=True)
@@ -345,17 +345,12 @@ class Segmentation(Task):
     def __init__(self, device: str | torch.device = "cpu", hint_source: str | None = None,
                  segmenter: object | None = None) -> None:
         super().__init__(device, hint_source)
-        from annotator.uniformer import ADE20K_PALETTE, UniformerDetector
+        from annotator.uniformer import UniformerDetector
         self.segmenter = segmenter or UniformerDetector(self.device)
-        # black first: the paper's palette file, whose index 0 is ADE20K's "other" (ignored)
-        self.palette = np.concatenate([[[0, 0, 0]], np.asarray(ADE20K_PALETTE)]).astype(np.float32)
         self.classes = len(ADE20K_PALETTE)
 
     def label_from_hint(self, hint: np.ndarray) -> np.ndarray:
-        pixels = hint.reshape(-1, 1, 3).astype(np.float32)
-        nearest = np.concatenate([((chunk - self.palette[None]) ** 2).sum(-1).argmin(1)
-                                  for chunk in np.array_split(pixels, max(1, len(pixels) // 65536))])
-        return np.where(nearest == 0, IGNORE, nearest - 1).reshape(hint.shape[:2])
+        return classes_of(hint)
 
     def statistics(self, label: np.ndarray, outputs: np.ndarray) -> np.ndarray:
         totals = np.zeros((2, self.classes), np.int64)
@@ -371,7 +366,7 @@ class Segmentation(Task):
 def intersect_and_union(predicted: np.ndarray, label: np.ndarray, classes: int) -> np.ndarray:
     """2 x classes: pixels per class where prediction and label agree, and in either (mmseg's intersect_and_union),
     over the pixels whose label is a class."""
-    keep = label != IGNORE
+    keep = label != NO_CLASS
     predicted, label = predicted[keep], label[keep]
     intersect = np.bincount(predicted[predicted == label], minlength=classes)[:classes]
     area_predicted = np.bincount(predicted, minlength=classes)[:classes]

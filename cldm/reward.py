@@ -20,7 +20,8 @@ Per condition (weights in annotator/ckpts/ or $CONTROLNET_ANNOTATOR_CKPTS; weigh
   depth    MiDaS DPT-Hybrid (dpt_hybrid-midas-501f0c75.pt) at 384 x 384, each map divided by its maximum. Label:
            the hint's mean over channels, divided by its maximum. MSE, weight 1.
   seg      UperNet-UniFormer (upernet_global_small.pth): ADE20K logits at stride 4. Label: the hint's classes (each
-           pixel's nearest palette colour), resized to the logits nearest-neighbour. Cross-entropy, weight 0.5.
+           pixel's nearest palette colour, black ignored), resized to the logits nearest-neighbour. Cross-entropy
+           over the labelled pixels, weight 0.5.
   fill     ours, for Fill50K's circles: the soft fill region, the sigmoid of where each pixel lies between the
            circle's colour and the background's (read off the training image). Label: the training image's disc
            (the fill IoU metric's region). 1 - soft IoU, weight 1.
@@ -190,32 +191,35 @@ class DepthReward(RewardModel):
 
 class SegReward(RewardModel):
     """UperNet-UniFormer ADE20K logits (stride 4) of the ImageNet-normalised image, against the hint's classes
-    (each pixel's nearest palette colour, the hint resized to the logits nearest-neighbour): cross-entropy."""
+    (each pixel's nearest palette colour, the hint resized to the logits nearest-neighbour): cross-entropy, averaged
+    over the pixels of a class; black pixels (ADE20K's "other") are ignored, as ControlNet++ ignores class 0."""
 
     name, weight = "seg", 0.5
 
     def __init__(self, device: str | torch.device = "cpu", random_init: bool = False) -> None:
-        from annotator.uniformer import ADE20K_PALETTE, MEAN, STD, UniformerDetector
+        from annotator.uniformer import MEAN, STD, UniformerDetector
         super().__init__([UniformerDetector(device, random_init=random_init).model])
-        self.palette = torch.tensor(np.asarray(ADE20K_PALETTE), dtype=torch.float32)
         self.mean, self.std = (torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1) / 255.0 for v in (MEAN, STD))
 
     def logits(self, image: torch.Tensor) -> torch.Tensor:
         return widened(self.networks[0]((image - self.mean.to(image)) / self.std.to(image)))
 
     def labels(self, hint: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
+        from annotator.uniformer import classes_of
         # the logits' size follows from the input's: stride 4
         size = (math.ceil(hint.shape[-2] / 4), math.ceil(hint.shape[-1] / 4))
         colours = F.interpolate(widened(hint), size=size, mode="nearest") * 255.0
-        distances = ((colours.permute(0, 2, 3, 1)[..., None, :] - self.palette.to(colours)) ** 2).sum(-1)
-        return distances.argmin(-1)
+        return torch.from_numpy(classes_of(colours.permute(0, 2, 3, 1).cpu().numpy())).to(hint.device)
 
     def losses(self, image: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        from annotator.uniformer import NO_CLASS
         logits = self.logits(image)
         if logits.shape[-2:] != labels.shape[-2:]:
             raise ValueError(f"the segmentation logits are {tuple(logits.shape[-2:])} for an image of "
                              f"{tuple(image.shape[-2:])}, the labels {tuple(labels.shape[-2:])}")
-        return F.cross_entropy(logits, labels, reduction="none").flatten(1).mean(1)
+        pixel_losses = F.cross_entropy(logits, labels, ignore_index=NO_CLASS, reduction="none").flatten(1)
+        labelled = (labels != NO_CLASS).flatten(1).sum(1)
+        return pixel_losses.sum(1) / labelled.clamp_min(1)  # 0 for a hint of no class, as ControlNet++'s
 
 
 @dataclass(frozen=True)

@@ -12,12 +12,12 @@ import torch
 from scipy.signal import correlate2d
 
 import cldm.protocol
+from annotator.uniformer import NO_CLASS as IGNORE
 from cldm import fidelity
 from cldm.data.circles import make_fill50k
 from cldm.model import save_state_dict
 from cldm.protocol import (
     HED,
-    IGNORE,
     Canny,
     Depth,
     Lineart,

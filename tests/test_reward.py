@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from torch.utils.data import default_collate
 
 from annotator.lineart import LineartDetector
-from annotator.uniformer import ADE20K_PALETTE, MEAN, STD, colorize
+from annotator.uniformer import ADE20K_PALETTE, MEAN, NO_CLASS, STD, colorize
 from annotator.util import CKPTS_ENV
 from cldm.data import open_dataset
 from cldm.fidelity import edge_f1, reference_fill
@@ -204,19 +204,30 @@ def test_canny_reward_sees_the_edges_opencv_sees(data_root):
         canny(target, CannyReward.LOW, CannyReward.HIGH, hysteresis=False)[1].numpy() > 0))
 
 
-def test_seg_reward_reads_palette_hints_and_scores_cross_entropy():
+def test_seg_reward_reads_palette_hints_ignores_black_and_scores_cross_entropy():
+    """The hint's classes by palette colour; black (ADE20K's "other") is no class and counts in no loss, as
+    ControlNet++'s cross-entropy ignores it (ignore_index 255, the mean over the labelled pixels)."""
     reward = SegReward(random_init=True)
     gen = np.random.default_rng(0)
-    classes = gen.integers(0, 150, (2, 16, 16)).repeat(4, 1).repeat(4, 2)  # 64 x 64, 4 x 4 blocks of one class
+    classes = gen.integers(0, 150, (3, 16, 16)).repeat(4, 1).repeat(4, 2)  # 64 x 64, 4 x 4 blocks of one class
     classes[classes == 48] = 6  # the palette gives both the same colour: the first is read back
-    hint = torch.from_numpy(np.stack([colorize(c) for c in classes])).permute(0, 3, 1, 2).float() / 255
+    hint = np.stack([colorize(c) for c in classes])
+    other = np.zeros((3, 64, 64), bool)
+    other[0, :20] = True  # a band of black, 5 blocks high
+    other[2] = True  # a hint of no class at all
+    hint[other] = 0
+    hint = torch.from_numpy(hint).permute(0, 3, 1, 2).float() / 255
     labels = reward.labels(hint, None)
-    assert torch.equal(labels, torch.from_numpy(classes[:, ::4, ::4]))
-    image = torch.rand(2, 3, 64, 64)
+    expected = np.where(other, NO_CLASS, classes)[:, ::4, ::4]
+    assert torch.equal(labels, torch.from_numpy(expected))
+    image = torch.rand(3, 3, 64, 64)
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (MEAN, STD))  # mmseg's, on 0..255
     logits = reward.networks[0]((image * 255 - mean) / std)
-    hand = torch.stack([torch.nn.functional.cross_entropy(lg[None], lb[None]) for lg, lb in zip(logits, labels)])
-    torch.testing.assert_close(reward.losses(image, labels), hand, rtol=1e-5, atol=1e-5)
+    hand = [torch.nn.functional.cross_entropy(lg[:, lb != NO_CLASS].T, lb[lb != NO_CLASS])
+            for lg, lb in zip(logits[:2], labels[:2])]
+    losses = reward.losses(image, labels)
+    torch.testing.assert_close(losses[:2], torch.stack(hand), rtol=1e-5, atol=1e-5)
+    assert float(losses[2]) == 0
     assert len(ADE20K_PALETTE) == reward.networks[0].decode_head.conv_seg.out_channels
 
 

@@ -32,11 +32,12 @@ import numpy as np
 import torch
 from einops import rearrange
 
-from annotator.uniformer.palette import ADE20K_PALETTE, colorize
+from annotator.uniformer.palette import ADE20K_PALETTE, NO_CLASS, classes_of, colorize
 from annotator.uniformer.upernet import UperNetUniFormer, resize
 from annotator.util import NetworkDetector, check_rgb
 
-__all__ = ["ADE20K_PALETTE", "UniformerDetector", "colorize", "logits_to_classes", "rescale_size"]
+__all__ = ["ADE20K_PALETTE", "NO_CLASS", "UniformerDetector", "classes_of", "colorize", "logits_to_classes",
+           "rescale_size"]
 
 WEIGHTS_FILE = "upernet_global_small.pth"
 WEIGHTS_URL = (

@@ -46,3 +46,22 @@ ADE20K_PALETTE = np.array(
 def colorize(classes: np.ndarray) -> np.ndarray:
     """HxW class ids in [0, 150) -> HxWx3 uint8 RGB in ADE20K colours."""
     return ADE20K_PALETTE[classes]
+
+
+# mmseg's ignore index: the label of pixels of no class
+NO_CLASS = 255
+
+
+def classes_of(colours: np.ndarray) -> np.ndarray:
+    """...x3 colours (0..255) -> the class id of each one's nearest palette colour, or NO_CLASS where black is
+    nearer than any class: black is ADE20K's "other" (class 0 of its annotations, left out of the 150), which mmseg's
+    reduce_zero_label and ControlNet++ ignore. Two classes share one colour; such pixels take the first."""
+    palette = np.concatenate([[[0, 0, 0]], ADE20K_PALETTE]).astype(np.float32)  # black first, as ControlNet++'s file
+    pixels = np.asarray(colours, dtype=np.float32).reshape(-1, 1, 3)
+    nearest = np.concatenate(
+        [
+            ((chunk - palette[None]) ** 2).sum(-1).argmin(1)  # in chunks: distances of 151 colours
+            for chunk in np.array_split(pixels, max(1, len(pixels) // 65536))
+        ]
+    )
+    return np.where(nearest == 0, NO_CLASS, nearest - 1).reshape(np.shape(colours)[:-1])
