@@ -130,7 +130,11 @@ def build_parser(config: str, resume_path: str) -> argparse.ArgumentParser:
                              "lineart, else 1; 0 turns the reward off)")
     reward.add_argument("--reward_max_t", type=int, default=None,
                         help=f"reward the samples whose timestep is at most this (default {PAPER_MAX_T}, the paper's)")
-    p.add_argument("--max_steps", type=int, default=-1, help="-1: until max_epochs (Lightning's default 1000)")
+    p.add_argument("--max_steps", type=int, default=-1, help="-1: until --max_epochs")
+    p.add_argument("--max_epochs", type=int, default=None,
+                   help="passes over the data (kohya's --max_train_epochs, diffusers' --num_train_epochs); the run "
+                        "ends at whichever of --max_steps and --max_epochs comes first (default: Lightning's, 1000 "
+                        "without --max_steps, no bound with it)")
     model.add_argument("--max_nan_steps", type=int, default=None,
                        help="skip up to N steps whose loss is NaN or infinite before stopping (default: stop at the "
                             "first)")
@@ -479,7 +483,8 @@ def main(argv: list[str] | None = None, config: str = "./models/cldm_v15.yaml",
                                   every_n_train_steps=args.checkpoint_every, save_top_k=1, save_last=True,
                                   auto_insert_metric_name=False, enable_version_counter=False)
     trainer = pl.Trainer(accelerator=args.accelerator, devices=args.devices, strategy=make_strategy(args.strategy),
-                         precision=args.precision, max_steps=args.max_steps, log_every_n_steps=args.log_every_n_steps,
+                         precision=args.precision, max_steps=args.max_steps, max_epochs=args.max_epochs,
+                         log_every_n_steps=args.log_every_n_steps,
                          accumulate_grad_batches=args.accumulate_grad_batches, num_nodes=args.num_nodes,
                          callbacks=[image_logger, checkpoints, *selection, *skipped, *progress_bar()]
                          + ([validation] if validation else []) + [RandomState()],

@@ -346,3 +346,29 @@ def test_a_run_bounded_by_steps_reports_only_what_it_did(data_root, tmp_path, ca
                     "--sd_locked", "False", "--logger_freq", "100")
     assert sorted(p.name for p in (out / "lightning_logs").iterdir()) == ["version_0", "version_1"]
     assert os.path.exists(os.path.join(resumed.loggers[1].log_dir, "metrics.csv"))
+
+
+def test_an_epoch_bounded_run_resumed_after_an_epochs_last_step_trains_every_epoch(data_root, tmp_path, monkeypatch):
+    """--max_epochs (kohya's --max_train_epochs, diffusers' --num_train_epochs): a run killed after the checkpoint
+    at the last step of epoch 0 resumes in epoch 1, not in an empty epoch counted as one (0 -> 1 -> 3), so it
+    trains every epoch it was asked for and names its image logs by the right epoch."""
+    seen: list[tuple[int, int, int]] = []  # (global step, epoch, batch) of each step trained
+    kill = [6]  # the global step at whose start the first run dies
+
+    def record_or_die(self, batch, batch_idx):
+        if self.global_step in kill:
+            raise RuntimeError("killed")
+        seen.append((self.global_step, self.current_epoch, batch_idx))
+    monkeypatch.setattr(ControlLDM, "on_train_batch_start", record_or_die, raising=False)
+    out, per_epoch = tmp_path / "run", 4  # 16 samples at batch 4
+    common = ["--max_epochs", "3", "--checkpoint_every", "4", "--sd_locked", "False", "--logger_freq", "5",
+              "--seed", "0"]
+    with pytest.raises(RuntimeError, match="killed"):
+        train(data_root, out, *common)
+    assert read_checkpoint(out / "checkpoints" / "last.ckpt")["global_step"] == 4
+    del seen[:], kill[:]
+    resumed = train(data_root, out, *common, "--resume", out / "checkpoints" / "last.ckpt", "--force")
+    assert seen == [(step, *divmod(step, per_epoch)) for step in range(4, 3 * per_epoch)]
+    assert resumed.global_step == 3 * per_epoch and resumed.current_epoch == 3
+    logged = {p.name for p in (out / "image_log" / "train").glob("control_gs-*")}
+    assert logged == {"control_gs-000005_e-000001_b-000000.png", "control_gs-000010_e-000002_b-000001.png"}
