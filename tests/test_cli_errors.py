@@ -25,6 +25,7 @@ from tool_make_fill50k import make_fill50k
 
 TINY, TINY_V21 = ROOT / "models" / "cldm_tiny.yaml", ROOT / "models" / "cldm_tiny_v21.yaml"
 TINY_LORA = ROOT / "models" / "cldm_tiny_lora.yaml"
+TINY_T2I = ROOT / "models" / "cldm_tiny_t2i.yaml"
 
 
 class _RunsCode:
@@ -56,6 +57,9 @@ def bad(tmp_path_factory) -> SimpleNamespace:
     save_state_dict(sd, d / "sd.ckpt")
     torch.save({"state_dict": sd, "global_step": 840000}, d / "sd_wrapped.ckpt")  # as v1-5-pruned.ckpt is
     save_state_dict({k: v for k, v in state.items() if k.startswith("control_model.")}, d / "control.safetensors")
+    save_state_dict({"encoder.conv_in.weight": torch.zeros(1), "decoder.conv_out.bias": torch.zeros(1)},
+                    d / "vae.safetensors")  # weights, but of no control kind
+    save_state_dict(model_as_trained(TINY_T2I).control_state_dict(), d / "t2i.safetensors")
     data = make_fill50k(d / "fill50k", n=4, size=32, seed=0)
     from tutorial_train import main as train
     train(["--config", str(TINY), "--resume_path", str(d / "initial.ckpt"), "--data_root", str(data),
@@ -164,6 +168,13 @@ CASES = {
                                       "{dir}/exists.ckpt exists and is not a folder"),
     "eval: text file": Case("tool_eval_control.py", lambda b: [
         "--config", TINY, "--ckpt", b.dir / "notes.ckpt", "--data_root", b.data, "--n", "1"], "is not a checkpoint"),
+    "eval: a file of no control kind": Case("tool_eval_control.py", lambda b: [
+        "--config", TINY, "--ckpt", b.dir / "sd.ckpt", b.dir / "vae.safetensors", "--data_root", b.data, "--n", "1"],
+        "{dir}/vae.safetensors holds no control weights: expected a full ControlNet"),
+    "eval: another mode's file": Case("tool_eval_control.py", lambda b: [
+        "--config", TINY, "--ckpt", b.dir / "sd.ckpt", b.dir / "t2i.safetensors", "--data_root", b.data, "--n", "1"],
+        "{dir}/t2i.safetensors is a t2i-adapter file (diffusers layout), but the model of this config takes "
+        "controlnet files", "_lora.yaml, *_lllite.yaml"),
     "tiny base: random bytes": Case("tool_train_tiny_base.py", lambda b: [
         "--check", b.dir / "random.ckpt", "--report", b.dir / "r.json"], "{dir}/random.ckpt is not a checkpoint"),
     # tutorial_train: initial weights

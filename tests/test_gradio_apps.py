@@ -147,9 +147,8 @@ class CountingDetectors(Detectors):
 def served(tmp_path_factory):
     """All ten apps over one tiny random model, each served on 127.0.0.1 by this process (as main() serves it), and
     a control folder with an LLLite file, a control-LoRA file, a T2I-Adapter file, a ControlNet-XS file, a
-    ControlNet-Union file and an HTML page saved as a
-    checkpoint; the model's own control network comes from `own.safetensors` (a file of over 1 MiB, so its A1111 hash
-    reads real bytes)."""
+    ControlNet-Union file, a weights file of no control kind and an HTML page saved as a checkpoint; the model's own
+    control network comes from `own.safetensors` (a file of over 1 MiB, so its A1111 hash reads real bytes)."""
     folder = tmp_path_factory.mktemp("controls")
     random_control_file("cldm_tiny_lllite.yaml", folder / "lllite_tiny.safetensors", 0.2)
     random_control_file("cldm_tiny_lora.yaml", folder / "lora" / "control_lora_tiny.safetensors", 0.05)
@@ -157,6 +156,7 @@ def served(tmp_path_factory):
     random_control_file("cldm_tiny_xs.yaml", folder / "xs_tiny.safetensors", 0.05)
     random_control_file("cldm_tiny_union.yaml", folder / "union_tiny.safetensors", 0.05)
     (folder / "broken.ckpt").write_text("<!doctype html><html><body>Sign in to download</body></html>")
+    save_state_dict({"encoder.conv_in.weight": torch.zeros(1)}, folder / "vae.safetensors")  # of no control kind
     own = folder.parent / "own.safetensors"
     own.write_bytes(os.urandom(3 * 2 ** 20))
     model = tiny_served_model()
@@ -501,6 +501,8 @@ def test_bad_inputs_give_messages_naming_the_setting_and_the_server_keeps_answer
             good, {"unit1_start": 0.6, "unit1_end": 0.4}),
         "broken.ckpt is not a checkpoint: it looks like an HTML page": (
             good, {"unit2_enabled": True, "unit2_control_file": "broken.ckpt"}),
+        r"vae.safetensors holds no control weights: expected a full ControlNet": (
+            good, {"unit2_enabled": True, "unit2_control_file": "vae.safetensors"}),
         r"Unit 2: no control file '../../etc/passwd' in the control folder": (
             good, {"unit2_enabled": True, "unit2_control_file": "../../etc/passwd"}),
     }

@@ -173,3 +173,30 @@ def test_share_slices_attention_for_scripts_written_against_the_original():
               "print(before, CrossAttention(8).slice_size, CrossAttention(8, slice_size=7).slice_size)")
     run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.stdout.split() == ["None", "1024", "7"], run.stderr
+
+
+@pytest.mark.parametrize("config,size", [("cldm_tiny_t2i.yaml", 32), ("cldm_tiny_xs.yaml", 32),
+                                         ("cldm_tiny_v21_xs.yaml", 32), ("cldm_tiny_xl_union.yaml", 64)])
+def test_gradient_checkpointing_gives_the_same_gradients_in_every_mode(config, size):
+    """--gradient_checkpointing on the later architectures: the T2I-Adapter's features and the XS exchange reach the
+    UNet's checkpointed blocks from outside them, the union's hints go through its own: the same loss and gradients."""
+    from conftest import model_as_trained, randomize_zero_init
+    model = model_as_trained(ROOT / "models" / config).train()
+    randomize_zero_init(model.control_model)
+    g = torch.Generator().manual_seed(0)
+    image, hint = torch.rand(2, size, size, 3, generator=g) * 2 - 1, torch.rand(2, size, size, 3, generator=g)
+    batch = {"jpg": image, "hint": hint, "txt": ["a red circle", "a blue square"]}
+    results = {}
+    for flag in (False, True):
+        set_gradient_checkpointing(model, flag)
+        torch.manual_seed(1)  # the same timesteps and noise
+        loss, _ = model.shared_step(batch)
+        loss.backward()
+        results[flag] = loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+    assert any(m.use_checkpoint for m in model.modules() if isinstance(m, ResBlock))
+    (loss, grads), (loss_checkpointed, grads_checkpointed) = results[False], results[True]
+    assert torch.equal(loss, loss_checkpointed)
+    assert grads.keys() == grads_checkpointed.keys() == {n for n, p in model.named_parameters() if p.requires_grad}
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_checkpointed[name], grad, rtol=1e-5, atol=1e-7, msg=name)

@@ -435,3 +435,25 @@ def test_tool_convert_diffusers_both_ways_for_t2i_adapters(tmp_path):
     with pytest.raises(ValueError, match="another structure than the --config builds"):
         tool_convert_diffusers.main(["from-diffusers", str(folder), str(tmp_path / "other.pth"),
                                      "--config", str(MODELS / "cldm_xl_t2i.yaml")])
+
+
+def test_a_tencentarc_pth_is_a_unit_and_completes_a_model_through_the_loader(tmp_path):
+    """TencentARC's file as they ship it (torch.save of their names, `.pth`) through the one loader the apps and
+    tool_eval_control.py use: a unit's network on a ControlNet model, and the control file of a T2I-Adapter model
+    beside a plain SD checkpoint; either is the adapter it was saved from."""
+    from cldm.loader import load_model
+    source = model_as_trained(TINY, seed=2).control_model.eval()
+    path = tmp_path / "t2iadapter_tiny_sd15v2.pth"
+    torch.save(diffusers_to_original(source.state_dict(), source.config), path)
+    assert recognise(load_state_dict(path)).layout == "tencentarc"
+    controlnet = model_as_trained(MODELS / "cldm_tiny.yaml").eval()
+    unit_net = load_control_network(path, controlnet, MODELS / "cldm_tiny.yaml")
+    sd = save_state_dict({k: v for k, v in model_as_trained(TINY).state_dict().items()
+                          if not k.startswith("control_model.")}, tmp_path / "sd.safetensors")
+    model, report = load_model(TINY, [sd, path])
+    assert report.ok
+    hint = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = source(hint)
+        for net in (unit_net, model.control_model):
+            assert all(torch.equal(a, b) for a, b in zip(net(hint), expected))
