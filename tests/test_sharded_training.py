@@ -182,10 +182,12 @@ def one_process_group():
 @pytest.mark.parametrize("config, size", [("cldm_tiny_lora.yaml", 32), ("cldm_tiny_lllite.yaml", 32),
                                           ("cldm_tiny_v21.yaml", 32), ("cldm_tiny_xl_lora.yaml", 64),
                                           ("cldm_tiny_xl_lllite.yaml", 64), ("cldm_tiny_v21_xs.yaml", 32),
-                                          ("cldm_tiny_xl_xs.yaml", 64), ("cldm_tiny_xl_union.yaml", 64)])
+                                          ("cldm_tiny_xl_xs.yaml", 64), ("cldm_tiny_xl_union.yaml", 64),
+                                          ("cldm_tiny_t2i.yaml", 32), ("cldm_tiny_xl_t2i.yaml", 64)])
 def test_every_mode_and_base_trains_sharded_as_unsharded(config, size, tmp_path, monkeypatch, one_process_group):
-    """FSDP on one rank shards each mode's trainable tensors (LoRA's copy keeps the UNet's tied weights whole, LLLite
-    shards modules inside the UNet's attention), trains and validates exactly as training without it does."""
+    """FSDP on one rank shards each mode's trainable tensors (every one, or shard_trainable refuses; LoRA's copy
+    keeps the UNet's tied weights whole, LLLite shards modules inside the UNet's attention), trains and validates
+    as training without it does."""
     from cldm.cldm import ControlLDM
     from tutorial_train import main
     data = numbered(make_fill50k(tmp_path / "data", n=4, size=size, seed=0))
@@ -206,7 +208,9 @@ def test_every_mode_and_base_trains_sharded_as_unsharded(config, size, tmp_path,
     sharded, plain = exports["fsdp"], exports["auto"]
     assert sharded.keys() == plain.keys() == before.keys()
     for key in sharded:
-        np.testing.assert_allclose(sharded[key], plain[key], atol=1e-6, err_msg=key)
+        # 1% of one step at lr 1e-3: Adam magnifies float32 summation-order differences where a gradient is near
+        # zero (one element of the T2I-Adapter's 1x1 convolutions, 5e-6 off); a mode sharded wrongly is a step off
+        np.testing.assert_allclose(sharded[key], plain[key], atol=1e-5, err_msg=key)
     assert any(not torch.allclose(plain[k], before[k]) for k in plain)  # it trained
     # validated at the start and the end as without sharding (the hint block's unit runs alone there first)
     assert sorted(validations["fsdp"]) == sorted(validations["auto"]) == [0, 2]
