@@ -57,11 +57,12 @@ def classes_of(colours: np.ndarray) -> np.ndarray:
     nearer than any class: black is ADE20K's "other" (class 0 of its annotations, left out of the 150), which mmseg's
     reduce_zero_label and ControlNet++ ignore. Two classes share one colour; such pixels take the first."""
     palette = np.concatenate([[[0, 0, 0]], ADE20K_PALETTE]).astype(np.float32)  # black first, as ControlNet++'s file
-    pixels = np.asarray(colours, dtype=np.float32).reshape(-1, 1, 3)
+    # a map holds few distinct colours: find the nearest for each of them once
+    distinct, where = np.unique(np.asarray(colours, dtype=np.float32).reshape(-1, 3), axis=0, return_inverse=True)
     nearest = np.concatenate(
         [
-            ((chunk - palette[None]) ** 2).sum(-1).argmin(1)  # in chunks: distances of 151 colours
-            for chunk in np.array_split(pixels, max(1, len(pixels) // 65536))
+            ((chunk[:, None] - palette[None]) ** 2).sum(-1).argmin(1)  # in chunks: distances to 151 colours
+            for chunk in np.array_split(distinct, max(1, len(distinct) // 65536))
         ]
-    )
+    )[where.reshape(-1)]
     return np.where(nearest == 0, NO_CLASS, nearest - 1).reshape(np.shape(colours)[:-1])
