@@ -171,3 +171,33 @@ def test_every_sampler_samples_a_zero_terminal_snr_model(sampler):
     model = tiny(parameterization="v", zero_terminal_snr=True)
     latents = sample(model, ["a red circle"], sampler=sampler, steps=3, seed=1, decode=False).latents
     assert torch.isfinite(latents).all()
+
+
+@pytest.mark.parametrize("steps", [20, 50])
+def test_ddim_samples_a_zero_terminal_snr_model_from_the_last_timestep_as_diffusers(steps):
+    """Lin et al. sample such a model from its last timestep (SNR 0, pure noise), with diffusers' DDIMScheduler
+    set to rescale_betas_zero_snr and timestep_spacing "trailing"; the original's uniform spacing would start at
+    t = 951 of 1000 (20 steps), where the model is told some signal remains in what is pure noise."""
+    from diffusers import DDIMScheduler
+
+    from ldm.models.diffusion.ddim import sample_ddim
+    model = tiny(parameterization="v", zero_terminal_snr=True)
+    seen: list[int] = []
+
+    def denoiser(x, t, step=None):  # a smooth stand-in for the UNet's v prediction
+        seen.append(int(t[0]))
+        return 0.4 * x + torch.sin(x) * (t.view(-1, 1, 1, 1) / 1000.0) - 0.05
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    ours = sample_ddim(denoiser, x.clone(), model, steps)
+    assert seen[0] == 999 and len(seen) == steps
+
+    # the peer as its documentation configures it for zero terminal SNR (SD 2.x's v-prediction schedule)
+    peer = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                         set_alpha_to_one=False, prediction_type="v_prediction", rescale_betas_zero_snr=True,
+                         timestep_spacing="trailing")
+    peer.set_timesteps(steps)
+    latents = x.clone().double()
+    for t in peer.timesteps:
+        latents = peer.step(denoiser(latents.float(), t.view(1).expand(2)).double(), t, latents).prev_sample
+    assert [int(t) for t in peer.timesteps] == seen[steps:]
+    torch.testing.assert_close(ours, latents.float(), rtol=1e-4, atol=1e-5)

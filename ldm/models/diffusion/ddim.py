@@ -2,7 +2,7 @@
 
 Timesteps are uniform: exactly `S` of them, for any S from 1 to the number of training steps (the original
 produced S+1 timesteps, and an index past the schedule, whenever T/S left no remainder room, e.g. S = 3, 9,
-27, 36, 37).
+27, 36, 37); a zero-terminal-SNR schedule is sampled from its last step (diffusers' "trailing" spacing).
 
 `sample_ddim` is a function over a denoiser (guidance sits outside it, in guidance.py); `DDIMSampler` keeps
 the original's class, its `sample()` signature and its img2img methods (`stochastic_encode`, `decode`, and
@@ -49,6 +49,14 @@ def uniform_timesteps(num_ddim_steps: int, num_ddpm_steps: int) -> np.ndarray:
     return steps + offset
 
 
+def trailing_timesteps(num_ddim_steps: int, num_ddpm_steps: int) -> np.ndarray:
+    """S timesteps ending at the last training step, T / S apart (diffusers' "trailing" spacing), for a schedule
+    whose last step is pure noise (zero terminal SNR; Lin et al. 2024 sample from it)."""
+    if not 1 <= num_ddim_steps <= num_ddpm_steps:
+        raise ValueError(f"DDIM steps must be between 1 and {num_ddpm_steps}, got {num_ddim_steps}")
+    return np.round(np.arange(num_ddpm_steps, 0, -num_ddpm_steps / num_ddim_steps)).astype(np.int64)[::-1] - 1
+
+
 @dataclass(frozen=True)
 class DDIMSchedule:
     """The S timesteps and their coefficients, indexed by position in `timesteps` (ascending)."""
@@ -62,7 +70,8 @@ class DDIMSchedule:
 
     @classmethod
     def make(cls, alphas_cumprod: torch.Tensor, steps: int, eta: float = 0.0) -> "DDIMSchedule":
-        timesteps = uniform_timesteps(steps, len(alphas_cumprod))
+        spacing = trailing_timesteps if float(alphas_cumprod[-1]) == 0 else uniform_timesteps
+        timesteps = spacing(steps, len(alphas_cumprod))
         alphas_cumprod = alphas_cumprod.detach().double().cpu()
         a = alphas_cumprod[timesteps]
         a_prev = torch.cat([alphas_cumprod[:1], alphas_cumprod[timesteps[:-1]]])
