@@ -20,7 +20,7 @@ from cldm.reward import PAPER_MAX_T, REWARD_MODELS, REWARDS, Reward, RewardModel
 from cldm.sharding import ShardedDataParallel
 from cldm.training import TRAINING_STATE, adapt_optimizer_state, training_state
 from ldm.batch import IMAGE, MEAN, TEXT_EMBEDDING, TEXT_POOLED, empty_prompt
-from ldm.checkpoint import UNET_PREFIX, UserError
+from ldm.checkpoint import UNET_PREFIX, UserError, read_metadata
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.modules.attention import InputAdapter
 from ldm.modules.diffusionmodules.openaimodel import (
@@ -214,7 +214,8 @@ class ControlNetMode(ControlMode):
             return {rename_module(k, table): v for k, v in state_dict.items()}
         return dict(state_dict)
 
-    def network(self, state_dict: Mapping[str, torch.Tensor], model: nn.Module, config: DictConfig) -> ControlNet:
+    def network(self, state_dict: Mapping[str, torch.Tensor], model: nn.Module, config: DictConfig,
+                recorded: Mapping[str, str] | None = None) -> ControlNet:
         with torch.device(next(model.model.diffusion_model.parameters()).device):
             net = ControlNet(**controlnet_params(config, hint_channels_of(state_dict)))
         report = load_checkpoint(net, self.weights(state_dict, net))
@@ -232,7 +233,8 @@ class ControlNetMode(ControlMode):
                     for k, v in unet.get_submodule(part).state_dict().items()}
         return out
 
-    def load(self, model: "ControlLDM", state_dict: Mapping[str, torch.Tensor]) -> LoadReport:
+    def load(self, model: "ControlLDM", state_dict: Mapping[str, torch.Tensor],
+             recorded: Mapping[str, str] | None = None) -> LoadReport:
         if self.layout(state_dict) != "original":
             state_dict = {CONTROL_PREFIX + k: v for k, v in self.weights(state_dict, model.control_model).items()}
         return load_checkpoint(model, state_dict, prefixes=(CONTROL_PREFIX,))
@@ -440,12 +442,12 @@ class ControlLDM(LatentDiffusion):
     def load_control(self, state_dict_or_path: Mapping[str, torch.Tensor] | str | os.PathLike) -> LoadReport:
         """Load a control file of this model's mode (any of its layouts) over the base weights already in the
         model; the report names what it left unfilled and what the model does not use."""
-        state_dict = (state_dict_or_path if isinstance(state_dict_or_path, Mapping)
-                      else load_state_dict(state_dict_or_path))
+        given = isinstance(state_dict_or_path, Mapping)
+        state_dict = state_dict_or_path if given else load_state_dict(state_dict_or_path)
         if self.control_mode.layout(state_dict) is None:
-            source = "the state dict" if isinstance(state_dict_or_path, Mapping) else state_dict_or_path
+            source = "the state dict" if given else state_dict_or_path
             raise UserError(f"{source} is not a {self.control_mode.name} file: expected {self.control_mode.files}")
-        return self.control_mode.load(self, state_dict)
+        return self.control_mode.load(self, state_dict, None if given else read_metadata(state_dict_or_path))
 
     def control_state_dict(self) -> dict[str, torch.Tensor]:
         """The control-only file of this model (its mode's export): what training writes at the end."""

@@ -329,21 +329,29 @@ class ControlMode(ABC):
         of this mode. It looks for what only this mode's files hold, so that a file of another mode gives None."""
 
     @abstractmethod
-    def network(self, state_dict: Mapping[str, torch.Tensor], model: nn.Module, config: DictConfig
-                ) -> ControlNetwork:
+    def network(self, state_dict: Mapping[str, torch.Tensor], model: nn.Module, config: DictConfig,
+                recorded: Mapping[str, str] | None = None) -> ControlNetwork:
         """The network of a file of this mode (any of its layouts) for ControlUnits on `model`, built on the
-        model's UNet as far as the file does not say; raises ValueError, KeyError or RuntimeError naming what does
-        not fit. The caller moves it to the UNet's device and dtype and freezes it."""
+        model's UNet as far as the file does not say; `recorded` is what the file records besides its tensors (see
+        `recorded`; None: nothing). Raises ValueError, KeyError or RuntimeError naming what does not fit. The caller
+        moves it to the UNet's device and dtype and freezes it."""
 
     @abstractmethod
     def export(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The control-only file of a model of this mode: what training writes at the end."""
 
+    def recorded(self, model: nn.Module) -> dict[str, str]:
+        """What the export of `model` records besides its tensors, as strings in the safetensors header: the
+        settings that change what the network computes but that its tensors do not show. Most modes' tensors show
+        everything: nothing."""
+        return {}
+
     @abstractmethod
-    def load(self, model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> LoadReport:
+    def load(self, model: nn.Module, state_dict: Mapping[str, torch.Tensor],
+             recorded: Mapping[str, str] | None = None) -> LoadReport:
         """Load a file of this mode (any of its layouts) into the own control network of `model`, a model of this
-        mode. The report names, as the model's keys (`control_model.*`), what the file left unfilled, and the
-        file's keys that the model does not use."""
+        mode (`recorded` as for `network`). The report names, as the model's keys (`control_model.*`), what the file
+        left unfilled, and the file's keys that the model does not use."""
 
     def to_diffusers(self, source: FilePath, out_dir: FilePath, config: FilePath, force: bool = False) -> Path:
         """A file of this mode (any of its layouts) as a folder of diffusers' class for the network (config.json and

@@ -432,8 +432,8 @@ class UnionMode(ControlMode):
     def layout(self, state_dict: Mapping[str, torch.Tensor]) -> str | None:
         return next((name for name, keys in UNION_LAYOUTS.items() if all(k in state_dict for k in keys)), None)
 
-    def network(self, state_dict: Mapping[str, torch.Tensor], model: nn.Module, config: DictConfig
-                ) -> UnionControlNet:
+    def network(self, state_dict: Mapping[str, torch.Tensor], model: nn.Module, config: DictConfig,
+                recorded: Mapping[str, str] | None = None) -> UnionControlNet:
         return union_network(state_dict, config, next(model.model.diffusion_model.parameters()).device)
 
     def export(self, model: "UnionControlLDM") -> dict[str, torch.Tensor]:
@@ -447,7 +447,8 @@ class UnionMode(ControlMode):
                 | {f"{UNET_PREFIX}{part}.{k}": v for part in ("output_blocks", "out")
                    for k, v in unet.get_submodule(part).state_dict().items()})
 
-    def load(self, model: "UnionControlLDM", state_dict: Mapping[str, torch.Tensor]) -> LoadReport:
+    def load(self, model: "UnionControlLDM", state_dict: Mapping[str, torch.Tensor],
+             recorded: Mapping[str, str] | None = None) -> LoadReport:
         """The file's network into the model's: in place when their structures agree, else as a new network of
         the file's structure (e.g. ProMax's 8 types into a 6-type config; do this before training starts). A
         checkpoint layout's UNet decoder keys are not the control file's and load by name (load_checkpoint)."""

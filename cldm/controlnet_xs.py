@@ -28,6 +28,7 @@ embedding starts as a copy of the UNet's, as vislearn's training copies the base
 random one would replace the UNet's time embedding at step 0. So a fresh adapter leaves the UNet's output unchanged.
 """
 
+import json
 import logging
 import math
 import os
@@ -48,6 +49,7 @@ from cldm.control import BlockControl, ControlMode, HintCache, repeat_to
 from cldm.diffusers_convert import DiffusersFolder, read_folder
 from cldm.diffusers_names import RESNET_LAYERS, rename_module
 from cldm.model import CONTROL_PREFIX, LoadReport, create_model, load_state_dict, save_state_dict
+from ldm.checkpoint import read_metadata
 from ldm.modules.attention import SpatialTransformer
 from ldm.modules.diffusionmodules.openaimodel import MIDDLE, BlockHook, BlockSite, Downsample, ResBlock
 from ldm.modules.diffusionmodules.util import timestep_embedding, zero_module
@@ -63,6 +65,8 @@ TIME_MIX_POWER = 0.3  # diffusers and vislearn mix the learnt time embedding in 
 UNSHAPED = ("num_attention_heads", "time_embedding_mix", "conditioning_channel_order", "max_norm_num_groups",
             "upcast_attention", "sample_size")
 DEFAULT_HEADS, DEFAULT_MIX = 4, 1.0
+# What our files record of UNSHAPED in their safetensors header (under RECORDED_KEY, as JSON): what changes the output.
+RECORDED, RECORDED_KEY = UNSHAPED[:4], "controlnet_xs"
 
 
 def largest_factor(number: int, max_factor: int) -> int:
@@ -603,6 +607,32 @@ def save_folder(net: ControlNetXS, folder: str | os.PathLike, force: bool = Fals
     return DiffusersFolder(folder, force).write(to_diffusers(net), config)
 
 
+def recorded_settings(config: XSConfig) -> dict[str, str]:
+    """What a weights file of this adapter records besides its tensors (the safetensors header's metadata)."""
+    return {RECORDED_KEY: json.dumps({k: getattr(config, k) for k in RECORDED})}
+
+
+def settings(recorded: Mapping[str, str] | None) -> dict[str, Any]:
+    """The settings a file recorded (recorded_settings), {} when it recorded none."""
+    if not recorded or RECORDED_KEY not in recorded:
+        return {}
+    try:
+        values = json.loads(recorded[RECORDED_KEY])
+    except json.JSONDecodeError as err:
+        raise ValueError(f"its header's {RECORDED_KEY!r} entry is not JSON: {err}") from err
+    if not isinstance(values, dict) or not set(values) <= set(RECORDED):
+        raise ValueError(f"its header's {RECORDED_KEY!r} entry should map some of {list(RECORDED)}, got "
+                         f"{recorded[RECORDED_KEY][:80]!r}")
+    return values
+
+
+def file_settings(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
+                  recorded: Mapping[str, str] | None) -> dict[str, Any]:
+    """What the tensors do not show: what the file recorded, else the model's own adapter's where its widths are
+    the file's, else (left out) diffusers' defaults."""
+    return matching(own_defaults(model), state_dict) | settings(recorded)
+
+
 def own_defaults(model: nn.Module) -> dict[str, Any]:
     """What a bare weights file does not say, from the model's own adapter when it is one."""
     net = getattr(model, "control_model", None)
@@ -619,9 +649,10 @@ def matching(defaults: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]
 
 class ControlNetXSMode(ControlMode):
     """ControlNet-XS files: diffusers' ControlNetXSAdapter weights (a save_pretrained folder's
-    diffusion_pytorch_model.safetensors, or the file alone) and our checkpoints' `control_model.*`. A bare file does
-    not record its attention heads or time_embedding_mix: they come from the model's own adapter when its widths
-    are the file's, else diffusers' defaults (4 heads, mix 1)."""
+    diffusion_pytorch_model.safetensors, or the file alone) and our checkpoints' `control_model.*`. The tensors do
+    not show the attention heads or time_embedding_mix: our exports record them in the safetensors header; for a
+    file without them they come from the model's own adapter when its widths are the file's, else diffusers'
+    defaults (4 heads, mix 1)."""
 
     name = "controlnet-xs"
     files = ("a ControlNet-XS adapter (diffusers' ControlNetXSAdapter names: control_to_base_for_conv_in.*, "
@@ -632,8 +663,9 @@ class ControlNetXSMode(ControlMode):
             return None
         return "diffusers" if all(k in state_dict for k in MARKERS) else "checkpoint"
 
-    def network(self, state_dict: Mapping[str, torch.Tensor], model: nn.Module, config: DictConfig) -> ControlNetXS:
-        net = load_controlnet_xs(state_dict, matching(own_defaults(model), state_dict))
+    def network(self, state_dict: Mapping[str, torch.Tensor], model: nn.Module, config: DictConfig,
+                recorded: Mapping[str, str] | None = None) -> ControlNetXS:
+        net = load_controlnet_xs(state_dict, file_settings(model, state_dict, recorded))
         net.check_fits(model.model.diffusion_model)
         return net
 
@@ -642,10 +674,15 @@ class ControlNetXSMode(ControlMode):
         ControlNetXSAdapter.save_pretrained (tool_convert_diffusers.py to-diffusers adds the config.json)."""
         return to_diffusers(model.control_model)
 
-    def load(self, model: "ControlNetXSLDM", state_dict: Mapping[str, torch.Tensor]) -> LoadReport:
-        """Replace the model's adapter by the file's (heads and mix the model's own). Do this before training starts
-        (the optimizer holds the old network)."""
-        net = load_controlnet_xs(state_dict, matching(own_defaults(model), state_dict))
+    def recorded(self, model: "ControlNetXSLDM") -> dict[str, str]:
+        """The heads, the time-embedding mix, the hint's channel order and the norms' group limit."""
+        return recorded_settings(model.control_model.config)
+
+    def load(self, model: "ControlNetXSLDM", state_dict: Mapping[str, torch.Tensor],
+             recorded: Mapping[str, str] | None = None) -> LoadReport:
+        """Replace the model's adapter by the file's (heads and mix as the file recorded them, else the model's
+        own). Do this before training starts (the optimizer holds the old network)."""
+        net = load_controlnet_xs(state_dict, file_settings(model, state_dict, recorded))
         net.check_fits(model.model.diffusion_model)
         old = next(model.control_model.parameters())
         model.control_model = net.to(device=old.device, dtype=old.dtype).requires_grad_(old.requires_grad)
@@ -670,11 +707,11 @@ def config_adapter(config_path: str | os.PathLike) -> XSConfig:
 
 def convert_to_diffusers(in_path: str | os.PathLike, out_dir: str | os.PathLike, config_path: str | os.PathLike,
                          force: bool = False) -> Path:
-    """Our export or checkpoint of a ControlNet-XS adapter -> a diffusers ControlNetXSAdapter folder, with the
-    config's heads and mix."""
+    """Our export or checkpoint of a ControlNet-XS adapter -> a diffusers ControlNetXSAdapter folder, with the heads
+    and mix the file recorded, else the config's."""
     folder = DiffusersFolder(out_dir, force)  # refused before the work
     expected = config_adapter(config_path)
-    net = load_controlnet_xs(load_state_dict(in_path), asdict(expected))
+    net = load_controlnet_xs(load_state_dict(in_path), asdict(expected) | settings(read_metadata(in_path)))
     check_structure(net, expected, in_path)
     return folder.write(to_diffusers(net), net.config.diffusers_config())
 
@@ -696,7 +733,7 @@ def convert_from_diffusers(in_path: str | os.PathLike, out_path: str | os.PathLi
     if differ:
         raise ValueError(f"{in_path}/config.json has {', '.join(differ)}: a weights file does not record these, so it "
                          "would run otherwise under this --config; give the config that has them")
-    return save_state_dict(to_diffusers(net), out_path, force=force)
+    return save_state_dict(to_diffusers(net), out_path, force=force, metadata=recorded_settings(net.config))
 
 
 def check_structure(net: ControlNetXS, expected: XSConfig, source: str | os.PathLike) -> None:

@@ -242,8 +242,8 @@ class LLLiteMode(ControlMode):
     def layout(self, state_dict: Mapping[str, torch.Tensor]) -> str | None:
         return "kohya" if any(k.removeprefix(CONTROL_PREFIX).startswith(PREFIX) for k in state_dict) else None
 
-    def network(self, state_dict: Mapping[str, torch.Tensor], model: nn.Module, config: DictConfig
-                ) -> ControlNetLLLite:
+    def network(self, state_dict: Mapping[str, torch.Tensor], model: nn.Module, config: DictConfig,
+                recorded: Mapping[str, str] | None = None) -> ControlNetLLLite:
         net = load_lllite(state_dict)
         net.check_fits(model.model.diffusion_model)
         return net
@@ -252,7 +252,8 @@ class LLLiteMode(ControlMode):
         """The LLLite weights under kohya's names (lllite_unet_*), as sd-scripts saves them."""
         return dict(model.control_model.state_dict())
 
-    def load(self, model: "LLLiteControlLDM", state_dict: Mapping[str, torch.Tensor]) -> LoadReport:
+    def load(self, model: "LLLiteControlLDM", state_dict: Mapping[str, torch.Tensor],
+             recorded: Mapping[str, str] | None = None) -> LoadReport:
         """Replace the model's network by the file's, with the file's dims; the UNet targets the file leaves out
         are reported missing. Do this before training starts (the optimizer holds the old network)."""
         lllite = load_lllite(state_dict)

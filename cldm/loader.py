@@ -29,7 +29,7 @@ from cldm.control import ControlMode, ControlNetwork
 from cldm.control_weights import fillable
 from cldm.model import CONTROL_PREFIX, LoadReport, create_model, load_checkpoint, load_state_dict
 from cldm.modes import recognise
-from ldm.checkpoint import BASE_PREFIXES, UserError, require_finite
+from ldm.checkpoint import BASE_PREFIXES, UserError, read_metadata, require_finite
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +80,10 @@ def fitting(source: FilePath, mode: ControlMode) -> Iterator[None]:
                         ) from err
 
 
-def load_control(model: ControlLDM, state_dict: Mapping[str, torch.Tensor], source: FilePath) -> LoadReport:
-    """A control file into the model's own control network, by the file's mode, which must be the model's."""
+def load_control(model: ControlLDM, state_dict: Mapping[str, torch.Tensor], source: FilePath,
+                 recorded: Mapping[str, str] | None = None) -> LoadReport:
+    """A control file into the model's own control network, by the file's mode, which must be the model's;
+    `recorded`: what the file records besides its tensors (ControlMode.recorded)."""
     found = recognise(state_dict, source)
     own = model.control_mode
     if found.mode is not own:
@@ -90,7 +92,7 @@ def load_control(model: ControlLDM, state_dict: Mapping[str, torch.Tensor], sour
                         "give the config of the file's mode (models/*_lora.yaml, *_lllite.yaml, ...), or use the "
                         "file as another control unit")
     with fitting(source, own):
-        return own.load(model, state_dict)
+        return own.load(model, state_dict, recorded)
 
 
 def load_files(model: ControlLDM, files: Sequence[FilePath], initial: bool = False,
@@ -108,7 +110,7 @@ def load_files(model: ControlLDM, files: Sequence[FilePath], initial: bool = Fal
             loaded = load_checkpoint(model, state_dict, source=path)
             filled |= state_dict.keys() & model.state_dict().keys()
         else:
-            loaded = load_control(model, state_dict, path)
+            loaded = load_control(model, state_dict, path, read_metadata(path))
             own = model.state_dict().keys()
             filled |= {k for k in own if k.startswith(CONTROL_PREFIX)} - set(loaded.missing)
             filled |= state_dict.keys() & own
@@ -145,19 +147,20 @@ def load_model(config: FilePath, files: Sequence[FilePath], params: Mapping[str,
 
 
 def control_network(state_dict: Mapping[str, torch.Tensor], model: nn.Module, config: FilePath | DictConfig,
-                    source: FilePath = "the file") -> ControlNetwork:
-    """The network of a control file's tensors, ready for a ControlUnit on `model` (a ControlLDM of `config`):
-    on the UNet's device and dtype, in eval mode, frozen. Raises UserError, naming `source`, for a file that holds
-    no control weights, has non-finite ones, or does not fit the model."""
+                    source: FilePath = "the file", recorded: Mapping[str, str] | None = None) -> ControlNetwork:
+    """The network of a control file's tensors (and of what it records besides them, ControlMode.recorded), ready
+    for a ControlUnit on `model` (a ControlLDM of `config`): on the UNet's device and dtype, in eval mode, frozen.
+    Raises UserError, naming `source`, for a file that holds no control weights, has non-finite ones, or does not
+    fit the model."""
     found = recognise(state_dict, source)
     require_finite(state_dict, source)
     reference = next(model.model.diffusion_model.parameters())
     with fitting(source, found.mode):
-        net = found.mode.network(state_dict, model, read_config(config))
+        net = found.mode.network(state_dict, model, read_config(config), recorded)
     return net.to(device=reference.device, dtype=reference.dtype).eval().requires_grad_(False)
 
 
 def load_control_network(path: FilePath, model: nn.Module, config: FilePath | DictConfig) -> ControlNetwork:
     """The network of the control file at `path` for `model` (see control_network); unreadable files raise
     CheckpointError, saying what the file looks like."""
-    return control_network(load_state_dict(path), model, config, source=Path(path))
+    return control_network(load_state_dict(path), model, config, source=Path(path), recorded=read_metadata(path))

@@ -300,8 +300,8 @@ class ControlLoRAMode(ControlMode):
             return "offset pairs"
         return None
 
-    def network(self, state_dict: Mapping[str, torch.Tensor], model: nn.Module, config: DictConfig
-                ) -> LoRAControlNet:
+    def network(self, state_dict: Mapping[str, torch.Tensor], model: nn.Module, config: DictConfig,
+                recorded: Mapping[str, str] | None = None) -> LoRAControlNet:
         unet = model.model.diffusion_model
         with torch.device(next(unet.parameters()).device):
             net = LoRAControlNet(**controlnet_params(config, hint_channels_of(state_dict))).tie(unet)
@@ -314,7 +314,8 @@ class ControlLoRAMode(ControlMode):
         """The small file: offsets, hint block, zero convs, marker (Stability's control-lora layout)."""
         return model.control_model.lora_state_dict()
 
-    def load(self, model: "LoRAControlLDM", state_dict: Mapping[str, torch.Tensor]) -> LoadReport:
+    def load(self, model: "LoRAControlLDM", state_dict: Mapping[str, torch.Tensor],
+             recorded: Mapping[str, str] | None = None) -> LoadReport:
         report = model.control_model.load_lora(state_dict)
         return LoadReport([CONTROL_PREFIX + k for k in report.missing], report.unexpected)
 

@@ -486,7 +486,8 @@ class T2IAdapterMode(ControlMode):
             return None
         return "diffusers" if any(".resnets." in k for k in state_dict) else "tencentarc"
 
-    def network(self, state_dict: Mapping[str, torch.Tensor], model: nn.Module, config: DictConfig) -> T2IAdapter:
+    def network(self, state_dict: Mapping[str, torch.Tensor], model: nn.Module, config: DictConfig,
+                recorded: Mapping[str, str] | None = None) -> T2IAdapter:
         net = load_t2i_adapter(state_dict)
         net.feature_sites(model.model.diffusion_model)
         return net
@@ -497,7 +498,8 @@ class T2IAdapterMode(ControlMode):
         both) and ComfyUI and this project load alone."""
         return dict(model.control_model.state_dict())
 
-    def load(self, model: "T2IAdapterControlLDM", state_dict: Mapping[str, torch.Tensor]) -> LoadReport:
+    def load(self, model: "T2IAdapterControlLDM", state_dict: Mapping[str, torch.Tensor],
+             recorded: Mapping[str, str] | None = None) -> LoadReport:
         """Replace the model's adapter by the file's, with the file's structure. Do this before training starts
         (the optimizer holds the old network)."""
         replace_network(model, load_t2i_adapter(state_dict))

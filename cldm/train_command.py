@@ -253,7 +253,7 @@ def write_exports(model: pl.LightningModule, export: Path, ema_export: str, forc
     def export_to(path: Path) -> None:
         control = full_tensors(model.control_state_dict())
         if write:
-            save_state_dict(control, path, force=force)
+            save_state_dict(control, path, force=force, metadata=model.control_mode.recorded(model))
         written.append(path)
 
     if ema_export in ("raw", "both"):

@@ -533,17 +533,36 @@ def write_text(path: str | os.PathLike, text: str, force: bool = True) -> Path:
     return write_bytes(path, text.encode("utf-8"), force)
 
 
-def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike, force: bool = False) -> Path:
-    """Write .safetensors or .ckpt/.pth by extension, through a temp file renamed into place."""
+def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike, force: bool = False,
+                    metadata: Mapping[str, str] | None = None) -> Path:
+    """Write .safetensors or .ckpt/.pth by extension, through a temp file renamed into place. `metadata` goes into
+    a safetensors file's header (read_metadata); a .ckpt/.pth has no place for it, which is logged."""
     path = Path(path)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    if metadata and path.suffix != ".safetensors":
+        log.warning("%s: a %s file cannot record %s besides the tensors; write a .safetensors file to keep them",
+                    path, path.suffix, sorted(metadata))
     with atomic_output(path, force) as tmp:
         if path.suffix == ".safetensors":
             from safetensors.torch import save_file
-            save_file(tensors, tmp)
+            save_file(tensors, tmp, metadata=dict(metadata) if metadata else None)
         else:
             save_torch(tensors, tmp)
     return path
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata a safetensors file's header records besides its tensors (save_state_dict's `metadata`); {} for a
+    file of another format."""
+    path = Path(path)
+    if not path.is_file() or sniff(path) != SAFETENSORS:
+        return {}
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except SafetensorError as err:
+        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {err}") from err
 
 
 def save_torch(obj: object, path: str | os.PathLike) -> None:

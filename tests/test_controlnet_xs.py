@@ -12,6 +12,7 @@ import pytest
 import torch
 from diffusers.models.resnet import ResnetBlock2D
 from diffusers.utils.torch_utils import randn_tensor
+from omegaconf import OmegaConf
 
 from cldm.control import ControlUnit
 from cldm.controlnet_xs import ControlNetXS, XSConfig, load_controlnet_xs, save_folder
@@ -436,3 +437,55 @@ def test_tool_convert_diffusers_for_controlnet_xs(tmp_path):
     with pytest.raises(ValueError, match="config.json has num_attention_heads 4 \\(config 2\\)"):
         tool_convert_diffusers.main(["from-diffusers", str(folder), str(tmp_path / "other.safetensors"),
                                      "--config", str(TINY)])
+
+
+def test_an_export_records_what_its_tensors_do_not_show(tmp_path):
+    """The attention heads and the time-embedding mix are not in the tensors. The export records them in its
+    safetensors header, so the file is the trained adapter as a unit on a model of another mode (the apps' case), in
+    a model whose config says otherwise, and in the diffusers folder it converts to; a file without the record gets
+    diffusers' defaults (4 heads, mix 1), which here compute something else."""
+    import tool_convert_diffusers
+    from cldm.controlnet_xs import CONTROLNET_XS
+    from cldm.loader import load_model
+    from cldm.train_command import write_exports
+    from ldm.checkpoint import read_metadata
+    model = trained_like(MODELS / "cldm_tiny_xs.yaml")  # 2 heads
+    [export] = write_exports(model, tmp_path / "xs.safetensors", "raw", force=False, write=True)
+    assert read_metadata(export) == CONTROLNET_XS.recorded(model)
+    controlnet_config = MODELS / "cldm_tiny.yaml"
+    as_unit = load_control_network(export, model_as_trained(controlnet_config), controlnet_config)
+    assert replace(as_unit.config, **BOOKKEEPING) == replace(model.control_model.config, **BOOKKEEPING)
+    bare = save_state_dict(model.control_state_dict(), tmp_path / "bare.safetensors")
+    unrecorded = load_control_network(bare, model_as_trained(controlnet_config), controlnet_config)
+    assert unrecorded.config.num_attention_heads == 4
+    g = torch.Generator().manual_seed(9)
+    x, t, hint = torch.randn(2, 4, 4, 4, generator=g), torch.tensor([40, 600]), torch.rand(2, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        cond = {"c_crossattn": [model.get_learned_conditioning(PROMPTS)]}
+
+        def eps(net) -> torch.Tensor:
+            return model.apply_model(x, t, {**cond, "control": [ControlUnit(net, hint, strength=0.8)]})
+        expected = eps(model.control_model)
+        torch.testing.assert_close(eps(as_unit), expected, rtol=0, atol=0)
+        assert (eps(unrecorded) - expected).abs().max() > 1e-4
+    garbled = save_state_dict(model.control_state_dict(), tmp_path / "garbled.safetensors",
+                              metadata={"controlnet_xs": "{'heads': 2"})
+    with pytest.raises(UserError, match="garbled.safetensors \\(controlnet-xs\\) does not fit.*'controlnet_xs' entry "
+                                        "is not JSON"):
+        load_control_network(garbled, model_as_trained(controlnet_config), controlnet_config)
+    # an export of 2 heads and mix 0.9 under a config of 4 and 1: the model and the diffusers folder take the file's
+    model = trained_like(TINY)
+    [export] = write_exports(model, tmp_path / "v21_xs.safetensors", "raw", force=False, write=True)
+    config = OmegaConf.load(TINY)
+    config.model.params.control_stage_config.update(num_attention_heads=4, time_embedding_mix=1.0)
+    OmegaConf.save(config, tmp_path / "other_heads.yaml")
+    sd = plain_sd_checkpoint(model, tmp_path / "sd.safetensors")
+    loaded, _ = load_model(tmp_path / "other_heads.yaml", [sd, export])
+    assert loaded.control_model.config == model.control_model.config
+    folder = tool_convert_diffusers.main(["to-diffusers", str(export), str(tmp_path / "folder"),
+                                          "--config", str(tmp_path / "other_heads.yaml")])
+    theirs = json.loads((folder / "config.json").read_text())
+    assert (theirs["num_attention_heads"], theirs["time_embedding_mix"]) == (2, 0.9)
+    back = tool_convert_diffusers.main(["from-diffusers", str(folder), str(tmp_path / "back.safetensors"),
+                                        "--config", str(TINY)])
+    assert read_metadata(back) == read_metadata(export)
