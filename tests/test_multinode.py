@@ -60,8 +60,8 @@ def shards(fill50k, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def readers(fill50k, tmp_path_factory) -> dict[str, list[str]]:
-    """The N samples in each map-style format, as --data_root and its options."""
+def readers(fill50k, shards, tmp_path_factory) -> dict[str, list[str]]:
+    """The N samples in each format, as --data_root and its options."""
     base = tmp_path_factory.mktemp("formats")
     lines = [json.loads(line) for line in (fill50k / "prompt.json").read_text().splitlines()]
     (base / "kohya" / "hints").mkdir(parents=True)
@@ -74,7 +74,7 @@ def readers(fill50k, tmp_path_factory) -> dict[str, list[str]]:
                                        f"kohya/hints/{i}.png", "text": line["prompt"]}) + "\n")
     return {"fill50k": [str(fill50k)],
             "kohya": [str(base / "kohya"), "--conditioning_data_dir", str(base / "kohya" / "hints")],
-            "hf": [str(base)]}
+            "hf": [str(base)], "shards": [str(shards)]}
 
 
 def free_port() -> int:
@@ -165,8 +165,9 @@ def test_killed_mid_epoch_resumes_the_stream(shards, tmp_path):
     ("fill50k", 10, 12, ["--num_workers", "2"]),  # killed in the second epoch, workers fetching ahead
     ("kohya", 8, 10, ["--resolution", "64", "--resize", "buckets"]),  # saved at the end of the first epoch
     ("hf", 5, 7, ["--resolution", "32", "--resize", "random_crop"]),
+    ("shards", 8, 10, []),  # the stream, saved at the end of the first epoch
 ])
-def test_killed_mid_epoch_resumes_every_map_style_reader_exactly(readers, reader, checkpoint_every, die_at, options,
+def test_killed_mid_epoch_resumes_every_reader_exactly(readers, reader, checkpoint_every, die_at, options,
                                                                   tmp_path):
     """The resumed run trains on the very batches an uninterrupted run would (those the killed run trained on
     after its checkpoint included), each sample once per epoch, and Lightning counts no empty epoch."""
