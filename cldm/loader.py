@@ -2,7 +2,8 @@
 file -> a network for a ControlUnit on a loaded model.
 
 A file holding base weights (`model.*`, the VAE, the text encoders) is a model checkpoint and loads by key name: a
-Stable Diffusion checkpoint, a whole ControlLDM checkpoint (the original's, tool_add_control's, a Lightning one).
+Stable Diffusion checkpoint, a whole ControlLDM checkpoint (the original's, tool_add_control's, a Lightning one;
+a training checkpoint of a run with EMA gives the EMA of its trained weights, except as a training's initial weights).
 Any other file is a control file: the registry (cldm/modes.py) tells its mode, which must be the model's own, and
 the mode loads it in whichever of its layouts it is. Every weight of the model must come from some file, except
 the schedule buffers the config sets and, for a training's initial weights, what the mode trains from scratch.
@@ -29,7 +30,8 @@ from cldm.control import ControlMode, ControlNetwork
 from cldm.control_weights import fillable
 from cldm.model import CONTROL_PREFIX, LoadReport, create_model, load_checkpoint, load_state_dict
 from cldm.modes import recognise
-from ldm.checkpoint import BASE_PREFIXES, UserError, read_metadata, require_finite
+from cldm.training import checkpoint_averages
+from ldm.checkpoint import BASE_PREFIXES, UserError, read_checkpoint, read_metadata, require_finite, state_dict_of
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +106,12 @@ def load_files(model: ControlLDM, files: Sequence[FilePath], initial: bool = Fal
     absent: list[str] = []  # reported missing by a control file's mode, and no key of the model any more
     report = ModelReport()
     for path in files:
-        state_dict = load_state_dict(path)
+        checkpoint = read_checkpoint(path)
+        state_dict = state_dict_of(checkpoint, path)
+        averages = {} if initial else checkpoint_averages(checkpoint, path)
+        if averages:  # what the run validated, chose its best checkpoints by and exported
+            log.info("%s: the EMA of its %d trained tensors in place of the raw weights", path, len(averages))
+            state_dict = {**state_dict, **averages}
         require_finite(state_dict, path)
         if holds_base(state_dict):
             loaded = load_checkpoint(model, state_dict, source=path)

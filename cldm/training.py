@@ -40,6 +40,7 @@ from ldm.checkpoint import (
     atomic_output,
     is_sharded_checkpoint,
     read_checkpoint,
+    read_sharded_tensors,
     require_finite,
     save_torch,
     sniff,
@@ -47,6 +48,7 @@ from ldm.checkpoint import (
     weights_fingerprint,
 )
 from ldm.models.diffusion.ddpm import SCHEDULE_BUFFERS
+from ldm.modules.ema import EMA_KEY
 from ldm.util import get_obj_from_str
 
 log = logging.getLogger(__name__)
@@ -251,6 +253,20 @@ def optimizer_param_names(model: torch.nn.Module, optimizer: torch.optim.Optimiz
     """The names of the parameters in each of the optimizer's groups, in order (its state is indexed so)."""
     names = {id(p): name for name, p in model.named_parameters()}
     return [[names.get(id(p), "") for p in group["params"]] for group in optimizer.param_groups]
+
+
+def checkpoint_averages(checkpoint: Mapping, path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The EMA of the trained weights that a training checkpoint (`checkpoint`, read from `path`) holds in its
+    optimizer's state, by parameter name; {} for a run without EMA or a file that is not a training checkpoint."""
+    if is_sharded_checkpoint(path):  # the optimizer's state is kept by parameter name there
+        return read_sharded_tensors(path, "optimizer_0.state.", "." + EMA_KEY)
+    states, names = checkpoint.get("optimizer_states"), checkpoint.get(TRAINING_STATE, {}).get(PARAM_GROUPS)
+    if not isinstance(states, list) or len(states) != 1 or names is None:
+        return {}
+    by_index = {index: name for group, group_names in zip(states[0]["param_groups"], names)
+                for index, name in zip(group["params"], group_names)}
+    return {by_index[index]: state[EMA_KEY] for index, state in states[0]["state"].items()
+            if EMA_KEY in state and by_index.get(index)}
 
 
 def training_state(model: torch.nn.Module) -> dict:

@@ -186,42 +186,57 @@ def read_sharded_checkpoint(path: str | os.PathLike, location: str | torch.devic
     """A sharded checkpoint folder as one Lightning checkpoint dict, read in this process alone (no process
     group): meta.pt's entries (step, loops, callbacks, training settings) and, with `weights`, "state_dict" with
     every weight whole; on the "meta" device the weights' shapes alone, from the index. The optimizer's state is
-    not read."""
-    import torch.distributed.checkpoint as dcp
-
+    not read (read_sharded_tensors reads parts of it)."""
     path = Path(path)
-
-    class SafeReader(dcp.FileSystemReader):
-        def read_metadata(self, *args, **kwargs) -> dcp.Metadata:
-            with open(path / SHARDED_INDEX, "rb") as f:
-                try:
-                    metadata = ShardedIndexUnpickler(f).load()
-                except (pickle.UnpicklingError, EOFError, AttributeError) as err:
-                    raise CheckpointError(f"{path} is not a readable sharded checkpoint: its index "
-                                          f"{SHARDED_INDEX} {err}") from err
-            metadata.storage_meta = metadata.storage_meta or dcp.metadata.StorageMeta()
-            return metadata
-
     meta_file = path / SHARDED_META
     checkpoint = read_checkpoint(meta_file, location) if meta_file.is_file() else {}
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{meta_file} does not hold Lightning's checkpoint state")
     if not weights:
         return checkpoint
+    tensors = read_sharded_tensors(path, SHARDED_WEIGHTS + ".", location=location)
+    if not tensors:
+        raise CheckpointError(f"{path} is a sharded checkpoint without weights (no {SHARDED_WEIGHTS}.* entries in its "
+                              f"index; it has {sorted({k.split('.')[0] for k in sharded_index(path).state_dict_metadata})})")
+    return {**checkpoint, SHARDED_WEIGHTS: tensors}
+
+
+def sharded_index(path: Path) -> "torch.distributed.checkpoint.Metadata":
+    """The index (torch.distributed.checkpoint's Metadata) of a sharded checkpoint folder, unpickled with an
+    allow-list."""
+    import torch.distributed.checkpoint as dcp
+
+    with open(path / SHARDED_INDEX, "rb") as f:
+        try:
+            metadata = ShardedIndexUnpickler(f).load()
+        except (pickle.UnpicklingError, EOFError, AttributeError) as err:
+            raise CheckpointError(f"{path} is not a readable sharded checkpoint: its index {SHARDED_INDEX} {err}"
+                                  ) from err
+    metadata.storage_meta = metadata.storage_meta or dcp.metadata.StorageMeta()
+    return metadata
+
+
+def read_sharded_tensors(path: str | os.PathLike, prefix: str, suffix: str = "",
+                         location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors of a sharded checkpoint folder whose entry names start with `prefix` and end with `suffix`,
+    whole, by name without them (on the "meta" device their shapes alone); read in this process alone."""
+    import torch.distributed.checkpoint as dcp
+
+    path = Path(path)
+
+    class SafeReader(dcp.FileSystemReader):
+        def read_metadata(self, *args, **kwargs) -> dcp.Metadata:
+            return sharded_index(path)
+
     reader = SafeReader(path)
-    prefix = SHARDED_WEIGHTS + "."
-    index = reader.read_metadata().state_dict_metadata
-    shapes = {k[len(prefix):]: m for k, m in index.items() if k.startswith(prefix)
-              and isinstance(m, dcp.metadata.TensorStorageMetadata)}
-    if not shapes:
-        raise CheckpointError(f"{path} is a sharded checkpoint without weights (no {prefix}* entries in its index; "
-                              f"it has {sorted({k.split('.')[0] for k in index})})")
-    tensors = {k: torch.empty(m.size, dtype=m.properties.dtype, device=location) for k, m in shapes.items()}
-    if torch.device(location).type != "meta":
+    shapes = {k: m for k, m in reader.read_metadata().state_dict_metadata.items()
+              if k.startswith(prefix) and k.endswith(suffix) and isinstance(m, dcp.metadata.TensorStorageMetadata)}
+    entries = {k: torch.empty(m.size, dtype=m.properties.dtype, device=location) for k, m in shapes.items()}
+    if entries and torch.device(location).type != "meta":
         with warnings.catch_warnings():  # that it reads in this one process, which is what is asked
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load({SHARDED_WEIGHTS: tensors}, storage_reader=reader, no_dist=True)
-    return {**checkpoint, SHARDED_WEIGHTS: tensors}
+            dcp.load(entries, storage_reader=reader, no_dist=True)
+    return {k[len(prefix):len(k) - len(suffix)]: v for k, v in entries.items()}
 
 
 def state_dict_of(obj: object, source: str | os.PathLike) -> dict[str, torch.Tensor]:

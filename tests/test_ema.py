@@ -11,6 +11,7 @@ import torch
 
 from cldm.cldm import ControlLDM
 from cldm.fidelity import Scorers, evaluate, load_samples
+from cldm.loader import load_model
 from cldm.model import create_model, load_state_dict, save_state_dict
 from conftest import ROOT, model_as_trained
 from ldm.checkpoint import UserError
@@ -154,6 +155,14 @@ def test_logged_and_validation_samples_are_of_the_average(data_root, tmp_path):
     assert float(last["val/ssim"]) == pytest.approx(scores[True]["ssim"].mean(), abs=1e-12)
     assert float(last["val/canny_f1"]) == pytest.approx(scores[True]["canny_f1"].mean(), abs=1e-12)
     assert not np.allclose(scores[True]["ssim"], scores[False]["ssim"], atol=1e-6)
+
+    # a checkpoint of the run (a best one, chosen by these values) gives tool_eval_control the weights they scored;
+    # a training started from it (--resume_path) gets the raw ones, as a resumed run does
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    scored, raw = model_with(trainer, True).state_dict(), model_with(trainer, False).state_dict()
+    for initial, expected in ((False, scored), (True, raw)):
+        loaded = load_model(TINY, [last], initial=initial)[0].state_dict()
+        assert all(torch.equal(v, expected[k]) for k, v in loaded.items())
 
 
 @pytest.mark.parametrize("config", ["cldm_tiny_lora.yaml", "cldm_tiny_lllite.yaml"])

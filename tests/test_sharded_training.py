@@ -161,10 +161,12 @@ def test_fsdp_on_two_processes_resumes_and_exports_what_one_process_trains(data,
     ema = load_file(sharded / "control_model.safetensors")
     assert any(not torch.equal(ema[k], export[k]) for k in export)  # the average is not the weights
 
-    # the model loader of tool_eval_control takes the sharded checkpoint as it takes a file
+    # the model loader of tool_eval_control takes the sharded checkpoint as it takes a file: the EMA of what trained
+    # (what validation scored and the export holds), the raw weights as a training's initial ones
     from cldm.loader import load_model
-    model, _ = load_model(TINY_XL, [last])
-    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items() if k in weights)
+    for initial, expected in ((False, {**weights, **ema}), (True, weights)):
+        model, _ = load_model(TINY_XL, [last], initial=initial)
+        assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items() if k in weights)
 
 
 @pytest.fixture
