@@ -166,8 +166,8 @@ def load_model(files: ModelFiles, device: torch.device) -> torch.nn.Module:
     if files.base is not None and not files.base.is_file():
         raise UserError(f"Base checkpoint not found: {files.base}",
                         f"download a Stable Diffusion 1.5 checkpoint, e.g. {SD15_URL}, and give its path to --base")
-    # a base checkpoint fills the UNet, VAE and text encoder; the control file (ControlNet, control-LoRA or LLLite,
-    # in any of its layouts) then the control network
+    # a base checkpoint fills the UNet, VAE and text encoder; the control file (of the config's mode, in any of its
+    # layouts) then the control network
     try:
         model, _ = loader.load_model(files.config, [files.base, files.checkpoint] if files.base else [files.checkpoint])
     except loader.MissingWeightsError as err:
