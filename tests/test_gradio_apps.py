@@ -829,3 +829,39 @@ def test_sdxl_configs_run_in_the_apps():
     assert component(page.build_demo(app, sd_pipeline), "Original width") == []
     with pytest.raises(gr.Error, match="Original width: size conditioning is SDXL's; this model has none"):
         sd_pipeline.process(img, "a house", "", "", 1, 64, "ddim", 2, 5.0, 3, 0.0, sdxl_original_width=1024)
+
+
+@pytest.mark.parametrize("config", ["cldm_tiny_t2i.yaml", "cldm_tiny_xs.yaml", "cldm_tiny_union.yaml"])
+def test_a_model_of_each_later_architecture_serves_the_apps(config, tmp_path):
+    """--config of a T2I-Adapter, ControlNet-XS or ControlNet-Union model, --ckpt its export and --base an SD
+    checkpoint: the app loads them through the one loader, and unit 1 (the model's own network) gives what sample()
+    gives with the trained network; a union's Control Type auto is its config's type, a chosen one replaces it."""
+    from conftest import randomize_zero_init
+    path = MODELS / config
+    trained = model_as_trained(path, seed=4).eval()
+    randomize_zero_init(trained.control_model)
+    base = save_state_dict({k: v for k, v in trained.state_dict().items() if not k.startswith("control_model.")},
+                           tmp_path / "base.safetensors")
+    export = save_state_dict(trained.control_state_dict(), tmp_path / "control.safetensors",
+                             metadata=trained.control_mode.recorded(trained))
+    model = loading.load_model(ModelFiles(path, export, base), torch.device("cpu"))
+    app = importlib.import_module("gradio_apps.gradio_canny2image").APP
+    pipeline = Pipeline(app, model, Detectors("cpu", random_init=True), ControlFiles(None, model, path))
+    side = handling.resolution_range(model)[0]
+    img = picture(side, side)
+    hint = torch.from_numpy(HWC3(cv2.Canny(img, 100, 200))).float().permute(2, 0, 1)[None] / 255.0
+    run = dict(sampler="ddim", steps=2, cfg_scale=5.0, seed=3)
+
+    def served(**unit) -> np.ndarray:
+        out = pipeline.process(img, "a house", "", "", 1, side, "ddim", 2, 5.0, 3, 0.0, unit1_enabled=True,
+                               unit1_preprocessor="canny", unit1_strength=0.8, **unit)
+        return np.asarray(out[1][0])
+
+    def sampled(net, **unit) -> np.ndarray:
+        return sample(model, "a house, ", "", units=[ControlUnit(net, hint, strength=0.8, **unit)], **run).images[0]
+    types = {"control_type": "canny"} if "union" in config else {}
+    np.testing.assert_array_equal(served(), sampled(trained.control_model, **types))
+    assert not np.array_equal(served(), sample(model, "a house, ", "", **run).images[0])  # the network acts
+    if types:
+        np.testing.assert_array_equal(served(unit1_control_type="depth"),
+                                      sampled(trained.control_model, control_type="depth"))
