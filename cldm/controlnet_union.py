@@ -56,6 +56,7 @@ from cldm.diffusers_convert import (
 from cldm.diffusers_convert import diffusers_config as controlnet_config
 from cldm.diffusers_names import diffusers_module_names, rename_module
 from cldm.model import CONTROL_PREFIX, LoadReport, load_checkpoint, load_state_dict, save_state_dict
+from cldm.training import weights_to_use
 from ldm.checkpoint import UNET_PREFIX, require_finite
 from ldm.modules.diffusionmodules.openaimodel import BlockHook, embed_time_and_vector
 from ldm.modules.diffusionmodules.util import timestep_embedding, zero_module
@@ -470,7 +471,7 @@ class UnionMode(ControlMode):
         """A union file (this mode's export, a Lightning checkpoint, or diffusers' weights alone) -> a diffusers
         ControlNetUnionModel folder: config.json and diffusion_pytorch_model.safetensors."""
         folder = DiffusersFolder(out_dir, force)
-        state_dict = load_state_dict(source)
+        state_dict = weights_to_use(source)
         if self.layout(state_dict) is None:
             raise ValueError(f"{source} holds no ControlNet-Union weights: expected {self.files}")
         net = network_for_config(state_dict, config, source)

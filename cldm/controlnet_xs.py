@@ -49,6 +49,7 @@ from cldm.control import BlockControl, ControlMode, HintCache, repeat_to
 from cldm.diffusers_convert import DiffusersFolder, read_folder
 from cldm.diffusers_names import RESNET_LAYERS, rename_module
 from cldm.model import CONTROL_PREFIX, LoadReport, create_model, load_state_dict, save_state_dict
+from cldm.training import weights_to_use
 from ldm.checkpoint import read_metadata
 from ldm.modules.attention import SpatialTransformer
 from ldm.modules.diffusionmodules.openaimodel import MIDDLE, BlockHook, BlockSite, Downsample, ResBlock
@@ -711,7 +712,7 @@ def convert_to_diffusers(in_path: str | os.PathLike, out_dir: str | os.PathLike,
     and mix the file recorded, else the config's."""
     folder = DiffusersFolder(out_dir, force)  # refused before the work
     expected = config_adapter(config_path)
-    net = load_controlnet_xs(load_state_dict(in_path), asdict(expected) | settings(read_metadata(in_path)))
+    net = load_controlnet_xs(weights_to_use(in_path), asdict(expected) | settings(read_metadata(in_path)))
     check_structure(net, expected, in_path)
     return folder.write(to_diffusers(net), net.config.diffusers_config())
 

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from cldm.cli import refuse_existing
 from cldm.diffusers_names import diffusers_module_names, rename_module
 from cldm.model import CONTROL_PREFIX, load_state_dict, save_state_dict
+from cldm.training import weights_to_use
 from ldm.checkpoint import require_finite, write_text
 from ldm.modules.diffusionmodules.openaimodel import UNetSpec
 from ldm.util import get_obj_from_str
@@ -323,7 +324,7 @@ def convert_to_diffusers(in_path: str | os.PathLike, out_dir: str | os.PathLike,
     """Write OUT_DIR/config.json and OUT_DIR/diffusion_pytorch_model.safetensors from original weights."""
     folder = DiffusersFolder(out_dir, force)
     mapping = build_mapping(config_path)
-    weights = to_diffusers(load_state_dict(in_path), mapping, source=str(in_path))
+    weights = to_diffusers(weights_to_use(in_path), mapping, source=str(in_path))
     require_finite(weights, in_path)  # the ControlNet's: a whole checkpoint's other parts are not converted
     return folder.write(weights, mapping.config)
 

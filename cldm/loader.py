@@ -30,8 +30,8 @@ from cldm.control import ControlMode, ControlNetwork
 from cldm.control_weights import fillable
 from cldm.model import CONTROL_PREFIX, LoadReport, create_model, load_checkpoint, load_state_dict
 from cldm.modes import recognise
-from cldm.training import checkpoint_averages
-from ldm.checkpoint import BASE_PREFIXES, UserError, read_checkpoint, read_metadata, require_finite, state_dict_of
+from cldm.training import weights_to_use
+from ldm.checkpoint import BASE_PREFIXES, UserError, read_metadata, require_finite
 
 log = logging.getLogger(__name__)
 
@@ -106,12 +106,7 @@ def load_files(model: ControlLDM, files: Sequence[FilePath], initial: bool = Fal
     absent: list[str] = []  # reported missing by a control file's mode, and no key of the model any more
     report = ModelReport()
     for path in files:
-        checkpoint = read_checkpoint(path)
-        state_dict = state_dict_of(checkpoint, path)
-        averages = {} if initial else checkpoint_averages(checkpoint, path)
-        if averages:  # what the run validated, chose its best checkpoints by and exported
-            log.info("%s: the EMA of its %d trained tensors in place of the raw weights", path, len(averages))
-            state_dict = {**state_dict, **averages}
+        state_dict = load_state_dict(path) if initial else weights_to_use(path)
         require_finite(state_dict, path)
         if holds_base(state_dict):
             loaded = load_checkpoint(model, state_dict, source=path)

@@ -45,6 +45,7 @@ from cldm.cldm import ControlLDM
 from cldm.control import BlockControl, ControlMode, FeatureAddition, HintCache, repeat_to
 from cldm.diffusers_convert import DiffusersFolder, read_folder
 from cldm.model import CONTROL_PREFIX, LoadReport, load_state_dict, save_state_dict
+from cldm.training import weights_to_use
 from ldm.modules.attention import SpatialTransformer
 from ldm.modules.diffusionmodules.openaimodel import MIDDLE, BlockSite, Downsample, ResBlock
 
@@ -445,7 +446,7 @@ def convert_to_diffusers(in_path: str | os.PathLike, out_dir: str | os.PathLike,
     """A T2I-Adapter file in any layout (TencentARC's .pth, this project's export) -> a diffusers T2IAdapter folder;
     the config says which kind a full adapter is (SD's or SDXL's)."""
     expected = config_adapter(config_path)
-    weights = adapter_weights(load_state_dict(in_path))
+    weights = adapter_weights(weights_to_use(in_path))
     net = load_t2i_adapter(weights, infer_config(weights, expected.adapter_type))
     check_structure(net, expected, in_path)
     return save_adapter_folder(net, out_dir, force)

@@ -269,6 +269,18 @@ def checkpoint_averages(checkpoint: Mapping, path: str | os.PathLike) -> dict[st
             if EMA_KEY in state and by_index.get(index)}
 
 
+def weights_to_use(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The weights of a file to sample with, score or convert: its tensors, and for a training checkpoint of a run
+    with EMA the EMA of its trained tensors in their place (logged): what the run validated, chose its best
+    checkpoints by and exported. A training continues from the raw ones (load_state_dict)."""
+    checkpoint = read_checkpoint(path)
+    state_dict = state_dict_of(checkpoint, path)
+    averages = checkpoint_averages(checkpoint, path) if isinstance(checkpoint, dict) else {}
+    if averages:
+        log.info("%s: the EMA of its %d trained tensors in place of the raw weights", path, len(averages))
+    return {**state_dict, **averages}
+
+
 def training_state(model: torch.nn.Module) -> dict:
     """What a checkpoint records besides weights and optimizer state: the settings and the optimizer's names."""
     state = training_settings(model)

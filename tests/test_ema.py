@@ -114,6 +114,13 @@ def test_the_export_holds_the_average_or_the_raw_weights_by_option(data_root, tm
     assert any(not torch.equal(average[k], raw[k]) for k in trained)
     # a tensor that never trained (no gradient reaches it) is exported as it is
     assert all(torch.equal(export[k], raw[k]) for k in export if k not in average)
+    # tool_convert_diffusers to-diffusers of the run's checkpoint converts what the export holds
+    from cldm.diffusers_convert import convert_to_diffusers
+    folders = [convert_to_diffusers(source, tmp_path / name, TINY) for source, name in (
+        (out / "checkpoints" / "last.ckpt", "from_checkpoint"), (out / "control_model.safetensors", "from_export"))]
+    converted = [load_state_dict(folder / "diffusion_pytorch_model.safetensors") for folder in folders]
+    assert converted[0].keys() == converted[1].keys() and all(torch.equal(v, converted[1][k])
+                                                              for k, v in converted[0].items())
 
     raw_only = train(data_root, tmp_path / "raw", "--max_steps", "1", "--ema_export", "raw", *EMA)
     assert all(torch.equal(v, raw_only.lightning_module.state_dict()[k])
