@@ -248,3 +248,13 @@ def test_checkpoint_choice_is_refused_by_name_when_it_cannot_work(data, tmp_path
     extra = [str(held_out) if v == "HELD" else v for v in extra]
     with pytest.raises(UserError, match=message):
         train(train_root, tmp_path / "run", "--resume_path", "none", *extra)
+
+
+def test_an_epoch_bounded_run_validates_its_last_step(data, initial, tmp_path):
+    """--max_epochs without --max_steps: the last batch of the last epoch is validated as a last step is."""
+    train_root, held_out = data
+    trainer = train(train_root, tmp_path / "run", "--resume_path", initial, "--max_epochs", "2", "--seed", "0",
+                    "--val_data", held_out, "--val_every", "3", "--val_samples", "2", "--val_steps", "1",
+                    "--val_metrics", "canny")
+    assert trainer.global_step == 8 and trainer.current_epoch == 2  # 16 samples at batch 4, two epochs whole
+    assert sorted(logged_rows(trainer)) == [0, 3, 6, 8]
