@@ -159,3 +159,21 @@ def test_a_resumed_run_with_bf16_frozen_weights_keeps_its_cache(data_root, tmp_p
     assert load_state_dict(last)["first_stage_model.decoder.conv_out.weight"].dtype == torch.bfloat16
     resumed = main([*args, "--resume", str(last), "--max_steps", "2", "--force"])
     assert resumed.global_step == 2
+
+
+def test_non_finite_latents_are_refused_naming_the_image_and_nothing_is_written(data_root, tmp_path, monkeypatch):
+    """A VAE that overflows (float16, or broken weights) must not leave a cache that trains on NaN."""
+    import cldm.data.latent_cache
+    encode = cldm.data.latent_cache.encode_images
+
+    def overflowing(model, batch):
+        mean, std = encode(model, batch)
+        mean[1, 0, 0, 0] = float("inf") if len(mean) == 4 else mean[1, 0, 0, 0]  # sample 1 of the first batch
+        return mean, std
+    monkeypatch.setattr(cldm.data.latent_cache, "encode_images", overflowing)
+    out = tmp_path / "cache"
+    with pytest.raises(ValueError, match=r"target/1\.png \(line 2 of .*prompt\.json\): the VAE encodes it to "
+                                         r"non-finite latents"):
+        tool_cache_latents.main(["--config", TINY, "--ckpt", "none", "--data_root", str(data_root), "--out", str(out),
+                                 "--batch_size", "4"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -105,6 +105,17 @@ def encode_prompts(model: torch.nn.Module, prompts: list[str], batch_size: int) 
     return {name: torch.cat([p[name].float().cpu() for p in parts]) for name in parts[0]}
 
 
+def refuse_nonfinite(dataset: Fill50KDataset, start: int, mean: torch.Tensor, std: torch.Tensor) -> None:
+    """ValueError naming the first image of a batch (samples start, start + 1, ...) whose posterior is NaN or
+    infinite: such a cache would train on NaN."""
+    finite = torch.isfinite(mean).flatten(1).all(1) & torch.isfinite(std).flatten(1).all(1)
+    if not bool(finite.all()):
+        line_no, _, target, _ = dataset.data[start + int((~finite).nonzero()[0])]
+        raise ValueError(f"{Path(dataset.root) / target} (line {line_no} of {dataset.index}): the VAE encodes it to "
+                         f"non-finite latents (NaN or infinity), which would train on NaN; check the image and the "
+                         f"VAE's weights (a float16 VAE overflows on some images)")
+
+
 def cache_latents(model: torch.nn.Module, dataset: Fill50KDataset, out: str | os.PathLike, batch_size: int = 8,
                   num_workers: int = 0, force: bool = False, source: dict | None = None) -> Path:
     """Write the cache of `dataset` under `out` (see tutorial_dataset.CACHE_ARRAYS); `source` goes into meta.json."""
@@ -118,6 +129,7 @@ def cache_latents(model: torch.nn.Module, dataset: Fill50KDataset, out: str | os
                             worker_init_fn=DieWithParent())
         for batch in loader:
             mean, std = encode_images(model, batch)
+            refuse_nonfinite(dataset, start, mean, std)
             per_sample = {MEAN: mean, STD: std}
             if model.vector_conditioned:  # the size conditioning online training would use, per sample
                 per_sample |= model.batch_sizes(batch, len(mean), mean.shape[-2:])
