@@ -139,6 +139,9 @@ def build_parser(config: str, resume_path: str) -> argparse.ArgumentParser:
                        help="skip up to N steps whose loss is NaN or infinite before stopping (default: stop at the "
                             "first)")
     p.add_argument("--accumulate_grad_batches", type=int, default=1)
+    p.add_argument("--max_grad_norm", type=float, default=None,
+                   help="clip the trained tensors' gradient to this total norm before each update (kohya's and "
+                        "diffusers' scripts clip at 1.0 by default; the original ControlNet does not clip: off)")
     p.add_argument("--precision", default="32", help="32, 16-mixed, bf16-mixed, ...")
     p.add_argument("--logger_freq", type=int, default=300, help="ImageLogger: every N global steps")
     p.add_argument("--log_every_n_steps", type=int, default=50, help="how often losses go to the loggers")
@@ -453,6 +456,9 @@ def main(argv: list[str] | None = None, config: str = "./models/cldm_v15.yaml",
                         f"{FROZEN_DTYPES[args.frozen_dtype][1]}, got --precision {args.precision}",
                         "the frozen weights compute under that precision's autocast")
     check_strategy(args.strategy, args.accelerator, args.optimizer or "adamw")
+    if args.max_grad_norm is not None and not args.max_grad_norm > 0:
+        raise UserError(f"--max_grad_norm must be positive (1.0 in kohya's and diffusers' scripts), got "
+                        f"{args.max_grad_norm}")
     model = build_model(args, resume_path)
     if args.ema_export is not None and not model.use_ema:
         raise UserError(f"--ema_export {args.ema_export} is given, but the run keeps no EMA",
@@ -486,6 +492,7 @@ def main(argv: list[str] | None = None, config: str = "./models/cldm_v15.yaml",
                          precision=args.precision, max_steps=args.max_steps, max_epochs=args.max_epochs,
                          log_every_n_steps=args.log_every_n_steps,
                          accumulate_grad_batches=args.accumulate_grad_batches, num_nodes=args.num_nodes,
+                         gradient_clip_val=args.max_grad_norm, gradient_clip_algorithm="norm",
                          callbacks=[image_logger, checkpoints, *selection, *skipped, *progress_bar()]
                          + ([validation] if validation else []) + [RandomState()],
                          use_distributed_sampler=False, logger=run_loggers(output_dir), default_root_dir=output_dir,

@@ -372,3 +372,20 @@ def test_an_epoch_bounded_run_resumed_after_an_epochs_last_step_trains_every_epo
     assert resumed.global_step == 3 * per_epoch and resumed.current_epoch == 3
     logged = {p.name for p in (out / "image_log" / "train").glob("control_gs-*")}
     assert logged == {"control_gs-000005_e-000001_b-000000.png", "control_gs-000010_e-000002_b-000001.png"}
+
+
+def test_max_grad_norm_clips_the_gradient_of_each_update(data_root, tmp_path, monkeypatch):
+    """--max_grad_norm (kohya's and diffusers' option): the gradient each update applies has at most that norm."""
+    norms: list[float] = []
+
+    def record(self, *args):  # after the update: the gradients it used, clipped
+        grads = [p.grad for p in self.parameters() if p.requires_grad and p.grad is not None]
+        norms.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+    monkeypatch.setattr(ControlLDM, "on_train_batch_end", record, raising=False)
+    common = ["--max_steps", "2", "--sd_locked", "False", "--logger_freq", "100", "--seed", "0"]
+    train(data_root, tmp_path / "plain", *common)
+    plain, norms[:] = norms[:], []
+    train(data_root, tmp_path / "clipped", *common, "--max_grad_norm", "1e-3")
+    assert min(plain) > 1e-2 and norms == [pytest.approx(1e-3, rel=1e-4)] * 2
+    with pytest.raises(UserError, match="--max_grad_norm must be positive"):
+        train(data_root, tmp_path / "zero", *common, "--max_grad_norm", "0")
