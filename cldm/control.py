@@ -16,11 +16,13 @@ module with a network that subclasses one of the kinds and a ControlMode, listed
 (docs/modes.md).
 """
 
+import json
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -311,6 +313,26 @@ def repeat_to(t: torch.Tensor, n: int) -> torch.Tensor:
 def unconditional_units(units: Sequence[ControlUnit]) -> list[ControlUnit]:
     """The units that also act on the unconditional pass."""
     return [u for u in units if u.acts_on_uncond]
+
+
+def record(key: str, settings: Mapping[str, Any]) -> dict[str, str]:
+    """`settings` as a mode's exports record them in the safetensors header (ControlMode.recorded): JSON under
+    `key`."""
+    return {key: json.dumps(dict(settings))}
+
+
+def recorded_settings(recorded: Mapping[str, str] | None, key: str, names: Sequence[str]) -> dict[str, Any]:
+    """The settings a file recorded under `key` (see record), {} when it recorded none; ValueError for an entry
+    that is not a JSON object of some of `names`."""
+    if not recorded or key not in recorded:
+        return {}
+    try:
+        values = json.loads(recorded[key])
+    except json.JSONDecodeError as err:
+        raise ValueError(f"its header's {key!r} entry is not JSON: {err}") from err
+    if not isinstance(values, dict) or not set(values) <= set(names):
+        raise ValueError(f"its header's {key!r} entry should map some of {list(names)}, got {recorded[key][:80]!r}")
+    return values
 
 
 class ControlMode(ABC):

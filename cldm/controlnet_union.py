@@ -44,7 +44,16 @@ import torch.nn as nn
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from cldm.cldm import ControlLDM, ControlNet, controlnet_params
-from cldm.control import Contribution, ControlMode, ControlUnit, HintCache, Step, repeat_to
+from cldm.control import (
+    Contribution,
+    ControlMode,
+    ControlUnit,
+    HintCache,
+    Step,
+    record,
+    recorded_settings,
+    repeat_to,
+)
 from cldm.diffusers_convert import (
     CONFIG_NAME,
     DiffusersFolder,
@@ -57,7 +66,7 @@ from cldm.diffusers_convert import diffusers_config as controlnet_config
 from cldm.diffusers_names import diffusers_module_names, rename_module
 from cldm.model import CONTROL_PREFIX, LoadReport, load_checkpoint, load_state_dict, save_state_dict
 from cldm.training import weights_to_use
-from ldm.checkpoint import UNET_PREFIX, require_finite
+from ldm.checkpoint import UNET_PREFIX, read_metadata, require_finite
 from ldm.modules.diffusionmodules.openaimodel import BlockHook, embed_time_and_vector
 from ldm.modules.diffusionmodules.util import timestep_embedding, zero_module
 from ldm.modules.encoders.modules import quick_gelu
@@ -322,10 +331,12 @@ class UnionControlNet(ControlNet):
         return UnionStructure(self.hint_channels, tuple(c.out_channels for c in convs[:-1])[0::2],
                               self.num_control_type, self.control_type_embed_dim, len(self.transformer_layes))
 
-    def rebuilt(self, structure: UnionStructure) -> "UnionControlNet":
-        """A new network of this one's UNet structure and heads with `structure`'s, on this one's device."""
+    def rebuilt(self, structure: UnionStructure, heads: int | None = None) -> "UnionControlNet":
+        """A new network of this one's UNet structure with `structure`'s, and this one's heads unless `heads` are
+        given, on this one's device."""
         with torch.device(next(self.parameters()).device):
-            return UnionControlNet(**{**self.arguments, **structure.params()})
+            return UnionControlNet(**{**self.arguments, **structure.params(),
+                                      **({"num_trans_head": heads} if heads is not None else {})})
 
 
 # ---- files ------------------------------------------------------------------------------------------------
@@ -392,13 +403,25 @@ def load_into(net: UnionControlNet, weights: Mapping[str, torch.Tensor], layout:
         raise ValueError(f"its weights do not match: {report}")
 
 
-def union_network(state_dict: Mapping[str, torch.Tensor], config: DictConfig, device: torch.device | str
-                  ) -> UnionControlNet:
+# What our files record besides their tensors (ControlMode.recorded): the condition transformer's heads.
+RECORDED_KEY, RECORDED = "controlnet_union", ("num_trans_head",)
+
+
+def recorded_heads(recorded: Mapping[str, str] | None) -> int | None:
+    """The condition transformer's heads a file recorded, None when it recorded none."""
+    return recorded_settings(recorded, RECORDED_KEY, RECORDED).get("num_trans_head")
+
+
+def union_network(state_dict: Mapping[str, torch.Tensor], config: DictConfig, device: torch.device | str,
+                  heads: int | None = None) -> UnionControlNet:
     """The network of a union file (either layout) on `device`: the file's structure on the encoder of the model
-    of `config` (its control network's spec, or its UNet's), the attention's heads from the config (default 8)."""
+    of `config` (its control network's spec, or its UNet's); the attention's `heads` as the file recorded them,
+    else the config's (default 8, xinsir's)."""
     layout = CONTROLNET_UNION.layout(state_dict)
     weights = unprefixed(state_dict, layout)
-    heads = (config.model.params.control_stage_config.get("params") or {}).get("num_trans_head", TRANSFORMER_HEADS)
+    if heads is None:
+        heads = (config.model.params.control_stage_config.get("params") or {}).get("num_trans_head",
+                                                                                    TRANSFORMER_HEADS)
     params = controlnet_params(config) | file_structure(weights, layout).params() | {"num_trans_head": heads}
     with torch.device(device):
         net = UnionControlNet(**params)
@@ -408,10 +431,10 @@ def union_network(state_dict: Mapping[str, torch.Tensor], config: DictConfig, de
 
 def network_for_config(state_dict: Mapping[str, torch.Tensor], config_path: str | os.PathLike,
                        source: str | os.PathLike) -> UnionControlNet:
-    """The union network of a file on the CPU, for the model of `config_path`; ValueError naming both if it does not
-    fit."""
+    """The union network of the file `source` (its tensors `state_dict`, its recorded heads) on the CPU, for the
+    model of `config_path`; ValueError naming both if it does not fit."""
     try:
-        return union_network(state_dict, OmegaConf.load(config_path), "cpu")
+        return union_network(state_dict, OmegaConf.load(config_path), "cpu", recorded_heads(read_metadata(source)))
     except (ValueError, KeyError, RuntimeError) as err:
         raise ValueError(f"{source} does not fit the model of --config {config_path}: {err}") from err
 
@@ -435,7 +458,8 @@ class UnionMode(ControlMode):
 
     def network(self, state_dict: Mapping[str, torch.Tensor], model: nn.Module, config: DictConfig,
                 recorded: Mapping[str, str] | None = None) -> UnionControlNet:
-        return union_network(state_dict, config, next(model.model.diffusion_model.parameters()).device)
+        return union_network(state_dict, config, next(model.model.diffusion_model.parameters()).device,
+                             recorded_heads(recorded))
 
     def export(self, model: "UnionControlLDM") -> dict[str, torch.Tensor]:
         """diffusers' ControlNetUnionModel weights (what diffusers, ComfyUI and the A1111 extension load); with
@@ -448,6 +472,10 @@ class UnionMode(ControlMode):
                 | {f"{UNET_PREFIX}{part}.{k}": v for part in ("output_blocks", "out")
                    for k, v in unet.get_submodule(part).state_dict().items()})
 
+    def recorded(self, model: "UnionControlLDM") -> dict[str, str]:
+        """The condition transformer's heads (diffusers' num_trans_head, 8 in xinsir's files)."""
+        return union_record(model.control_model)
+
     def load(self, model: "UnionControlLDM", state_dict: Mapping[str, torch.Tensor],
              recorded: Mapping[str, str] | None = None) -> LoadReport:
         """The file's network into the model's: in place when their structures agree, else as a new network of
@@ -457,8 +485,9 @@ class UnionMode(ControlMode):
         weights = unprefixed(state_dict, layout)
         own = model.control_model
         structure = file_structure(weights, layout)
-        if structure != own.structure():
-            net = own.rebuilt(structure)
+        heads = recorded_heads(recorded)
+        if structure != own.structure() or heads not in (None, own.arguments["num_trans_head"]):
+            net = own.rebuilt(structure, heads)
             load_into(net, weights, layout)
             model.replace_control_model(net)
         else:
@@ -499,10 +528,15 @@ class UnionMode(ControlMode):
         if differs:
             raise ValueError(f"{config_file} describes another ControlNet-Union (right --config?): "
                              + "; ".join(differs))
-        return save_state_dict(diffusers_weights(net), out, force=force)
+        return save_state_dict(diffusers_weights(net), out, force=force, metadata=union_record(net))
 
 
 CONTROLNET_UNION = UnionMode()
+
+
+def union_record(net: UnionControlNet) -> dict[str, str]:
+    """What a file of `net` records besides its tensors."""
+    return record(RECORDED_KEY, {"num_trans_head": net.arguments["num_trans_head"]})
 
 
 class UnionControlLDM(ControlLDM):

@@ -28,7 +28,6 @@ embedding starts as a copy of the UNet's, as vislearn's training copies the base
 random one would replace the UNet's time embedding at step 0. So a fresh adapter leaves the UNet's output unchanged.
 """
 
-import json
 import logging
 import math
 import os
@@ -45,7 +44,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cldm.cldm import ControlLDM
 from cldm.cli import refuse_existing
-from cldm.control import BlockControl, ControlMode, HintCache, repeat_to
+from cldm.control import BlockControl, ControlMode, HintCache, record, recorded_settings, repeat_to
 from cldm.diffusers_convert import DiffusersFolder, read_folder
 from cldm.diffusers_names import RESNET_LAYERS, rename_module
 from cldm.model import CONTROL_PREFIX, LoadReport, create_model, load_state_dict, save_state_dict
@@ -608,23 +607,14 @@ def save_folder(net: ControlNetXS, folder: str | os.PathLike, force: bool = Fals
     return DiffusersFolder(folder, force).write(to_diffusers(net), config)
 
 
-def recorded_settings(config: XSConfig) -> dict[str, str]:
+def xs_record(config: XSConfig) -> dict[str, str]:
     """What a weights file of this adapter records besides its tensors (the safetensors header's metadata)."""
-    return {RECORDED_KEY: json.dumps({k: getattr(config, k) for k in RECORDED})}
+    return record(RECORDED_KEY, {k: getattr(config, k) for k in RECORDED})
 
 
 def settings(recorded: Mapping[str, str] | None) -> dict[str, Any]:
-    """The settings a file recorded (recorded_settings), {} when it recorded none."""
-    if not recorded or RECORDED_KEY not in recorded:
-        return {}
-    try:
-        values = json.loads(recorded[RECORDED_KEY])
-    except json.JSONDecodeError as err:
-        raise ValueError(f"its header's {RECORDED_KEY!r} entry is not JSON: {err}") from err
-    if not isinstance(values, dict) or not set(values) <= set(RECORDED):
-        raise ValueError(f"its header's {RECORDED_KEY!r} entry should map some of {list(RECORDED)}, got "
-                         f"{recorded[RECORDED_KEY][:80]!r}")
-    return values
+    """The settings a file recorded (xs_record), {} when it recorded none."""
+    return recorded_settings(recorded, RECORDED_KEY, RECORDED)
 
 
 def file_settings(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
@@ -677,7 +667,7 @@ class ControlNetXSMode(ControlMode):
 
     def recorded(self, model: "ControlNetXSLDM") -> dict[str, str]:
         """The heads, the time-embedding mix, the hint's channel order and the norms' group limit."""
-        return recorded_settings(model.control_model.config)
+        return xs_record(model.control_model.config)
 
     def load(self, model: "ControlNetXSLDM", state_dict: Mapping[str, torch.Tensor],
              recorded: Mapping[str, str] | None = None) -> LoadReport:
@@ -729,12 +719,12 @@ def convert_from_diffusers(in_path: str | os.PathLike, out_path: str | os.PathLi
                          "layout this project loads")
     net = load_controlnet_xs(in_path)
     check_structure(net, expected, in_path)
-    differ = [f"{k} {getattr(net.config, k)} (config {getattr(expected, k)})" for k in UNSHAPED[:4]
+    differ = [f"{k} {getattr(net.config, k)} (config {getattr(expected, k)})" for k in RECORDED
               if getattr(net.config, k) != getattr(expected, k)]
     if differ:
-        raise ValueError(f"{in_path}/config.json has {', '.join(differ)}: a weights file does not record these, so it "
-                         "would run otherwise under this --config; give the config that has them")
-    return save_state_dict(to_diffusers(net), out_path, force=force, metadata=recorded_settings(net.config))
+        raise ValueError(f"{in_path}/config.json has {', '.join(differ)}: another adapter than the --config's; give "
+                         "the config that has them")
+    return save_state_dict(to_diffusers(net), out_path, force=force, metadata=xs_record(net.config))
 
 
 def check_structure(net: ControlNetXS, expected: XSConfig, source: str | os.PathLike) -> None:

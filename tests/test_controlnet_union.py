@@ -439,3 +439,49 @@ def test_a_union_on_an_sd1_base_is_a_controlnet_union_model_too():
                                   return_dict=False)
     for a, b in zip(ours, [*down, mid]):
         assert b.abs().max() > 1e-3 and (a - b).abs().max() <= 1e-5 * b.abs().max()
+
+
+def test_an_export_records_the_condition_transformers_heads(tmp_path):
+    """The condition transformer's heads are not in the tensors (xinsir's files have 8, the tiny configs 4). The
+    export records them in its safetensors header, so the file is the trained network as a unit on a ControlNet
+    model (the apps' case), in a model whose config says 8, and in the diffusers folder it converts to; a file
+    without the record gets 8, which compute other residuals."""
+    import json
+
+    import tool_convert_diffusers
+    from cldm.loader import load_control_network, load_model
+    from cldm.model import save_state_dict
+    from cldm.train_command import write_exports
+    from ldm.checkpoint import read_metadata
+    config = MODELS / "cldm_tiny_union.yaml"
+    model = randomized(model_as_trained(config)).eval()
+    [export] = write_exports(model, tmp_path / "union.safetensors", "raw", force=False, write=True)
+    assert read_metadata(export) == CONTROLNET_UNION.recorded(model) == {"controlnet_union": '{"num_trans_head": 4}'}
+    controlnet_config = MODELS / "cldm_tiny.yaml"
+    as_unit = load_control_network(export, model_as_trained(controlnet_config), controlnet_config)
+    bare = load_control_network(save_state_dict(model.control_state_dict(), tmp_path / "bare.safetensors"),
+                                model_as_trained(controlnet_config), controlnet_config)
+    assert (as_unit.arguments["num_trans_head"], bare.arguments["num_trans_head"]) == (4, 8)
+    g = torch.Generator().manual_seed(8)
+    x, t, context = torch.randn(2, 4, 4, 4, generator=g), torch.tensor([10, 500]), torch.randn(2, 77, 32, generator=g)
+    hint = torch.rand(2, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        trained, unit, unrecorded = (net.residuals(x, hint, t, context, control_type="depth")
+                                     for net in (model.control_model, as_unit, bare))
+        assert all(torch.equal(a, b) for a, b in zip(unit, trained))
+        assert not all(torch.equal(a, b) for a, b in zip(unrecorded, trained))
+    other = OmegaConf.load(config)
+    other.model.params.control_stage_config.params.num_trans_head = 8
+    OmegaConf.save(other, tmp_path / "eight_heads.yaml")
+    sd = save_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("control_model.")},
+                         tmp_path / "sd.safetensors")
+    loaded, _ = load_model(tmp_path / "eight_heads.yaml", [sd, export])
+    assert loaded.control_model.arguments["num_trans_head"] == 4
+    assert all(torch.equal(a, b) for a, b in zip(loaded.control_model.state_dict().values(),
+                                                 model.control_model.state_dict().values()))
+    folder = tool_convert_diffusers.main(["to-diffusers", str(export), str(tmp_path / "folder"),
+                                          "--config", str(tmp_path / "eight_heads.yaml")])
+    assert json.loads((folder / "config.json").read_text())["num_trans_head"] == 4
+    back = tool_convert_diffusers.main(["from-diffusers", str(folder), str(tmp_path / "back.safetensors"),
+                                        "--config", str(config)])
+    assert read_metadata(back) == read_metadata(export)
