@@ -92,12 +92,24 @@ def test_full_size_model_holds_diffusers_t2i_adapter(config, name):
         "control_model." + k: v for k, v in theirs.items()}
 
 
+@pytest.fixture(scope="module")
+def full_size():
+    """The full-size SD1.5 and SDXL T2I-Adapter models on the meta device, by the YAML that builds each."""
+    return {config: create_model(MODELS / config, device="meta")
+            for config in ("cldm_v15_t2i.yaml", "cldm_xl_t2i.yaml")}
+
+
 @pytest.mark.parametrize("name", list(PUBLISHED))
-def test_published_diffusers_files_load_with_their_structure(name):
+def test_published_diffusers_files_load_with_their_structure(name, full_size):
+    """diffusers' layout of each published adapter: recognised, and through the mode's own network() (what the
+    loader calls for a unit) an adapter of their structure that fits the full-size UNet it was made for."""
+    from omegaconf import OmegaConf
     theirs = diffusers_adapter_on_meta(name)
     found = recognise(meta_tensors(shapes(theirs.state_dict())))
     assert (found.mode.name, found.layout) == ("t2i-adapter", "diffusers")
-    net = load_t2i_adapter(meta_tensors(shapes(theirs.state_dict())))
+    config = "cldm_xl_t2i.yaml" if name.startswith("sdxl") else "cldm_v15_t2i.yaml"
+    net = found.mode.network(meta_tensors(shapes(theirs.state_dict())), full_size[config],
+                             OmegaConf.load(MODELS / config))
     assert net.config == AdapterConfig(**PUBLISHED[name])
     assert shapes(net.state_dict()) == shapes(theirs.state_dict())
 
