@@ -315,6 +315,32 @@ max_bucket_reso = 128
     assert len(dataset) == 4 * 3 + 4
 
 
+def test_a_configs_caption_options_reach_each_subsets_items(tmp_path):
+    """Each subset's items train on captions its options made: dropped in one, prefixed in the other."""
+    root = kohya_folders(tmp_path)
+    config = read_dataset_config(write_toml(tmp_path / "d.toml", f"""
+[general]
+caption_extension = ".txt"
+
+[[datasets]]
+resolution = 64
+
+  [[datasets.subsets]]
+  image_dir = "{root / 'a' / 'images'}"
+  conditioning_data_dir = "{root / 'a' / 'canny'}"
+  caption_dropout_rate = 1.0
+
+  [[datasets.subsets]]
+  image_dir = "{root / 'b' / 'images'}"
+  conditioning_data_dir = "{root / 'b' / 'canny'}"
+  caption_prefix = "best"
+"""))
+    dataset = KohyaDataset(config.subsets, config.resize)
+    stored = [dataset.caption(i) for i in range(8)]
+    assert all(stored) and [dataset[i]["txt"] for i in range(4)] == [""] * 4
+    assert [dataset[i]["txt"] for i in range(4, 8)] == [f"best {caption}" for caption in stored[4:]]
+
+
 REFUSALS = {
     "unknown key": ("flip = true", r"datasets\[0\].subsets\[0\]: unknown key 'flip'"),
     "type": ('flip_aug = "yes"', r"datasets\[0\].subsets\[0\].flip_aug must be true or false, got 'yes'"),
