@@ -136,6 +136,32 @@ def test_a_bomb_in_a_kohya_folder_is_skipped_in_training(photos, tmp_path):
     assert trainer.global_step == 1 and skipped.total == 1
 
 
+def test_tutorial_train_applies_the_readers_guard_options(outside_parquet, tmp_path, monkeypatch):
+    """--require_captions, --max_image_pixels and --allow_outside_root given to tutorial_train reach its reader."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # --max_image_pixels changes it
+    root = tmp_path / "kohya"
+    for i in range(4):
+        side = 64 if i == 3 else 32  # 4,096 pixels against 1,024
+        for folder in ("images", "hints"):
+            write_png(root / folder / f"{i}.png", cv2.resize(PIXELS, (side, side)))
+        if i:
+            (root / "images" / f"{i}.txt").write_text(f"photo {i}")
+    run = ["--config", TINY, "--resume_path", "none", "--sd_locked", "False", "--resolution", "32", "--max_steps", "1",
+           "--sample_steps", "1", "--logger_freq", "1000", "--accelerator", "cpu", "--devices", "1"]
+    kohya = ["--data_root", str(root / "images"), "--conditioning_data_dir", str(root / "hints")]
+    with pytest.raises(ValueError, match=r"images/0\.png has no caption file"):
+        train([*run, *kohya, "--require_captions", "--output_dir", str(tmp_path / "captions")])
+    trainer = train([*run, *kohya, "--batch_size", "4", "--max_image_pixels", "2000", "--skip_bad_samples",
+                     "--output_dir", str(tmp_path / "pixels")])
+    skipped = next(c for c in trainer.callbacks if isinstance(c, SkippedSamples))
+    assert skipped.total == 1  # 3.png, over the limit
+    with pytest.raises(ValueError, match="points outside the data root"):
+        train([*run, "--data_root", str(outside_parquet), "--batch_size", "3", "--output_dir", str(tmp_path / "hf")])
+    trainer = train([*run, "--data_root", str(outside_parquet), "--batch_size", "3", "--allow_outside_root",
+                     "--output_dir", str(tmp_path / "hf_allowed")])
+    assert trainer.global_step == 1
+
+
 def test_convert_reads_kohya_folders_and_other_column_names(photos, outside_parquet, tmp_path):
     hints = tmp_path / "hints"
     hints.mkdir()
