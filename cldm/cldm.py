@@ -20,7 +20,7 @@ from cldm.reward import PAPER_MAX_T, REWARD_MODELS, REWARDS, Reward, RewardModel
 from cldm.sharding import ShardedDataParallel
 from cldm.training import TRAINING_STATE, adapt_optimizer_state, training_state
 from ldm.batch import IMAGE, MEAN, TEXT_EMBEDDING, TEXT_POOLED, empty_prompt
-from ldm.checkpoint import UNET_PREFIX, UserError, read_metadata
+from ldm.checkpoint import METADATA, UNET_PREFIX, UserError, read_metadata
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.modules.attention import InputAdapter
 from ldm.modules.diffusionmodules.openaimodel import (
@@ -341,6 +341,9 @@ class ControlLDM(LatentDiffusion):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint[TRAINING_STATE] = training_state(self)
+        recorded = self.control_mode.recorded(self)
+        if recorded:  # what the control network's tensors do not show, for the checkpoint used as a control file
+            checkpoint[METADATA] = recorded
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # The optimizer state moves by parameter name, so a resume may change the trainable set (sd_locked).

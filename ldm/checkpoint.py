@@ -548,36 +548,48 @@ def write_text(path: str | os.PathLike, text: str, force: bool = True) -> Path:
     return write_bytes(path, text.encode("utf-8"), force)
 
 
+# Where a PyTorch checkpoint records strings besides its tensors (a safetensors file: its header's metadata): a
+# top-level key beside "state_dict", as Lightning checkpoints hold their other state.
+METADATA = "metadata"
+
+
 def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike, force: bool = False,
                     metadata: Mapping[str, str] | None = None) -> Path:
-    """Write .safetensors or .ckpt/.pth by extension, through a temp file renamed into place. `metadata` goes into
-    a safetensors file's header (read_metadata); a .ckpt/.pth has no place for it, which is logged."""
+    """Write .safetensors or .ckpt/.pth by extension, through a temp file renamed into place. `metadata` (strings,
+    read back by read_metadata) goes into a safetensors file's header, or a PyTorch file's METADATA beside its
+    "state_dict"."""
     path = Path(path)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    if metadata and path.suffix != ".safetensors":
-        log.warning("%s: a %s file cannot record %s besides the tensors; write a .safetensors file to keep them",
-                    path, path.suffix, sorted(metadata))
     with atomic_output(path, force) as tmp:
         if path.suffix == ".safetensors":
             from safetensors.torch import save_file
             save_file(tensors, tmp, metadata=dict(metadata) if metadata else None)
         else:
-            save_torch(tensors, tmp)
+            save_torch({"state_dict": tensors, METADATA: dict(metadata)} if metadata else tensors, tmp)
     return path
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The metadata a safetensors file's header records besides its tensors (save_state_dict's `metadata`); {} for a
-    file of another format."""
+    """The strings a checkpoint file records besides its tensors (save_state_dict's `metadata`, a Lightning
+    checkpoint's METADATA): a safetensors header's metadata, a PyTorch file's METADATA; {} when it records none."""
     path = Path(path)
-    if not path.is_file() or sniff(path) != SAFETENSORS:
+    if not path.is_file():
         return {}
-    from safetensors import SafetensorError, safe_open
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return dict(f.metadata() or {})
-    except SafetensorError as err:
-        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {err}") from err
+    kind = sniff(path)
+    if kind == SAFETENSORS:
+        from safetensors import SafetensorError, safe_open
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return dict(f.metadata() or {})
+        except SafetensorError as err:
+            raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {err}") from err
+    if kind not in (TORCH_ZIP, PICKLE):
+        return {}
+    found = read_checkpoint(path, mmap=True)  # its tensors mapped, not read
+    recorded = found.get(METADATA) if isinstance(found, dict) else None
+    if not isinstance(recorded, dict):
+        return {}
+    return {k: v for k, v in recorded.items() if isinstance(k, str) and isinstance(v, str)}
 
 
 def save_torch(obj: object, path: str | os.PathLike) -> None:

@@ -354,6 +354,11 @@ def test_tutorial_train_controlnet_xs_cached_bf16_checkpoints_resumes_validates_
     assert any(not torch.equal(first[k], v) for k, v in model.control_model.state_dict().items())
     with open(os.path.join(resumed.loggers[1].log_dir, "metrics.csv")) as f:
         assert any(r.get("val/fill_iou") for r in csv.DictReader(f))
+    # the training checkpoint and the export record the heads and mix their tensors do not show
+    from ldm.checkpoint import read_metadata
+    recorded = model.control_mode.recorded(model)
+    assert read_metadata(out / "checkpoints" / "last.ckpt") == read_metadata(out / "control_model.safetensors") == \
+        recorded and '"num_attention_heads": 2' in recorded["controlnet_xs"]
     # the export is diffusers' layout: ControlNetXSAdapter loads it strictly
     export = load_state_dict(out / "control_model.safetensors")
     theirs = diffusers.ControlNetXSAdapter.from_config(model.control_model.config.diffusers_config())
@@ -468,6 +473,14 @@ def test_an_export_records_what_its_tensors_do_not_show(tmp_path):
         expected = eps(model.control_model)
         torch.testing.assert_close(eps(as_unit), expected, rtol=0, atol=0)
         assert (eps(unrecorded) - expected).abs().max() > 1e-4
+    # a .ckpt export, and a whole training checkpoint (Lightning's, the record beside its state_dict), alike
+    recorded = CONTROLNET_XS.recorded(model)
+    lightning = tmp_path / "last.ckpt"
+    torch.save({"state_dict": model.state_dict(), "global_step": 3, "metadata": recorded}, lightning)
+    for path in (save_state_dict(model.control_state_dict(), tmp_path / "xs.ckpt", metadata=recorded), lightning):
+        assert read_metadata(path) == recorded
+        net = load_control_network(path, model_as_trained(controlnet_config), controlnet_config)
+        assert replace(net.config, **BOOKKEEPING) == replace(model.control_model.config, **BOOKKEEPING)
     garbled = save_state_dict(model.control_state_dict(), tmp_path / "garbled.safetensors",
                               metadata={"controlnet_xs": "{'heads': 2"})
     with pytest.raises(UserError, match="garbled.safetensors \\(controlnet-xs\\) does not fit.*'controlnet_xs' entry "
