@@ -416,7 +416,7 @@ def load_t2i_adapter(source: Mapping[str, torch.Tensor] | str | os.PathLike,
     else:
         sd = load_state_dict(source)
     if not is_adapter_file(sd):
-        raise ValueError(f"no T2I-Adapter weights (conv_in.* and body.* keys) in {len(sd)} keys, e.g. "
+        raise ValueError(f"no T2I-Adapter weights (body.* keys with conv_in.* or out_conv.*) in {len(sd)} keys, e.g. "
                          f"{sorted(sd)[:3]}")
     weights = adapter_weights(sd)
     config = config or infer_config(weights)
@@ -480,7 +480,8 @@ class T2IAdapterMode(ControlMode):
     structure is read from the tensors (infer_config) and must fit the loaded model's UNet."""
 
     name = "t2i-adapter"
-    files = "a T2I-Adapter (conv_in.* and body.* keys, diffusers' or TencentARC's names)"
+    files = ("a T2I-Adapter (body.* keys with conv_in.* or, the light adapter, out_conv.*; diffusers' or "
+             "TencentARC's names)")
 
     def layout(self, state_dict: Mapping[str, torch.Tensor]) -> str | None:
         if not is_adapter_file(state_dict):

@@ -185,3 +185,16 @@ def test_control_lora_with_transposed_up_matrices_is_refused_by_name(tmp_path):
     assert "transposed up" in str(info.value)
     with pytest.raises(ValueError, match=r"to_q.up \(8, 32\) and .*to_q.down \(8, 32\) are not an offset"):
         build(TINY_LORA).load_control(file)
+
+
+def test_every_configs_export_is_recognised_by_its_own_mode_alone():
+    """Every tiny and demo YAML under models/ (on the meta device): its model's export is a file of the config's own
+    mode and of no other, and every registered mode has such a config. (The full-size ones: each mode's tests.)"""
+    from cldm.modes import MODES, config_mode
+    seen = set()
+    for config in sorted([*(ROOT / "models").glob("cldm_tiny*.yaml"), *(ROOT / "models").glob("cldm_demo*.yaml")]):
+        model = create_model(config, device="meta")
+        found = recognise(model.control_state_dict(), config.name)
+        assert found.mode is config_mode(config) is model.control_mode, f"{config.name}: {found}"
+        seen.add(found.mode.name)
+    assert seen == {mode.name for mode in MODES}
