@@ -196,8 +196,9 @@ def read_sharded_checkpoint(path: str | os.PathLike, location: str | torch.devic
         return checkpoint
     tensors = read_sharded_tensors(path, SHARDED_WEIGHTS + ".", location=location)
     if not tensors:
+        entries = sorted({k.split(".")[0] for k in sharded_index(path).state_dict_metadata})
         raise CheckpointError(f"{path} is a sharded checkpoint without weights (no {SHARDED_WEIGHTS}.* entries in its "
-                              f"index; it has {sorted({k.split('.')[0] for k in sharded_index(path).state_dict_metadata})})")
+                              f"index; it has {entries})")
     return {**checkpoint, SHARDED_WEIGHTS: tensors}
 
 

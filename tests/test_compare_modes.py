@@ -7,6 +7,7 @@ import shutil
 import cv2
 import pytest
 import torch
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from cldm.bench import comparison
@@ -55,6 +56,14 @@ def test_each_row_trains_with_its_settings_on_its_config(tmp_path):
         family_modes(family / "cldm_demo.yaml", ["sd_locked", "lora"])
     modes, left_out = family_modes(family / "cldm_demo.yaml", ["sd_locked", "lllite"])
     assert [m.name for m in modes] == ["sd_locked"] and "cldm_demo_lllite.yaml" in left_out["lllite"]
+
+
+def test_every_compared_config_sets_its_learning_rate():
+    """A demo-family config without one trains at ControlLDM's default 1e-5, ten times below the demo's."""
+    modes, left_out = family_modes(DEMO, list(comparison.BY_NAME))
+    assert not left_out
+    for mode in modes:
+        assert "learning_rate" in OmegaConf.load(mode.config(DEMO)).model.params, mode.name
 
 
 def test_the_comparison_runs_end_to_end(tmp_path, caplog):
@@ -121,5 +130,10 @@ def test_the_comparison_runs_end_to_end(tmp_path, caplog):
         again = comparison.main([*argv, "--force"])  # the same plan: the finished runs are reused, not retrained
     assert caplog.text.count("reusing the finished run") == 2 and caplog.text.count("reusing the finished reward") == 2
     assert again["modes"] == json.loads(json.dumps(summary["modes"]))
-    without_reward = comparison.main([*argv, "--force", "--reward_steps", "0"])
+    edited = family / "cldm_demo_t2i.yaml"
+    edited.write_text(edited.read_text() + "# edited\n")
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        without_reward = comparison.main([*argv, "--force", "--reward_steps", "0"])
+    assert caplog.text.count("reusing the finished run") == 1  # the edited config's mode is trained again
     assert without_reward["reward_phases"] == [] and "Reward phase" not in (out / "comparison.md").read_text()

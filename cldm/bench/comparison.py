@@ -21,6 +21,7 @@ same plan is reused, so an interrupted comparison goes on where it stopped.
 import argparse
 import csv
 import gc
+import hashlib
 import json
 import logging
 import os
@@ -264,7 +265,7 @@ def kept_result(path: Path, plan: Mapping[str, Any], force: bool) -> dict[str, A
         if kept["plan"] == plan:
             return kept
         if not force:
-            raise UserError(f"{path.parent} holds a finished run of another plan",
+            raise UserError(f"{path.parent} holds a finished run of another plan or config",
                             "pass --force to run it again there, or choose another --work_dir")
     elif path.parent.exists() and not force:
         raise UserError(f"{path.parent} holds an unfinished run (no {path.name})",
@@ -272,13 +273,19 @@ def kept_result(path: Path, plan: Mapping[str, Any], force: bool) -> dict[str, A
     return None
 
 
+def run_plan(plan: Plan, config: Path) -> dict[str, Any]:
+    """What a kept run must have been made under to be reused: the plan and the mode's config as it is now (a run
+    of an edited config is not the mode's run any more)."""
+    return {**asdict(plan), "config_sha256": hashlib.sha256(config.read_bytes()).hexdigest()}
+
+
 def run_mode(mode: ComparedMode, plan: Plan, work: Path, train: Path, val: Path, force: bool) -> ModeResult:
     """One mode measured, trained and evaluated; its result is kept in its run folder and reused under the same
-    plan."""
+    plan and config."""
     config = mode.config(Path(plan.base_config))
     run_dir = work / "runs" / mode.name
     kept = run_dir / "result.json"
-    if (earlier := kept_result(kept, asdict(plan), force)) is not None:
+    if (earlier := kept_result(kept, run_plan(plan, config), force)) is not None:
         log.info("%s: reusing the finished run in %s", mode.name, run_dir)
         return ModeResult(**earlier)
     device, begun = torch.device(plan.device), time.perf_counter()
@@ -297,7 +304,8 @@ def run_mode(mode: ComparedMode, plan: Plan, work: Path, train: Path, val: Path,
     result = ModeResult(mode.name, str(config), **costs, train_seconds=train_seconds,
                         validation_seconds=validation_seconds, curve=curve,
                         first_above=first_above(curve, plan.threshold), final=final, scores=scores,
-                        load=(load_start, load_end), seconds=time.perf_counter() - begun, plan=asdict(plan))
+                        load=(load_start, load_end), seconds=time.perf_counter() - begun,
+                        plan=run_plan(plan, config))
     write_text(kept, json.dumps(asdict(result), indent=1))
     return result
 
@@ -371,7 +379,7 @@ def run_reward(mode: ComparedMode, trained: ModeResult, plan: Plan, reward: Rewa
     run_dir = work / "runs" / mode.name
     phase_dir = run_dir / "reward"
     kept = phase_dir / "result.json"
-    plans = {**asdict(plan), "reward": asdict(reward)}
+    plans = {**run_plan(plan, Path(trained.config)), "reward": asdict(reward)}
     if (earlier := kept_result(kept, plans, force)) is not None:
         log.info("%s: reusing the finished reward phase in %s", mode.name, phase_dir)
         return RewardResult(earlier["name"], Continuation(**earlier["rewarded"]), Continuation(**earlier["plain"]),
