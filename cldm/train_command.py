@@ -49,6 +49,7 @@ from cldm.sharding import FSDP_STRATEGIES, check_strategy, full_tensors, make_st
 from cldm.training import (
     TRAINING_STATE,
     AtomicCheckpointIO,
+    LastCheckpoint,
     RandomState,
     check_cache,
     check_fresh_output,
@@ -445,7 +446,7 @@ def main(argv: list[str] | None = None, config: str = "./models/cldm_v15.yaml",
     validation = build_validation(args)
     selection = selection_callbacks(validation, args.keep_best, args.monitor or config_monitor(args.config),
                                     args.monitor_mode, args.early_stop_patience, output_dir / "checkpoints",
-                                    "--monitor" if args.monitor else f"{args.config}'s monitor", args.checkpoint_every)
+                                    "--monitor" if args.monitor else f"{args.config}'s monitor")
     if args.seed is not None:
         pl.seed_everything(args.seed, workers=True)
 
@@ -486,14 +487,16 @@ def main(argv: list[str] | None = None, config: str = "./models/cldm_v15.yaml",
     skipped = [SkippedSamples()] if args.skip_bad_samples else []
     image_logger = ImageLogger(batch_frequency=args.logger_freq, log_images_kwargs={"ddim_steps": args.sample_steps})
     checkpoints = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="step-{step:06d}",
-                                  every_n_train_steps=args.checkpoint_every, save_top_k=1, save_last=True,
+                                  every_n_train_steps=args.checkpoint_every, save_top_k=1, save_last=False,
                                   auto_insert_metric_name=False, enable_version_counter=False)
+    last_checkpoint = LastCheckpoint(output_dir / "checkpoints" / "last.ckpt", args.checkpoint_every,
+                                     choosing=bool(selection))
     trainer = pl.Trainer(accelerator=args.accelerator, devices=args.devices, strategy=make_strategy(args.strategy),
                          precision=args.precision, max_steps=args.max_steps, max_epochs=args.max_epochs,
                          log_every_n_steps=args.log_every_n_steps,
                          accumulate_grad_batches=args.accumulate_grad_batches, num_nodes=args.num_nodes,
                          gradient_clip_val=args.max_grad_norm, gradient_clip_algorithm="norm",
-                         callbacks=[image_logger, checkpoints, *selection, *skipped, *progress_bar()]
+                         callbacks=[image_logger, checkpoints, *selection, last_checkpoint, *skipped, *progress_bar()]
                          + ([validation] if validation else []) + [RandomState()],
                          use_distributed_sampler=False, logger=run_loggers(output_dir), default_root_dir=output_dir,
                          plugins=[AtomicCheckpointIO()], inference_mode=False,  # nothing the model caches is frozen
@@ -505,11 +508,12 @@ def main(argv: list[str] | None = None, config: str = "./models/cldm_v15.yaml",
     except (BadSampleError, BatchKeyError) as err:
         raise UserError(sample_error_message(err)) from err
     except TrainingStopped as err:
-        last = checkpoints.last_model_path or args.resume
+        last = last_checkpoint.last if last_checkpoint.saved_step is not None else args.resume
         raise TrainingStopped(str(err), f"{err.advice}; the last checkpoint before it: {last or 'none was saved'}"
                               ) from err
 
-    trainer.save_checkpoint(output_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    if last_checkpoint.saved_step != trainer.global_step:  # ended otherwise (interrupted): the state as it is
+        trainer.save_checkpoint(last_checkpoint.last, weights_only=False)
     exports = write_exports(model, export, (args.ema_export or "ema") if model.use_ema else "raw", args.force,
                             trainer.is_global_zero)
     if trainer.is_global_zero:

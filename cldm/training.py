@@ -26,7 +26,7 @@ import pytorch_lightning as pl
 import torch
 from lightning_fabric.utilities.seed import _collect_rng_states, _set_rng_states  # Lightning's own, unexported
 from omegaconf import OmegaConf
-from pytorch_lightning.callbacks import RichProgressBar
+from pytorch_lightning.callbacks import Checkpoint, RichProgressBar
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.plugins import TorchCheckpointIO
 from pytorch_lightning.utilities.imports import _RICH_AVAILABLE
@@ -409,6 +409,42 @@ def progress_bar() -> list[pl.Callback]:
     """The progress bar to add to a Trainer's callbacks (Lightning's own TQDM bar, which has no such label, when
     rich is not installed)."""
     return [EpochProgressBar()] if _RICH_AVAILABLE else []
+
+
+def last_batch(trainer: pl.Trainer) -> bool:
+    """Whether the training ends after this batch: its last step, or the last batch of its last epoch."""
+    if 0 < trainer.max_steps <= trainer.global_step:
+        return True
+    epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs > 0 else None
+    return (epochs is not None and trainer.current_epoch + 1 >= epochs
+            and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
+
+
+class LastCheckpoint(Checkpoint):
+    """Writes `last` every `every` global steps and at the run's last step, from inside the training loop, and again
+    after a validation that stopped the run or (`choosing`: --keep_best, --early_stop_patience) chose something at
+    a step it was written at, so that a run resumed from it knows what that validation chose and goes on where it
+    stopped. Lightning's state after fit counts a cut-short epoch as finished, so a checkpoint written then (as
+    ModelCheckpoint's save_last does at the end) would resume in a new epoch: other samples, the epoch count one
+    ahead, an epoch-bounded run ending early. A Checkpoint, so that Lightning runs it after the ModelCheckpoints."""
+
+    def __init__(self, last: Path, every: int, choosing: bool = False) -> None:
+        self.last, self.every, self.choosing = last, every, choosing
+        self.saved_step: int | None = None  # the global step `last` holds
+
+    def save(self, trainer: pl.Trainer) -> None:
+        trainer.save_checkpoint(self.last)
+        self.saved_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        if trainer.global_step % self.every == 0 or last_batch(trainer):
+            self.save(trainer)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking and (trainer.should_stop or (
+                self.choosing and self.saved_step == trainer.global_step)):
+            self.save(trainer)
 
 
 class RandomState(pl.Callback):

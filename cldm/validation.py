@@ -37,7 +37,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
-from pytorch_lightning.callbacks import Callback, Checkpoint, EarlyStopping, ModelCheckpoint
+from pytorch_lightning.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.plugins import Precision
 from torch.utils.data import DataLoader, Dataset
@@ -55,6 +55,7 @@ from cldm.fidelity import (
     sheet,
 )
 from cldm.sharding import ShardedDataParallel, shards_weights
+from cldm.training import last_batch
 from ldm.batch import CAPTION, IMAGE
 from ldm.checkpoint import UserError
 
@@ -93,15 +94,6 @@ class HeldOutItems(Dataset):
         h = self.held_out
         return {IMAGE: h.targets[i].astype(np.float32) / 127.5 - 1.0, CAPTION: h.prompts[i],
                 HINT: h.hints[i].astype(np.float32) / 255.0}
-
-
-def last_batch(trainer: pl.Trainer) -> bool:
-    """Whether the training ends after this batch: its last step, or the last batch of its last epoch."""
-    if 0 < trainer.max_steps <= trainer.global_step:
-        return True
-    epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs > 0 else None
-    return (epochs is not None and trainer.current_epoch + 1 >= epochs
-            and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
 
 
 def read_held_out(root: str | Path, n: int, **options) -> HeldOut:
@@ -278,27 +270,12 @@ def config_monitor(config: str | Path) -> str | None:
     return (OmegaConf.load(config).model.get("params") or {}).get("monitor")
 
 
-class SaveAgainAfterValidation(Checkpoint):
-    """Saves `last` (the periodic checkpoint, written every `every` steps) again after a validation at its step, so
-    that a run resumed from it knows what that validation chose (the best checkpoints, early stopping's count):
-    Lightning writes a step's checkpoint before it validates at that step. A Checkpoint, so that Lightning runs it
-    after the ModelCheckpoints given before it."""
-
-    def __init__(self, last: Path, every: int) -> None:
-        self.last, self.every = last, every
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.sanity_checking and trainer.global_step % self.every == 0 and self.last.exists():
-            trainer.save_checkpoint(self.last)
-
-
 def selection_callbacks(validation: ControlValidation | None, keep_best: int, monitor: str | None, mode: str | None,
-                        patience: int | None, checkpoint_dir: Path, source: str, checkpoint_every: int
-                        ) -> list[Callback]:
+                        patience: int | None, checkpoint_dir: Path, source: str) -> list[Callback]:
     """--keep_best K and --early_stop_patience N: Lightning's ModelCheckpoint keeping the K best checkpoints in
     CHECKPOINT_DIR/best/, and its EarlyStopping, by the validation value `monitor` (named by `source`), better when
-    larger with `mode` max. Both act after each validation (Lightning's validation loop), on every rank; the
-    periodic CHECKPOINT_DIR/last.ckpt (every `checkpoint_every` steps) is written again after them."""
+    larger with `mode` max. Both act after each validation (Lightning's validation loop), on every rank
+    (cldm.training.LastCheckpoint writes last.ckpt again after them)."""
     if keep_best < 0 or (patience is not None and patience < 1):
         raise UserError(f"--keep_best must be 0 or more and --early_stop_patience 1 or more, got {keep_best} and "
                         f"{patience}")
@@ -320,7 +297,6 @@ def selection_callbacks(validation: ControlValidation | None, keep_best: int, mo
                                          auto_insert_metric_name=False, enable_version_counter=False))
     if patience is not None:
         callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=patience, verbose=True))
-    callbacks.append(SaveAgainAfterValidation(checkpoint_dir / "last.ckpt", checkpoint_every))
     log.info("Choosing by %s (%s is better)%s%s", monitor, "more" if mode == "max" else "less",
              f": the {keep_best} best checkpoints kept in {checkpoint_dir / 'best'}" if keep_best else "",
              f"; stopping after {patience} validations without improvement" if patience is not None else "")

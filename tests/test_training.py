@@ -389,3 +389,39 @@ def test_max_grad_norm_clips_the_gradient_of_each_update(data_root, tmp_path, mo
     assert min(plain) > 1e-2 and norms == [pytest.approx(1e-3, rel=1e-4)] * 2
     with pytest.raises(UserError, match="--max_grad_norm must be positive"):
         train(data_root, tmp_path / "zero", *common, "--max_grad_norm", "0")
+
+
+def test_resuming_mid_epoch_with_other_data_settings_says_what_changed(data_root, tmp_path, caplog):
+    """The position in the epoch carries over exactly only under the same sample order: a changed seed (or data,
+    batch size, number of ranks) is named, not passed over."""
+    out, last = tmp_path / "run", tmp_path / "run" / "checkpoints" / "last.ckpt"
+    common = ["--sd_locked", "False", "--logger_freq", "100", "--checkpoint_every", "2", "--force"]
+    train(data_root, out, "--max_steps", "2", "--seed", "0", *common)  # 8 of the epoch's 16 samples
+    with caplog.at_level("WARNING"):
+        train(data_root, out, "--max_steps", "3", "--seed", "0", "--resume", last, *common)
+        assert not [m for m in caplog.messages if m.startswith("Resuming mid-epoch")]
+        train(data_root, out, "--max_steps", "3", "--seed", "1", "--resume", last, *common)
+    assert [m for m in caplog.messages if m.startswith("Resuming mid-epoch")] == [
+        "Resuming mid-epoch with other data settings than the checkpoint's (seed 0 -> 1): the rest of epoch 0 may "
+        "repeat or leave out samples; the epochs after it are whole. Resume with the same data, --seed, --batch_size "
+        "and number of ranks for an exact continuation"]
+
+
+def test_a_finished_run_continued_with_more_steps_goes_on_where_it_stopped(data_root, tmp_path, monkeypatch):
+    """--resume of the last.ckpt a run wrote when it reached --max_steps mid-epoch (the tutorial's "train, change a
+    setting, resume", a reward phase): the next steps are that epoch's next batches, not a new epoch."""
+    seen: list[tuple[int, int, int, list[str]]] = []  # (global step, epoch, batch, captions) of each step trained
+    training_step = ControlLDM.training_step
+
+    def record(self, batch, batch_idx):
+        seen.append((self.global_step, self.current_epoch, batch_idx, list(batch["txt"])))
+        return training_step(self, batch, batch_idx)
+    monkeypatch.setattr(ControlLDM, "training_step", record)
+    common = ["--sd_locked", "False", "--logger_freq", "100", "--checkpoint_every", "100", "--seed", "0"]
+    train(data_root, tmp_path / "whole", "--max_steps", "3", *common)
+    whole, seen[:] = seen[:], []
+    out = tmp_path / "run"
+    train(data_root, out, "--max_steps", "1", *common)
+    train(data_root, out, "--max_steps", "3", "--resume", out / "checkpoints" / "last.ckpt", "--force", *common)
+    assert seen == whole  # steps 0, then 1 and 2: epoch 0, batches 0, 1, 2, with the same samples
+    assert read_checkpoint(out / "checkpoints" / "last.ckpt")["epoch"] == 0

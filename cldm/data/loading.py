@@ -20,6 +20,7 @@ import pytorch_lightning as pl
 import torch
 from lightning_fabric.utilities.seed import pl_worker_init_function
 from litdata import StreamingDataLoader
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader, Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
@@ -30,6 +31,7 @@ from cldm.data.images import BadSampleError
 from cldm.data.shards import ShardDataset
 
 log = logging.getLogger(__name__)
+warn = rank_zero_only(log.warning)
 
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
 MAX_CONSECUTIVE_BAD = 32  # a skipping reader gives up after this many bad samples in a row: the data is broken
@@ -87,6 +89,18 @@ class SkipBadSamples(Dataset):
         return j
 
 
+def warn_if_moved(saved: dict, layout: dict[str, int]) -> None:
+    """Say so when a loader resumes mid-epoch under another layout of the data than its position was saved in
+    (sample count, ranks, seed, batch size): the rest of that epoch is then not what an uninterrupted run would
+    get. Positions saved before the layout was recorded are taken as they are."""
+    changed = [f"{key} {saved[key]} -> {value}" for key, value in layout.items()
+               if key in saved and saved[key] != value]
+    if changed:
+        warn("Resuming mid-epoch with other data settings than the checkpoint's (%s): the rest of epoch %d may repeat "
+             "or leave out samples; the epochs after it are whole. Resume with the same data, --seed, --batch_size "
+             "and number of ranks for an exact continuation", ", ".join(changed), saved["epoch"])
+
+
 def resume_point(epoch: int, yielded: int, length: int) -> tuple[int, int]:
     """Where a loader resumes from a checkpoint taken after `yielded` of an epoch's `length` items: the same
     epoch there, or, when the epoch was finished, the start of the next (not an empty epoch Lightning would
@@ -100,11 +114,16 @@ class ResumableSampler(StatefulDistributedSampler):
     a run resumed mid-epoch goes on with the very samples an uninterrupted run would get, even before Lightning
     sets the epoch (loader workers fetch ahead as soon as the loader is resumed)."""
 
+    def layout(self) -> dict[str, int]:
+        return {"samples": len(self.dataset), "ranks": self.num_replicas, "seed": self.seed}
+
     def state_dict(self) -> dict[str, int]:
-        return {**super().state_dict(), "epoch": self.epoch}
+        return {**super().state_dict(), "epoch": self.epoch, **self.layout()}
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         epoch, yielded = resume_point(state_dict["epoch"], state_dict[self._YIELDED], len(self))
+        if yielded:
+            warn_if_moved(state_dict, self.layout())
         self.set_epoch(epoch)
         super().load_state_dict({self._YIELDED: yielded})
 
@@ -157,11 +176,17 @@ class BucketBatchSampler:
     def __len__(self) -> int:
         return len(self._all_batches()) // self.world_size
 
+    def layout(self) -> dict[str, int]:
+        return {"samples": len(self.groups), "ranks": self.world_size, "seed": self.seed,
+                "batch_size": self.batch_size}
+
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.sampler.epoch, "yielded": self.yielded}
+        return {"epoch": self.sampler.epoch, "yielded": self.yielded, **self.layout()}
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         self.sampler.epoch, self.start = resume_point(state_dict["epoch"], state_dict["yielded"], len(self))
+        if self.start:
+            warn_if_moved(state_dict, self.layout())
 
 
 class TrainData(pl.LightningDataModule):
