@@ -241,6 +241,13 @@ def test_a_sharded_checkpoint_resumes_under_fsdp_with_what_can_carry_over(tmp_pa
                     "--learning_rate", "3e-5", "--force")
     assert trainer.global_step == 2
     assert [g["lr"] for g in trainer.optimizers[0].param_groups] == [pytest.approx(3e-5)]  # restored 1e-5, rescaled
+    # the same checkpoint under the offloading strategy (the 24 GB recipe): the shards and their moments on the CPU
+    trainer = train("--resume", str(last), "--sd_locked", "False", "--max_steps", "3", "--strategy",
+                    "fsdp_cpu_offload", "--force")
+    assert trainer.global_step == 3
+    from torch.distributed.tensor import DTensor
+    states = trainer.optimizers[0].state
+    assert states and all(isinstance(p, DTensor) and s["exp_avg"].device.type == "cpu" for p, s in states.items())
 
 
 def test_strategies_that_cannot_run_as_asked_are_refused(monkeypatch):
