@@ -53,6 +53,7 @@ from ldm.util import get_obj_from_str
 
 log = logging.getLogger(__name__)
 info = rank_zero_only(log.info)
+warn = rank_zero_only(log.warning)
 
 # Training settings: the config's model parameter (and command-line option) of each name -> the model attribute
 # that holds it. The config governs; an option given on the command line overrides it.
@@ -123,7 +124,11 @@ def compare_with_resumed(model: torch.nn.Module, given: Mapping[str, Any], resum
                             f"{saved[option]}, whose state does not carry over to {value}",
                             f"resume with --{option} {saved[option]}, or start a new run from its weights "
                             f"with --resume_path")
-        info("Resuming with %s = %s (from %s); the checkpoint's run had %s", option, value, source, saved[option])
+        if option in given:
+            info("Resuming with %s = %s (from %s); the checkpoint's run had %s", option, value, source, saved[option])
+        else:  # a setting of the run's command line that this one leaves out: said, since it changes the training
+            warn("Resuming with %s = %s (from %s); the checkpoint's run had %s (pass --%s %s to keep it)", option,
+                 value, source, saved[option], option, saved[option])
 
 
 def read_resume_checkpoint(path: str | os.PathLike) -> dict:

@@ -201,8 +201,10 @@ def test_turning_the_ema_on_or_off_on_resume(data_root, tmp_path, caplog):
         torch.testing.assert_close(value, decay * before[name] + (1 - decay) * after[name], rtol=1e-5, atol=1e-7)
     assert any(EMA_KEY in s for s in torch.load(last, weights_only=True)["optimizer_states"][0]["state"].values())
     caplog.clear()
-    with caplog.at_level("INFO"):
-        train(data_root, out, "--resume", last, "--max_steps", "4", "--use_ema", "False", *common)
+    with caplog.at_level("WARNING"):  # resumed without the option: the config's use_ema False, said so
+        train(data_root, out, "--resume", last, "--max_steps", "4", *common)
+    assert "Resuming with use_ema = False (from the config); the checkpoint's run had True (pass --use_ema True to " \
+           "keep it)" in caplog.messages
     assert any(m.startswith("use_ema is off: the averages of ") for m in caplog.messages)
     assert not any(EMA_KEY in s for s in torch.load(last, weights_only=True)["optimizer_states"][0]["state"].values())
 

@@ -127,7 +127,8 @@ def test_resume_switches_only_mid_control_back_and_forth(data_root, tmp_path, ca
     with caplog.at_level("INFO"):
         full = train(data_root, out, "--resume", last, "--max_steps", "6", "--force", *common)
     assert full.global_step == 6 and not full.lightning_module.only_mid_control
-    assert "Resuming with only_mid_control = False (from the config); the checkpoint's run had True" in caplog.messages
+    assert ("Resuming with only_mid_control = False (from the config); the checkpoint's run had True (pass "
+            "--only_mid_control True to keep it)") in caplog.messages
 
 
 def test_resume_unlocks_the_unet_decoder_with_fresh_optimizer_state_for_it(data_root, initial, tmp_path, caplog):

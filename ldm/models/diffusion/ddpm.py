@@ -372,7 +372,7 @@ class DDPM(pl.LightningModule):
         if not self.use_ema:
             dropped = OptimizerEma.drop(optimizer)
             if dropped:
-                info("use_ema is off: the averages of %d tensors the checkpoint holds are dropped", dropped)
+                warn("use_ema is off: the averages of %d tensors the checkpoint holds are dropped", dropped)
             return
         trained = sum(len(group["params"]) for group in optimizer.param_groups)
         resumed = (f": {len(OptimizerEma.averaged(optimizer))} continue the checkpoint's averages, the others start "
