@@ -436,14 +436,20 @@ class LastCheckpoint(Checkpoint):
     def __init__(self, last: Path, every: int, choosing: bool = False) -> None:
         self.last, self.every, self.choosing = last, every, choosing
         self.saved_step: int | None = None  # the global step `last` holds
+        self.start_step = 0  # the global step the run started (or resumed) at
 
     def save(self, trainer: pl.Trainer) -> None:
         trainer.save_checkpoint(self.last)
         self.saved_step = trainer.global_step
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.start_step = trainer.global_step
+
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
-        if trainer.global_step % self.every == 0 or last_batch(trainer):
+        # once per update: with gradient accumulation the step stays put for the micro-batches between updates
+        step = trainer.global_step
+        if step not in (self.saved_step, self.start_step) and (step % self.every == 0 or last_batch(trainer)):
             self.save(trainer)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

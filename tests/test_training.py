@@ -426,3 +426,24 @@ def test_a_finished_run_continued_with_more_steps_goes_on_where_it_stopped(data_
     train(data_root, out, "--max_steps", "3", "--resume", out / "checkpoints" / "last.ckpt", "--force", *common)
     assert seen == whole  # steps 0, then 1 and 2: epoch 0, batches 0, 1, 2, with the same samples
     assert read_checkpoint(out / "checkpoints" / "last.ckpt")["epoch"] == 0
+
+
+def test_last_is_written_once_per_step_after_its_update_under_gradient_accumulation(data_root, tmp_path, monkeypatch):
+    """With --accumulate_grad_batches the global step stays put for the micro-batches between updates: last.ckpt is
+    written after an update only (not before the first, nor again mid-accumulation), and not again on resume."""
+    saves: list[int] = []
+    save_checkpoint = pl.Trainer.save_checkpoint
+
+    def record(self, path, *args, **kwargs):
+        if os.path.basename(path) == "last.ckpt":
+            saves.append(self.global_step)
+        return save_checkpoint(self, path, *args, **kwargs)
+    monkeypatch.setattr(pl.Trainer, "save_checkpoint", record)
+    out = tmp_path / "run"
+    common = ["--accumulate_grad_batches", "2", "--checkpoint_every", "1", "--sd_locked", "False", "--logger_freq",
+              "100"]
+    train(data_root, out, "--max_steps", "2", *common)
+    assert saves == [1, 2]
+    saves.clear()
+    train(data_root, out, "--max_steps", "3", "--resume", out / "checkpoints" / "last.ckpt", "--force", *common)
+    assert saves == [3]
