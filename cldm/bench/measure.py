@@ -250,7 +250,9 @@ def machine() -> str:
             if line.startswith("model name"):
                 model_name = line.split(":", 1)[1].strip()
                 break
-    return f"{model_name}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    threads = torch.get_num_threads()
+    return (f"{model_name}, {os.cpu_count()} CPUs, {threads} thread{'' if threads == 1 else 's'}, "
+            f"torch {torch.__version__}")
 
 
 def mib(n: float) -> str:
