@@ -441,7 +441,8 @@ def table(results: Sequence[ModeResult], left_out: Mapping[str, str], plan: Plan
                "final fill IoU (95% CI)", "without control", "gain, paired (95% CI)", "train time (of it validation)",
                "load avg start / end"]
     if reward is not None:
-        columns += [f"after {reward.steps} steps with the {reward.reward} reward (95% CI)",
+        term = f"the {reward.reward} reward" if reward.weight != 0 else "the reward at weight 0"
+        columns += [f"after {reward.steps} steps with {term} (95% CI)",
                     "gain over the trained model", f"gain over {reward.steps} steps without the reward"]
     lines = [f"| {' | '.join(columns)} |", "|---" * len(columns) + "|"]
     by_mode = {r.name: r for r in rewards}
