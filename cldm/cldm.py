@@ -261,6 +261,9 @@ class ControlLDM(LatentDiffusion):
     fresh_prefixes: tuple[str, ...] = ()
     # The parts of the control network that tool_add_control.py copies from the UNet (ControlNetModel.from_unet).
     unet_copy_prefixes: tuple[str, ...] = ("time_embed.", "label_emb.", "input_blocks.", "middle_block.")
+    # Why a mode's UNet stays locked whatever sd_locked says (e.g. "LLLite mode trains only the LLLite modules");
+    # None: sd_locked False trains the UNet's decoder along with the control network.
+    locked_unet: ClassVar[str | None] = None
 
     def __init__(self, control_stage_config: Any, control_key: str, only_mid_control: bool,
                  global_average_pooling: bool = False, sd_locked: bool = True, learning_rate: float = 1e-5,
@@ -326,6 +329,8 @@ class ControlLDM(LatentDiffusion):
 
     @sd_locked.setter
     def sd_locked(self, locked: bool) -> None:
+        if not locked and self.locked_unet is not None:
+            raise ValueError(f"{self.locked_unet}; the UNet stays locked (sd_locked)")
         self._sd_locked = bool(locked)
         unet = self.model.diffusion_model
         unet.output_blocks.requires_grad_(not locked)

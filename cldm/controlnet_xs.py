@@ -743,6 +743,7 @@ class ControlNetXSLDM(ControlLDM):
     """
 
     control_mode = CONTROLNET_XS
+    locked_unet = "ControlNet-XS mode trains only the adapter"
 
     @property
     def fresh_prefixes(self) -> tuple[str, ...]:
@@ -761,9 +762,3 @@ class ControlNetXSLDM(ControlLDM):
 
     def num_control_scales(self) -> int:
         return 1
-
-    @ControlLDM.sd_locked.setter
-    def sd_locked(self, locked: bool) -> None:
-        if not locked:
-            raise ValueError("ControlNet-XS mode trains only the adapter; the UNet stays locked (sd_locked)")
-        ControlLDM.sd_locked.fset(self, locked)

@@ -277,6 +277,7 @@ class LLLiteControlLDM(ControlLDM):
     """
 
     control_mode = LLLITE
+    locked_unet = "LLLite mode trains only the LLLite modules"
     # The LLLite network starts fresh, so a plain SD checkpoint is a complete initial checkpoint.
     fresh_prefixes = (CONTROL_PREFIX,)
 
@@ -285,9 +286,3 @@ class LLLiteControlLDM(ControlLDM):
 
     def num_control_scales(self) -> int:
         return 1
-
-    @ControlLDM.sd_locked.setter
-    def sd_locked(self, locked: bool) -> None:
-        if not locked:
-            raise ValueError("LLLite mode trains only the LLLite modules; the UNet stays locked (sd_locked)")
-        ControlLDM.sd_locked.fset(self, locked)

@@ -528,6 +528,7 @@ class T2IAdapterControlLDM(ControlLDM):
     """
 
     control_mode = T2I_ADAPTER
+    locked_unet = "T2I-Adapter mode trains only the adapter"
     # The adapter starts fresh, so a plain SD checkpoint is a complete initial checkpoint.
     fresh_prefixes = (CONTROL_PREFIX,)
 
@@ -541,9 +542,3 @@ class T2IAdapterControlLDM(ControlLDM):
 
     def num_control_scales(self) -> int:
         return self.control_model.num_levels()
-
-    @ControlLDM.sd_locked.setter
-    def sd_locked(self, locked: bool) -> None:
-        if not locked:
-            raise ValueError("T2I-Adapter mode trains only the adapter; the UNet stays locked (sd_locked)")
-        ControlLDM.sd_locked.fset(self, locked)
