@@ -42,7 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from cldm.cldm import ControlLDM
+from cldm.cldm import HINT_BLOCK_CHANNELS, ControlLDM
 from cldm.cli import refuse_existing
 from cldm.control import BlockControl, ControlMode, HintCache, record, recorded_settings, repeat_to
 from cldm.diffusers_convert import DiffusersFolder, read_folder
@@ -88,7 +88,7 @@ class XSConfig:
 
     conditioning_channels: int = 3
     conditioning_channel_order: str = "rgb"
-    conditioning_embedding_out_channels: tuple[int, ...] = (16, 32, 96, 256)
+    conditioning_embedding_out_channels: tuple[int, ...] = HINT_BLOCK_CHANNELS
     time_embedding_mix: float = 1.0
     learn_time_embedding: bool = False
     num_attention_heads: int | tuple[int, ...] = 4
@@ -218,7 +218,7 @@ class ConditioningEmbedding(nn.Module):
     """diffusers' ControlNetConditioningEmbedding: the hint to the first control width at latent size; 3x3 convs with
     SiLU between, a stride-2 conv at each width step, a zero-initialised conv out."""
 
-    def __init__(self, out_channels: int, widths: Sequence[int] = (16, 32, 96, 256), in_channels: int = 3):
+    def __init__(self, out_channels: int, widths: Sequence[int] = HINT_BLOCK_CHANNELS, in_channels: int = 3):
         super().__init__()
         self.conv_in = nn.Conv2d(in_channels, widths[0], 3, padding=1)
         self.blocks = nn.ModuleList()
@@ -385,7 +385,7 @@ class ControlNetXS(BlockControl):
                   num_attention_heads: int | Sequence[int] | None = None, learn_time_embedding: bool = False,
                   time_embedding_mix: float = 1.0, conditioning_channels: int = 3,
                   conditioning_channel_order: str = "rgb",
-                  conditioning_embedding_out_channels: Sequence[int] = (16, 32, 96, 256)) -> "ControlNetXS":
+                  conditioning_embedding_out_channels: Sequence[int] = HINT_BLOCK_CHANNELS) -> "ControlNetXS":
         """diffusers' ControlNetXSAdapter.from_unet: widths `size_ratio` times the UNet's (or `block_out_channels`),
         heads the UNet's unless given, the rest read off the UNet."""
         if (size_ratio is None) == (block_out_channels is None):
