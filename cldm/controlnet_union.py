@@ -58,13 +58,13 @@ from cldm.diffusers_convert import (
     CONFIG_NAME,
     DiffusersFolder,
     find_weights,
-    read_config_json,
+    read_folder,
     size_embedding_width,
     unet_spec,
 )
 from cldm.diffusers_convert import diffusers_config as controlnet_config
 from cldm.diffusers_names import diffusers_module_names, rename_module
-from cldm.model import CONTROL_PREFIX, LoadReport, load_checkpoint, load_state_dict, save_state_dict
+from cldm.model import CONTROL_PREFIX, LoadReport, load_checkpoint, save_state_dict
 from cldm.training import weights_to_use
 from ldm.checkpoint import UNET_PREFIX, read_metadata, require_finite
 from ldm.modules.diffusionmodules.openaimodel import BlockHook, embed_time_and_vector
@@ -511,13 +511,8 @@ class UnionMode(ControlMode):
                        force: bool = False) -> Path:
         """A diffusers ControlNetUnionModel folder -> its weights as one file, checked against the config (the
         layout this project, ComfyUI and the A1111 extension load as they are)."""
-        source = Path(source)
-        config_file = source / CONFIG_NAME
-        if not config_file.is_file():
-            raise FileNotFoundError(f"{config_file} not found: IN_DIR must be a diffusers ControlNetUnionModel folder")
-        found = read_config_json(config_file)
-        weights_file = find_weights(source)
-        state_dict = load_state_dict(weights_file)
+        state_dict, found = read_folder(source, "ControlNetUnionModel")
+        weights_file = find_weights(Path(source))
         require_finite(state_dict, weights_file)
         if self.layout(state_dict) != "diffusers":
             raise ValueError(f"{weights_file} holds no ControlNetUnionModel weights: expected {self.files}")
@@ -526,7 +521,7 @@ class UnionMode(ControlMode):
         differs = [f"{k}: the folder has {found[k]}, its weights and the --config give {expected[k]}"
                    for k in CHECKED_FIELDS if k in found and found[k] != expected[k]]
         if differs:
-            raise ValueError(f"{config_file} describes another ControlNet-Union (right --config?): "
+            raise ValueError(f"{Path(source) / CONFIG_NAME} describes another ControlNet-Union (right --config?): "
                              + "; ".join(differs))
         return save_state_dict(diffusers_weights(net), out, force=force, metadata=union_record(net))
 
