@@ -43,6 +43,11 @@ class KohyaBuckets:
                 found.update({(width, height), (height, width)})
         return sorted(found)
 
+    @cached_property
+    def _lookup(self) -> tuple[frozenset[tuple[int, int]], np.ndarray]:
+        """The buckets as a set and their aspect ratios, made once rather than per image."""
+        return frozenset(self.sizes), np.array([w / h for w, h in self.sizes])
+
     def _round(self, x: float) -> int:
         x = int(x + 0.5)
         return x - x % self.bucket_reso_steps
@@ -53,8 +58,8 @@ class KohyaBuckets:
         width, height = size
         ratio = width / height
         if not self.bucket_no_upscale:
-            bucket = size if size in set(self.sizes) else \
-                self.sizes[int(np.abs(np.array([w / h for w, h in self.sizes]) - ratio).argmin())]
+            known, ratios = self._lookup
+            bucket = size if size in known else self.sizes[int(np.abs(ratios - ratio).argmin())]
             scale = bucket[1] / height if ratio > bucket[0] / bucket[1] else bucket[0] / width
             return bucket, (int(width * scale + 0.5), int(height * scale + 0.5))
         scaled = size
