@@ -27,7 +27,7 @@ Relative folders are taken from the working directory, as kohya does.
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -234,10 +234,7 @@ def _setting(path: Path, where: str, key: str, levels: list[dict]) -> Any:
 
 def _subset(path: Path, where: str, levels: list[dict]) -> KohyaSubset:
     value = {key: _setting(path, where, key, levels) for key in SUBSET_KEYS}
-    caption_keys = ("shuffle_caption", "caption_separator", "keep_tokens", "keep_tokens_separator",
-                    "secondary_separator", "enable_wildcard", "caption_prefix", "caption_suffix",
-                    "caption_dropout_rate", "caption_tag_dropout_rate")
-    captions = CaptionOptions(**{key: value[key] for key in caption_keys})
+    captions = CaptionOptions(**{f.name: value[f.name] for f in fields(CaptionOptions)})  # each is a subset key
     extension = value["caption_extension"]
     return KohyaSubset(Path(levels[0]["image_dir"]), Path(levels[0]["conditioning_data_dir"]),
                        extension if extension.startswith(".") else "." + extension, value["num_repeats"], captions,
