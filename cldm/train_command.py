@@ -548,8 +548,6 @@ def reward_phase(checkpoint: str | Path, config: str | Path, data_root: str | Pa
     are the checkpoint's run's (sd_locked, ...); `extra_args`: more tutorial_train options (e.g. --accelerator cpu,
     --seed 0, --force). Returns the trainer; its lightning_module is the fine-tuned model."""
     resumed = read_resume_checkpoint(checkpoint)
-    if resumed is None:
-        raise UserError(f"reward_phase needs a single-file Lightning checkpoint, not the sharded folder {checkpoint}")
     argv = ["--config", str(config), "--resume", str(checkpoint), "--data_root", str(data_root),
             "--output_dir", str(output_dir), "--batch_size", str(batch_size),
             "--max_steps", str(resumed["global_step"] + steps), "--reward", reward,
