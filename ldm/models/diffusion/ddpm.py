@@ -599,7 +599,7 @@ class LatentDiffusion(DDPM):
 
     @torch.no_grad()
     def decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
-        return self.first_stage_model.decode(z / self.scale_factor)
+        return self.differentiable_decode_first_stage(z)
 
     def differentiable_decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
         """decode_first_stage with the gradient to z (the VAE itself stays frozen): for losses on decoded images."""
