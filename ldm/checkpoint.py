@@ -181,10 +181,9 @@ class ShardedIndexUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def read_sharded_checkpoint(path: str | os.PathLike, location: str | torch.device = "cpu",
-                            weights: bool = True) -> dict:
+def read_sharded_checkpoint(path: str | os.PathLike, location: str | torch.device = "cpu") -> dict:
     """A sharded checkpoint folder as one Lightning checkpoint dict, read in this process alone (no process
-    group): meta.pt's entries (step, loops, callbacks, training settings) and, with `weights`, "state_dict" with
+    group): meta.pt's entries (step, loops, callbacks, training settings) and "state_dict" with
     every weight whole; on the "meta" device the weights' shapes alone, from the index. The optimizer's state is
     not read (read_sharded_tensors reads parts of it)."""
     path = Path(path)
@@ -192,8 +191,6 @@ def read_sharded_checkpoint(path: str | os.PathLike, location: str | torch.devic
     checkpoint = read_checkpoint(meta_file, location) if meta_file.is_file() else {}
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{meta_file} does not hold Lightning's checkpoint state")
-    if not weights:
-        return checkpoint
     tensors = read_sharded_tensors(path, SHARDED_WEIGHTS + ".", location=location)
     if not tensors:
         entries = sorted({k.split(".")[0] for k in sharded_index(path).state_dict_metadata})
