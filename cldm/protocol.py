@@ -81,7 +81,7 @@ class Task(ABC):
     name: ClassVar[str]
     metric: ClassVar[str]  # the reported number, as the paper's table heads it
     higher_is_better: ClassVar[bool]
-    hint_from_image: ClassVar[bool] = False  # whether the paper makes the hint from the image
+    hint_from_image: ClassVar[bool] = False  # whether the paper makes the hint from the image (ImageTask)
 
     def __init__(self, device: str | torch.device = "cpu", hint_source: str | None = None) -> None:
         self.device = torch.device(device)
@@ -99,17 +99,7 @@ class Task(ABC):
 
     def condition(self, target: np.ndarray, hint: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(hint for the model as HxWx3 uint8, label) of one held-out sample (uint8 HxWx3 target and hint)."""
-        if self.hint_source == "image":
-            label = self.label_from_image(target)
-            return self.as_hint(label), label
         return hint, self.label_from_hint(hint)
-
-    def label_from_image(self, target: np.ndarray) -> np.ndarray:
-        raise NotImplementedError(f"the {self.name} condition has no detector for images")
-
-    def as_hint(self, label: np.ndarray) -> np.ndarray:
-        """A label made from the image as the hint the model reads (grey, 3 channels)."""
-        return np.repeat(label[..., None], 3, axis=-1)
 
     @abstractmethod
     def label_from_hint(self, hint: np.ndarray) -> np.ndarray:
@@ -123,6 +113,26 @@ class Task(ABC):
     def value(cls, statistics: np.ndarray) -> float:
         """The reported number from the statistics of the prompts (N x d); by default the mean of column 0."""
         return float(statistics[:, 0].mean())
+
+
+class ImageTask(Task):
+    """A condition the paper makes from the image itself, with the detector that scores the outputs."""
+
+    hint_from_image = True
+
+    def condition(self, target: np.ndarray, hint: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.hint_source == "image":
+            label = self.label_from_image(target)
+            return self.as_hint(label), label
+        return super().condition(target, hint)
+
+    @abstractmethod
+    def label_from_image(self, target: np.ndarray) -> np.ndarray:
+        """The label the detector reads off a target image (uint8 HxWx3)."""
+
+    def as_hint(self, label: np.ndarray) -> np.ndarray:
+        """A label made from the image as the hint the model reads (grey, 3 channels)."""
+        return np.repeat(label[..., None], 3, axis=-1)
 
 
 def gray(image: np.ndarray) -> np.ndarray:
@@ -140,12 +150,12 @@ def as_pil_uint8(x: torch.Tensor) -> np.ndarray:
     return x.mul(255).byte().cpu().numpy()
 
 
-class Canny(Task):
+class Canny(ImageTask):
     """Canny edges as the paper finds them (kornia.filters.canny, thresholds 0.1 / 0.2 on [0, 1] images, its
     Gaussian 5x5 sigma 1 and hysteresis), and the F1 of the images' edge pixels against the label's, all G images
     of a prompt pooled (torchmetrics' BinaryF1Score on the flattened stack, 0 when neither has an edge), in %."""
 
-    name, metric, higher_is_better, hint_from_image = "canny", "F1 (%)", True, True
+    name, metric, higher_is_better = "canny", "F1 (%)", True
     low_threshold, high_threshold = 0.1, 0.2
 
     def edges(self, images: np.ndarray) -> np.ndarray:
@@ -186,12 +196,12 @@ def ms_ssim(found: np.ndarray, label: np.ndarray) -> float:
                                                                 data_range=1.0))
 
 
-class HED(Task):
+class HED(ImageTask):
     """HED soft edges (ControlNet 1.1's network, ControlNetHED.pth) as the paper's HEDdetector computes them: the
     sigmoid of the mean of the five side outputs in float32, bilinearly upsampled, cut to uint8; MS-SSIM of the
     images' maps against the label's."""
 
-    name, metric, higher_is_better, hint_from_image = "hed", "SSIM", True, True
+    name, metric, higher_is_better = "hed", "SSIM", True
 
     def __init__(self, device: str | torch.device = "cpu", hint_source: str | None = None,
                  detector: object | None = None) -> None:
@@ -223,7 +233,7 @@ class HED(Task):
 LINEART_INVERSIONS = ("paper", "exact")
 
 
-class Lineart(Task):
+class Lineart(ImageTask):
     """Line art with ControlNet 1.1's line-drawing network (annotator/lineart, sk_model.pth: dark lines on white
     in [0, 1]) as the paper's eval.py runs it: the label and hint are 1 - drawing of the image, cut to uint8 (white
     lines on black); each image's drawing is cut to uint8 and inverted for the MS-SSIM against the label.
@@ -233,7 +243,7 @@ class Lineart(Task):
     every other pixel 2/255 brighter. `inversion="paper"` (the default) computes that, as the published numbers
     were; "exact" inverts as 255 - x."""
 
-    name, metric, higher_is_better, hint_from_image = "lineart", "SSIM", True, True
+    name, metric, higher_is_better = "lineart", "SSIM", True
 
     def __init__(self, device: str | torch.device = "cpu", hint_source: str | None = None,
                  detector: object | None = None, inversion: str = "paper") -> None:
