@@ -315,7 +315,14 @@ def narrowed_config(config: str | Path, model_channels: int) -> Path:
 
 
 def add_run_args(p) -> None:
-    """The options bench_train and bench_sample share: the peer, threads, clock, slicing, width and the table."""
+    """The options bench_train and bench_sample share: the config and device, the peer, the speed options
+    (compile, channels_last, threads, slicing, width), the clock and the table."""
+    p.add_argument("--config", default=str(TINY))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--compile", nargs="?", const="default", default=None,
+                   help="torch.compile both sides' UNet and ControlNet, optionally with a mode ('reduce-overhead' "
+                        "adds CUDA graphs)")
+    p.add_argument("--channels_last", action="store_true")
     p.add_argument("--peer", default="diffusers", choices=["diffusers", "none"])
     p.add_argument("--model_channels", type=int, default=None, metavar="N",
                    help="build the config with N base channels (e.g. 32 for SD1.5's layers at a tenth of the "

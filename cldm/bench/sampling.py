@@ -95,7 +95,6 @@ def peer_denoise(model: torch.nn.Module, peer: Peer, sampler: str, x: Inputs, st
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=str(TINY))
     p.add_argument("--resolution", type=int, default=128)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--sampler", default="ddim", choices=list(SAMPLERS))
@@ -103,10 +102,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--scale", type=float, default=9.0, help="classifier-free guidance scale")
     p.add_argument("--precision", default="fp32", choices=[*PRECISIONS, *HALF_WEIGHTS],
                    help="autocast over float32 weights (as in training), or bf16 / fp16 weights")
-    p.add_argument("--compile", nargs="?", const="default", default=None,
-                   help="torch.compile both sides' UNet and ControlNet; 'reduce-overhead' adds CUDA graphs")
-    p.add_argument("--channels_last", action="store_true")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--rounds", type=int, default=3, help="timed images per side, alternating")
     p.add_argument("--warmup", type=int, default=1, help="untimed images per side first (compilation happens here)")
     add_run_args(p)

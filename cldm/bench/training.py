@@ -87,21 +87,16 @@ def peer_step(peer: Peer, batch: dict, optimizer: torch.optim.Optimizer, precisi
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=str(TINY))
     p.add_argument("--resolution", type=int, default=128, help="image side in pixels (latents are /8)")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--precision", default="fp32", choices=list(PRECISIONS))
     p.add_argument("--gradient_checkpointing", action="store_true")
-    p.add_argument("--compile", nargs="?", const="default", default=None,
-                   help="torch.compile both sides' UNet and ControlNet (optionally a mode)")
-    p.add_argument("--channels_last", action="store_true")
     p.add_argument("--cached", action="store_true", help="cached latents and text embeddings (no VAE/text encoder)")
     p.add_argument("--frozen_dtype", choices=["bf16"], default=None,
                    help="the frozen weights in bf16 on both sides (tutorial_train --frozen_dtype; diffusers' "
                         "training scripts' weight_dtype), with --precision bf16-mixed")
     p.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS,
                    help="both sides' optimizer: AdamW (fused where the device has it) or bitsandbytes' AdamW8bit")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--steps", type=int, default=5, help="timed steps per side per round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per side first (compilation happens here)")
