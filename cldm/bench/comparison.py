@@ -34,7 +34,6 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import default_collate
 
@@ -47,7 +46,7 @@ from cldm.control_weights import Fit, add_control, initial_state
 from cldm.controlnet_union import CONTROLNET_UNION
 from cldm.controlnet_xs import CONTROLNET_XS
 from cldm.data.circles import make_fill50k
-from cldm.fidelity import Scorers, ci95, evaluate, load_samples, summarize
+from cldm.fidelity import Scorers, evaluate, load_samples, paired_difference, summarize
 from cldm.lllite import LLLITE
 from cldm.loader import load_model
 from cldm.lora import CONTROL_LORA
@@ -347,11 +346,6 @@ class RewardResult:
     plan: dict[str, Any]
 
 
-def paired(after: Sequence[float], before: Sequence[float]) -> dict[str, float]:
-    diff = np.asarray(after) - np.asarray(before)
-    return {"mean": float(diff.mean()), "ci95": ci95(diff)}
-
-
 def continue_run(mode: ComparedMode, trained: ModeResult, plan: Plan, reward: RewardPlan, weight: float | None,
                  train: Path, val: Path, run_dir: Path, out_dir: Path) -> Continuation:
     """The mode's finished run in `run_dir` continued into `out_dir` for the reward plan's steps
@@ -370,7 +364,7 @@ def continue_run(mode: ComparedMode, trained: ModeResult, plan: Plan, reward: Re
     release(torch.device(plan.device))
     final, scores = final_fidelity(config, trained_weights(out_dir, plan), mode.settings, plan, val)
     release(torch.device(plan.device))
-    return Continuation(weight, learning_rate, train_seconds, final, scores, paired(scores, trained.scores))
+    return Continuation(weight, learning_rate, train_seconds, final, scores, paired_difference(scores, trained.scores))
 
 
 def run_reward(mode: ComparedMode, trained: ModeResult, plan: Plan, reward: RewardPlan, work: Path, train: Path,
@@ -457,7 +451,7 @@ def table(results: Sequence[ModeResult], left_out: Mapping[str, str], plan: Plan
         if reward is not None:
             phase = by_mode[r.name]
             cells += [interval(phase.rewarded.final["control"]), signed(phase.rewarded.gain),
-                      signed(paired(phase.rewarded.scores, phase.plain.scores))]
+                      signed(paired_difference(phase.rewarded.scores, phase.plain.scores))]
         lines.append(f"| {' | '.join(cells)} |")
     for name, why in left_out.items():
         lines.append(f"| {BY_NAME[name].label} | left out: {why} |" + " |" * (len(columns) - 2))
