@@ -213,12 +213,11 @@ class HED(ImageTask):
 
     def maps(self, images: np.ndarray) -> np.ndarray:
         """B x H x W x 3 uint8 -> B x H x W uint8 soft edges."""
+        from annotator.hed import side_output_mean
         x = as_unit_tensor(images, self.device)
         with torch.no_grad():
-            sides = [torch.nn.functional.interpolate(s, size=x.shape[-2:], mode="bilinear")
-                     for s in self.network((x * 255).clip(0, 255))]
-            edge = torch.sigmoid(torch.stack(sides, dim=1).mean(dim=1))
-        return (edge * 255.0).clip(0, 255).to(torch.uint8)[:, 0].cpu().numpy()
+            edge = torch.sigmoid(side_output_mean(self.network, (x * 255).clip(0, 255)))
+        return (edge * 255.0).clip(0, 255).to(torch.uint8).cpu().numpy()
 
     def label_from_image(self, target: np.ndarray) -> np.ndarray:
         return self.maps(target[None])[0]
