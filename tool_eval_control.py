@@ -170,6 +170,12 @@ def dataset_of(args: argparse.Namespace):
                         **format_options(args))
 
 
+def model_of(args: argparse.Namespace) -> torch.nn.Module:
+    """The config's model with --ckpt's weights (the Union configs' --control_type), on --device for sampling."""
+    model = load_model(args.config, args.ckpt, params=control_type_params(args.config, args.control_type))[0]
+    return model.to(args.device).eval()
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Run the evaluation; returns the JSON summary (also written to --out)."""
     args = parse_args(argv)
@@ -182,8 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
         return protocol_main(args, sizes)
     own = {k: OWN[k] if getattr(args, k) is None else getattr(args, k) for k in OWN}
     earlier = read_earlier(args.compare_with, "per_sample") if args.compare_with else None
-    model = load_model(args.config, args.ckpt, params=control_type_params(args.config, args.control_type))[0]
-    model = model.to(args.device).eval()
+    model = model_of(args)
     reader = {"resize": Resize(args.resolution, args.resize), **format_options(args)}
     prompts, hints, targets = load_samples(args.data_root, own["n"], caption_extension=args.caption_extension,
                                            **reader)
@@ -254,8 +259,7 @@ def protocol_main(args: argparse.Namespace, sizes: dict) -> dict:
     if args.clip_score:
         quality["clip_score"] = CLIPScore(args.device)
     dataset = dataset_of(args)
-    model = load_model(args.config, args.ckpt, params=control_type_params(args.config, args.control_type))[0]
-    model = model.to(args.device).eval()
+    model = model_of(args)
     result = run_protocol(model, dataset, task, args.n, sampling, list(quality.values()), sizes)
     summary = {"protocol": args.protocol, **summarize_protocol(result, args.bootstrap), **sizes,
                "image_quality": {name: sink.summary(args.bootstrap) for name, sink in quality.items()},
