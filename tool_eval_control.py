@@ -60,7 +60,7 @@ from cldm.fidelity import (
 )
 from cldm.image_quality import FID, CLIPScore
 from cldm.loader import load_model
-from cldm.protocol import HINT_SOURCES, LINEART_INVERSIONS, TASKS, ProtocolRun, Sampling, paired_difference
+from cldm.protocol import HINT_SOURCES, LINEART_INVERSIONS, PAPER, TASKS, ProtocolRun, Sampling, paired_difference
 from cldm.protocol import run as run_protocol
 from cldm.protocol import summarize as summarize_protocol
 from ldm.checkpoint import UserError, write_text
@@ -82,7 +82,7 @@ PROTOCOL_ONLY = ("condition", "images_per_prompt", "hint_source", "negative_prom
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    paper = Sampling()
+    paper = PAPER
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="./models/cldm_demo.yaml")
     p.add_argument("--ckpt", nargs="+", required=True,
