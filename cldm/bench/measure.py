@@ -316,7 +316,7 @@ def narrowed_config(config: str | Path, model_channels: int) -> Path:
 
 def add_run_args(p) -> None:
     """The options bench_train and bench_sample share: the config and device, the peer, the speed options
-    (compile, channels_last, threads, slicing, width), the clock and the table."""
+    (compile, channels_last, threads, slicing, width), the clock, the table and the ablations (--without)."""
     p.add_argument("--config", default=str(TINY))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", nargs="?", const="default", default=None,
@@ -333,3 +333,5 @@ def add_run_args(p) -> None:
     p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                    help="cpu: CPU seconds of the process, for a loaded machine (with --threads 1)")
     p.add_argument("--table", default=None, help="append the markdown table to this file")
+    p.add_argument("--without", nargs="+", default=[], choices=ABLATIONS,
+                   help="also time our side with these changes undone, as more sides of the same run")

@@ -20,7 +20,6 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
 from cldm.bench.measure import (
-    ABLATIONS,
     PRECISIONS,
     TINY,
     Precision,
@@ -105,8 +104,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="timed images per side, alternating")
     p.add_argument("--warmup", type=int, default=1, help="untimed images per side first (compilation happens here)")
     add_run_args(p)
-    p.add_argument("--without", nargs="+", default=[], choices=ABLATIONS,
-                   help="also time our sampler with these changes undone, as more sides of the same run")
     p.add_argument("--smoke", action="store_true", help="tiny config, 32 px, 2 sampling steps (for tests)")
     args = p.parse_args(argv)
     if args.smoke:

@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
 from cldm.bench.measure import (
-    ABLATIONS,
     PRECISIONS,
     TINY,
     PeakMemory,
@@ -101,8 +100,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per side first (compilation happens here)")
     add_run_args(p)
-    p.add_argument("--without", nargs="+", default=[], choices=ABLATIONS,
-                   help="also time our model with these changes undone, as more sides of the same run")
     p.add_argument("--smoke", action="store_true", help="tiny config, 32 px, one step of each kind (for tests)")
     args = p.parse_args(argv)
     if args.smoke:
