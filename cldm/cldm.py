@@ -306,6 +306,12 @@ class ControlLDM(LatentDiffusion):
         """The mode's control network; built after the UNet, so a mode may build it on the UNet."""
         return instantiate_from_config(control_stage_config)
 
+    def replace_control_model(self, net: nn.Module) -> None:
+        """Make `net` (a file's network, of the file's structure) the model's own, on the old one's device and dtype
+        and training as it did. Do this before training starts (the optimizer holds the old network)."""
+        old = next(self.control_model.parameters())
+        self.control_model = net.to(device=old.device, dtype=old.dtype).requires_grad_(old.requires_grad)
+
     def make_optimizer(self, params: list) -> torch.optim.Optimizer:
         """DDPM's optimizer; a parameter under a prefix of lr_multipliers gets learning_rate times its value."""
         if not self.lr_multipliers:

@@ -565,11 +565,10 @@ class UnionControlLDM(ControlLDM):
         return net
 
     def replace_control_model(self, net: UnionControlNet) -> None:
-        """Make `net` the model's own network, on the old one's dtype and training as it did."""
-        old = next(self.control_model.parameters())
+        """As ControlLDM's, once the model's control types are checked to be among `net`'s."""
         for name in self.control_type:
             control_type_index(name, net.num_control_type)
-        self.control_model = net.to(device=old.device, dtype=old.dtype).requires_grad_(old.requires_grad)
+        super().replace_control_model(net)
 
     def unit(self, hint: torch.Tensor, strength: float = 1.0, start: float = 0.0, end: float = 1.0,
              mode: str = "balanced", scales: list[float] | None = None) -> ControlUnit:

@@ -675,8 +675,7 @@ class ControlNetXSMode(ControlMode):
         own). Do this before training starts (the optimizer holds the old network)."""
         net = load_controlnet_xs(state_dict, file_settings(model, state_dict, recorded))
         net.check_fits(model.model.diffusion_model)
-        old = next(model.control_model.parameters())
-        model.control_model = net.to(device=old.device, dtype=old.dtype).requires_grad_(old.requires_grad)
+        model.replace_control_model(net)
         return LoadReport()
 
     def to_diffusers(self, source: str | os.PathLike, out_dir: str | os.PathLike, config: str | os.PathLike,

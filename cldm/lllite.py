@@ -259,8 +259,7 @@ class LLLiteMode(ControlMode):
         lllite = load_lllite(state_dict)
         unet = model.model.diffusion_model
         lllite.check_fits(unet)
-        old = next(model.control_model.parameters())
-        model.control_model = lllite.to(device=old.device, dtype=old.dtype).requires_grad_(old.requires_grad)
+        model.replace_control_model(lllite)
         names = set(lllite.module_names())
         return LoadReport(missing=[CONTROL_PREFIX + name for name in lllite_targets(unet) if name not in names],
                           unexpected=[k for k in state_dict if not k.removeprefix(CONTROL_PREFIX).startswith(PREFIX)])

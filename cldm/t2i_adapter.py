@@ -469,8 +469,7 @@ def convert_from_diffusers(in_path: str | os.PathLike, out_path: str | os.PathLi
 def replace_network(model: ControlLDM, net: T2IAdapter) -> None:
     """Make `net` the model's own adapter, on the old one's device and dtype and training as it did."""
     net.feature_sites(model.model.diffusion_model)
-    old = next(model.control_model.parameters())
-    model.control_model = net.to(device=old.device, dtype=old.dtype).requires_grad_(old.requires_grad)
+    model.replace_control_model(net)
     model.control_scales = [1.0] * net.num_levels()
 
 
