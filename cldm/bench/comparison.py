@@ -179,17 +179,23 @@ def initial_weights(config: Path, base: str | None, work: Path) -> str:
 
 # ---- one mode ----
 
+def run_options(plan: Plan, steps: int) -> list[str]:
+    """The tutorial_train options every run of the comparison shares (training, and the reward phase's `steps` more):
+    precision, device and seed, logging and a checkpoint at the end, and --force."""
+    return ["--precision", plan.precision, "--accelerator", "gpu" if plan.device == "cuda" else "cpu",
+            "--devices", "1", "--seed", str(plan.seed), "--logger_freq", str(10 * steps + 1),
+            "--log_every_n_steps", str(min(10, steps)), "--checkpoint_every", str(steps), "--force"]
+
+
 def train_argv(config: Path, resume_path: str, settings: Mapping[str, Any], plan: Plan, train: Path, val: Path,
                run_dir: Path) -> list[str]:
     """tutorial_train.py's command line for one mode's run."""
     argv = ["--config", str(config), "--resume_path", resume_path, "--data_root", str(train),
-            "--batch_size", str(plan.batch_size), "--max_steps", str(plan.steps), "--precision", plan.precision,
-            "--logger_freq", str(10 * plan.steps + 1), "--log_every_n_steps", str(min(10, plan.steps)),
-            "--checkpoint_every", str(plan.steps), "--output_dir", str(run_dir),
-            "--accelerator", "gpu" if plan.device == "cuda" else "cpu", "--devices", "1", "--seed", str(plan.seed),
+            "--batch_size", str(plan.batch_size), "--max_steps", str(plan.steps), "--output_dir", str(run_dir),
+            *run_options(plan, plan.steps),
             "--val_data", str(val), "--val_every", str(plan.val_every), "--val_samples", str(plan.val_samples),
             "--val_steps", str(plan.sample_steps), "--val_scale", str(plan.guidance_scale),
-            "--val_metrics", "fill", "--force"]
+            "--val_metrics", "fill"]
     for option, value in settings.items():
         argv += [f"--{option}", str(value)]
     return argv
@@ -353,13 +359,10 @@ def continue_run(mode: ComparedMode, trained: ModeResult, plan: Plan, reward: Re
     evaluated as the run was."""
     config = Path(trained.config)
     learning_rate = reward.lr_scale * {**config_settings(config), **mode.settings}["learning_rate"]
-    extra = ["--precision", plan.precision, "--accelerator", "gpu" if plan.device == "cuda" else "cpu",
-             "--devices", "1", "--seed", str(plan.seed), "--logger_freq", str(10 * reward.steps + 1),
-             "--log_every_n_steps", str(min(10, reward.steps)), "--checkpoint_every", str(reward.steps), "--force"]
     started = time.perf_counter()
     reward_phase(run_dir / "checkpoints" / "last.ckpt", config, train, out_dir, reward.reward,
                  reward.steps, plan.batch_size, weight=weight, max_t=reward.max_t, learning_rate=learning_rate,
-                 extra_args=extra)
+                 extra_args=run_options(plan, reward.steps))
     train_seconds = time.perf_counter() - started
     release(torch.device(plan.device))
     final, scores = final_fidelity(config, trained_weights(out_dir, plan), mode.settings, plan, val)
