@@ -36,10 +36,11 @@ from cldm.data import (
     open_dataset,
 )
 from cldm.data.base import select_samples
-from cldm.data.images import RESIZE_MODES, set_max_image_pixels
+from cldm.data.images import set_max_image_pixels
 from cldm.data.kohya_config import DatasetConfig, read_dataset_config
 from cldm.data.latent_cache import CachedDataset
 from cldm.data.loading import SkippedSamples, TrainData, report_captions, sample_error_message
+from cldm.data.options import add_format_arguments, add_resize_arguments, format_options
 from cldm.fidelity import METRICS
 from cldm.loader import load_model
 from cldm.logger import ImageLogger
@@ -161,14 +162,8 @@ def build_parser(config: str, resume_path: str) -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="overwrite an existing export, and the checkpoints of an earlier run in OUTPUT_DIR")
     data = p.add_argument_group("data (docs/data.md)")
-    data.add_argument("--data_format", choices=FORMATS, default=None,
-                      help="reader of --data_root (default: told by the files it holds)")
-    data.add_argument("--resolution", type=int, default=None,
-                      help="bring images of any size to this resolution with --resize (default: as stored)")
-    data.add_argument("--resize", choices=RESIZE_MODES, default="center_crop",
-                      help="with --resolution: short side to N then a centre or random N x N crop, a stretch to "
-                           "N x N, or aspect-ratio buckets of about N*N pixels (default %(default)s)")
-    data.add_argument("--conditioning_data_dir", default=None, help="kohya format: the folder of hint images")
+    add_format_arguments(data)
+    add_resize_arguments(data)
     data.add_argument("--caption_extension", default=None,
                       help="kohya format: caption files' extension (default .txt; .txt and .caption stand in for "
                            "each other)")
@@ -180,13 +175,6 @@ def build_parser(config: str, resume_path: str) -> argparse.ArgumentParser:
                            "in place of --data_root (docs/data.md)")
     data.add_argument("--max_train_samples", type=int, default=None,
                       help="train on N samples of the data, drawn by --seed (diffusers' option)")
-    data.add_argument("--image_column", default="image", help="hf format: the target image column")
-    data.add_argument("--conditioning_image_column", default="conditioning_image", help="hf format: the hint column")
-    data.add_argument("--caption_column", default="text", help="hf format: the caption column")
-    data.add_argument("--split", default="train", help="hf format: the split to train on")
-    data.add_argument("--allow_outside_root", action="store_true",
-                      help="fill50k and hf formats: read image paths (prompt.json entries, path columns) that are "
-                           "absolute or contain '..'")
     data.add_argument("--skip_bad_samples", action="store_true",
                       help="log, count and skip unreadable or misfit samples instead of stopping")
     data.add_argument("--max_image_pixels", type=int, default=None,
@@ -369,12 +357,8 @@ def build_dataset(args: argparse.Namespace, parser: argparse.ArgumentParser,
             raise UserError("give --image_size (stretch) or --resolution (with --resize), not both")
         resize = Resize(args.image_size, "stretch") if args.image_size is not None else \
             Resize(args.resolution, args.resize)
-        return open_dataset(args.data_root or "./training/fill50k", args.data_format, resize,
-                            conditioning_data_dir=args.conditioning_data_dir,
-                            caption_extension=args.caption_extension, image_column=args.image_column,
-                            conditioning_image_column=args.conditioning_image_column,
-                            caption_column=args.caption_column, split=args.split,
-                            allow_outside_root=args.allow_outside_root, skip_bad=args.skip_bad_samples,
+        return open_dataset(args.data_root or "./training/fill50k", resize=resize, **format_options(args),
+                            caption_extension=args.caption_extension, skip_bad=args.skip_bad_samples,
                             require_captions=args.require_captions, seed=args.seed or 0)
     dataset = CachedDataset(args.cached_latents, data_root=args.data_root)
     if args.image_size not in (None, dataset.size):
