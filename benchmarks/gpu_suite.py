@@ -18,7 +18,6 @@ Models are built once. Before each stage both sides get back float32 weights and
 ControlNet weights, so they always compute the same function.
 """
 import argparse
-import gc
 import sys
 import time
 import traceback
@@ -30,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cldm.bench import sampling as bench_sample  # noqa: E402
 from cldm.bench import training as bench_train  # noqa: E402
-from cldm.bench.measure import TINY, Precision, build_ours, mib, timed, write_table  # noqa: E402
+from cldm.bench.measure import TINY, Precision, build_ours, mib, release, timed, write_table  # noqa: E402
 from cldm.cli import run_tool  # noqa: E402
 from cldm.diffusers_peer import build_peer  # noqa: E402
 
@@ -56,12 +55,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 def one_side_at(side, device: torch.device, steps: int) -> dict:
     """Peak memory of one step, then samples per second over `steps` steps, for a lone side."""
     step, holders, optimizer = side
@@ -80,14 +73,14 @@ def fits(model: torch.nn.Module, args: argparse.Namespace, batch_size: int, devi
         return False
     finally:
         model.zero_grad(set_to_none=True)
-        free(device)
+        release(device)
 
 
 def max_batch_stage(args: argparse.Namespace, model, peer, device: torch.device) -> list[tuple]:
     movable = [peer.unet, peer.controlnet, peer.vae]
     for net in movable:
         net.to("cpu")
-    free(device)
+    release(device)
     batch_size = None
     for candidate in args.max_batches:
         if not fits(model, args, candidate, device):
@@ -102,7 +95,7 @@ def max_batch_stage(args: argparse.Namespace, model, peer, device: torch.device)
     model.to("cpu")
     for net in movable:
         net.to(device)
-    free(device)
+    release(device)
     try:
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         theirs = one_side_at(bench_train.peer_side(model, peer, batch, precision), device, steps=3)
@@ -112,7 +105,7 @@ def max_batch_stage(args: argparse.Namespace, model, peer, device: torch.device)
         theirs_text, ratio = ("out of memory", "out of memory"), "-"
     peer.controlnet.zero_grad(set_to_none=True)
     model.to(device)
-    free(device)
+    release(device)
     setting = f"{Path(args.config).stem} {args.resolution}px b{batch_size} bf16-mixed cached, each side alone"
     return [("train samples/s at max batch", setting, f"{batch_size / ours['seconds_per_step']:.3g}",
              theirs_text[0], ratio),
@@ -156,7 +149,7 @@ def main(argv: list[str] | None = None) -> list[tuple]:
         except Exception as err:  # one broken stage must not cost the figures of the others
             traceback.print_exc()
             rows.append((stage, "failed", f"{type(err).__name__}: {str(err)[:120]}", "-", "-"))
-        free(device)
+        release(device)
         print(f"stage {stage}: {time.perf_counter() - began:.0f} s", flush=True)
         write_table(rows, title, args.table, append=False)
     print(f"total {time.perf_counter() - start:.0f} s")

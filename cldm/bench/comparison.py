@@ -20,7 +20,6 @@ same plan is reused, so an interrupted comparison goes on where it stopped.
 
 import argparse
 import csv
-import gc
 import hashlib
 import json
 import logging
@@ -39,7 +38,7 @@ from torch.utils.data import default_collate
 
 from cldm import train_command
 from cldm.bench.costs import control_file_bytes, step_cost, trainable_count
-from cldm.bench.measure import machine
+from cldm.bench.measure import machine, release
 from cldm.cldm import CONTROLNET
 from cldm.control import ControlMode
 from cldm.control_weights import Fit, add_control, initial_state
@@ -388,13 +387,6 @@ def run_reward(mode: ComparedMode, trained: ModeResult, plan: Plan, reward: Rewa
     result = RewardResult(mode.name, rewarded, plain, time.perf_counter() - begun, plans)
     write_text(kept, json.dumps(asdict(result), indent=1))
     return result
-
-
-def release(device: torch.device) -> None:
-    """Memory of the models just dropped, back before the next is built (and measured)."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 # ---- the comparison ----

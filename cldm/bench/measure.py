@@ -10,6 +10,7 @@ allocator's peak, or on CPU the profiler's allocation records). Both sides live 
 side's figure counts nothing of the other's.
 """
 import contextlib
+import gc
 import logging
 import os
 import platform
@@ -38,6 +39,13 @@ TINY = ROOT / "models" / "cldm_tiny.yaml"
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def release(device: torch.device) -> None:
+    """Memory of the models just dropped, back before the next is built (and measured)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def randomize_zero_layers(module: nn.Module, std: float = 0.05, seed: int = 2) -> None:
