@@ -124,12 +124,15 @@ class ControlNet(ResidualControl):
         emb = embed_time_and_vector(self, x, timesteps, y)
         if guided_hint is None:
             guided_hint = self.input_hint_block(hint.to(x.dtype), emb, context)
-        outs = []
-        h = x
-        for i, (module, zero_conv) in enumerate(zip(self.input_blocks, self.zero_convs)):
+        return self.encoder_residuals(self.input_blocks[0](x, emb, context) + guided_hint, emb, context)
+
+    def encoder_residuals(self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None
+                          ) -> list[torch.Tensor]:
+        """The residuals from h, the first input block's output with the hint's encoding added: its zero conv's,
+        then each later input block's and the middle block's."""
+        outs = [self.zero_convs[0](h, emb, context)]
+        for module, zero_conv in zip(self.input_blocks[1:], self.zero_convs[1:]):
             h = module(h, emb, context)
-            if i == 0:
-                h = h + guided_hint
             outs.append(zero_conv(h, emb, context))
         h = self.middle_block(h, emb, context)
         outs.append(self.middle_block_out(h, emb, context))

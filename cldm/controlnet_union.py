@@ -317,14 +317,7 @@ class UnionControlNet(ControlNet):
         for i, ((_, _, weight), encoding) in enumerate(zip(conditions, encodings)):
             bias = self.spatial_ch_projs(mixed[:, i]).unsqueeze(-1).unsqueeze(-1)
             fused = fused + (encoding + (bias * weight if weighted else bias))
-        h = h + fused
-        outs = [self.zero_convs[0](h, emb, context)]
-        for module, zero_conv in zip(self.input_blocks[1:], self.zero_convs[1:]):
-            h = module(h, emb, context)
-            outs.append(zero_conv(h, emb, context))
-        h = self.middle_block(h, emb, context)
-        outs.append(self.middle_block_out(h, emb, context))
-        return outs
+        return self.encoder_residuals(h + fused, emb, context)
 
     def structure(self) -> UnionStructure:
         convs = [m for m in self.input_hint_block if isinstance(m, nn.Conv2d)]
