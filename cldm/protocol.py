@@ -437,6 +437,11 @@ class ImageSink(ABC):
     def update(self, prompt_index: int, prompt: str, target: np.ndarray, outputs: np.ndarray) -> None:
         """One prompt's target (H x W x 3) and its G images (G x H x W x 3), all uint8."""
 
+    @abstractmethod
+    def summary(self, resamples: int = 2000, seed: int = 0) -> dict:
+        """The figure over all it has seen, for the report: metric, higher_is_better, value, and a 95% interval of
+        `resamples` bootstrap resamples (ci95) where the figure has per-prompt parts."""
+
 
 @torch.no_grad()
 def run(model: torch.nn.Module, dataset: Sequence[dict], task: Task, n: int | None = None,
