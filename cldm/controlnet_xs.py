@@ -61,10 +61,9 @@ CROSS_ATTN, PLAIN = "CrossAttnDownBlock2D", "DownBlock2D"
 MARKERS = ("control_to_base_for_conv_in.weight", "mid_block.ctrl_to_base.weight")
 DOWN_EPS, MIDDLE_EPS = 1e-5, 1e-6  # diffusers' control resnets: eps=1e-5 given, UNetMidBlock2DCrossAttn's default
 TIME_MIX_POWER = 0.3  # diffusers and vislearn mix the learnt time embedding in at time_embedding_mix ** 0.3
-# The config fields the tensors do not show; diffusers' ControlNetXSAdapter defaults for the first two.
+# The config fields the tensors do not show (a file without them gets XSConfig's defaults, diffusers' own).
 UNSHAPED = ("num_attention_heads", "time_embedding_mix", "conditioning_channel_order", "max_norm_num_groups",
             "upcast_attention", "sample_size")
-DEFAULT_HEADS, DEFAULT_MIX = 4, 1.0
 # What our files record of UNSHAPED in their safetensors header (under RECORDED_KEY, as JSON): what changes the output.
 RECORDED, RECORDED_KEY = UNSHAPED[:4], "controlnet_xs"
 
@@ -570,9 +569,8 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], defaults: Mapping[str, 
         use_linear_projection=sd[f"{middle}.proj_in.weight"].dim() == 2,
         layers_per_block=layers)
     rest = {k: defaults[k] for k in UNSHAPED if k in (defaults or {})}
-    rest.setdefault("num_attention_heads", DEFAULT_HEADS)
-    if not known["learn_time_embedding"]:
-        rest["time_embedding_mix"] = DEFAULT_MIX
+    if not known["learn_time_embedding"]:  # a mix needs a learnt time embedding: XSConfig's (diffusers') 1
+        rest.pop("time_embedding_mix", None)
     return XSConfig(**known, **rest)
 
 
