@@ -14,6 +14,10 @@ sys.path.insert(0, str(ROOT))
 # another process shares them).
 torch.set_num_threads(1)
 
+# The parity tests' batch: two prompts and the seed of each image's noise.
+PROMPTS = ["a red circle on a white background", "a blue circle on a black background"]
+SEEDS = [7, 8]
+
 
 def reference_keys(name: str) -> dict[str, tuple[int, ...]]:
     """key -> shape from a reference key list (`key<TAB>shape`, x-separated, `scalar` for 0-d)."""

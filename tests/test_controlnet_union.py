@@ -19,12 +19,19 @@ from cldm.diffusers_names import diffusers_module_names, rename_module
 from cldm.model import create_model
 from cldm.modes import recognise
 from cldm.pipeline import sample
-from conftest import ROOT, diffusers_unet, model_as_trained, randomize_zero_init, reference_keys, sdxl_pipeline_latents
+from conftest import (
+    PROMPTS,
+    ROOT,
+    SEEDS,
+    diffusers_unet,
+    model_as_trained,
+    randomize_zero_init,
+    reference_keys,
+    sdxl_pipeline_latents,
+)
 
 MODELS = ROOT / "models"
 FULL, TINY_XL = MODELS / "cldm_xl_union.yaml", MODELS / "cldm_tiny_xl_union.yaml"
-PROMPTS = ["a red circle on a white background", "a blue circle on a black background"]
-SEEDS = [7, 8]
 # xinsir/controlnet-union-sdxl-1.0's config.json (config_promax.json differs in num_control_type: 8), the fields
 # ControlNetUnionModel takes; the condition transformer's are its defaults, which xinsir's code hard-codes.
 PUBLISHED = {

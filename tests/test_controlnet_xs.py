@@ -21,7 +21,9 @@ from cldm.model import create_model, load_state_dict, save_state_dict
 from cldm.modes import recognise
 from cldm.pipeline import sample
 from conftest import (
+    PROMPTS,
     ROOT,
+    SEEDS,
     diffusers_unet,
     diffusers_vae,
     model_as_trained,
@@ -33,8 +35,6 @@ from ldm.checkpoint import UserError
 
 MODELS = ROOT / "models"
 TINY, TINY_XL = MODELS / "cldm_tiny_v21_xs.yaml", MODELS / "cldm_tiny_xl_xs.yaml"
-PROMPTS = ["a red circle on a white background", "a blue circle on a black background"]
-SEEDS = [7, 8]
 # stabilityai/stable-diffusion-2-1 and stable-diffusion-xl-base-1.0, unet/config.json (the fields that shape it)
 SD21_UNET = dict(attention_head_dim=[5, 10, 20, 20], block_out_channels=[320, 640, 1280, 1280],
                  cross_attention_dim=1024, down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],

@@ -14,14 +14,12 @@ from diffusers_schedulers import documented_scheduler
 
 from cldm.diffusers_peer import build_peer
 from cldm.pipeline import sample
-from conftest import ROOT, model_as_trained, randomize_zero_init
+from conftest import PROMPTS, ROOT, SEEDS, model_as_trained, randomize_zero_init
 from ldm.models.diffusion.ddim import Inpainting
 from ldm.models.diffusion.samplers import SAMPLERS, max_steps
 from ldm.models.diffusion.samplers import sample as run_sampler
 
 TINY = ROOT / "models" / "cldm_tiny.yaml"
-PROMPTS = ["a red circle on a white background", "a blue circle on a black background"]
-SEEDS = [7, 8]
 STEPS, SCALE = 8, 7.5
 
 

@@ -25,7 +25,9 @@ from cldm.t2i_adapter import (
     save_adapter_folder,
 )
 from conftest import (
+    PROMPTS,
     ROOT,
+    SEEDS,
     diffusers_unet,
     model_as_trained,
     randomize_zero_convs,
@@ -37,8 +39,6 @@ from ldm.modules.diffusionmodules.openaimodel import MIDDLE, BlockSite
 
 MODELS = ROOT / "models"
 TINY, TINY_XL = MODELS / "cldm_tiny_t2i.yaml", MODELS / "cldm_tiny_xl_t2i.yaml"
-PROMPTS = ["a red circle on a white background", "a blue circle on a black background"]
-SEEDS = [7, 8]
 # runwayml/stable-diffusion-v1-5 and stabilityai/stable-diffusion-xl-base-1.0, scheduler/scheduler_config.json
 SD15_SCHEDULER = {"_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
                   "beta_start": 0.00085, "clip_sample": False, "num_train_timesteps": 1000, "set_alpha_to_one": False,
