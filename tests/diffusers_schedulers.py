@@ -21,6 +21,12 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 SD15_SCHEDULER_CONFIG = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
                          "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True,
                          "steps_offset": 1, "trained_betas": None, "clip_sample": False}
+# stabilityai/stable-diffusion-xl-base-1.0, scheduler/scheduler_config.json
+SDXL_SCHEDULER_CONFIG = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                         "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True,
+                         "steps_offset": 1, "trained_betas": None, "clip_sample": False, "interpolation_type": "linear",
+                         "prediction_type": "epsilon", "sample_max_value": 1.0, "timestep_spacing": "leading",
+                         "use_karras_sigmas": False}
 
 # A1111 name -> (diffusers class, init arguments over the base configuration)
 DOCUMENTED = {

@@ -4,6 +4,7 @@ xinsir's configs), which mode a file is, and sampling equal to diffusers' Stable
 import diffusers
 import pytest
 import torch
+from diffusers_schedulers import SDXL_SCHEDULER_CONFIG
 from omegaconf import OmegaConf
 
 from cldm.cldm import CONTROLNET
@@ -48,9 +49,6 @@ PUBLISHED = {
     "use_linear_projection": True, "num_control_type": 6,
 }
 UNION_ONLY = ("task_embedding", "transformer_layes.", "spatial_ch_projs.", "control_add_embedding.")
-SDXL_SCHEDULER = {"beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
-                  "num_train_timesteps": 1000, "prediction_type": "epsilon", "set_alpha_to_one": False,
-                  "steps_offset": 1, "timestep_spacing": "leading"}
 
 
 def shapes(state_dict) -> dict[str, tuple[int, ...]]:
@@ -188,7 +186,7 @@ def test_sampling_matches_stable_diffusion_xl_controlnet_union_pipeline(tiny, tm
     controlnet_conditioning_scale and control_guidance_start/end), fused in one pass; (3) one unit holding both
     hints (6 channels) at strength 0.6, which the pipeline gives as the same scale for both images."""
     model = tiny
-    pipe = union_pipeline(model, tmp_path, diffusers.DDIMScheduler.from_config(SDXL_SCHEDULER))
+    pipe = union_pipeline(model, tmp_path, diffusers.DDIMScheduler.from_config(SDXL_SCHEDULER_CONFIG))
     g = torch.Generator().manual_seed(2)
     depth, pose = torch.rand(2, 3, 64, 64, generator=g), torch.rand(2, 3, 64, 64, generator=g)
     steps, cfg = 6, 5.0

@@ -12,6 +12,7 @@ import pytest
 import torch
 from diffusers.models.resnet import ResnetBlock2D
 from diffusers.utils.torch_utils import randn_tensor
+from diffusers_schedulers import SDXL_SCHEDULER_CONFIG
 from omegaconf import OmegaConf
 
 from cldm.control import ControlUnit
@@ -53,11 +54,6 @@ PUBLISHED = {"cldm_v21_xs.yaml": (SD21_UNET, dict(block_out_channels=[4, 8, 16, 
 SD21_SCHEDULER = {"_class_name": "DDIMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
                   "beta_start": 0.00085, "clip_sample": False, "num_train_timesteps": 1000,
                   "prediction_type": "epsilon", "set_alpha_to_one": False, "steps_offset": 1, "trained_betas": None}
-SDXL_SCHEDULER = {"_class_name": "EulerDiscreteScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
-                  "beta_start": 0.00085, "clip_sample": False, "interpolation_type": "linear",
-                  "num_train_timesteps": 1000, "prediction_type": "epsilon", "sample_max_value": 1.0,
-                  "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "timestep_spacing": "leading",
-                  "trained_betas": None, "use_karras_sigmas": False}
 # config fields that change nothing computed
 BOOKKEEPING = dict(sample_size=None, upcast_attention=False)
 PEER_SCHEDULERS = {"ddim": lambda config: diffusers.DDIMScheduler.from_config(config),
@@ -261,7 +257,7 @@ def test_sampling_matches_stable_diffusion_xl_controlnet_xs_pipeline(tmp_path):
     pipe = diffusers.StableDiffusionXLControlNetXSPipeline(
         vae=diffusers_vae(model, TINY_XL), text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None,
         unet=diffusers_unet(model, TINY_XL), controlnet=adapter,
-        scheduler=diffusers.DDIMScheduler.from_config(SDXL_SCHEDULER))
+        scheduler=diffusers.DDIMScheduler.from_config(SDXL_SCHEDULER_CONFIG))
     with_unet_norms(pipe.unet)
     pipe.set_progress_bar_config(disable=True)
     hint = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))

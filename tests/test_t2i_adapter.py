@@ -10,6 +10,7 @@ import diffusers
 import pytest
 import torch
 from diffusers.utils.torch_utils import randn_tensor
+from diffusers_schedulers import SD15_SCHEDULER_CONFIG, SDXL_SCHEDULER_CONFIG
 
 from cldm.control import ControlUnit, FeatureAddition
 from cldm.loader import load_control_network
@@ -39,15 +40,6 @@ from ldm.modules.diffusionmodules.openaimodel import MIDDLE, BlockSite
 
 MODELS = ROOT / "models"
 TINY, TINY_XL = MODELS / "cldm_tiny_t2i.yaml", MODELS / "cldm_tiny_xl_t2i.yaml"
-# runwayml/stable-diffusion-v1-5 and stabilityai/stable-diffusion-xl-base-1.0, scheduler/scheduler_config.json
-SD15_SCHEDULER = {"_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
-                  "beta_start": 0.00085, "clip_sample": False, "num_train_timesteps": 1000, "set_alpha_to_one": False,
-                  "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None}
-SDXL_SCHEDULER = {"_class_name": "EulerDiscreteScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
-                  "beta_start": 0.00085, "clip_sample": False, "interpolation_type": "linear",
-                  "num_train_timesteps": 1000, "prediction_type": "epsilon", "sample_max_value": 1.0,
-                  "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "timestep_spacing": "leading",
-                  "trained_betas": None, "use_karras_sigmas": False}
 # diffusers' scheduler for each of our samplers, as its documentation swaps schedulers into a pipeline
 PEER_SCHEDULERS = {"ddim": lambda config: diffusers.DDIMScheduler.from_config(config),
                    "dpmpp_2m_karras": lambda config: diffusers.DPMSolverMultistepScheduler.from_config(
@@ -233,7 +225,7 @@ def their_adapter(net: T2IAdapter, folder) -> diffusers.T2IAdapter:
 def sd_pipeline(unet, adapter, sampler: str) -> diffusers.StableDiffusionAdapterPipeline:
     pipe = diffusers.StableDiffusionAdapterPipeline(
         vae=None, text_encoder=None, tokenizer=None, unet=unet, adapter=adapter,
-        scheduler=PEER_SCHEDULERS[sampler](SD15_SCHEDULER), safety_checker=None, feature_extractor=None,
+        scheduler=PEER_SCHEDULERS[sampler](SD15_SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -286,7 +278,7 @@ def test_sampling_matches_stable_diffusion_xl_adapter_pipeline_with_factor(tmp_p
     pipe = diffusers.StableDiffusionXLAdapterPipeline(
         vae=None, text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None,
         unet=diffusers_unet(model, TINY_XL), adapter=their_adapter(model.control_model, tmp_path / "a"),
-        scheduler=diffusers.DDIMScheduler.from_config(SDXL_SCHEDULER))
+        scheduler=diffusers.DDIMScheduler.from_config(SDXL_SCHEDULER_CONFIG))
     pipe.set_progress_bar_config(disable=True)
     hint = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     steps, cfg = 6, 6.0
