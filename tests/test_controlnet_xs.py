@@ -12,7 +12,7 @@ import pytest
 import torch
 from diffusers.models.resnet import ResnetBlock2D
 from diffusers.utils.torch_utils import randn_tensor
-from diffusers_schedulers import SDXL_SCHEDULER_CONFIG
+from diffusers_schedulers import SDXL_SCHEDULER_CONFIG, documented_scheduler
 from omegaconf import OmegaConf
 
 from cldm.control import ControlUnit
@@ -33,6 +33,7 @@ from conftest import (
     sdxl_pipeline_latents,
 )
 from ldm.checkpoint import UserError
+from ldm.models.diffusion.samplers import SAMPLERS
 
 MODELS = ROOT / "models"
 TINY, TINY_XL = MODELS / "cldm_tiny_v21_xs.yaml", MODELS / "cldm_tiny_xl_xs.yaml"
@@ -51,14 +52,8 @@ SDXL_UNET = dict(addition_embed_type="text_time", addition_time_embed_dim=256, a
 PUBLISHED = {"cldm_v21_xs.yaml": (SD21_UNET, dict(block_out_channels=[4, 8, 16, 16], num_attention_heads=4,
                                                   learn_time_embedding=True)),
              "cldm_xl_xs.yaml": (SDXL_UNET, dict(size_ratio=0.1, num_attention_heads=4, learn_time_embedding=True))}
-SD21_SCHEDULER = {"_class_name": "DDIMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
-                  "beta_start": 0.00085, "clip_sample": False, "num_train_timesteps": 1000,
-                  "prediction_type": "epsilon", "set_alpha_to_one": False, "steps_offset": 1, "trained_betas": None}
 # config fields that change nothing computed
 BOOKKEEPING = dict(sample_size=None, upcast_attention=False)
-PEER_SCHEDULERS = {"ddim": lambda config: diffusers.DDIMScheduler.from_config(config),
-                   "dpmpp_2m_karras": lambda config: diffusers.DPMSolverMultistepScheduler.from_config(
-                       config, algorithm_type="dpmsolver++", use_karras_sigmas=True)}
 
 
 def shapes(state_dict) -> dict[str, tuple[int, ...]]:
@@ -219,14 +214,14 @@ def test_one_forward_equals_unet_controlnet_xs_model(tiny):
 def sd_pipeline(unet, adapter, sampler: str) -> diffusers.StableDiffusionControlNetXSPipeline:
     pipe = diffusers.StableDiffusionControlNetXSPipeline(
         vae=None, text_encoder=None, tokenizer=None, unet=unet, controlnet=adapter,
-        scheduler=PEER_SCHEDULERS[sampler](SD21_SCHEDULER), safety_checker=None, feature_extractor=None,
+        scheduler=documented_scheduler(SAMPLERS[sampler].label), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False)
     with_unet_norms(pipe.unet)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-@pytest.mark.parametrize("sampler", list(PEER_SCHEDULERS))
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m_karras"])
 def test_sampling_matches_stable_diffusion_controlnet_xs_pipeline(tiny, sampler):
     """controlnet_conditioning_scale 0.7 on steps 2 and 3 of 6 (control_guidance_start 0.2, end 0.7) is a unit of
     strength 0.7 from 0.2 to 0.7."""
