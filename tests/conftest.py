@@ -28,6 +28,11 @@ def reference_keys(name: str) -> dict[str, tuple[int, ...]]:
     return keys
 
 
+
+def shapes(state_dict: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    """key -> shape of a state dict, to compare structures without their values."""
+    return {k: tuple(v.shape) for k, v in state_dict.items()}
+
 def model_as_trained(config, seed: int = 0):
     """The config's model with random weights (seeded), its UNet's zero-initialised layers randomised: a zero
     output layer would make eps, and so any control's effect, exactly zero."""

@@ -29,6 +29,7 @@ from conftest import (
     randomize_zero_init,
     reference_keys,
     sdxl_pipeline_latents,
+    shapes,
 )
 
 MODELS = ROOT / "models"
@@ -49,10 +50,6 @@ PUBLISHED = {
     "use_linear_projection": True, "num_control_type": 6,
 }
 UNION_ONLY = ("task_embedding", "transformer_layes.", "spatial_ch_projs.", "control_add_embedding.")
-
-
-def shapes(state_dict) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(v.shape) for k, v in state_dict.items()}
 
 
 def published_on_meta(num_control_type: int) -> diffusers.ControlNetUnionModel:

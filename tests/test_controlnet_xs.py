@@ -31,6 +31,7 @@ from conftest import (
     randomize_zero_convs,
     randomize_zero_init,
     sdxl_pipeline_latents,
+    shapes,
 )
 from ldm.checkpoint import UserError
 from ldm.models.diffusion.samplers import SAMPLERS
@@ -54,10 +55,6 @@ PUBLISHED = {"cldm_v21_xs.yaml": (SD21_UNET, dict(block_out_channels=[4, 8, 16, 
              "cldm_xl_xs.yaml": (SDXL_UNET, dict(size_ratio=0.1, num_attention_heads=4, learn_time_embedding=True))}
 # config fields that change nothing computed
 BOOKKEEPING = dict(sample_size=None, upcast_attention=False)
-
-
-def shapes(state_dict) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(v.shape) for k, v in state_dict.items()}
 
 
 def published_adapter(config: str) -> diffusers.ControlNetXSAdapter:

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 import tool_fuse_control_lora
 from cldm.lora import LoRAControlNet
 from cldm.model import create_model, load_checkpoint, load_state_dict, save_state_dict
-from conftest import ROOT, model_as_trained, reference_keys
+from conftest import ROOT, model_as_trained, reference_keys, shapes
 from ldm.util import instantiate_from_config
 from tool_make_fill50k import make_fill50k
 
@@ -17,10 +17,6 @@ XL_LORA, TINY_XL_LORA = ROOT / "models" / "cldm_xl_lora.yaml", ROOT / "models" /
 TINY_XL = ROOT / "models" / "cldm_tiny_xl.yaml"
 SHARED = ("time_embed.", "label_emb.", "input_blocks.", "middle_block.")
 NEW = ("input_hint_block.", "zero_convs.", "middle_block_out.")
-
-
-def shapes(sd: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(v.shape) for k, v in sd.items()}
 
 
 @pytest.mark.parametrize("rank, reference, elements", [(128, "control_lora_xl.keys.tsv", 197_779_104),

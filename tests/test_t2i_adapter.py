@@ -35,6 +35,7 @@ from conftest import (
     randomize_zero_init,
     reference_keys,
     sdxl_pipeline_latents,
+    shapes,
 )
 from ldm.models.diffusion.samplers import SAMPLERS
 from ldm.modules.diffusionmodules.openaimodel import MIDDLE, BlockSite
@@ -55,10 +56,6 @@ PUBLISHED = {
     "color_sd14v1": dict(adapter_type="light_adapter", in_channels=3, channels=[320, 640, 1280], num_res_blocks=4,
                          downscale_factor=8),
 }
-
-
-def shapes(state_dict) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(v.shape) for k, v in state_dict.items()}
 
 
 def meta_tensors(keys: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
