@@ -85,6 +85,11 @@ def picture(h: int, w: int, channels: int | None = 3, seed: int = 0) -> np.ndarr
     return img
 
 
+
+def as_hint(image: np.ndarray) -> torch.Tensor:
+    """An HWC uint8 picture as a control hint: BCHW in [0, 1], as the apps give it to a unit."""
+    return torch.from_numpy(image).float().permute(2, 0, 1)[None] / 255.0
+
 def write_png(path: Path, array: np.ndarray) -> Path:
     Image.fromarray(array).save(path)
     return path
@@ -308,12 +313,11 @@ def test_three_units_with_lllite_and_control_lora_files_sample_as_the_pipeline(s
     np.testing.assert_array_equal(out[2], img)  # no picture of its own: the input image
 
     model = served.model
-    hint = lambda a: torch.from_numpy(a).float().permute(2, 0, 1)[None] / 255.0  # noqa: E731
     lllite = load_control_network(served.folder / "lllite_tiny.safetensors", model, TINY_CONFIG)
     lora = load_control_network(served.folder / "lora" / "control_lora_tiny.safetensors", model, TINY_CONFIG)
-    units = [model.unit(hint(255 - out[0]), strength=0.7, mode="control"),
-             ControlUnit(lllite, hint(own), strength=0.8, end=0.5, mode="prompt"),
-             ControlUnit(lora, hint(img), start=0.3)]
+    units = [model.unit(as_hint(255 - out[0]), strength=0.7, mode="control"),
+             ControlUnit(lllite, as_hint(own), strength=0.8, end=0.5, mode="prompt"),
+             ControlUnit(lora, as_hint(img), start=0.3)]
     run = dict(sampler="euler_a", steps=3, cfg_scale=5.0, seed=77, num_images=2)
     expected = sample(model, "a house, ", "blurry, lowres", units=units, **run)
     np.testing.assert_array_equal(np.stack(out[3:]), expected.images)
@@ -360,11 +364,10 @@ def test_controlnet_t2i_adapter_and_lllite_units_in_one_request(served, tmp_path
     value = handle_file(write_png(tmp_path / "in.png", img))
     out = process(entry.client, value, **settings)
     model = served.model
-    hint = lambda a: torch.from_numpy(a).float().permute(2, 0, 1)[None] / 255.0  # noqa: E731
     t2i = load_control_network(served.folder / "t2i_tiny.safetensors", model, TINY_CONFIG)
     lllite = load_control_network(served.folder / "lllite_tiny.safetensors", model, TINY_CONFIG)
-    units = [model.unit(hint(255 - out[0])), ControlUnit(t2i, hint(img), strength=0.7, end=0.5),
-             ControlUnit(lllite, hint(img))]
+    units = [model.unit(as_hint(255 - out[0])), ControlUnit(t2i, as_hint(img), strength=0.7, end=0.5),
+             ControlUnit(lllite, as_hint(img))]
     expected = sample(model, "a house, ", "", units=units, sampler="ddim", steps=3, cfg_scale=5.0, seed=78)
     np.testing.assert_array_equal(out[3], expected.images[0])
     without = process(entry.client, value, **{**settings, "unit2_enabled": False})
@@ -383,9 +386,8 @@ def test_a_controlnet_xs_unit_in_a_request(served, tmp_path):
     value = handle_file(write_png(tmp_path / "in.png", img))
     out = process(entry.client, value, **settings)
     model = served.model
-    hint = lambda a: torch.from_numpy(a).float().permute(2, 0, 1)[None] / 255.0  # noqa: E731
     xs = load_control_network(served.folder / "xs_tiny.safetensors", model, TINY_CONFIG)
-    units = [model.unit(hint(255 - out[0])), ControlUnit(xs, hint(img), strength=0.8, start=0.3)]
+    units = [model.unit(as_hint(255 - out[0])), ControlUnit(xs, as_hint(img), strength=0.8, start=0.3)]
     expected = sample(model, "a house, ", "", units=units, sampler="ddim", steps=3, cfg_scale=5.0, seed=79)
     np.testing.assert_array_equal(out[2], expected.images[0])
     alone = sample(model, "a house, ", "", units=units[:1], sampler="ddim", steps=3, cfg_scale=5.0, seed=79)
@@ -407,11 +409,10 @@ def test_controlnet_union_units_in_a_request(served, tmp_path):
     value = handle_file(write_png(tmp_path / "in.png", img))
     out = process(entry.client, value, **settings)
     model = served.model
-    hint = lambda a: torch.from_numpy(a).float().permute(2, 0, 1)[None] / 255.0  # noqa: E731
     union = load_control_network(served.folder / "union_tiny.safetensors", model, TINY_CONFIG)
-    units = [model.unit(hint(255 - out[0])),
-             ControlUnit(union, hint(255 - out[1]), strength=0.8, end=0.6, control_type="canny"),
-             ControlUnit(union, hint(other), strength=0.6, start=0.3, control_type="depth")]
+    units = [model.unit(as_hint(255 - out[0])),
+             ControlUnit(union, as_hint(255 - out[1]), strength=0.8, end=0.6, control_type="canny"),
+             ControlUnit(union, as_hint(other), strength=0.6, start=0.3, control_type="depth")]
     expected = sample(model, "a house, ", "", units=units, sampler="ddim", steps=3, cfg_scale=5.0, seed=80)
     np.testing.assert_array_equal(out[3], expected.images[0])
     alone = sample(model, "a house, ", "", units=units[:1], sampler="ddim", steps=3, cfg_scale=5.0, seed=80)
@@ -450,9 +451,8 @@ def test_img2img_from_an_initial_image_samples_as_the_pipeline(served, tmp_path)
                     denoising_strength=0.6)
     items = process_raw(entry.client, handle_file(write_png(tmp_path / "in.png", img)), **settings)
     # the initial picture cut to the images' aspect ratio (its centre 96x96) and shrunk to 64x64
-    start = cv2.resize(init[:, 16:112], (64, 64), interpolation=cv2.INTER_AREA)
-    start = torch.from_numpy(start).float().permute(2, 0, 1)[None] / 255.0
-    hint = torch.from_numpy(HWC3(cv2.Canny(img, 100, 200))).float().permute(2, 0, 1)[None] / 255.0
+    start = as_hint(cv2.resize(init[:, 16:112], (64, 64), interpolation=cv2.INTER_AREA))
+    hint = as_hint(HWC3(cv2.Canny(img, 100, 200)))
     expected = sample(served.model, "a house, ", "", units=[served.model.unit(hint)], steps=5, seed=21,
                       init_image=start, denoising_strength=0.6)
     np.testing.assert_array_equal(images(items)[1], expected.images[0])
@@ -616,7 +616,7 @@ def test_precision_low_vram_and_compile_options(tiny_model):
     img = picture(64, 64)
     out = pipeline.process(img, "a house", "", "", 1, 64, "ddim", 2, 9.0, 3, 0.0, unit1_enabled=True,
                            unit1_preprocessor="canny")
-    hint = torch.from_numpy(HWC3(cv2.Canny(img, 100, 200))).float().permute(2, 0, 1)[None] / 255.0
+    hint = as_hint(HWC3(cv2.Canny(img, 100, 200)))
     expected = sample(tiny_model, "a house, ", "", units=[tiny_model.unit(hint)], steps=2, seed=3, low_vram=True)
     np.testing.assert_array_equal(np.asarray(out[1][0]), expected.images[0])
     loading.speed_up(tiny_model, "fp32", "reduce-overhead")  # lazy: compiles at the first image
@@ -803,7 +803,7 @@ def test_sdxl_configs_run_in_the_apps():
     side = handling.native_resolution(tiny)
     img = picture(side, side)
     settings = dict(unit1_enabled=True, unit1_preprocessor="canny", unit1_mode="control")
-    hint = torch.from_numpy(HWC3(cv2.Canny(img, 100, 200))).float().permute(2, 0, 1)[None] / 255.0
+    hint = as_hint(HWC3(cv2.Canny(img, 100, 200)))
     run = dict(sampler="euler_a", steps=2, cfg_scale=5.0, seed=3)
     for strength in (1.0, 0.0):  # the ControlNet-XL steers the SDXL UNet through the app exactly as through sample
         out = pipeline.process(img, "a house", "", "", 1, side, "euler_a", 2, 5.0, 3, 0.0,
@@ -849,7 +849,7 @@ def test_a_model_of_each_later_architecture_serves_the_apps(config, tmp_path):
     pipeline = Pipeline(app, model, Detectors("cpu", random_init=True), ControlFiles(None, model, path))
     side = handling.resolution_range(model)[0]
     img = picture(side, side)
-    hint = torch.from_numpy(HWC3(cv2.Canny(img, 100, 200))).float().permute(2, 0, 1)[None] / 255.0
+    hint = as_hint(HWC3(cv2.Canny(img, 100, 200)))
     run = dict(sampler="ddim", steps=2, cfg_scale=5.0, seed=3)
 
     def served(**unit) -> np.ndarray:
