@@ -81,11 +81,25 @@ def diffusers_unet(model, config):
     return unet
 
 
+
+def sd_pipeline_latents(pipe, model, prompts, seeds, size: int, steps: int, cfg: float, **call):
+    """The final latents of a diffusers SD pipeline on `model`'s text embeddings of `prompts` (and of empty negative
+    prompts), from noise drawn by generators seeded with `seeds`, as sample() draws it; `call` adds the pipeline's
+    own arguments (the control's image, scale, window)."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    latents = randn_tensor((len(seeds), 4, size // 8, size // 8), generator=generators)
+    with torch.no_grad():
+        c = model.get_learned_conditioning(list(prompts))
+        uc = model.get_learned_conditioning([""] * len(prompts))
+        return pipe(prompt_embeds=c, negative_prompt_embeds=uc, height=size, width=size, num_inference_steps=steps,
+                    guidance_scale=cfg, generator=generators, latents=latents, output_type="latent", **call).images
+
 def sdxl_pipeline_latents(pipe, model, prompts, seeds, size: int, steps: int, cfg: float, **call):
     """The final latents of a diffusers SDXL pipeline on `model`'s text conditioning of `prompts` (and of empty
     negative prompts: prompt embeddings and pooled text), from noise drawn by generators seeded with `seeds`, as
     sample() draws it; `call` adds the pipeline's own arguments (the control's image, scale, window)."""
-    import torch
     from diffusers.utils.torch_utils import randn_tensor
 
     generators = [torch.Generator().manual_seed(s) for s in seeds]

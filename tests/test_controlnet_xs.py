@@ -11,7 +11,6 @@ import diffusers
 import pytest
 import torch
 from diffusers.models.resnet import ResnetBlock2D
-from diffusers.utils.torch_utils import randn_tensor
 from diffusers_schedulers import SDXL_SCHEDULER_CONFIG, documented_scheduler
 from omegaconf import OmegaConf
 
@@ -30,6 +29,7 @@ from conftest import (
     model_as_trained,
     randomize_zero_convs,
     randomize_zero_init,
+    sd_pipeline_latents,
     sdxl_pipeline_latents,
     shapes,
 )
@@ -227,15 +227,9 @@ def test_sampling_matches_stable_diffusion_controlnet_xs_pipeline(tiny, sampler)
     steps, cfg = 6, 7.5
     ours = sample(model, PROMPTS, units=[model.unit(hint, strength=0.7, start=0.2, end=0.7)], sampler=sampler,
                   steps=steps, cfg_scale=cfg, seed=SEEDS, decode=False).latents
-    generators = [torch.Generator().manual_seed(s) for s in SEEDS]
-    latents = randn_tensor((2, 4, 4, 4), generator=generators)
-    with torch.no_grad():
-        c = model.get_learned_conditioning(PROMPTS)
-        uc = model.get_learned_conditioning([""] * len(PROMPTS))
-        theirs = sd_pipeline(unet, adapter, sampler)(
-            prompt_embeds=c, negative_prompt_embeds=uc, image=hint, height=32, width=32, num_inference_steps=steps,
-            guidance_scale=cfg, generator=generators, latents=latents, controlnet_conditioning_scale=0.7,
-            control_guidance_start=0.2, control_guidance_end=0.7, output_type="latent").images
+    theirs = sd_pipeline_latents(sd_pipeline(unet, adapter, sampler), model, PROMPTS, SEEDS, 32, steps, cfg,
+                                 image=hint, controlnet_conditioning_scale=0.7, control_guidance_start=0.2,
+                                 control_guidance_end=0.7)
     error = (ours - theirs).abs().max() / theirs.abs().max()
     assert error < 1e-5, f"{sampler}: relative difference {error:.2e}"
     whole = sample(model, PROMPTS, units=[model.unit(hint, strength=0.7)], sampler=sampler, steps=steps,

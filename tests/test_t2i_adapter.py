@@ -9,7 +9,6 @@ from dataclasses import asdict
 import diffusers
 import pytest
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 from diffusers_schedulers import SDXL_SCHEDULER_CONFIG, documented_scheduler
 
 from cldm.control import ControlUnit, FeatureAddition
@@ -34,6 +33,7 @@ from conftest import (
     randomize_zero_convs,
     randomize_zero_init,
     reference_keys,
+    sd_pipeline_latents,
     sdxl_pipeline_latents,
     shapes,
 )
@@ -226,14 +226,8 @@ def sd_pipeline(unet, adapter, sampler: str) -> diffusers.StableDiffusionAdapter
 
 
 def run_sd(model, pipe, hint, scale, steps: int = 6, cfg: float = 7.5) -> torch.Tensor:
-    generators = [torch.Generator().manual_seed(s) for s in SEEDS]
-    latents = randn_tensor((len(SEEDS), 4, 4, 4), generator=generators)
-    with torch.no_grad():
-        c = model.get_learned_conditioning(PROMPTS)
-        uc = model.get_learned_conditioning([""] * len(PROMPTS))
-        return pipe(prompt_embeds=c, negative_prompt_embeds=uc, image=hint, height=32, width=32,
-                    num_inference_steps=steps, guidance_scale=cfg, generator=generators, latents=latents,
-                    adapter_conditioning_scale=scale, output_type="latent").images
+    return sd_pipeline_latents(pipe, model, PROMPTS, SEEDS, 32, steps, cfg, image=hint,
+                               adapter_conditioning_scale=scale)
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m_karras"])
