@@ -33,6 +33,11 @@ def shapes(state_dict: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
     """key -> shape of a state dict, to compare structures without their values."""
     return {k: tuple(v.shape) for k, v in state_dict.items()}
 
+
+def meta_tensors(keys: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """A state dict of these names and shapes on the meta device: a full-size file's structure without its data."""
+    return {k: torch.empty(shape, device="meta") for k, shape in keys.items()}
+
 def model_as_trained(config, seed: int = 0):
     """The config's model with random weights (seeded), its UNet's zero-initialised layers randomised: a zero
     output layer would make eps, and so any control's effect, exactly zero."""

@@ -25,6 +25,7 @@ from conftest import (
     ROOT,
     SEEDS,
     diffusers_unet,
+    meta_tensors,
     model_as_trained,
     randomize_zero_init,
     reference_keys,
@@ -79,7 +80,7 @@ def test_published_files_load_through_the_mode_with_their_structure(num_control_
     """xinsir's file (6 types) and ProMax (8) in diffusers' names: the registry tells them union files (not
     ControlNets), and they become networks of their own structure on a model of the full-size config."""
     theirs = published_on_meta(num_control_type).state_dict()
-    file = {k: torch.empty(v.shape, device="meta") for k, v in theirs.items()}
+    file = meta_tensors(shapes(theirs))
     found = recognise(file)
     assert (found.mode, found.layout) == (CONTROLNET_UNION, "diffusers")
     assert CONTROLNET.layout(file) is None
@@ -89,7 +90,7 @@ def test_published_files_load_through_the_mode_with_their_structure(num_control_
     assert shapes(diffusers_weights(net)) == shapes(theirs)
     assert net.control_types()[-1] == ("repaint" if num_control_type == 8 else "segment")
     # a Lightning checkpoint of the model is the mode's other layout, and no ControlNet's either
-    checkpoint = {k: torch.empty(v.shape, device="meta") for k, v in model.state_dict().items()}
+    checkpoint = meta_tensors(shapes(model.state_dict()))
     assert recognise(checkpoint).layout == "checkpoint" and CONTROLNET.layout(checkpoint) is None
 
 

@@ -26,6 +26,7 @@ from conftest import (
     SEEDS,
     diffusers_unet,
     diffusers_vae,
+    meta_tensors,
     model_as_trained,
     randomize_zero_convs,
     randomize_zero_init,
@@ -91,7 +92,7 @@ def test_full_size_model_holds_diffusers_controlnet_xs_adapter(config):
     assert sum(p.numel() for p in trainable) == sum(p.numel() for p in theirs.parameters())
     assert {id(p) for p in trainable} == {id(p) for p in model.control_model.parameters()}
     # the project's loading path: a file of their tensors is recognised, built with their structure, and fits
-    file = {k: torch.empty(v.shape, device="meta") for k, v in theirs.state_dict().items()}
+    file = meta_tensors(shapes(theirs.state_dict()))
     assert str(recognise(file)) == "controlnet-xs, diffusers layout"
     net = load_controlnet_xs(file, {"num_attention_heads": 4})
     assert replace(net.config, **BOOKKEEPING) == replace(model.control_model.config, **BOOKKEEPING)

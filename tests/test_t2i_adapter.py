@@ -29,6 +29,7 @@ from conftest import (
     ROOT,
     SEEDS,
     diffusers_unet,
+    meta_tensors,
     model_as_trained,
     randomize_zero_convs,
     randomize_zero_init,
@@ -56,10 +57,6 @@ PUBLISHED = {
     "color_sd14v1": dict(adapter_type="light_adapter", in_channels=3, channels=[320, 640, 1280], num_res_blocks=4,
                          downscale_factor=8),
 }
-
-
-def meta_tensors(keys: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
-    return {k: torch.empty(shape, device="meta") for k, shape in keys.items()}
 
 
 def diffusers_adapter_on_meta(name: str) -> diffusers.T2IAdapter:
