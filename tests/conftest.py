@@ -38,13 +38,16 @@ def meta_tensors(keys: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
     """A state dict of these names and shapes on the meta device: a full-size file's structure without its data."""
     return {k: torch.empty(shape, device="meta") for k, shape in keys.items()}
 
-def model_as_trained(config, seed: int = 0):
+def model_as_trained(config, seed: int = 0, control: bool = False):
     """The config's model with random weights (seeded), its UNet's zero-initialised layers randomised: a zero
-    output layer would make eps, and so any control's effect, exactly zero."""
+    output layer would make eps, and so any control's effect, exactly zero; with `control`, its control network's
+    too, so that the control acts."""
     from cldm.model import create_model
     torch.manual_seed(seed)
     model = create_model(config)
     randomize_zero_init(model.model.diffusion_model)
+    if control:
+        randomize_zero_init(model.control_model)
     return model
 
 

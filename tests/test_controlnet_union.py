@@ -266,8 +266,7 @@ def test_a_union_unit_beside_a_controlnet_unit(tiny, tmp_path):
     from cldm.loader import load_control_network
     from cldm.model import save_state_dict
     config = MODELS / "cldm_tiny_xl.yaml"
-    model = model_as_trained(config).eval()
-    randomize_zero_init(model.control_model)
+    model = model_as_trained(config, control=True).eval()
     union_file = save_state_dict(tiny.control_state_dict(), tmp_path / "union.safetensors")
     union = load_control_network(union_file, model, config)
     g = torch.Generator().manual_seed(5)

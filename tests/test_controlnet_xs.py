@@ -29,7 +29,6 @@ from conftest import (
     meta_tensors,
     model_as_trained,
     randomize_zero_convs,
-    randomize_zero_init,
     sd_pipeline_latents,
     sdxl_pipeline_latents,
     shapes,
@@ -62,13 +61,6 @@ def published_adapter(config: str) -> diffusers.ControlNetXSAdapter:
     unet_config, adapter_args = PUBLISHED[config]
     with torch.device("meta"):
         return diffusers.ControlNetXSAdapter.from_unet(diffusers.UNet2DConditionModel(**unet_config), **adapter_args)
-
-
-def trained_like(config, seed: int = 0):
-    """A model of `config` with random UNet and adapter weights, its zero convs included: the control acts."""
-    model = model_as_trained(config, seed).eval()
-    randomize_zero_init(model.control_model)
-    return model
 
 
 def with_unet_norms(xs_unet: diffusers.UNetControlNetXSModel, eps: float = 1e-5) -> diffusers.UNetControlNetXSModel:
@@ -182,7 +174,7 @@ def test_a_fresh_adapter_leaves_the_unet_unchanged_and_only_it_trains(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    model = trained_like(TINY)
+    model = model_as_trained(TINY, control=True).eval()
     unet = diffusers_unet(model, TINY)
     folder = save_folder(model.control_model, tmp_path_factory.mktemp("xs") / "adapter")
     return model, unet, diffusers.ControlNetXSAdapter.from_pretrained(folder).eval()
@@ -239,7 +231,7 @@ def test_sampling_matches_stable_diffusion_controlnet_xs_pipeline(tiny, sampler)
 
 
 def test_sampling_matches_stable_diffusion_xl_controlnet_xs_pipeline(tmp_path):
-    model = trained_like(TINY_XL)
+    model = model_as_trained(TINY_XL, control=True).eval()
     adapter = diffusers.ControlNetXSAdapter.from_pretrained(save_folder(model.control_model, tmp_path / "a")).eval()
     pipe = diffusers.StableDiffusionXLControlNetXSPipeline(
         vae=diffusers_vae(model, TINY_XL), text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None,
@@ -260,7 +252,7 @@ def test_sampling_matches_stable_diffusion_xl_controlnet_xs_pipeline(tmp_path):
 # ---- files ---------------------------------------------------------------------------------------------------
 
 def test_export_is_diffusers_layout_and_loads_back_bit_exact(tmp_path):
-    model = trained_like(TINY)
+    model = model_as_trained(TINY, control=True).eval()
     net = model.control_model
     export = model.control_state_dict()
     theirs = diffusers.ControlNetXSAdapter.from_config(net.config.diffusers_config())
@@ -288,8 +280,9 @@ def test_files_of_other_modes_are_not_taken_for_controlnet_xs_and_bad_ones_are_r
     from cldm.controlnet_xs import CONTROLNET_XS
     for config in ("cldm_tiny.yaml", "cldm_tiny_lora.yaml", "cldm_tiny_lllite.yaml", "cldm_tiny_t2i.yaml"):
         assert CONTROLNET_XS.layout(create_model(MODELS / config, device="meta").control_state_dict()) is None
-    net = trained_like(TINY).control_model
-    other = trained_like(TINY_XL).model.diffusion_model  # an SDXL-shaped UNet: other widths and levels
+    net = model_as_trained(TINY, control=True).eval().control_model
+    # an SDXL-shaped UNet: other widths and levels
+    other = model_as_trained(TINY_XL, control=True).eval().model.diffusion_model
     with pytest.raises(ValueError, match="made for another UNet: base_block_out_channels: adapter \\[32, 64\\]"):
         net.check_fits(other)
     with pytest.raises(ValueError, match="give exactly one of size_ratio and block_out_channels"):
@@ -299,7 +292,7 @@ def test_files_of_other_modes_are_not_taken_for_controlnet_xs_and_bad_ones_are_r
     with pytest.raises(ValueError, match="3 attention heads do not fit a control block 2 channels wide"):
         XSConfig(block_out_channels=(2, 4, 8, 8), num_attention_heads=3)
     # the file as a unit on another base: refused by the loader, naming the file
-    xl = trained_like(TINY_XL)
+    xl = model_as_trained(TINY_XL, control=True).eval()
     path = save_state_dict(to_diffusers_file(net), tmp_path / "v21.safetensors")
     with pytest.raises(UserError, match="v21.safetensors \\(controlnet-xs\\) does not fit the model of this config"):
         load_control_network(path, xl, TINY_XL)
@@ -357,9 +350,9 @@ def test_controlnet_and_controlnet_xs_units_in_one_sample(tmp_path):
     config = MODELS / "cldm_tiny.yaml"
     model = model_as_trained(config).eval()
     randomize_zero_convs(model)
+    xs = model_as_trained(MODELS / "cldm_tiny_xs.yaml", seed=1, control=True).eval()
     files = {"controlnet": save_state_dict(model.control_state_dict(), tmp_path / "cn.safetensors"),
-             "controlnet-xs": save_state_dict(trained_like(MODELS / "cldm_tiny_xs.yaml", seed=1).control_state_dict(),
-                                              tmp_path / "xs.safetensors")}
+             "controlnet-xs": save_state_dict(xs.control_state_dict(), tmp_path / "xs.safetensors")}
     nets = {mode: load_control_network(path, model, config) for mode, path in files.items()}
     assert {recognise(load_state_dict(p)).mode.name for p in files.values()} == set(files)
     g = torch.Generator().manual_seed(3)
@@ -386,8 +379,8 @@ def test_controlnet_and_controlnet_xs_units_in_one_sample(tmp_path):
 def test_two_controlnet_xs_units_add_up_in_either_order():
     """Each adapter reads the UNet block's input, which both see alike, and adds to its output: two adapters without
     a learnt time embedding commute. (Learnt time embeddings are mixed in one after the other, in the units' order.)"""
-    model = trained_like(MODELS / "cldm_tiny_xs.yaml").eval()
-    other = trained_like(MODELS / "cldm_tiny_xs.yaml", seed=1).control_model
+    model = model_as_trained(MODELS / "cldm_tiny_xs.yaml", control=True).eval()
+    other = model_as_trained(MODELS / "cldm_tiny_xs.yaml", seed=1, control=True).eval().control_model
     g = torch.Generator().manual_seed(5)
     hints = [torch.rand(2, 3, 32, 32, generator=g) for _ in range(2)]
     a, b = ControlUnit(model.control_model, hints[0], strength=0.7), ControlUnit(other, hints[1], strength=0.4)
@@ -404,7 +397,7 @@ def test_two_controlnet_xs_units_add_up_in_either_order():
 
 def test_tool_convert_diffusers_for_controlnet_xs(tmp_path):
     import tool_convert_diffusers
-    model = trained_like(TINY)
+    model = model_as_trained(TINY, control=True).eval()
     export = save_state_dict(model.control_state_dict(), tmp_path / "xs.safetensors")
     checkpoint = save_state_dict(model.state_dict(), tmp_path / "run.ckpt")
     for source in (export, checkpoint):
@@ -437,7 +430,7 @@ def test_an_export_records_what_its_tensors_do_not_show(tmp_path):
     from cldm.loader import load_model
     from cldm.train_command import write_exports
     from ldm.checkpoint import read_metadata
-    model = trained_like(MODELS / "cldm_tiny_xs.yaml")  # 2 heads
+    model = model_as_trained(MODELS / "cldm_tiny_xs.yaml", control=True).eval()  # 2 heads
     [export] = write_exports(model, tmp_path / "xs.safetensors", "raw", force=False, write=True)
     assert read_metadata(export) == CONTROLNET_XS.recorded(model)
     controlnet_config = MODELS / "cldm_tiny.yaml"
@@ -470,7 +463,7 @@ def test_an_export_records_what_its_tensors_do_not_show(tmp_path):
                                         "is not JSON"):
         load_control_network(garbled, model_as_trained(controlnet_config), controlnet_config)
     # an export of 2 heads and mix 0.9 under a config of 4 and 1: the model and the diffusers folder take the file's
-    model = trained_like(TINY)
+    model = model_as_trained(TINY, control=True).eval()
     [export] = write_exports(model, tmp_path / "v21_xs.safetensors", "raw", force=False, write=True)
     config = OmegaConf.load(TINY)
     config.model.params.control_stage_config.update(num_attention_heads=4, time_embedding_mix=1.0)

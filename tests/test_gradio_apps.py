@@ -836,10 +836,8 @@ def test_a_model_of_each_later_architecture_serves_the_apps(config, tmp_path):
     """--config of a T2I-Adapter, ControlNet-XS or ControlNet-Union model, --ckpt its export and --base an SD
     checkpoint: the app loads them through the one loader, and unit 1 (the model's own network) gives what sample()
     gives with the trained network; a union's Control Type auto is its config's type, a chosen one replaces it."""
-    from conftest import randomize_zero_init
     path = MODELS / config
-    trained = model_as_trained(path, seed=4).eval()
-    randomize_zero_init(trained.control_model)
+    trained = model_as_trained(path, seed=4, control=True).eval()
     base = save_state_dict({k: v for k, v in trained.state_dict().items() if not k.startswith("control_model.")},
                            tmp_path / "base.safetensors")
     export = save_state_dict(trained.control_state_dict(), tmp_path / "control.safetensors",

@@ -14,7 +14,7 @@ from diffusers_schedulers import documented_scheduler
 
 from cldm.diffusers_peer import build_peer
 from cldm.pipeline import sample
-from conftest import PROMPTS, ROOT, SEEDS, model_as_trained, randomize_zero_init
+from conftest import PROMPTS, ROOT, SEEDS, model_as_trained
 from ldm.models.diffusion.ddim import Inpainting
 from ldm.models.diffusion.samplers import SAMPLERS, max_steps
 from ldm.models.diffusion.samplers import sample as run_sampler
@@ -25,8 +25,7 @@ STEPS, SCALE = 8, 7.5
 
 @pytest.fixture(scope="module")
 def sides():
-    model = model_as_trained(TINY).eval()
-    randomize_zero_init(model.control_model)
+    model = model_as_trained(TINY, control=True).eval()
     return model, build_peer(model, TINY, "cpu")
 
 

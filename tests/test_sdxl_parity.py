@@ -23,7 +23,6 @@ from conftest import (
     diffusers_unet,
     model_as_trained,
     randomize_zero_convs,
-    randomize_zero_init,
     write_clip_vocabulary,
 )
 from ldm.models.diffusion.samplers import SAMPLERS
@@ -70,8 +69,7 @@ def hf_text_encoders(model) -> tuple:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    model = model_as_trained(TINY_XL).eval()
-    randomize_zero_init(model.control_model)  # its ResBlocks' and transformers' zero-initialised outputs
+    model = model_as_trained(TINY_XL, control=True).eval()  # its ResBlocks' and transformers' zero outputs too
     randomize_zero_convs(model)
     unet = diffusers_unet(model, TINY_XL)
     tokenizer, tokenizer_2 = hf_tokenizers(tmp_path_factory.mktemp("tokenizer"))

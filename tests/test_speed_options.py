@@ -180,9 +180,8 @@ def test_share_slices_attention_for_scripts_written_against_the_original():
 def test_gradient_checkpointing_gives_the_same_gradients_in_every_mode(config, size):
     """--gradient_checkpointing on the later architectures: the T2I-Adapter's features and the XS exchange reach the
     UNet's checkpointed blocks from outside them, the union's hints go through its own: the same loss and gradients."""
-    from conftest import model_as_trained, randomize_zero_init
-    model = model_as_trained(ROOT / "models" / config).train()
-    randomize_zero_init(model.control_model)
+    from conftest import model_as_trained
+    model = model_as_trained(ROOT / "models" / config, control=True).train()
     g = torch.Generator().manual_seed(0)
     image, hint = torch.rand(2, size, size, 3, generator=g) * 2 - 1, torch.rand(2, size, size, 3, generator=g)
     batch = {"jpg": image, "hint": hint, "txt": ["a red circle", "a blue square"]}
