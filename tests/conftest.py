@@ -38,6 +38,11 @@ def meta_tensors(keys: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
     """A state dict of these names and shapes on the meta device: a full-size file's structure without its data."""
     return {k: torch.empty(shape, device="meta") for k, shape in keys.items()}
 
+
+def sd_checkpoint(model) -> dict[str, torch.Tensor]:
+    """A plain Stable Diffusion checkpoint of the model: UNet, VAE and text encoder."""
+    return {k: v for k, v in model.state_dict().items() if not k.startswith("control_model.")}
+
 def model_as_trained(config, seed: int = 0, control: bool = False):
     """The config's model with random weights (seeded), its UNet's zero-initialised layers randomised: a zero
     output layer would make eps, and so any control's effect, exactly zero; with `control`, its control network's

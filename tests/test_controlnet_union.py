@@ -29,6 +29,7 @@ from conftest import (
     model_as_trained,
     randomize_zero_init,
     reference_keys,
+    sd_checkpoint,
     sdxl_pipeline_latents,
     shapes,
 )
@@ -295,8 +296,7 @@ def test_tool_add_control_starts_the_copy_as_diffusers_from_unet(tmp_path):
     import tool_add_control
     from cldm.model import load_state_dict, save_state_dict
     base = model_as_trained(TINY_XL)
-    sd = save_state_dict({k: v for k, v in base.state_dict().items() if not k.startswith("control_model.")},
-                         tmp_path / "sd.safetensors")
+    sd = save_state_dict(sd_checkpoint(base), tmp_path / "sd.safetensors")
     initial = tool_add_control.main([str(sd), str(tmp_path / "ini.safetensors"), "--config", str(TINY_XL)])
     state = load_state_dict(initial)
     model = create_model(TINY_XL)
@@ -333,8 +333,7 @@ def test_tutorial_train_union_cached_bf16_checkpoints_resumes_validates_exports_
     data = make_fill50k(tmp_path / "train", n=4, size=64, seed=0)
     held_out = make_fill50k(tmp_path / "held_out", n=2, size=64, seed=1)
     base = model_as_trained(TINY_XL)
-    sd = save_state_dict({k: v for k, v in base.state_dict().items() if not k.startswith("control_model.")},
-                         tmp_path / "sd.safetensors")
+    sd = save_state_dict(sd_checkpoint(base), tmp_path / "sd.safetensors")
     init = tool_add_control.main([str(sd), str(tmp_path / "ini.safetensors"), "--config", str(TINY_XL)])
     cache = tool_cache_latents.main(["--config", str(TINY_XL), "--ckpt", str(init), "--data_root", str(data),
                                      "--out", str(tmp_path / "cache")])
@@ -416,8 +415,7 @@ def test_an_unlocked_run_exports_the_checkpoint_layout_with_the_decoder(tiny, tm
         model.control_model.task_embedding.add_(1.0)
     export = model.control_state_dict()
     assert CONTROLNET_UNION.layout(export) == "checkpoint" and "model.diffusion_model.out.2.bias" in export
-    sd = save_state_dict({k: v for k, v in model_as_trained(TINY_XL).state_dict().items()
-                          if not k.startswith("control_model.")}, tmp_path / "sd.safetensors")
+    sd = save_state_dict(sd_checkpoint(model_as_trained(TINY_XL)), tmp_path / "sd.safetensors")
     loaded, _ = load_model(TINY_XL, [sd, save_state_dict(export, tmp_path / "export.safetensors")])
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items()
                if k.startswith(("control_model.", "model.diffusion_model.out", "model.diffusion_model.output_blocks")))
@@ -475,8 +473,7 @@ def test_an_export_records_the_condition_transformers_heads(tmp_path):
     other = OmegaConf.load(config)
     other.model.params.control_stage_config.params.num_trans_head = 8
     OmegaConf.save(other, tmp_path / "eight_heads.yaml")
-    sd = save_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("control_model.")},
-                         tmp_path / "sd.safetensors")
+    sd = save_state_dict(sd_checkpoint(model), tmp_path / "sd.safetensors")
     loaded, _ = load_model(tmp_path / "eight_heads.yaml", [sd, export])
     assert loaded.control_model.arguments["num_trans_head"] == 4
     assert all(torch.equal(a, b) for a, b in zip(loaded.control_model.state_dict().values(),

@@ -29,6 +29,7 @@ from conftest import (
     meta_tensors,
     model_as_trained,
     randomize_zero_convs,
+    sd_checkpoint,
     sd_pipeline_latents,
     sdxl_pipeline_latents,
     shapes,
@@ -128,7 +129,7 @@ def test_diffusers_fused_model_keeps_the_adapters_norms(config):
 
 
 def plain_sd_checkpoint(model, path):
-    return save_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("control_model.")}, path)
+    return save_state_dict(sd_checkpoint(model), path)
 
 
 def test_a_fresh_adapter_leaves_the_unet_unchanged_and_only_it_trains(tmp_path):

@@ -41,7 +41,7 @@ from cldm.fidelity import fill_region, iou
 from cldm.loader import load_control_network
 from cldm.model import create_model, save_state_dict
 from cldm.pipeline import sample
-from conftest import model_as_trained, randomize_zero_convs
+from conftest import model_as_trained, randomize_zero_convs, sd_checkpoint
 from gradio_apps import handling, loading, page, serving
 from gradio_apps.handling import CONTROL_MODES, Pipeline
 from gradio_apps.loading import ControlFiles, Detectors, ModelFiles
@@ -838,8 +838,7 @@ def test_a_model_of_each_later_architecture_serves_the_apps(config, tmp_path):
     gives with the trained network; a union's Control Type auto is its config's type, a chosen one replaces it."""
     path = MODELS / config
     trained = model_as_trained(path, seed=4, control=True).eval()
-    base = save_state_dict({k: v for k, v in trained.state_dict().items() if not k.startswith("control_model.")},
-                           tmp_path / "base.safetensors")
+    base = save_state_dict(sd_checkpoint(trained), tmp_path / "base.safetensors")
     export = save_state_dict(trained.control_state_dict(), tmp_path / "control.safetensors",
                              metadata=trained.control_mode.recorded(trained))
     model = loading.load_model(ModelFiles(path, export, base), torch.device("cpu"))

@@ -17,7 +17,7 @@ from cldm.diffusers_convert import build_mapping
 from cldm.loader import load_control_network
 from cldm.lora import LoRAControlNet, LoRAConv2d, LoRALinear
 from cldm.model import CONTROL_PREFIX, create_model, load_checkpoint, load_state_dict, save_state_dict
-from conftest import ROOT, model_as_trained
+from conftest import ROOT, model_as_trained, sd_checkpoint
 from ldm.checkpoint import BASE_PREFIXES
 from ldm.util import instantiate_from_config
 from tool_make_fill50k import make_fill50k
@@ -40,11 +40,6 @@ def randomize_trainable(model, std: float = 0.05, seed: int = 4) -> None:
     with torch.no_grad():
         for p in model.trainable_parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * std)
-
-
-def sd_checkpoint(model) -> dict[str, torch.Tensor]:
-    """A plain Stable Diffusion checkpoint of the model: UNet, VAE and text encoder."""
-    return {k: v for k, v in model.state_dict().items() if not k.startswith("control_model.")}
 
 
 def unet_encoder(model) -> dict[str, torch.Tensor]:

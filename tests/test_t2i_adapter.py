@@ -34,6 +34,7 @@ from conftest import (
     randomize_zero_convs,
     randomize_zero_init,
     reference_keys,
+    sd_checkpoint,
     sd_pipeline_latents,
     sdxl_pipeline_latents,
     shapes,
@@ -332,8 +333,7 @@ def test_tutorial_train_t2i_adapter_cached_bf16_checkpoints_resumes_validates_an
     data = make_fill50k(tmp_path / "train", n=8, size=32, seed=0)
     held_out = make_fill50k(tmp_path / "held_out", n=2, size=32, seed=1)
     base = model_as_trained(TINY)
-    init = save_state_dict({k: v for k, v in base.state_dict().items() if not k.startswith("control_model.")},
-                           tmp_path / "sd.safetensors")  # a plain SD checkpoint: the adapter starts fresh
+    init = save_state_dict(sd_checkpoint(base), tmp_path / "sd.safetensors")  # the adapter starts fresh
     cache = tool_cache_latents.main(["--config", str(TINY), "--ckpt", str(init), "--data_root", str(data),
                                      "--out", str(tmp_path / "cache")])
     out = tmp_path / "run"
@@ -437,8 +437,7 @@ def test_a_tencentarc_pth_is_a_unit_and_completes_a_model_through_the_loader(tmp
     assert recognise(load_state_dict(path)).layout == "tencentarc"
     controlnet = model_as_trained(MODELS / "cldm_tiny.yaml").eval()
     unit_net = load_control_network(path, controlnet, MODELS / "cldm_tiny.yaml")
-    sd = save_state_dict({k: v for k, v in model_as_trained(TINY).state_dict().items()
-                          if not k.startswith("control_model.")}, tmp_path / "sd.safetensors")
+    sd = save_state_dict(sd_checkpoint(model_as_trained(TINY)), tmp_path / "sd.safetensors")
     model, report = load_model(TINY, [sd, path])
     assert report.ok
     hint = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
